@@ -1,0 +1,1 @@
+"""Shared runtime of the recipes: run directories, results, CLI helpers, reports."""

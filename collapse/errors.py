@@ -1,0 +1,5 @@
+"""The error type for bad input: recipes print its message on one line and exit with status 2."""
+
+
+class UserError(Exception):
+    """Input the user can fix (a flag, a file, a folder); the message says what to fix."""

@@ -1,0 +1,93 @@
+"""Weights & Biases logging, offline unless the user opts in.
+
+One W&B run per recipe run, grouped by recipe so that workflows and seeds compare in one view.
+``mode``: ``offline`` (default; writes ``<out_dir>/wandb/offline-run-*``, upload later with
+``wandb sync``), ``online`` (opt in; needs ``wandb login``) or ``disabled``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from collapse.errors import UserError
+
+MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """W&B settings."""
+
+    mode: str = "offline"
+    """offline (default: logs to <out_dir>/wandb, sync later), online (opt in), or disabled."""
+    project: str = "model-collapse"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); default: your default entity."""
+    group: str | None = None
+    """W&B group; default: the recipe name, so all runs of a recipe compare in one view."""
+
+
+class Tracker:
+    """A thin wrapper around one ``wandb`` run; every method is a no-op when disabled."""
+
+    def __init__(self, cfg: WandbConfig, recipe: str, out_dir: str | Path, config: dict[str, Any]):
+        if cfg.mode not in MODES:
+            raise UserError(f"--wandb.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+        self.run = None
+        if cfg.mode == "disabled":
+            return
+        import wandb  # imported lazily: it is slow and optional at run time
+
+        out = Path(out_dir)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group or recipe,
+            job_type=recipe,
+            name=out.name,
+            dir=str(out),
+            config=config,
+            mode=cfg.mode,
+            resume="allow",
+            id=_run_id(out),
+            reinit="finish_previous",
+        )
+        self.run.define_metric("generation")
+        self.run.define_metric("*", step_metric="generation")
+
+    def log(self, metrics: dict[str, float], generation: int) -> None:
+        """Log scalar metrics of one generation."""
+        if self.run is not None:
+            self.run.log({"generation": generation, **metrics})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_image(self, key: str, path: str | Path, generation: int | None = None) -> None:
+        if self.run is not None:
+            import wandb
+
+            payload: dict[str, Any] = {key: wandb.Image(str(path))}
+            if generation is not None:
+                payload["generation"] = generation
+            self.run.log(payload)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _run_id(out: Path) -> str:
+    """A stable run id per run directory, so a resumed run continues the same W&B run."""
+    import hashlib
+
+    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]

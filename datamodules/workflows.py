@@ -1,0 +1,302 @@
+"""Workflows as data: which examples make up generation t's training set.
+
+This module is the single definition every recipe uses. It depends on NumPy only, so the vectorised
+analytic recipes can use it without importing torch or Lightning.
+
+Vocabulary
+----------
+* The **real set** holds ``real_size`` examples at generation 0 (``n`` in the papers).
+* **Synthetic set g** is drawn from model g (the model fitted at generation g); it feeds generation
+  g + 1 onward. Generation 0 always trains on real data only.
+* A training set is described by a :class:`TrainingSet`: an ordered list of *sources* (contiguous
+  ranges of the real set or of a synthetic set) whose concatenation is the *pool*, plus an optional
+  *subset* of pool indices. Nothing is materialised: a recipe gathers only the rows it needs.
+
+Workflows (``name(key=value, ...)`` on the command line)
+----------------------------------------------------------
+``replace``                 generation t > 0 trains on synthetic set t-1 only.
+``replace_multiple``        ``replace`` with synthetic sets ``multiplier`` times the real size (default 2).
+``accumulate``              real set + synthetic sets 0 .. t-1.
+``accumulate_subsample``    a fresh uniformly random subset (without replacement) of the accumulate
+                            pool, of ``size`` examples (default: the real size), drawn anew each generation.
+``mix``                     ``real`` real examples (the first ones, the same every generation) plus the
+                            ``synthetic`` examples of synthetic set t-1 (the real x synthetic cardinality grid).
+``fresh_real``              accumulate, with ``per_generation`` new real examples arriving every
+                            generation (default: the real size): generation t sees real[: n + t * per_generation].
+
+Every workflow also takes ``multiplier`` (synthetic-set size relative to the real size, default 1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collapse.errors import UserError
+
+REAL = -1
+"""Source id of the real set; synthetic set g has source id g."""
+
+
+class WorkflowError(UserError, ValueError):
+    """A workflow specification that cannot be used; the message says what to fix."""
+
+
+# name -> (allowed keys, defaults)
+_SPECS: dict[str, dict[str, float | int | None]] = {
+    "replace": {"multiplier": 1.0},
+    "replace_multiple": {"multiplier": 2.0},
+    "accumulate": {"multiplier": 1.0},
+    "accumulate_subsample": {"multiplier": 1.0, "size": None},
+    "mix": {"real": None, "synthetic": None},
+    "fresh_real": {"multiplier": 1.0, "per_generation": None},
+}
+WORKFLOW_NAMES: tuple[str, ...] = tuple(_SPECS)
+_INT_KEYS = {"size", "real", "synthetic", "per_generation"}
+_SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\((.*)\))?\s*$")
+
+
+def _valid_names() -> str:
+    return ", ".join(WORKFLOW_NAMES)
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """The examples of one generation's training set, described without materialising them.
+
+    ``sources`` is a tuple of ``(source, start, stop)``: ``source`` is :data:`REAL` or a synthetic-set
+    index, and ``[start, stop)`` a contiguous range inside it. Their concatenation, in order, is the
+    *pool*. ``subset`` is ``None`` (train on the whole pool) or sorted pool indices of shape ``(m,)``
+    or, for recipes vectorised over seeds, ``(num_seeds, m)`` with an independent draw per seed.
+    """
+
+    generation: int
+    sources: tuple[tuple[int, int, int], ...]
+    subset: np.ndarray | None = None
+
+    @property
+    def pool_size(self) -> int:
+        return sum(stop - start for _, start, stop in self.sources)
+
+    @property
+    def size(self) -> int:
+        """Number of training examples (per seed)."""
+        return self.pool_size if self.subset is None else int(self.subset.shape[-1])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Start of each source inside the pool, plus the pool size: shape ``(len(sources) + 1,)``."""
+        return np.concatenate([[0], np.cumsum([stop - start for _, start, stop in self.sources])]).astype(np.int64)
+
+    def locate(self, pool_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map pool indices to ``(source position in self.sources, row inside that source)``."""
+        offsets = self.offsets
+        pos = np.searchsorted(offsets, pool_index, side="right") - 1
+        starts = np.array([start for _, start, _ in self.sources], dtype=np.int64)
+        return pos, pool_index - offsets[pos] + starts[pos]
+
+    def counts(self) -> dict[int, int]:
+        """Examples taken from each source (for a per-seed subset: averaged over seeds, rounded)."""
+        out: dict[int, int] = {}
+        if self.subset is None:
+            for source, start, stop in self.sources:
+                out[source] = out.get(source, 0) + stop - start
+            return out
+        pos, _ = self.locate(self.subset)
+        per_pos = np.stack([(pos == i).sum(axis=-1) for i in range(len(self.sources))], axis=-1)
+        mean = per_pos.reshape(-1, len(self.sources)).mean(axis=0)
+        for (source, _, _), c in zip(self.sources, mean):
+            out[source] = out.get(source, 0) + int(round(float(c)))
+        return out
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A data workflow: how real and synthetic data mix at each generation. See the module docstring."""
+
+    name: str
+    params: dict[str, float | int | None] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: str | Workflow) -> Workflow:
+        """Parse ``"name"`` or ``"name(key=value, ...)"``; raise :class:`WorkflowError` on bad input."""
+        if isinstance(spec, Workflow):
+            return spec
+        if not isinstance(spec, str):
+            raise WorkflowError(f"workflow must be a string like 'accumulate', got {spec!r}")
+        m = _SPEC_RE.match(spec)
+        if not m:
+            raise WorkflowError(f"cannot parse workflow {spec!r}: write name or name(key=value, ...)")
+        name, args = m.group(1), m.group(2)
+        if name not in _SPECS:
+            raise WorkflowError(f"unknown workflow {name!r}; valid workflows: {_valid_names()}")
+        params = dict(_SPECS[name])
+        if args and args.strip():
+            for item in args.split(","):
+                key, sep, raw = item.partition("=")
+                key = key.strip()
+                if not sep or not key:
+                    raise WorkflowError(f"workflow {spec!r}: expected key=value, got {item.strip()!r}")
+                if key not in params:
+                    allowed = ", ".join(params) or "none"
+                    raise WorkflowError(f"workflow {name!r} has no parameter {key!r}; its parameters: {allowed}")
+                params[key] = _number(name, key, raw.strip())
+        wf = cls(name, params)
+        wf._validate()
+        return wf
+
+    def _validate(self) -> None:
+        p = self.params
+        mult = p.get("multiplier")
+        if mult is not None and not (mult > 0):
+            raise WorkflowError(f"workflow {self.name!r}: multiplier must be > 0, got {mult}")
+        for key in _INT_KEYS & p.keys():
+            value = p[key]
+            if value is not None and (value < 0 or (value == 0 and key != "synthetic")):
+                raise WorkflowError(f"workflow {self.name!r}: {key} must be a positive integer, got {value}")
+        if self.name == "mix" and (p["real"] is None or p["synthetic"] is None):
+            raise WorkflowError("workflow 'mix' needs both counts, e.g. mix(real=256, synthetic=1024)")
+
+    @property
+    def label(self) -> str:
+        """Canonical text form, used as the ``workflow`` column of metrics.csv."""
+        defaults = _SPECS[self.name]
+        changed = [f"{k}={_fmt(v)}" for k, v in self.params.items() if v != defaults[k]]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
+    def __str__(self) -> str:
+        return self.label
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    def synthetic_size(self, real_size: int) -> int:
+        """Number of examples to sample from each trained model (size of every synthetic set)."""
+        _check_size("real_size", real_size)
+        if self.name == "mix":
+            return int(self.params["synthetic"])
+        return max(1, int(round(float(self.params["multiplier"]) * real_size)))
+
+    def real_needed(self, real_size: int, generations: int) -> int:
+        """Real examples the run needs in total (more than ``real_size`` only for ``fresh_real``)."""
+        _check_size("real_size", real_size)
+        if self.name == "mix":
+            return int(self.params["real"])
+        if self.name == "fresh_real":
+            return real_size + (generations - 1) * self._per_generation(real_size)
+        return real_size
+
+    def check(self, real_size: int, generations: int, real_available: int | None = None) -> None:
+        """Raise :class:`WorkflowError` when this workflow cannot run with these sizes."""
+        _check_size("real_size", real_size)
+        _check_size("generations", generations)
+        if self.name == "accumulate_subsample":
+            size = self._subsample_size(real_size)
+            if size > real_size:
+                raise WorkflowError(
+                    f"accumulate_subsample size={size} is larger than its pool at generation 0 "
+                    f"({real_size} real examples); use size <= {real_size}"
+                )
+        needed = self.real_needed(real_size, generations)
+        if real_available is not None and needed > real_available:
+            raise WorkflowError(
+                f"workflow {self.label} over {generations} generations needs {needed} real examples, "
+                f"but only {real_available} are available"
+            )
+
+    def _per_generation(self, real_size: int) -> int:
+        value = self.params.get("per_generation")
+        return real_size if value is None else int(value)
+
+    def _subsample_size(self, real_size: int) -> int:
+        value = self.params.get("size")
+        return real_size if value is None else int(value)
+
+    # ---- the definition ------------------------------------------------------------------------
+    def training_set(
+        self,
+        generation: int,
+        real_size: int,
+        seed: int = 0,
+        num_seeds: int | None = None,
+    ) -> TrainingSet:
+        """The training set of ``generation`` (0-based).
+
+        ``real_size`` is the size of the real set at generation 0. Randomness (only
+        ``accumulate_subsample`` draws) comes from ``(seed, generation)`` alone, so a resumed run
+        draws exactly what an unbroken one would. With ``num_seeds`` the subset has shape
+        ``(num_seeds, m)``, an independent draw per seed.
+        """
+        if generation < 0:
+            raise WorkflowError(f"generation must be >= 0, got {generation}")
+        self.check(real_size, generation + 1)
+        syn = self.synthetic_size(real_size)
+        name, t = self.name, generation
+
+        if name == "mix":
+            sources = [(REAL, 0, int(self.params["real"]))]
+            if t > 0 and syn > 0:
+                sources.append((t - 1, 0, syn))
+            return TrainingSet(t, tuple(sources))
+        if name in ("replace", "replace_multiple"):
+            return TrainingSet(t, ((REAL, 0, real_size),) if t == 0 else ((t - 1, 0, syn),))
+
+        real_stop = real_size + (t * self._per_generation(real_size) if name == "fresh_real" else 0)
+        sources = ((REAL, 0, real_stop),) + tuple((k, 0, syn) for k in range(t))
+        ts = TrainingSet(t, sources)
+        if name != "accumulate_subsample":
+            return ts
+        size = self._subsample_size(real_size)
+        if size == ts.pool_size:
+            return ts
+        rng = np.random.default_rng([seed, generation, 0x5AB5])
+        return TrainingSet(t, sources, _subsample(rng, ts.pool_size, size, num_seeds))
+
+
+def parse_workflows(specs: str | Workflow | list | tuple) -> list[Workflow]:
+    """Parse one workflow spec or a list of them (the ``--workflow`` flag)."""
+    if isinstance(specs, (str, Workflow)):
+        specs = [specs]
+    if not specs:
+        raise WorkflowError(f"--workflow is empty; valid workflows: {_valid_names()}")
+    out = [Workflow.parse(s) for s in specs]
+    labels = [w.label for w in out]
+    dup = {label for label in labels if labels.count(label) > 1}
+    if dup:
+        raise WorkflowError(f"--workflow lists {sorted(dup)[0]!r} twice")
+    return out
+
+
+def _subsample(rng: np.random.Generator, pool: int, size: int, num_seeds: int | None) -> np.ndarray:
+    """Sorted uniform draws of ``size`` distinct indices out of ``range(pool)``."""
+    if num_seeds is None:
+        return np.sort(rng.choice(pool, size=size, replace=False)).astype(np.int64)
+    # One independent draw per seed: the `size` smallest of `pool` uniform keys form a uniform subset.
+    keys = rng.random((num_seeds, pool), dtype=np.float32)
+    idx = np.argpartition(keys, size - 1, axis=1)[:, :size]
+    return np.sort(idx, axis=1).astype(np.int64)
+
+
+def _number(name: str, key: str, raw: str) -> float | int:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise WorkflowError(f"workflow {name!r}: {key}={raw!r} is not a number") from None
+    if key in _INT_KEYS:
+        if value != int(value):
+            raise WorkflowError(f"workflow {name!r}: {key} must be an integer, got {raw}")
+        return int(value)
+    return value
+
+
+def _fmt(v: float | int | None) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _check_size(what: str, value: int) -> None:
+    if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise WorkflowError(f"{what} must be a positive integer, got {value!r}")
+
+
+__all__ = ["REAL", "WORKFLOW_NAMES", "TrainingSet", "Workflow", "WorkflowError", "parse_workflows"]

@@ -1,0 +1,1 @@
+"""Lightning models, one file per model family."""

@@ -1,0 +1,1 @@
+"""Recipes: runnable scripts, each with a `main(cfg)` callable from tests."""
