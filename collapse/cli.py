@@ -21,10 +21,12 @@ C = TypeVar("C")
 
 def _one_line(message: str) -> str:
     key = re.search(r'Parser key "([^"]+)"', message)
-    given = re.search(r"Given value: (.*)", message)
+    given = re.search(r"(?:Given|Got) value: (.*)", message)
     if key and given:
         return f"--{key.group(1)}: invalid value {given.group(1).strip()!r}"
-    lines = [line.strip(" -") for line in str(message).splitlines() if line.strip(" -")]
+    # Drop list bullets ("- ...") that jsonargparse puts before sub-errors, but keep "--flag".
+    lines = [re.sub(r"^\s*-\s+", "", line).strip() for line in str(message).splitlines()]
+    lines = [line for line in lines if line]
     return "; ".join(lines)
 
 
@@ -50,7 +52,8 @@ def parse_config(config_cls: type[C], argv: Sequence[str] | None = None, prog: s
     """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of the dataclass ``config_cls``."""
     parser = build_parser(config_cls, prog=prog)
     ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    ns = parser.instantiate_classes(ns)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    ns = instantiate(ns)
     values = {f.name: ns[f.name] for f in dataclasses.fields(config_cls)}
     return config_cls(**values)
 

@@ -115,7 +115,7 @@ class GenerationStore:
         target = self.begin(generation) / f"{name}.npy"
         tmp = tmp_name(target)
         with open(tmp, "wb") as fh:
-            np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+            np.lib.format.write_array(fh, np.asarray(array), allow_pickle=False)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -157,6 +157,9 @@ class GenerationStore:
         file); each must have ``num_samples`` rows.
         """
         stage = self.staging(generation)
+        reserved = {"format", "generation", "num_samples", "sampling", "sample_arrays", "arrays", "files", "created"}
+        if reserved & extra.keys():
+            raise ValueError(f"commit: {sorted(reserved & extra.keys())} are manifest fields, not extras")
         if not stage.is_dir():
             raise StoreError(f"{stage}: nothing staged for generation {generation}")
         files: dict[str, Any] = {}

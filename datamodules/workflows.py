@@ -29,6 +29,7 @@ Every workflow also takes ``multiplier`` (synthetic-set size relative to the rea
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -119,6 +120,16 @@ class Workflow:
     name: str
     params: dict[str, float | int | None] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.name not in _SPECS:
+            raise WorkflowError(f"unknown workflow {self.name!r}; valid workflows: {_valid_names()}")
+        unknown = set(self.params) - set(_SPECS[self.name])
+        if unknown:
+            raise WorkflowError(f"workflow {self.name!r} has no parameter {sorted(unknown)[0]!r}")
+        # Fill in defaults so Workflow("accumulate") and Workflow.parse("accumulate") are the same.
+        object.__setattr__(self, "params", {**_SPECS[self.name], **self.params})
+        self._validate()
+
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def parse(cls, spec: str | Workflow) -> Workflow:
@@ -134,6 +145,7 @@ class Workflow:
         if name not in _SPECS:
             raise WorkflowError(f"unknown workflow {name!r}; valid workflows: {_valid_names()}")
         params = dict(_SPECS[name])
+        given: set[str] = set()
         if args and args.strip():
             for item in args.split(","):
                 key, sep, raw = item.partition("=")
@@ -143,10 +155,11 @@ class Workflow:
                 if key not in params:
                     allowed = ", ".join(params) or "none"
                     raise WorkflowError(f"workflow {name!r} has no parameter {key!r}; its parameters: {allowed}")
+                if key in given:
+                    raise WorkflowError(f"workflow {spec!r} sets {key!r} twice")
+                given.add(key)
                 params[key] = _number(name, key, raw.strip())
-        wf = cls(name, params)
-        wf._validate()
-        return wf
+        return cls(name, params)
 
     def _validate(self) -> None:
         p = self.params
@@ -156,7 +169,8 @@ class Workflow:
         for key in _INT_KEYS & p.keys():
             value = p[key]
             if value is not None and (value < 0 or (value == 0 and key != "synthetic")):
-                raise WorkflowError(f"workflow {self.name!r}: {key} must be a positive integer, got {value}")
+                least = "a non-negative" if key == "synthetic" else "a positive"
+                raise WorkflowError(f"workflow {self.name!r}: {key} must be {least} integer, got {value}")
         if self.name == "mix" and (p["real"] is None or p["synthetic"] is None):
             raise WorkflowError("workflow 'mix' needs both counts, e.g. mix(real=256, synthetic=1024)")
 
@@ -272,10 +286,21 @@ def _subsample(rng: np.random.Generator, pool: int, size: int, num_seeds: int | 
     """Sorted uniform draws of ``size`` distinct indices out of ``range(pool)``."""
     if num_seeds is None:
         return np.sort(rng.choice(pool, size=size, replace=False)).astype(np.int64)
-    # One independent draw per seed: the `size` smallest of `pool` uniform keys form a uniform subset.
-    keys = rng.random((num_seeds, pool), dtype=np.float32)
-    idx = np.argpartition(keys, size - 1, axis=1)[:, :size]
-    return np.sort(idx, axis=1).astype(np.int64)
+    if size > 4096:
+        # The `size` smallest of `pool` uniform keys form a uniform subset: O(num_seeds * pool).
+        keys = rng.random((num_seeds, pool), dtype=np.float32)
+        return np.sort(np.argpartition(keys, size - 1, axis=1)[:, :size], axis=1).astype(np.int64)
+    # Floyd's algorithm, one independent draw per seed at once: O(size) vectorised steps. Step j
+    # picks r uniform in [0, j]; if r is taken it takes j instead, which keeps every subset equally likely.
+    taken = np.zeros((num_seeds, pool), dtype=bool)
+    out = np.empty((num_seeds, size), dtype=np.int64)
+    seeds = np.arange(num_seeds)
+    for k, j in enumerate(range(pool - size, pool)):
+        r = rng.integers(0, j + 1, size=num_seeds)
+        pick = np.where(taken[seeds, r], j, r)
+        taken[seeds, pick] = True
+        out[:, k] = pick
+    return np.sort(out, axis=1)
 
 
 def _number(name: str, key: str, raw: str) -> float | int:
@@ -283,6 +308,8 @@ def _number(name: str, key: str, raw: str) -> float | int:
         value = float(raw)
     except ValueError:
         raise WorkflowError(f"workflow {name!r}: {key}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise WorkflowError(f"workflow {name!r}: {key}={raw!r} is not a finite number")
     if key in _INT_KEYS:
         if value != int(value):
             raise WorkflowError(f"workflow {name!r}: {key} must be an integer, got {raw}")
@@ -291,7 +318,10 @@ def _number(name: str, key: str, raw: str) -> float | int:
 
 
 def _fmt(v: float | int | None) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    short = f"{v:g}"  # "2" rather than "2.0", but never at the cost of a digit
+    return short if float(short) == v else repr(v)
 
 
 def _check_size(what: str, value: int) -> None:

@@ -1,0 +1,160 @@
+"""Multivariate Gaussian fitting under model collapse (Kazdan et al., "Collapse or Thrive?").
+
+Each generation fits a d-dimensional Gaussian by maximum likelihood (sample mean, *biased* sample
+covariance) to its training set and draws the next synthetic set from the fit. Real data come from
+N(0, sigma^2 I). Metrics per generation, each seed separately:
+
+* ``mean_sq_error``    ||mu_hat - mu||^2
+* ``cov_det_ratio``    det(Sigma_hat) / det(Sigma_0)
+* ``cov_trace_ratio``  tr(Sigma_hat) / tr(Sigma_0)
+* ``test_nll``         mean negative log-likelihood (nats) of ``n_test`` fresh real points, the same
+                       points every generation; ``inf`` when Sigma_hat is singular (n <= d).
+
+Expected under replace: E||mu_hat_g - mu||^2 = d sigma^2 (1 - ((n-1)/n)^(g+1)); under accumulate:
+d sigma^2 / n * sum_{k<=g} 1/(k+1)^2 (see ``collapse/theory.py``).
+
+    python recipes/gaussian.py --workflow '[replace, accumulate, accumulate_subsample]' \
+        --dim '[1, 10, 31]' --n_samples '[10, 100, 1000]' --generations 50 --num_seeds 40 --out_dir runs/g
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collapse.analytic import AnalyticConfig, Cell, PrefixCache, gather, launch
+from collapse.cli import positive_floats, positive_ints, run
+from datamodules.workflows import TrainingSet
+
+LOG_2PI = float(np.log(2 * np.pi))
+
+
+@dataclass
+class GaussianConfig(AnalyticConfig):
+    """Fit a Gaussian by MLE, sample from it, refit: replace vs accumulate vs accumulate-subsample."""
+
+    out_dir: str = "runs/gaussian"
+    """Run directory (created; re-running the same command resumes)."""
+    dim: int | list[int] = field(default_factory=lambda: [1, 3, 10, 31, 100])
+    """Dimension d, or a list of them (a grid axis)."""
+    n_samples: int | list[int] = field(default_factory=lambda: [10, 32, 100, 316, 1000])
+    """Real sample size n (every synthetic set has n samples too, unless the workflow says otherwise)."""
+    sigma2: float = 1.0
+    """Variance of the real data: Sigma_0 = sigma2 * I, mu = 0."""
+    n_test: int = 500
+    """Fresh real points on which test_nll is measured (the same points every generation)."""
+
+
+@dataclass
+class _Fit:
+    count: int
+    mean: np.ndarray  # (S, d)
+    cov: np.ndarray  # (S, d, d) biased MLE covariance
+    chol: np.ndarray | None  # (S, d, d) lower factor of cov, None when cov is singular
+    rows: np.ndarray | None  # (S, M, d) the training rows, kept when M <= d to sample a singular fit exactly
+
+
+class GaussianProblem:
+    """One (d, n) cell for S seeds at once."""
+
+    metrics = ("mean_sq_error", "cov_det_ratio", "cov_trace_ratio", "test_nll")
+
+    def __init__(self, dim: int, num_seeds: int, sigma2: float, n_test: int, rng: np.random.Generator):
+        self.d, self.S, self.sigma2 = dim, num_seeds, sigma2
+        self.rng = rng
+        self.test = self.real(n_test)  # (S, n_test, d) fresh real points, never trained on
+        self._cache = PrefixCache(self._moments, self._merge)
+
+    def real(self, count: int) -> np.ndarray:
+        return np.sqrt(self.sigma2) * self.rng.standard_normal((self.S, count, self.d))  # (S, count, d)
+
+    @staticmethod
+    def _moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """(count, mean (S, d), centred scatter sum_i (x_i - mean)(x_i - mean)^T (S, d, d))."""
+        x = x.astype(np.float64, copy=False)
+        mean = x.mean(axis=1)
+        xc = x - mean[:, None, :]
+        return x.shape[1], mean, np.matmul(xc.transpose(0, 2, 1), xc)
+
+    @staticmethod
+    def _merge(a: tuple, b: tuple) -> tuple[int, np.ndarray, np.ndarray]:
+        """Chan et al.'s pairwise update: M2 = M2_a + M2_b + delta delta^T n_a n_b / n (stable, exact)."""
+        (na, ma, m2a), (nb, mb, m2b) = a, b
+        n = na + nb
+        delta = mb - ma
+        return n, ma + delta * (nb / n), m2a + m2b + np.einsum("si,sj->sij", delta, delta) * (na * nb / n)
+
+    def fit(self, ts: TrainingSet, parts: list[np.ndarray]) -> _Fit:
+        rows = None
+        if ts.subset is not None:
+            rows, _ = gather(parts, ts.subset)  # (S, m, d)
+            n, mean, m2 = self._moments(rows)
+        else:
+            n, mean, m2 = self._cache(ts, parts)
+            if n <= self.d:
+                rows = np.concatenate(parts, axis=1)
+        cov = m2 / n
+        chol = None
+        if n > self.d:
+            try:
+                chol = np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                chol = None
+        return _Fit(n, mean, cov, chol, rows if n <= self.d else None)
+
+    def evaluate(self, fit: _Fit) -> dict[str, np.ndarray]:
+        d, s2 = self.d, self.sigma2
+        sign, logdet = np.linalg.slogdet(fit.cov)
+        det_ratio = np.where(sign > 0, np.exp(np.minimum(logdet - d * np.log(s2), 700.0)), 0.0)
+        singular = np.ones(self.S, dtype=bool)
+        if fit.chol is not None:
+            # A rank-deficient cov can still factor with round-off pivots; call it singular then.
+            pivots = np.diagonal(fit.chol, axis1=1, axis2=2)
+            singular = pivots.min(axis=1) <= 1e-7 * pivots.max(axis=1)
+            # -log N(x; mu, Sigma) = (d log 2pi + log det Sigma + |L^{-1}(x - mu)|^2) / 2
+            diff = (self.test - fit.mean[:, None, :]).transpose(0, 2, 1)  # (S, d, n_test)
+            z = np.linalg.solve(fit.chol, diff)
+            logdet_chol = 2.0 * np.log(np.diagonal(fit.chol, axis1=1, axis2=2)).sum(axis=1)
+            nll = 0.5 * (d * LOG_2PI + logdet_chol + (z**2).sum(axis=1).mean(axis=1))
+        else:
+            nll = np.empty(self.S)
+        nll[singular] = np.inf  # real points fall off a singular Gaussian's support
+        det_ratio[singular] = 0.0
+        return {
+            "mean_sq_error": (fit.mean**2).sum(axis=1),
+            "cov_det_ratio": det_ratio,
+            "cov_trace_ratio": np.trace(fit.cov, axis1=1, axis2=2) / (d * s2),
+            "test_nll": nll,
+        }
+
+    def sample(self, fit: _Fit, rng: np.random.Generator, count: int) -> np.ndarray:
+        if fit.rows is not None:
+            # Sigma_hat has rank < d. mu + M^{-1/2} sum_i g_i (x_i - mu), g ~ N(0, 1), is exactly
+            # N(mu, Sigma_hat): its covariance is (1/M) sum_i (x_i - mu)(x_i - mu)^T.
+            centred = fit.rows - fit.mean[:, None, :]  # (S, M, d)
+            g = rng.standard_normal((self.S, count, centred.shape[1]))
+            return fit.mean[:, None, :] + np.matmul(g, centred) / np.sqrt(centred.shape[1])
+        chol = fit.chol
+        if chol is None:  # numerically singular although M > d: factor through the eigenbasis
+            lam, vec = np.linalg.eigh(fit.cov)
+            chol = vec * np.sqrt(np.clip(lam, 0.0, None))[:, None, :]
+        z = rng.standard_normal((self.S, count, self.d))
+        return fit.mean[:, None, :] + np.matmul(z, chol.transpose(0, 2, 1))  # x = mu + L z
+
+
+def main(cfg: GaussianConfig):
+    """Run the grid; return the path of metrics.csv."""
+    dims = positive_ints("dim", cfg.dim)
+    sizes = positive_ints("n_samples", cfg.n_samples)
+    (sigma2,) = positive_floats("sigma2", cfg.sigma2)
+    positive_ints("n_test", cfg.n_test)
+
+    def make_problem(cell: Cell, rng: np.random.Generator) -> GaussianProblem:
+        return GaussianProblem(cell.params["dim"], cfg.num_seeds, sigma2, cfg.n_test, rng)
+
+    return launch("gaussian", cfg, {"dim": dims, "n_samples": sizes}, make_problem, lambda c: c.params["n_samples"])
+
+
+if __name__ == "__main__":
+    run(main, GaussianConfig)
