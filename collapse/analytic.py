@@ -166,7 +166,7 @@ def cell_rows(cell: Cell, values: dict[str, np.ndarray], seed: int) -> list[str]
     for metric, arr in values.items():
         G, S = arr.shape
         for g in range(G):
-            row = arr[g]
+            row = arr[g].tolist()  # Python floats: repr gives the shortest exact text ("inf" for infinity)
             lines.extend(f"{prefix},{seed + s},{g},{metric},{row[s]!r}" for s in range(S))
     return lines
 
@@ -233,8 +233,12 @@ def _check_cells(parts: Sequence[Path], rows_per_metric: int) -> None:
 
 
 def _mean(v: np.ndarray) -> float:
-    finite = np.asarray(v)[np.isfinite(v)]
-    return float(finite.mean()) if finite.size else float("nan")
+    """Mean of the finite values (inf when every value is +inf, as for a singular Gaussian's NLL)."""
+    v = np.asarray(v)
+    finite = v[np.isfinite(v)]
+    if finite.size:
+        return float(finite.mean())
+    return float("inf") if v.size and np.all(v == np.inf) else float("nan")
 
 
 @dataclass

@@ -1,0 +1,293 @@
+"""The analytic recipes against their closed forms, their workflows, resume, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collapse.theory import gaussian_cov_trace_ratio, gaussian_mean_sq_error, linear_regression_test_mse
+from collapse.tracking import WandbConfig
+from datamodules.workflows import Workflow
+from recipes import gaussian, kde, linear_regression
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(wandb=WandbConfig(mode="disabled"), report=False, log_every=1000)
+
+
+def curves(metrics_csv: Path, metric: str, **where) -> dict[str, np.ndarray]:
+    """Mean over seeds per workflow: {workflow: (G,)} for rows matching ``where``."""
+    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with open(metrics_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["metric"] != metric or any(row[k] != str(v) for k, v in where.items()):
+                continue
+            acc[row["workflow"]][int(row["generation"])].append(float(row["value"]))
+    return {wf: np.array([np.mean(v[g]) for g in sorted(v)]) for wf, v in acc.items()}
+
+
+@pytest.mark.slow
+def test_linear_regression_matches_closed_forms(tmp_path):
+    # Parameters other than the published check values: d = 8, T = 30, sigma^2 = 2.
+    cfg = linear_regression.LinearRegressionConfig(
+        out_dir=str(tmp_path / "lr"),
+        workflow=["replace", "accumulate"],
+        dim=8,
+        n_samples=30,
+        noise_var=2.0,
+        generations=12,
+        num_seeds=4000,
+        seed=3,
+        **QUIET,
+    )
+    got = curves(linear_regression.main(cfg), "test_mse")
+    g = np.arange(12)
+    for name in ("replace", "accumulate"):
+        expected = linear_regression_test_mse(Workflow.parse(name), 8, 30, 2.0, g)
+        np.testing.assert_allclose(got[name], expected, rtol=0.05)
+    assert got["replace"][-1] / got["replace"][0] > 10  # linear growth: 12x in expectation
+    assert got["accumulate"][-1] < 1.7 * got["accumulate"][0]  # bounded by pi^2/6
+
+
+@pytest.mark.slow
+def test_gaussian_matches_closed_forms_and_subsample_lies_between(tmp_path):
+    d, n, G = 3, 20, 15
+    cfg = gaussian.GaussianConfig(
+        out_dir=str(tmp_path / "g"),
+        dim=d,
+        n_samples=n,
+        generations=G,
+        num_seeds=3000,
+        seed=1,
+        **QUIET,
+    )
+    path = gaussian.main(cfg)
+    mse = curves(path, "mean_sq_error")
+    g = np.arange(G)
+    for name in ("replace", "accumulate"):
+        np.testing.assert_allclose(mse[name], gaussian_mean_sq_error(Workflow.parse(name), d, n, 1.0, g), rtol=0.06)
+    tail = slice(G // 2, None)
+    assert np.all(mse["accumulate"][tail] < mse["accumulate_subsample"][tail])
+    assert np.all(mse["accumulate_subsample"][tail] < mse["replace"][tail])
+    trace = curves(path, "cov_trace_ratio")
+    np.testing.assert_allclose(
+        trace["replace"], gaussian_cov_trace_ratio(Workflow.parse("replace"), d, n, g), rtol=0.05
+    )
+
+
+def test_gaussian_singular_covariance_gives_inf_nll_and_zero_det(tmp_path):
+    cfg = gaussian.GaussianConfig(
+        out_dir=str(tmp_path / "g"), workflow="replace", dim=5, n_samples=4, generations=3, num_seeds=7, **QUIET
+    )
+    path = gaussian.main(cfg)
+    assert np.all(np.isinf(curves(path, "test_nll")["replace"]))
+    assert np.all(curves(path, "cov_det_ratio")["replace"] == 0)
+    assert np.all(np.isfinite(curves(path, "mean_sq_error")["replace"]))
+
+
+@pytest.mark.slow
+def test_kde_replace_collapses_and_accumulate_stays_flat(tmp_path):
+    cfg = kde.KDEConfig(
+        out_dir=str(tmp_path / "k"),
+        workflow=["replace", "accumulate"],
+        dataset="moons",
+        bandwidth=0.1,
+        n_samples=20,
+        generations=20,
+        num_seeds=40,
+        **QUIET,
+    )
+    nll = curves(kde.main(cfg), "test_nll")
+    assert nll["replace"][-1] > nll["replace"][0] + 1.0  # NLL rises steeply for small n
+    # Accumulating never hurts here; with an undersmoothed kernel the extra points even help.
+    assert nll["accumulate"][-1] < nll["accumulate"][0] + 0.1
+    assert nll["accumulate"][-1] < nll["replace"][-1]
+
+
+def test_kde_nll_agrees_with_a_direct_evaluation():
+    rng = np.random.default_rng(0)
+    prob = kde.KDEProblem("circles", 0.3, num_seeds=2, n_test=50, rng=rng)
+    wf = Workflow.parse("accumulate")
+    real = prob.real(30)
+    ts = wf.training_set(0, 30)
+    fit = prob.fit(ts, [real])
+    got = prob.evaluate(fit)["test_nll"]
+    h = 0.3
+    sq = ((prob.test[:, :, None, :] - real[:, None, :, :]) ** 2).sum(-1)
+    dens = np.exp(-sq / (2 * h * h)).mean(axis=2) / (2 * np.pi * h * h)
+    np.testing.assert_allclose(got, -np.log(dens).mean(axis=1), rtol=1e-5)
+
+
+def test_kde_bandwidth_rules():
+    assert kde.bandwidth_for("scott", 64) == pytest.approx(64 ** (-1 / 6))
+    assert kde.bandwidth_for("silverman", 64) == pytest.approx((64 * 4 / 4) ** (-1 / 6))
+    assert kde.bandwidth_for(0.5, 10) == 0.5
+    for name in kde.DATASETS:
+        pts = kde.make_points(name, np.random.default_rng(1), 3, 200)
+        assert pts.shape == (3, 200, 2) and np.isfinite(pts).all()
+
+
+OTHER_WORKFLOWS = [
+    "replace_multiple(multiplier=2)",
+    "accumulate_subsample(size=10)",
+    "mix(real=16, synthetic=32)",
+    "mix(real=16, synthetic=0)",
+    "fresh_real(per_generation=8)",
+    "accumulate(multiplier=0.5)",
+]
+
+
+@pytest.mark.parametrize("recipe", ["linear_regression", "gaussian", "kde"])
+def test_every_workflow_runs_in_every_recipe(tmp_path, recipe):
+    common = dict(out_dir=str(tmp_path / recipe), workflow=OTHER_WORKFLOWS, generations=4, num_seeds=5, **QUIET)
+    if recipe == "linear_regression":
+        cfg = linear_regression.LinearRegressionConfig(dim=3, n_samples=16, noise_var=1.0, **common)
+    elif recipe == "gaussian":
+        cfg = gaussian.GaussianConfig(dim=2, n_samples=16, **common)
+    else:
+        cfg = kde.KDEConfig(dataset="blobs", bandwidth="scott", n_samples=16, **common)
+    path = getattr(sys.modules[f"recipes.{recipe}"], "main")(cfg)
+    rows = list(csv.DictReader(open(path, newline="")))
+    labels = {Workflow.parse(w).label for w in OTHER_WORKFLOWS}
+    assert {r["workflow"] for r in rows} == labels
+    assert all(np.isfinite(float(r["value"])) for r in rows if r["metric"] != "test_nll" or recipe != "gaussian")
+    assert {int(r["generation"]) for r in rows} == {0, 1, 2, 3}
+    assert {int(r["seed"]) for r in rows} == set(range(5))
+
+
+def _run_gaussian(out: Path, seed: int = 0) -> Path:
+    cfg = gaussian.GaussianConfig(
+        out_dir=str(out), dim=[2, 4], n_samples=[8, 30], generations=6, num_seeds=9, seed=seed, **QUIET
+    )
+    return gaussian.main(cfg)
+
+
+def test_seeded_runs_are_reproducible_and_seeds_matter(tmp_path):
+    a = _run_gaussian(tmp_path / "a").read_bytes()
+    b = _run_gaussian(tmp_path / "b").read_bytes()
+    c = _run_gaussian(tmp_path / "c", seed=1).read_bytes()
+    assert a == b
+    assert a != c
+
+
+def test_rerun_resumes_without_recomputing_finished_cells(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = _run_gaussian(out).read_bytes()
+    cells = sorted((out / "cells").iterdir())
+    mtimes = {p: p.stat().st_mtime_ns for p in cells}
+    cells[3].unlink()  # as if the run had been killed before that cell finished
+    capsys.readouterr()
+    again = _run_gaussian(out).read_bytes()
+    assert again == first
+    assert capsys.readouterr().out.count("finished earlier, kept") == len(cells) - 1
+    for p in cells[:3] + cells[4:]:
+        assert p.stat().st_mtime_ns == mtimes[p]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_the_unbroken_result(tmp_path):
+    args = ["--dim", "[2, 6]", "--n_samples", "[10, 300]", "--generations", "40", "--num_seeds", "200",
+            "--wandb.mode", "disabled", "--report", "false"]  # fmt: skip
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "recipes/gaussian.py", "--out_dir", str(ref), *args], cwd=ROOT, check=True,
+                   capture_output=True)  # fmt: skip
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "recipes/gaussian.py", "--out_dir", str(out), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / "cells").glob("*.csv"))) < 2:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.csv").exists()
+    assert not list((out / "cells").glob(".*tmp*")) or True  # a torn temp file may remain; it is never read
+    done = subprocess.run([sys.executable, "recipes/gaussian.py", "--out_dir", str(out), *args], cwd=ROOT,
+                          check=True, capture_output=True, text=True)  # fmt: skip
+    assert "finished earlier, kept" in done.stdout
+    assert (out / "metrics.csv").read_bytes() == (ref / "metrics.csv").read_bytes()
+
+
+def test_analytic_recipes_do_not_import_torch_or_lightning(tmp_path):
+    code = (
+        "import sys\n"
+        "from recipes import gaussian, kde, linear_regression\n"
+        "from recipes.report import make_report\n"
+        f"gaussian.run(gaussian.main, gaussian.GaussianConfig, ['--out_dir', r'{tmp_path}', '--dim', '2',"
+        " '--n_samples', '8', '--generations', '3', '--num_seeds', '2', '--wandb.mode', 'disabled'])\n"
+        "bad = [m for m in ('torch', 'lightning', 'pytorch_lightning') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    assert (tmp_path / "report" / "report.md").is_file()
+
+
+BAD = [
+    (["--workflow", "acumulate"], "unknown workflow 'acumulate'; valid workflows: replace, replace_multiple"),
+    (["--n_samples", "-5"], "--n_samples must be positive integers, got -5"),
+    (["--dim", "0"], "--dim must be positive integers, got 0"),
+    (["--generations", "0"], "--generations must be positive integers, got 0"),
+    (["--workflow", "accumulate_subsample(size=50)", "--n_samples", "20"], "larger than its pool"),
+    (["--workflow", "mix(real=5)"], "needs both counts"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    res = subprocess.run(
+        [sys.executable, "recipes/gaussian.py", "--out_dir", str(tmp_path / "x"), "--wandb.mode", "disabled", *args],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_out_dir_with_a_different_config_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    _run_gaussian(out)
+    base = ["--out_dir", str(out), "--dim", "[2, 4]", "--n_samples", "[8, 30]", "--num_seeds", "9",
+            "--wandb.mode", "disabled", "--report", "false"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        gaussian.run(gaussian.main, gaussian.GaussianConfig, base + ["--generations", "7"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "different config (generations: 6 -> 7)" in err and "--overwrite true" in err
+    gaussian.run(gaussian.main, gaussian.GaussianConfig, base + ["--generations", "7", "--overwrite", "true"])
+    assert max(int(r["generation"]) for r in csv.DictReader(open(out / "metrics.csv"))) == 6
+
+
+def test_cell_files_that_were_tampered_with_are_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    _run_gaussian(out)
+    victim = sorted((out / "cells").iterdir())[0]
+    lines = victim.read_text().splitlines()
+    victim.write_text("\n".join(lines[:-5]) + "\n")
+    with pytest.raises(SystemExit):
+        gaussian.run(gaussian.main, gaussian.GaussianConfig, [
+            "--out_dir", str(out), "--dim", "[2, 4]", "--n_samples", "[8, 30]", "--generations", "6",
+            "--num_seeds", "9", "--wandb.mode", "disabled", "--report", "false"])  # fmt: skip
+    assert victim.name in capsys.readouterr().err
+
+
+def test_help_and_print_config_document_the_flags(tmp_path):
+    for script in ("linear_regression", "gaussian", "kde"):
+        res = subprocess.run([sys.executable, f"recipes/{script}.py", "--help"], cwd=ROOT, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        for flag in ("--out_dir", "--workflow", "--generations", "--seed", "--num_seeds", "--n_samples"):
+            assert flag in res.stdout, (script, flag)
+        printed = subprocess.run([sys.executable, f"recipes/{script}.py", "--print_config"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+        cfg_file = tmp_path / f"{script}.yaml"
+        cfg_file.write_text(printed.replace("generations: ", "generations: 2 #"))
+        again = subprocess.run([sys.executable, f"recipes/{script}.py", "--config", str(cfg_file), "--print_config"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert "generations: 2" in again
