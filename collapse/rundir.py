@@ -53,6 +53,25 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in EXECUTION_KEYS and k != "out_dir"}
 
 
+def config_hash(config: dict[str, Any]) -> str:
+    """A short, stable hash of what a config computes (execution-only flags left out)."""
+    import hashlib
+    import json
+
+    text = json.dumps(_identity(config), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def resolve_out_dir(template: str, config: dict[str, Any]) -> str:
+    """Fill ``{hash}`` in an --out_dir (one folder per distinct config: W&B sweeps, grids of launches)."""
+    if "{" not in template:
+        return template
+    try:
+        return template.format(hash=config_hash(config))
+    except (KeyError, IndexError, ValueError):
+        raise RunDirError(f"--out_dir {template!r}: the only placeholder allowed is {{hash}}") from None
+
+
 def _looks_like_run(out: Path) -> bool:
     return any(p.name in (METRICS, CONFIG, "cells") or p.name.startswith(("gen_", ".gen_")) for p in out.iterdir())
 

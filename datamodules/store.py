@@ -162,6 +162,8 @@ class GenerationStore:
             raise ValueError(f"commit: {sorted(reserved & extra.keys())} are manifest fields, not extras")
         if not stage.is_dir():
             raise StoreError(f"{stage}: nothing staged for generation {generation}")
+        for leftover in stage.glob(".*.tmp-*"):  # torn writes of a killed process: never published
+            leftover.unlink()
         files: dict[str, Any] = {}
         arrays: dict[str, Any] = {}
         for p in sorted(stage.iterdir()):

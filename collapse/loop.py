@@ -1,0 +1,471 @@
+"""The generation loop shared by every Lightning recipe.
+
+Generation 0 trains on real data; generation g > 0 trains on the workflow's mix of real data and the
+synthetic sets drawn from earlier generations' models. Per generation g, :func:`run_generations`:
+
+1. skips g if ``gen_XXX`` is already in the store (after verifying its checksums);
+2. seeds everything from ``(seed, g)`` (a separate stream per step, see :func:`derive_seed`);
+3. builds the :class:`SyntheticAccumulatingDataModule` and a freshly initialised model, or with
+   ``warm_start`` the previous generation's weights;
+4. fits it, unless the staging folder already holds the fitted weights (``model.pt``); a fit killed
+   half-way resumes from its last Lightning checkpoint (``checkpoints/last.ckpt`` in staging);
+5. tests it on the real test set and stages ``metrics.json`` (test metrics + training-set counts);
+6. samples the next synthetic set with :class:`SyntheticDataCallback` (``samples.npy``, ...);
+7. commits the generation (``manifest.json``, rename to ``gen_XXX``), rewrites ``metrics.csv`` and
+   prints one progress line.
+
+Every step's output is written atomically and each step is skipped when its output exists, so a
+run killed at any point (even SIGKILL) resumes with the same command and ends with exactly the
+files and numbers of an unbroken run. Every random stream depends only on ``(seed, g, step)``.
+
+A modality plugs in through :class:`Modality`: its real data module, its model and its trainer
+settings. This module imports torch and Lightning; the NumPy-only parts of the project
+(``datamodules.workflows``, ``datamodules.store``, the rest of ``collapse``) never import it.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import logging
+import random
+import shutil
+import time
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from callbacks.synthetic_data import SAMPLING_FILE, SyntheticDataCallback
+from collapse.atomic import atomic_open
+from collapse.errors import UserError
+from collapse.rundir import METRICS, config_dict, prepare_run_dir, write_metrics
+from collapse.tracking import Tracker, WandbConfig
+from datamodules.store import GenerationStore, StoreError
+from datamodules.synthetic import RealDataModule, SyntheticAccumulatingDataModule, derive_seed
+from datamodules.workflows import Workflow, WorkflowError
+
+MODEL_FILE = "model.pt"
+"""Fitted weights (``state_dict``) of a generation, in its folder."""
+METRICS_FILE = "metrics.json"
+"""Test metrics and training-set counts of a generation, in its folder."""
+CHECKPOINT_DIR = "checkpoints"
+"""Mid-fit Lightning checkpoints inside a staging folder (removed once the fit is saved)."""
+LAST_CKPT = "last.ckpt"
+METRIC_COLUMNS = ("workflow", "seed", "generation", "metric", "value")
+
+# Lightning messages that say nothing about a run of this loop (resuming into a non-empty checkpoint
+# folder is expected; tiny data sets need no loader workers).
+_NOISE = (
+    r".*does not have many workers.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*GPU available but not used.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+class Modality(abc.ABC):
+    """One kind of data and model: what :func:`run_generations` needs to know about it.
+
+    Subclass it (a dataclass works well) and implement :meth:`real_datamodule` and
+    :meth:`build_model`; override the other methods where the defaults do not fit.
+    """
+
+    name: str = "model"
+    """Short label of the modality in progress lines, e.g. ``toy``, ``vae``, ``lm``."""
+
+    @abc.abstractmethod
+    def real_datamodule(self) -> RealDataModule:
+        """The real data module (see :mod:`datamodules.synthetic` for its contract); called once per run."""
+
+    @abc.abstractmethod
+    def build_model(self, generation: int) -> pl.LightningModule:
+        """A freshly initialised model for ``generation``; it must implement ``sample(n, generator)``.
+
+        Called after the global RNGs are seeded from ``(seed, generation)``, so random initialisation
+        is reproducible.
+        """
+
+    def trainer_kwargs(self, generation: int) -> dict[str, Any]:
+        """Keyword arguments for ``lightning.Trainer`` (``max_epochs``, ``accelerator``, ``callbacks``, ...).
+
+        They override the loop's quiet defaults (no logger, progress bar or model summary;
+        ``default_root_dir`` is the generation's staging folder).
+        """
+        return {}
+
+    def checkpoint_kwargs(self, generation: int) -> dict[str, Any] | None:
+        """How often to write the mid-fit checkpoint (``ModelCheckpoint`` arguments); None: never."""
+        return {"every_n_epochs": 1}
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """Settings of ``sample`` worth recording in each manifest (temperature, steps, ...)."""
+        return {}
+
+
+@dataclass
+class LoopConfig:
+    """Settings of a generation loop run (recipes extend it with their model and data settings)."""
+
+    out_dir: str
+    """Run directory: config.yaml, metrics.csv and one gen_XXX folder per finished generation."""
+    workflow: str = "accumulate"
+    """Data workflow, e.g. replace, accumulate, accumulate_subsample(size=512), mix(real=256, synthetic=1024)."""
+    generations: int = 5
+    """Number of generations; generation 0 trains on real data only."""
+    seed: int = 0
+    """Run seed; every random step of generation g is seeded from (seed, g)."""
+    real_size: int | None = None
+    """Real examples at generation 0 (n); default: the whole real training set."""
+    warm_start: bool = False
+    """Start each generation from the previous generation's weights instead of a fresh initialisation."""
+    num_synthetic: int | None = None
+    """Samples drawn from each model; default: what the workflow trains on (multiplier x real_size)."""
+    batch_size: int = 64
+    """Training batch size (also the val/test batch size)."""
+    sample_batch_size: int = 1024
+    """Samples per sampling call (part of the sampling seed: changing it changes the samples)."""
+    num_workers: int = 0
+    """Data loader worker processes."""
+    overwrite: bool = False
+    """Delete an existing run with a different config in out_dir instead of refusing."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+
+
+@dataclass
+class LoopResult:
+    """What :func:`run_generations` did."""
+
+    out_dir: Path
+    metrics: dict[int, dict[str, float]]
+    """Per generation (all finished ones, including earlier runs'): the contents of its metrics.json."""
+    fitted: list[int]
+    """Generations whose model was fitted (fully or resumed from a checkpoint) by this call."""
+    committed: list[int]
+    """Generations finished by this call (the others were finished by an earlier run)."""
+
+
+def run_generations(
+    modality: Modality,
+    cfg: LoopConfig,
+    *,
+    recipe: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    verbose: bool = False,
+) -> LoopResult:
+    """Run (or resume) ``cfg.generations`` generations of ``modality`` under ``cfg.workflow``.
+
+    Args:
+        modality: the data and model.
+        cfg: the loop settings.
+        recipe: recipe name for config.yaml and W&B; default: ``modality.name``.
+        config: the full recipe config written to config.yaml and guarded on resume; default: ``cfg``.
+        callbacks: extra Lightning callbacks for every generation's trainer.
+        verbose: keep Lightning's own info messages and warnings.
+    """
+    wf = Workflow.parse(cfg.workflow)
+    _validate(cfg)
+    recipe = recipe or modality.name
+
+    real = modality.real_datamodule()
+    real.prepare_data()
+    real.setup("fit")
+    available = len(real.train_dataset)
+    real_size = cfg.real_size if cfg.real_size is not None else available
+    try:
+        wf.check(real_size, cfg.generations, available)
+    except WorkflowError as exc:
+        hint = " (fresh_real needs more real data than generation 0 uses: set --real_size)"
+        raise WorkflowError(str(exc) + (hint if cfg.real_size is None and wf.name == "fresh_real" else "")) from None
+    needed = wf.synthetic_size(real_size) if cfg.generations > 1 else 0
+    num_synthetic = needed if cfg.num_synthetic is None else cfg.num_synthetic
+    if num_synthetic < needed:
+        raise UserError(f"--num_synthetic {num_synthetic} is less than the {needed} samples {wf.label} trains on")
+
+    full_config = dict(config) if config is not None else config_dict(cfg)
+    out = prepare_run_dir(cfg.out_dir, recipe, full_config, cfg.overwrite)
+    store = GenerationStore(out)
+    ctx = _GenerationContext(modality, cfg, wf, store, real, real_size, num_synthetic, list(callbacks))
+    tracker = Tracker(cfg.wandb, recipe, out, full_config)
+    fitted: list[int] = []
+    committed: list[int] = []
+    try:
+        with _quiet_lightning(enabled=not verbose):
+            for g in range(cfg.generations):
+                t0 = time.perf_counter()
+                if store.is_complete(g):
+                    store.verify(g)
+                    print(ctx.progress_line(g, _read_metrics(store, g), "finished earlier"), flush=True)
+                    continue
+                did_fit, metrics = ctx.make(g)
+                if did_fit:
+                    fitted.append(g)
+                committed.append(g)
+                write_metrics_csv(store, wf.label, cfg.seed)
+                seconds = time.perf_counter() - t0
+                print(ctx.progress_line(g, metrics, f"{seconds:.1f}s"), flush=True)
+                tracker.log({**metrics, "time/generation_s": seconds}, generation=g)
+        all_metrics = {g: _read_metrics(store, g) for g in store.completed() if g < cfg.generations}
+        write_metrics_csv(store, wf.label, cfg.seed)
+    finally:
+        tracker.finish()
+    return LoopResult(out, all_metrics, fitted, committed)
+
+
+class _GenerationContext:
+    """Makes one generation in its staging folder, each step skipped when its output is staged."""
+
+    def __init__(
+        self,
+        modality: Modality,
+        cfg: LoopConfig,
+        wf: Workflow,
+        store: GenerationStore,
+        real: RealDataModule,
+        real_size: int,
+        num_synthetic: int,
+        callbacks: list[Callback],
+    ):
+        self.modality, self.cfg, self.wf, self.store = modality, cfg, wf, store
+        self.real, self.real_size, self.num_synthetic = real, real_size, num_synthetic
+        self.callbacks = callbacks
+
+    def make(self, g: int) -> tuple[bool, dict[str, float]]:
+        """Make and commit generation ``g``; return (whether it was fitted now, its metrics)."""
+        cfg, store = self.cfg, self.store
+        stage = store.begin(g)
+        for stale in stage.glob(".*.tmp-*"):  # half-written files of a killed run (this loop is the only writer)
+            stale.unlink()
+        pl.seed_everything(derive_seed(cfg.seed, g, "init"), workers=True, verbose=False)
+        dm = SyntheticAccumulatingDataModule(
+            self.real,
+            self.wf,
+            store,
+            g,
+            real_size=self.real_size,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+        )
+        model = self.modality.build_model(g)
+        if cfg.warm_start and g > 0:
+            store.verify(g - 1)
+            _load_weights(model, store.path(g - 1) / MODEL_FILE)
+
+        sampler = SyntheticDataCallback(
+            store,
+            g,
+            num_samples=self.num_synthetic,
+            batch_size=cfg.sample_batch_size,
+            seed=derive_seed(cfg.seed, g, "sample"),
+            sampling_settings=self.modality.sampling_settings(),
+        )
+        trainer = self._trainer(g, stage, sampler)
+
+        did_fit = False
+        fitted = store.staged(g, MODEL_FILE)
+        if fitted is not None:
+            _load_weights(model, fitted)
+        else:
+            ckpt = _resumable_checkpoint(stage / CHECKPOINT_DIR / LAST_CKPT)
+            pl.seed_everything(derive_seed(cfg.seed, g, "fit"), workers=True, verbose=False)
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+            if trainer.interrupted:
+                raise KeyboardInterrupt
+            with atomic_open(stage / MODEL_FILE, "wb") as fh:
+                torch.save(model.state_dict(), fh)
+            shutil.rmtree(stage / CHECKPOINT_DIR, ignore_errors=True)
+            did_fit = True
+
+        staged_metrics = store.staged(g, METRICS_FILE)
+        if staged_metrics is not None:
+            metrics = json.loads(staged_metrics.read_text())
+        else:
+            pl.seed_everything(derive_seed(cfg.seed, g, "test"), workers=True, verbose=False)
+            results = trainer.test(model, datamodule=dm, verbose=False)
+            metrics = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
+            metrics.update(dm.train_composition())
+            store.save_json(g, METRICS_FILE, metrics)
+
+        arrays = sampler.sample_into_store(model)  # a no-op when the fit's on_fit_end already sampled
+        settings = json.loads((stage / SAMPLING_FILE).read_text())
+        settings.pop("sample_arrays", None)
+        store.commit(
+            g,
+            num_samples=self.num_synthetic,
+            sampling=settings,
+            sample_arrays=arrays,
+            workflow=self.wf.label,
+            seed=cfg.seed,
+            warm_start=cfg.warm_start,
+        )
+        return did_fit, metrics
+
+    def _trainer(self, g: int, stage: Path, sampler: SyntheticDataCallback) -> pl.Trainer:
+        kwargs: dict[str, Any] = {
+            "default_root_dir": str(stage),
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        }
+        user = dict(self.modality.trainer_kwargs(g))
+        user_callbacks = list(user.pop("callbacks", None) or [])
+        kwargs.update(user)
+        callbacks: list[Callback] = [*user_callbacks, *self.callbacks, sampler, RngStateCallback()]
+        ckpt_kwargs = self.modality.checkpoint_kwargs(g)
+        if ckpt_kwargs is not None:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=stage / CHECKPOINT_DIR,
+                    filename=Path(LAST_CKPT).stem,
+                    save_top_k=1,
+                    enable_version_counter=False,
+                    **ckpt_kwargs,
+                )
+            )
+            kwargs["enable_checkpointing"] = True
+        return pl.Trainer(callbacks=callbacks, **kwargs)
+
+    def progress_line(self, g: int, metrics: Mapping[str, float], tail: str) -> str:
+        """``[toy] accumulate seed=0 gen 2/4 test_loss=1.234 train=300 (real 100, synthetic 200) 1.2s``."""
+        tests = " ".join(f"{_csv_name(k)}={v:.4g}" for k, v in metrics.items() if k.startswith("test"))
+        size = metrics.get("train_size")
+        train = (
+            f" train={size:.0f} (real {metrics.get('train_real', 0):.0f}, "
+            f"synthetic {metrics.get('train_synthetic', 0):.0f})"
+            if size is not None
+            else ""
+        )
+        gens = f"gen {g}/{self.cfg.generations - 1}"
+        return f"[{self.modality.name}] {self.wf.label} seed={self.cfg.seed} {gens} {tests}{train} {tail}"
+
+
+class RngStateCallback(Callback):
+    """Store the global RNG states in every Lightning checkpoint and restore them on resume.
+
+    A fit resumed from a mid-fit checkpoint then continues the random streams (dropout, noise,
+    loader seeds) where the interrupted fit left them, as an unbroken fit would.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True).
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def write_metrics_csv(store: GenerationStore, workflow: str, seed: int) -> Path:
+    """Rewrite ``<run>/metrics.csv`` (long format) from every finished generation's metrics.json."""
+    rows = []
+    for g in store.completed():
+        for name, value in sorted(_read_metrics(store, g).items()):
+            rows.append((workflow, seed, g, _csv_name(name), value))
+    path = store.root / METRICS
+    write_metrics(path, METRIC_COLUMNS, rows)
+    return path
+
+
+def _csv_name(metric: str) -> str:
+    return metric.replace("/", "_")
+
+
+def _read_metrics(store: GenerationStore, g: int) -> dict[str, float]:
+    path = store.path(g) / METRICS_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing from a finished generation") from None
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a torn or foreign file
+        raise StoreError(f"{path}: cannot be loaded as a state_dict ({exc})") from None
+    model.load_state_dict(state)
+
+
+def _resumable_checkpoint(path: Path) -> str | None:
+    """``path`` if it holds a complete checkpoint to resume the fit from, else None (and remove it)."""
+    if not path.is_file():
+        return None
+    if zipfile.is_zipfile(path):  # torch.save writes a zip archive; a torn one lacks its central directory
+        return str(path)
+    path.unlink()
+    return None
+
+
+def _validate(cfg: LoopConfig) -> None:
+    checks = [
+        ("generations", cfg.generations, 1),
+        ("batch_size", cfg.batch_size, 1),
+        ("sample_batch_size", cfg.sample_batch_size, 1),
+        ("seed", cfg.seed, 0),
+        ("num_workers", cfg.num_workers, 0),
+    ]
+    if cfg.real_size is not None:
+        checks.append(("real_size", cfg.real_size, 1))
+    if cfg.num_synthetic is not None:
+        checks.append(("num_synthetic", cfg.num_synthetic, 0))
+    for flag, value, low in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"--{flag} must be an integer >= {low}, got {value!r}")
+
+
+@contextlib.contextmanager
+def _quiet_lightning(enabled: bool = True) -> Iterator[None]:
+    """Silence Lightning's info lines (accelerator summary, ``max_epochs`` reached) and known noise warnings."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for pattern in _NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+__all__ = [
+    "LoopConfig",
+    "LoopResult",
+    "Modality",
+    "RngStateCallback",
+    "derive_seed",
+    "run_generations",
+    "write_metrics_csv",
+]

@@ -1,0 +1,309 @@
+"""The training data of one generation: the workflow's mix of real and synthetic examples.
+
+:class:`SyntheticAccumulatingDataModule` wraps a modality's *real* data module. Its training set is
+the :class:`~datamodules.workflows.TrainingSet` of the workflow at that generation: ranges of the
+real training set and of the synthetic sets that earlier generations wrote to the
+:class:`~datamodules.store.GenerationStore`, optionally subsampled. Nothing is concatenated or
+copied: synthetic rows are read lazily from the store's memory-mapped ``.npy`` files, one batch at a
+time. Validation and test data are the real module's held-out *real* data only, so every
+generation is scored against the true distribution.
+
+The real data module contract
+-----------------------------
+Every modality (the toy Gaussian points, MNIST for the VAE, TinyStories for the language model,
+molecules for the diffusion model) provides a real data module with:
+
+``prepare_data()`` / ``setup(stage)``
+    As in Lightning. ``setup`` must be idempotent: it is called once per generation and stage.
+``train_dataset``
+    The real training examples, a map-style dataset (``len`` and integer indexing), available after
+    ``setup("fit")``. The workflow uses its *first* ``real_needed`` examples, so any shuffling of the
+    raw data and any cap on the real-set size (``num_real``) is the real module's job and must be
+    seeded: the same configuration gives the same real set in every generation and every resumed run.
+``val_dataset`` / ``test_dataset`` (preferred), or ``val_dataloader()`` / ``test_dataloader()``
+    Held-out real data. Datasets are wrapped in loaders with this module's batch size and workers;
+    without them the real module's own loaders are used as they are.
+``synthetic_dataset(arrays)``
+    Turns a stored synthetic set (``dict`` name -> ``np.ndarray``, read-only memory maps, one row per
+    sample: whatever the model's ``sample`` returned) into a map-style dataset whose items look
+    exactly like real training items, so one collate function and one ``training_step`` handle both.
+    It must index the arrays lazily (row by row or batch by batch), never load them whole.
+``collate_fn`` (optional attribute)
+    The collate function of the training loader; default: PyTorch's default collate.
+
+Datasets may implement ``__getitems__(indices) -> list of items`` to read a batch of rows at once
+(one fancy-indexed read from a memory map instead of ``batch_size`` small ones); the training set
+forwards each batch to its sources this way when they support it.
+
+Loader workers (``num_workers > 0``) started by ``fork`` (the Linux default) share the memory maps.
+Under ``spawn`` or ``forkserver`` the datasets are pickled, and pickling an ``np.memmap`` copies its
+data: a modality that needs those start methods should keep file paths and reopen them lazily.
+"""
+
+from __future__ import annotations
+
+import bisect
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from datamodules.store import GenerationStore
+from datamodules.workflows import REAL, TrainingSet, Workflow, WorkflowError
+
+
+def derive_seed(seed: int, generation: int, purpose: str) -> int:
+    """A 32-bit seed that depends only on ``(seed, generation, purpose)``.
+
+    Every random step of a generation (initialisation, shuffling, fitting, sampling) gets its own
+    stream, so skipping a finished step on resume leaves the later steps' randomness unchanged.
+    """
+    if seed < 0 or generation < 0:
+        raise ValueError(f"seed and generation must be >= 0, got {seed} and {generation}")
+    tag = zlib.crc32(purpose.encode())
+    return int(np.random.SeedSequence([seed, generation, tag]).generate_state(1)[0])
+
+
+@runtime_checkable
+class RealDataModule(Protocol):
+    """What a modality's real data module provides; see the module docstring for the full contract."""
+
+    @property
+    def train_dataset(self) -> Any: ...
+
+    def prepare_data(self) -> None: ...
+
+    def setup(self, stage: str) -> None: ...
+
+    def synthetic_dataset(self, arrays: Mapping[str, np.ndarray]) -> Any: ...
+
+
+class WorkflowDataset(Dataset):
+    """The training set of one generation as a map-style dataset over its sources.
+
+    Item ``i`` is pool row ``subset[i]`` (or ``i`` without a subset); :meth:`TrainingSet.locate` turns
+    a pool row into ``(source position, row inside that source)``, and that source's dataset is
+    indexed there. ``datasets[k]`` is the dataset of ``training_set.sources[k]``.
+    """
+
+    def __init__(self, training_set: TrainingSet, datasets: Sequence[Any]):
+        if len(datasets) != len(training_set.sources):
+            raise ValueError(f"{len(training_set.sources)} sources but {len(datasets)} datasets")
+        for (source, _, stop), ds in zip(training_set.sources, datasets):
+            if len(ds) < stop:
+                what = "the real training set" if source == REAL else f"synthetic set {source}"
+                raise WorkflowError(f"the training set needs {stop} rows of {what}, which has only {len(ds)}")
+        if training_set.subset is not None and training_set.subset.ndim != 1:
+            raise ValueError("a data module trains one seed: the subset must have shape (m,)")
+        self.training_set = training_set
+        self.datasets = list(datasets)
+        self._offsets = [int(o) for o in training_set.offsets]  # (S + 1,) start of each source in the pool
+        self._starts = [start for _, start, _ in training_set.sources]
+        self._subset = training_set.subset
+
+    def __len__(self) -> int:
+        return self.training_set.size
+
+    def _pool_index(self, index: int) -> int:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a training set of {n} examples")
+        index %= n
+        return index if self._subset is None else int(self._subset[index])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(source position, row inside that source's dataset)`` of training example ``index``."""
+        pool = self._pool_index(index)
+        pos = bisect.bisect_right(self._offsets, pool) - 1
+        return pos, pool - self._offsets[pos] + self._starts[pos]
+
+    def __getitem__(self, index: int) -> Any:
+        pos, row = self.locate(index)
+        return self.datasets[pos][row]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        # Group the batch by source so that each source reads its rows in one call.
+        located = [self.locate(int(i)) for i in indices]
+        out: list[Any] = [None] * len(located)
+        by_pos: dict[int, list[int]] = {}
+        for k, (pos, _) in enumerate(located):
+            by_pos.setdefault(pos, []).append(k)
+        for pos, ks in by_pos.items():
+            ds = self.datasets[pos]
+            rows = [located[k][1] for k in ks]
+            items = ds.__getitems__(rows) if hasattr(ds, "__getitems__") else [ds[r] for r in rows]
+            for k, item in zip(ks, items):
+                out[k] = item
+        return out
+
+
+class SyntheticAccumulatingDataModule(pl.LightningDataModule):
+    """Generation ``generation``'s data: the workflow's real + synthetic training mix, real val/test.
+
+    Args:
+        real: the modality's real data module (see the module docstring for its contract).
+        workflow: a :class:`Workflow` or its text form, e.g. ``"accumulate_subsample(size=50)"``.
+        store: the run's generation store; synthetic set ``g`` is read from its finished ``gen_g``.
+        generation: the generation being trained (0 trains on real data only).
+        real_size: size of the real set at generation 0 (``n``); default: all of ``real.train_dataset``.
+        seed: the run seed; the subsample draw and the shuffling come from ``(seed, generation)``.
+        batch_size: training batch size, also used for datasets-based val/test loaders.
+        num_workers: loader worker processes.
+        eval_batch_size: val/test batch size; default: ``batch_size``.
+        shuffle: reshuffle the training set every epoch (seeded by ``(seed, generation, epoch)``).
+    """
+
+    def __init__(
+        self,
+        real: RealDataModule,
+        workflow: Workflow | str,
+        store: GenerationStore,
+        generation: int,
+        real_size: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        if generation < 0:
+            raise WorkflowError(f"generation must be >= 0, got {generation}")
+        if batch_size <= 0 or (eval_batch_size is not None and eval_batch_size <= 0):
+            raise WorkflowError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        self.real = real
+        self.workflow = Workflow.parse(workflow)
+        self.store = store
+        self.generation = generation
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.shuffle = shuffle
+        self._real_size = real_size
+        self._real_ready = False
+        self._training_set: TrainingSet | None = None
+        self._train_dataset: WorkflowDataset | None = None
+
+    # ---- what the generation trains on -----------------------------------------------------------
+    def _ensure_real(self) -> None:
+        if not self._real_ready:
+            self.real.prepare_data()
+            self.real.setup("fit")
+            self._real_ready = True
+
+    @property
+    def real_size(self) -> int:
+        """Size of the real set at generation 0."""
+        if self._real_size is None:
+            self._ensure_real()
+            self._real_size = len(self.real.train_dataset)
+        return self._real_size
+
+    @property
+    def training_set(self) -> TrainingSet:
+        """The workflow's :class:`TrainingSet` at this generation."""
+        if self._training_set is None:
+            self._training_set = self.workflow.training_set(self.generation, self.real_size, seed=self.seed)
+        return self._training_set
+
+    def train_composition(self) -> dict[str, int]:
+        """``train_size``, ``train_real`` and ``train_synthetic``: the example counts of the training set."""
+        counts = self.training_set.counts()
+        real = counts.get(REAL, 0)
+        size = self.training_set.size
+        return {"train_size": size, "train_real": real, "train_synthetic": size - real}
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Prepare the real data (downloads, caches): delegated to the real module."""
+        self.real.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        """Set up the real module for ``stage``; for ``fit`` also open the training set's sources."""
+        self.real.setup(stage)
+        if stage == "fit":
+            self._real_ready = True
+        if stage == "fit" and self._train_dataset is None:
+            self._train_dataset = self._build_train_dataset()
+
+    @property
+    def train_dataset(self) -> WorkflowDataset:
+        """The training set (built on first use)."""
+        if self._train_dataset is None:
+            self._ensure_real()
+            self._train_dataset = self._build_train_dataset()
+        return self._train_dataset
+
+    def _build_train_dataset(self) -> WorkflowDataset:
+        ts = self.training_set
+        real_train = self.real.train_dataset
+        needed = max((stop for source, _, stop in ts.sources if source == REAL), default=0)
+        if needed > len(real_train):
+            raise WorkflowError(
+                f"workflow {self.workflow.label} needs {needed} real examples at generation {self.generation}, "
+                f"but the real training set has only {len(real_train)}"
+            )
+        synthetic: dict[int, Any] = {}
+        datasets = []
+        for source, _, _ in ts.sources:
+            if source == REAL:
+                datasets.append(real_train)
+                continue
+            if source not in synthetic:
+                # load() verifies the generation's checksums: a corrupt file raises StoreError naming it.
+                synthetic[source] = self.real.synthetic_dataset(self.store.load(source).arrays)
+            datasets.append(synthetic[source])
+        return WorkflowDataset(ts, datasets)
+
+    def _sampler(self, dataset: WorkflowDataset) -> DistributedSampler:
+        # A DistributedSampler even on one process: its permutation depends only on (seed, epoch), which
+        # Lightning sets each epoch, so a fit resumed from a checkpoint sees the same batches as an
+        # unbroken one; with several processes it also gives each rank its shard.
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DistributedSampler(
+            dataset,
+            num_replicas=replicas,
+            rank=rank,
+            shuffle=self.shuffle,
+            seed=derive_seed(self.seed, self.generation, "shuffle"),
+            drop_last=False,
+        )
+
+    def _loader(self, dataset: Any, batch_size: int, sampler: Any = None) -> DataLoader:
+        collate: Callable | None = getattr(self.real, "collate_fn", None)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset
+        return self._loader(dataset, self.batch_size, sampler=self._sampler(dataset))
+
+    def _eval_loader(self, split: str) -> Any:
+        self._ensure_real()
+        self.real.setup({"val": "validate"}.get(split, split))  # idempotent by contract
+        dataset = getattr(self.real, f"{split}_dataset", None)
+        if dataset is not None:
+            return self._loader(dataset, self.eval_batch_size)
+        return getattr(self.real, f"{split}_dataloader")()
+
+    def val_dataloader(self) -> Any:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> Any:
+        return self._eval_loader("test")
+
+
+__all__ = ["RealDataModule", "SyntheticAccumulatingDataModule", "WorkflowDataset", "derive_seed"]

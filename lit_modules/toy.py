@@ -1,0 +1,158 @@
+"""A tiny generative model for the toy modality: a learnable full-covariance Gaussian.
+
+The density is N(mu, Sigma) with the precision Sigma^{-1} = P P^T given by its Cholesky factor P
+(lower triangular, positive diagonal ``P_ii = exp(r_ii)``), fitted by Adam with a cosine-decayed
+learning rate on the mean negative log-likelihood (nats per point):
+
+    -log p(x) = 1/2 ||P^T (x - mu)||^2 - sum_i log P_ii + D/2 log(2 pi).
+
+Parametrising the precision rather than the covariance makes the loss a matrix product, with no
+triangular solve in the backward pass (slow on CPU for tiny matrices); sampling solves
+P^T (x - mu) = eps once per chunk, without gradients.
+
+It is the smallest model with every hook the generation loop uses (a shared ``model_step`` for
+train/val/test and ``sample(n, generator)``), and its collapse under ``replace`` is the textbook
+one: the fitted covariance shrinks and drifts generation after generation. :class:`GaussianModality`
+pairs it with :class:`~datamodules.toy.GaussianPointsDataModule` for :func:`collapse.loop.run_generations`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+from collapse.loop import Modality
+from datamodules.toy import TRUE_COV, TRUE_MEAN, GaussianPointsDataModule
+
+
+@dataclass
+class GaussianModelConfig:
+    """Settings of the Gaussian density model."""
+
+    lr: float = 0.2
+    """Initial Adam learning rate (cosine-decayed to 0 over the fit)."""
+    init_scale: float = 1.0
+    """Standard deviation of the random initial mean (the initial covariance is the identity)."""
+
+
+class GaussianDensity(pl.LightningModule):
+    """A Gaussian N(mu, (P P^T)^{-1}) with learnable mean and precision Cholesky factor; see the module docstring."""
+
+    def __init__(self, dim: int = 2, lr: float = 0.2, init_scale: float = 1.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.mean = nn.Parameter(init_scale * torch.randn(dim))  # (D,)
+        # Unconstrained factor: strictly lower part as is, diagonal through exp (so P = I at init).
+        self.raw_precision_tril = nn.Parameter(torch.zeros(dim, dim))  # (D, D)
+        # A fixed mask instead of torch.tril in every step: elementwise, and far cheaper on CPU for tiny D.
+        self.register_buffer("strict_lower", torch.tril(torch.ones(dim, dim), diagonal=-1), persistent=False)
+
+    @property
+    def precision_tril(self) -> torch.Tensor:
+        """P, lower triangular with a positive diagonal, P P^T = Sigma^{-1}: shape ``(D, D)``."""
+        raw = self.raw_precision_tril
+        return raw * self.strict_lower + torch.diag(torch.exp(torch.diagonal(raw)))
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Sigma = (P P^T)^{-1}, shape ``(D, D)``."""
+        p = self.precision_tril
+        return torch.linalg.inv(p @ p.T)
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of each row of ``x`` (B, D): shape ``(B,)``, in nats."""
+        z = (x - self.mean) @ self.precision_tril  # (B, D), row b = (P^T (x_b - mu))^T
+        log_det = torch.diagonal(self.raw_precision_tril).sum()  # sum_i log P_ii = 1/2 log det Sigma^{-1}
+        dim = x.shape[-1]
+        return 0.5 * (z**2).sum(-1) - log_det + 0.5 * dim * math.log(2 * math.pi)
+
+    def model_step(self, batch: torch.Tensor, stage: str) -> torch.Tensor:
+        """Mean NLL of a batch (B, D), logged as ``<stage>/loss`` (epoch mean, weighted by batch size)."""
+        loss = self.nll(batch).mean()
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0])
+        return loss
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "val")
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Cosine decay to 0 over the fit: the last epochs average out minibatch noise, so the fit
+        # lands close to the maximum-likelihood estimate instead of jittering around it at lr.
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        epochs = self.trainer.max_epochs
+        if epochs is None or epochs < 1:  # no fixed length (max_steps or unbounded): constant lr
+            return {"optimizer": optimizer}
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+        """``n`` draws x = mu + P^{-T} eps, eps ~ N(0, I) from ``generator``: ``{"samples": float32 (n, D)}``.
+
+        Cov(P^{-T} eps) = P^{-T} P^{-1} = (P P^T)^{-1} = Sigma.
+        """
+        eps = torch.randn(self.mean.shape[0], n, generator=generator, device=self.mean.device)  # (D, n)
+        offsets = torch.linalg.solve_triangular(self.precision_tril.T, eps, upper=True)  # (D, n), P^T y = eps
+        x = self.mean + offsets.T  # (n, D)
+        return {"samples": x.to(torch.float32).cpu().numpy()}
+
+
+@dataclass
+class GaussianModality(Modality):
+    """The toy modality: real points from a fixed 2-D Gaussian, modelled by :class:`GaussianDensity`.
+
+    The reference implementation of :class:`collapse.loop.Modality`.
+    """
+
+    num_train: int = 4096
+    """Real training points available (the workflow uses the first ones)."""
+    num_real: int | None = None
+    """Cap on the real training set."""
+    num_val: int = 256
+    """Real validation points."""
+    num_test: int = 1024
+    """Real test points."""
+    data_seed: int = 0
+    """Seed of the real data (fixed across run seeds, so every run sees the same real set)."""
+    model: GaussianModelConfig = field(default_factory=GaussianModelConfig)
+    """Model settings."""
+    max_epochs: int = 40
+    """Training epochs per generation."""
+    mean: tuple[float, ...] = TRUE_MEAN
+    """Mean of the real distribution."""
+    cov: tuple[tuple[float, ...], ...] = TRUE_COV
+    """Covariance of the real distribution."""
+    name: str = "toy"
+    """Label in progress lines."""
+
+    def real_datamodule(self) -> GaussianPointsDataModule:
+        return GaussianPointsDataModule(
+            num_train=self.num_train,
+            num_val=self.num_val,
+            num_test=self.num_test,
+            num_real=self.num_real,
+            seed=self.data_seed,
+            mean=self.mean,
+            cov=self.cov,
+        )
+
+    def build_model(self, generation: int) -> GaussianDensity:
+        return GaussianDensity(dim=len(self.mean), lr=self.model.lr, init_scale=self.model.init_scale)
+
+    def trainer_kwargs(self, generation: int) -> dict[str, Any]:
+        return {"max_epochs": self.max_epochs, "accelerator": "cpu", "devices": 1, "num_sanity_val_steps": 0}
+
+
+__all__ = ["GaussianDensity", "GaussianModality", "GaussianModelConfig"]

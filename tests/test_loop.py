@@ -1,0 +1,499 @@
+"""The Lightning generation loop on the toy modality: sizes, files, resume, corruption, warm start."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from loop_script import GENERATIONS, MAX_EPOCHS, REAL_SIZE, TinyModality, tiny_config
+
+import collapse.loop as loop
+from callbacks.synthetic_data import SAMPLING_FILE, SyntheticDataCallback, chunk_ranges
+from collapse.errors import UserError
+from collapse.loop import LoopConfig, run_generations
+from collapse.rundir import RunDirError
+from collapse.tracking import WandbConfig
+from datamodules.store import GenerationStore, StoreError
+from datamodules.workflows import REAL, Workflow, WorkflowError
+from lit_modules.toy import GaussianDensity, GaussianModality
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).with_name("loop_script.py")
+WORKFLOWS = [
+    "replace",
+    "accumulate",
+    "accumulate_subsample(size=24)",
+    "replace_multiple(multiplier=2)",
+    "mix(real=16, synthetic=40)",
+    "fresh_real",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def run(out: Path, workflow: str = "accumulate", modality: TinyModality | None = None, **overrides):
+    return run_generations(modality or TinyModality(), tiny_config(out, workflow, **overrides), recipe="toy")
+
+
+def metric_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def file_hashes(out: Path) -> dict[str, str]:
+    """sha256 of every committed file, from the manifests."""
+    store = GenerationStore(out)
+    return {
+        f"{g}/{name}": info["sha256"] for g in store.completed() for name, info in store.manifest(g)["files"].items()
+    }
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> Path:
+    """A complete, never interrupted accumulate run to compare resumed runs against."""
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    run(out, "accumulate")
+    return out
+
+
+@pytest.mark.parametrize("spec", WORKFLOWS)
+def test_end_to_end_sizes_and_files(tmp_path, spec, capsys):
+    out = tmp_path / "run"
+    modality = TinyModality()
+    result = run(out, spec, modality)
+    wf = Workflow.parse(spec)
+
+    assert result.fitted == result.committed == [0, 1, 2]
+    assert modality.log["fits"] == [0, 1, 2]
+    for g in range(GENERATIONS):
+        ts = wf.training_set(g, REAL_SIZE, seed=0)
+        m = result.metrics[g]
+        assert m["train_size"] == ts.size
+        assert m["train_real"] == ts.counts().get(REAL, 0)
+        assert m["train_synthetic"] == ts.size - m["train_real"]
+        assert np.isfinite(m["test/loss"]) and 2.0 < m["test/loss"] < 10.0
+
+        manifest = json.loads((out / f"gen_{g:03d}" / "manifest.json").read_text())
+        assert manifest["generation"] == g
+        assert manifest["num_samples"] == wf.synthetic_size(REAL_SIZE)
+        assert manifest["sample_arrays"] == ["samples"]
+        assert manifest["arrays"]["samples"] == {
+            "file": "samples.npy",
+            "shape": [wf.synthetic_size(REAL_SIZE), 2],
+            "dtype": "<f4",
+        }
+        assert manifest["sampling"] == {"num_samples": wf.synthetic_size(REAL_SIZE), "batch_size": 24, "seed": ANY_INT}
+        assert manifest["workflow"] == wf.label and manifest["seed"] == 0
+        assert set(manifest["files"]) == {"metrics.json", "model.pt", "samples.npy", "sampling.json"}
+        assert not (out / f"gen_{g:03d}" / "checkpoints").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "gen_000", "gen_001", "gen_002", "metrics.csv"]
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["recipe"] == "toy" and config["workflow"] == spec and config["generations"] == GENERATIONS
+
+    rows = metric_rows(out)
+    assert list(rows[0]) == ["workflow", "seed", "generation", "metric", "value"]
+    names = {"test_loss", "train_size", "train_real", "train_synthetic"}
+    assert {(r["generation"], r["metric"]) for r in rows} == {(str(g), n) for g in range(GENERATIONS) for n in names}
+    assert {r["workflow"] for r in rows} == {wf.label} and {r["seed"] for r in rows} == {"0"}
+    for r in rows:
+        assert float(r["value"]) == result.metrics[int(r["generation"])][r["metric"].replace("test_", "test/")]
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[toy]")]
+    assert len(lines) == GENERATIONS
+    assert re.fullmatch(
+        rf"\[toy\] {re.escape(wf.label)} seed=0 gen 2/2 test_loss=\S+ train=\d+ \(real \d+, synthetic \d+\) [\d.]+s",
+        lines[-1],
+    )
+
+
+class _AnyInt:
+    def __eq__(self, other):
+        return isinstance(other, int) and not isinstance(other, bool)
+
+
+ANY_INT = _AnyInt()
+
+
+def test_synthetic_sets_come_from_the_models_and_feed_later_generations(tmp_path):
+    out = tmp_path / "run"
+    run(out, "replace")
+    store = GenerationStore(out)
+    for g in range(GENERATIONS):
+        model = GaussianDensity()
+        model.load_state_dict(torch.load(out / f"gen_{g:03d}" / "model.pt", weights_only=True))
+        samples = store.samples(g)
+        assert isinstance(samples, np.memmap) and samples.shape == (REAL_SIZE, 2)
+        # The stored set is what the fitted model draws with the recorded seed and chunking.
+        settings = store.manifest(g)["sampling"]
+        again = SyntheticDataCallback(store, 99, settings["num_samples"], settings["batch_size"], settings["seed"])
+        again.sample_into_store(model)
+        np.testing.assert_array_equal(np.load(store.staging(99) / "samples.npy"), samples)
+        shutil.rmtree(store.staging(99))
+    assert not np.array_equal(store.samples(0), store.samples(1))
+
+
+def test_rerun_does_not_refit_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(out, "accumulate")
+    # config.yaml and metrics.csv are rewritten (same content); every generation's file stays untouched.
+    before = {p: p.stat().st_mtime_ns for p in out.glob("gen_*/*")}
+    csv_before = (out / "metrics.csv").read_text()
+    config_before = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    modality = TinyModality()
+    result = run(out, "accumulate", modality)
+    assert result.fitted == [] and result.committed == [] and "fits" not in modality.log
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert (out / "metrics.csv").read_text() == csv_before
+    assert (out / "config.yaml").read_text() == config_before
+    assert sorted(result.metrics) == [0, 1, 2]
+    assert capsys.readouterr().out.count("finished earlier") == GENERATIONS
+
+
+def test_different_config_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    run(out, "replace", generations=1)
+    with pytest.raises(RunDirError, match="different config"):
+        run(out, "accumulate", generations=1)
+    result = run(out, "accumulate", generations=1, overwrite=True)
+    assert result.committed == [0]
+
+
+class Boom(Exception):
+    pass
+
+
+def _raise_at(hook: str, generation: int, epoch: int | None = None):
+    """A callback that raises Boom in ``hook`` of ``generation`` (at training epoch ``epoch``)."""
+    import lightning.pytorch as pl
+
+    class Raise(pl.Callback):
+        def __init__(self):
+            self.generation = None
+
+        def setup(self, trainer, pl_module, stage):
+            self.generation = int(Path(trainer.default_root_dir).name[5:8])
+
+        def _maybe(self, trainer):
+            if self.generation == generation and (epoch is None or trainer.current_epoch == epoch):
+                raise Boom(hook)
+
+    setattr(Raise, hook, lambda self, trainer, pl_module: self._maybe(trainer))
+    return Raise()
+
+
+@pytest.mark.parametrize(
+    ("hook", "epoch", "refits_gen1"),
+    [
+        ("on_train_epoch_start", 2, True),  # mid-fit: resumes from checkpoints/last.ckpt
+        ("on_test_start", None, False),  # fitted, not tested: model.pt is reused
+    ],
+)
+def test_crash_mid_generation_resumes_to_the_unbroken_result(tmp_path, unbroken, hook, epoch, refits_gen1):
+    out = tmp_path / "run"
+    with pytest.raises(Boom):
+        run_generations(
+            TinyModality(), tiny_config(out, "accumulate"), recipe="toy", callbacks=[_raise_at(hook, 1, epoch)]
+        )
+    stage = out / ".gen_001.partial"
+    assert (out / "gen_000").is_dir() and stage.is_dir()
+    if refits_gen1:
+        assert (stage / "checkpoints" / "last.ckpt").is_file() and not (stage / "model.pt").exists()
+    else:
+        assert (stage / "model.pt").is_file() and not (stage / "metrics.json").exists()
+
+    (stage / ".samples.npy.tmp-99999").write_bytes(b"half-written by a killed run")
+    modality = TinyModality()
+    result = run(out, "accumulate", modality)
+    assert result.committed == [1, 2]
+    assert not list(out.glob("gen_*/.*"))  # stale temporary files are not published
+    if refits_gen1:
+        # Resumed from the checkpoint written after epoch 1: only the last epoch is trained again.
+        assert [e for g, e in modality.log["epochs"] if g == 1] == list(range(epoch, MAX_EPOCHS))
+        assert result.fitted == [1, 2]
+    else:
+        assert result.fitted == [2]
+    assert (out / "metrics.csv").read_text() == (unbroken / "metrics.csv").read_text()
+    assert file_hashes(out) == file_hashes(unbroken)
+
+
+class NoisyDensity(GaussianDensity):
+    """Trains on jittered points: every step draws from the global torch RNG."""
+
+    def training_step(self, batch, batch_idx):
+        return self.model_step(batch + 0.1 * torch.randn_like(batch), "train")
+
+
+@dataclass
+class NoisyModality(TinyModality):
+    def build_model(self, generation: int) -> NoisyDensity:
+        return NoisyDensity(dim=len(self.mean), lr=self.model.lr, init_scale=self.model.init_scale)
+
+
+def test_mid_fit_resume_continues_the_global_random_streams(tmp_path):
+    run(tmp_path / "unbroken", "replace", NoisyModality())
+    out = tmp_path / "run"
+    with pytest.raises(Boom):
+        run_generations(
+            NoisyModality(),
+            tiny_config(out, "replace"),
+            recipe="toy",
+            callbacks=[_raise_at("on_train_epoch_start", 1, 2)],
+        )
+    run(out, "replace", NoisyModality())
+    assert (out / "metrics.csv").read_text() == (tmp_path / "unbroken" / "metrics.csv").read_text()
+    assert file_hashes(out) == file_hashes(tmp_path / "unbroken")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["1:2", "2:fit"])
+def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path, unbroken, kill):
+    out = tmp_path / "run"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "accumulate", "--kill", kill],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+    gen = int(kill[0])
+    assert (out / f".gen_{gen:03d}.partial").is_dir()
+    assert GenerationStore(out).completed() == list(range(gen))
+    if kill == "1:2":
+        assert (out / ".gen_001.partial" / "checkpoints" / "last.ckpt").is_file()
+    assert proc.stdout.count("[toy]") == gen
+    assert list(cwd.iterdir()) == []  # nothing written outside the run directory
+
+    result = run(out, "accumulate")
+    assert result.committed == list(range(gen, GENERATIONS))
+    assert (out / "metrics.csv").read_text() == (unbroken / "metrics.csv").read_text()
+    assert file_hashes(out) == file_hashes(unbroken)
+    assert not list(out.glob(".gen_*"))
+
+
+def test_corrupt_store_file_is_named(tmp_path):
+    out = tmp_path / "run"
+    run(out, "accumulate", generations=2)
+    path = out / "gen_000" / "samples.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"gen_000/samples\.npy: sha256 mismatch"):
+        run(out, "accumulate", generations=2)
+
+
+def test_corrupt_store_file_is_caught_when_a_later_generation_reads_it(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    write_csv = loop.write_metrics_csv
+
+    def corrupt_after_gen0(store, workflow, seed):
+        # Runs right after generation 0 is committed: flip a byte (same size) in its synthetic set.
+        if store.completed() == [0]:
+            path = out / "gen_000" / "samples.npy"
+            data = bytearray(path.read_bytes())
+            data[-5] ^= 0x01
+            path.write_bytes(bytes(data))
+        return write_csv(store, workflow, seed)
+
+    monkeypatch.setattr(loop, "write_metrics_csv", corrupt_after_gen0)
+    with pytest.raises(StoreError, match=r"gen_000/samples\.npy: sha256 mismatch; the file is corrupt"):
+        run(out, "accumulate")
+    assert GenerationStore(out).completed() == [0]
+
+
+def test_warm_start_starts_from_the_previous_weights(tmp_path):
+    cold, warm = TinyModality(), TinyModality()
+    run(tmp_path / "cold", "replace", cold, generations=2)
+    run(tmp_path / "warm", "replace", warm, generations=2, warm_start=True)
+    prev_warm = torch.load(tmp_path / "warm" / "gen_000" / "model.pt", weights_only=True)
+    prev_cold = torch.load(tmp_path / "cold" / "gen_000" / "model.pt", weights_only=True)
+    for key, value in prev_warm.items():
+        assert torch.equal(warm.log["initial_state"][1][key], value)
+    assert not torch.equal(cold.log["initial_state"][1]["mean"], prev_cold["mean"])
+    # Generation 0 is the same either way; the manifest records the choice.
+    assert torch.equal(cold.log["initial_state"][0]["mean"], warm.log["initial_state"][0]["mean"])
+    assert GenerationStore(tmp_path / "warm").manifest(1)["warm_start"] is True
+
+
+def test_fresh_initialisation_differs_between_generations_and_seeds(tmp_path):
+    a, b = TinyModality(), TinyModality()
+    run(tmp_path / "a", "replace", a, generations=2)
+    run(tmp_path / "b", "replace", b, generations=2, seed=1)
+    assert not torch.equal(a.log["initial_state"][0]["mean"], a.log["initial_state"][1]["mean"])
+    assert not torch.equal(a.log["initial_state"][0]["mean"], b.log["initial_state"][0]["mean"])
+
+
+def test_num_synthetic_override(tmp_path):
+    result = run(tmp_path / "more", "replace", generations=2, num_synthetic=50)
+    assert GenerationStore(tmp_path / "more").manifest(0)["num_samples"] == 50
+    assert result.metrics[1]["train_size"] == REAL_SIZE  # the workflow still trains on what it promises
+    with pytest.raises(UserError, match="num_synthetic 10 is less than the 32 samples"):
+        run(tmp_path / "less", "replace", generations=2, num_synthetic=10)
+    assert not (tmp_path / "less").exists()
+
+
+def test_bad_settings_fail_before_anything_is_written(tmp_path):
+    with pytest.raises(WorkflowError, match="needs 288 real examples, but only 96 are available.*set --real_size"):
+        run_generations(
+            TinyModality(num_train=96),
+            tiny_config(tmp_path / "f", "fresh_real", real_size=None),
+            recipe="toy",
+        )
+    with pytest.raises(WorkflowError, match="unknown workflow"):
+        run(tmp_path / "u", "recycle")
+    with pytest.raises(UserError, match="--generations must be an integer >= 1"):
+        run(tmp_path / "g", generations=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_is_written_outside_the_run_directory(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run(tmp_path / "run", "replace", generations=1)
+    assert list(cwd.iterdir()) == []
+
+
+def test_metrics_are_logged_to_the_tracker(tmp_path, monkeypatch):
+    logged = []
+
+    class FakeTracker:
+        def __init__(self, cfg, recipe, out_dir, config):
+            assert cfg.mode == "disabled" and recipe == "toy" and Path(out_dir) == tmp_path / "run"
+            self.finished = False
+
+        def log(self, metrics, generation):
+            logged.append((generation, dict(metrics)))
+
+        def finish(self):
+            logged.append("finished")
+
+    monkeypatch.setattr(loop, "Tracker", FakeTracker)
+    run(tmp_path / "run", "accumulate", generations=2)
+    assert [entry[0] for entry in logged[:-1]] == [0, 1] and logged[-1] == "finished"
+    assert {"test/loss", "train_size", "train_real", "train_synthetic", "time/generation_s"} <= set(logged[1][1])
+
+
+def test_toy_model_fits_the_maximum_likelihood_gaussian(tmp_path):
+    modality = GaussianModality(num_train=512, num_val=32, num_test=64, max_epochs=25)
+    result = run_generations(
+        modality, tiny_config(tmp_path / "run", "replace", generations=1, batch_size=128, real_size=None)
+    )
+    model = GaussianDensity()
+    model.load_state_dict(torch.load(tmp_path / "run" / "gen_000" / "model.pt", weights_only=True))
+    points = torch.from_numpy(modality.real_datamodule().train_dataset.points)  # (512, 2)
+    mle_mean, mle_cov = points.mean(0), torch.cov(points.T, correction=0)
+    torch.testing.assert_close(model.mean.detach(), mle_mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(model.covariance.detach(), mle_cov, atol=0.05, rtol=0)
+    entropy = 0.5 * torch.logdet(2 * torch.pi * torch.e * torch.tensor([[2.0, 0.6], [0.6, 0.5]]))  # true H(p)
+    assert abs(result.metrics[0]["test/loss"] - float(entropy)) < 0.25
+
+
+def test_default_config_runs_the_toy_modality_quietly(tmp_path, capsys):
+    cfg = LoopConfig(out_dir=str(tmp_path / "run"), generations=1, wandb=WandbConfig(mode="disabled"))
+    result = run_generations(GaussianModality(num_train=64, num_val=32, num_test=64, max_epochs=2), cfg)
+    assert result.metrics[0]["train_size"] == 64
+    captured = capsys.readouterr()
+    assert captured.out.startswith("[toy] accumulate seed=0 gen 0/0 test_loss=")
+    assert "GPU available" not in captured.out + captured.err
+
+
+# ---- the sampling callback ---------------------------------------------------------------------
+
+
+class CountingModel(torch.nn.Module):
+    """A stand-in model: samples are generator draws, the calls are counted."""
+
+    def __init__(self, as_tensor: bool = False):
+        super().__init__()
+        self.calls = 0
+        self.as_tensor = as_tensor
+
+    def sample(self, n, generator):
+        self.calls += 1
+        x = torch.randn(n, 3, generator=generator)
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        if self.as_tensor:
+            return {"x": x, "label": labels}
+        return {"x": x.numpy(), "label": labels.numpy()}
+
+
+def test_chunk_ranges_cover_all_rows_and_split_across_ranks():
+    assert chunk_ranges(10, 4) == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+    assert chunk_ranges(0, 4) == []
+    ranks = [chunk_ranges(10, 3, rank=r, world_size=2) for r in range(2)]
+    assert sorted(c for rank in ranks for c, _, _ in rank) == [0, 1, 2, 3]
+
+
+def test_sampling_callback_writes_staging_and_skips_when_done(tmp_path):
+    store = GenerationStore(tmp_path)
+    cb = SyntheticDataCallback(store, 0, num_samples=10, batch_size=4, seed=5, sampling_settings={"temperature": 1.0})
+    model = CountingModel()
+    assert cb.sample_into_store(model) == ["x", "label"]
+    assert model.calls == 3
+    x = np.load(store.staged(0, "x.npy"))
+    assert x.shape == (10, 3) and x.dtype == np.float32
+    # Each chunk has its own generator: chunk 1 is reproducible on its own.
+    chunk1 = torch.randn(4, 3, generator=cb.chunk_generator(1, torch.device("cpu")))
+    np.testing.assert_array_equal(x[4:8], chunk1.numpy())
+    recorded = json.loads(store.staged(0, SAMPLING_FILE).read_text())
+    assert recorded == {
+        "num_samples": 10,
+        "batch_size": 4,
+        "seed": 5,
+        "temperature": 1.0,
+        "sample_arrays": ["x", "label"],
+    }
+
+    assert cb.sample_into_store(model) == ["x", "label"] and model.calls == 3  # skipped
+    manifest = store.commit(0, 10, cb.settings, sample_arrays=["x", "label"])
+    assert manifest["arrays"]["label"]["shape"] == [10]
+
+    tensors = SyntheticDataCallback(GenerationStore(tmp_path / "t"), 0, 10, 4, seed=5)
+    tensors.sample_into_store(CountingModel(as_tensor=True))
+    np.testing.assert_array_equal(np.load(tensors.store.staged(0, "x.npy")), x)
+
+
+@pytest.mark.filterwarnings("ignore:.*validation_step.*:UserWarning", "ignore:.*LeafSpec.*")
+def test_sampling_callback_runs_after_fit_and_refuses_models_without_sample(tmp_path):
+    import lightning.pytorch as pl
+
+    store = GenerationStore(tmp_path)
+    cb = SyntheticDataCallback(store, 0, num_samples=8, batch_size=8, seed=0)
+    model = GaussianDensity()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[cb],
+    )
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(torch.randn(16, 2), batch_size=8))
+    assert cb.is_done() and np.load(store.staged(0, "samples.npy")).shape == (8, 2)
+    assert model.training  # the model's mode is restored after sampling
+
+    with pytest.raises(TypeError, match="no sample"):
+        SyntheticDataCallback(GenerationStore(tmp_path / "x"), 0, 4, 4, seed=0).sample_into_store(torch.nn.Linear(2, 2))
