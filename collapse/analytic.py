@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -27,7 +28,15 @@ import numpy as np
 from collapse.atomic import atomic_open
 from collapse.cli import positive_ints
 from collapse.errors import UserError
-from collapse.rundir import METRICS, TAIL_COLUMNS, RunDirError, concat_csv, config_dict, prepare_run_dir
+from collapse.rundir import (
+    METRICS,
+    TAIL_COLUMNS,
+    RunDirError,
+    concat_csv,
+    config_dict,
+    prepare_run_dir,
+    resolve_out_dir,
+)
 from collapse.tracking import Tracker, WandbConfig
 from datamodules.workflows import REAL, TrainingSet, Workflow, parse_workflows
 
@@ -131,16 +140,21 @@ def simulate(
     seed: int,
     stream: int = 0,
     progress: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+    scratch: Path | None = None,
+    memory_budget: int = 2 << 30,
 ) -> dict[str, np.ndarray]:
     """Run one cell: ``generations`` model fits for ``num_seeds`` seeds at once.
 
     Returns each metric as ``(generations, num_seeds)``. Generation 0 fits real data; the synthetic
     set drawn from model g (``workflow.synthetic_size(real_size)`` examples) feeds generation g + 1 on.
+    Once the retained sets pass ``memory_budget`` bytes, later ones go to memory-mapped files in
+    ``scratch`` (if given), so a large accumulate pool is never held in memory as a whole.
     """
     workflow.check(real_size, generations)
     keep_all = workflow.name not in ("replace", "replace_multiple", "mix")
     real = problem.real(workflow.real_needed(real_size, generations))
     synthetic: dict[int, np.ndarray] = {}
+    in_memory = real.nbytes
     out = {name: np.empty((generations, num_seeds)) for name in problem.metrics}
     for t in range(generations):
         ts = workflow.training_set(t, real_size, seed=(seed << 32) | stream, num_seeds=num_seeds)
@@ -153,9 +167,17 @@ def simulate(
             progress(t, values)
         if t + 1 < generations:
             rng = np.random.default_rng([seed, stream, t, 1])
-            synthetic[t] = problem.sample(model, rng, workflow.synthetic_size(real_size))
+            new = problem.sample(model, rng, workflow.synthetic_size(real_size))
             if not keep_all:  # replace-like workflows never look further back than the newest set
-                synthetic = {t: synthetic[t]}
+                synthetic.clear()
+            elif scratch is not None and in_memory + new.nbytes > memory_budget:
+                # The pool outgrew the budget: keep this set on disk, memory-mapped; gathers read only their rows.
+                scratch.mkdir(parents=True, exist_ok=True)
+                np.save(scratch / f"set_{t:03d}.npy", new)
+                new = np.load(scratch / f"set_{t:03d}.npy", mmap_mode="r")
+            else:
+                in_memory += new.nbytes
+            synthetic[t] = new
     return out
 
 
@@ -172,7 +194,7 @@ def cell_rows(cell: Cell, values: dict[str, np.ndarray], seed: int) -> list[str]
 
 
 def _csv_field(text: str) -> str:
-    return f'"{text}"' if any(c in text for c in ',"\n') else text
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def run_grid(
@@ -208,7 +230,13 @@ def run_grid(
                 print(f"{head} gen {g}/{generations - 1} {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
         real_size = real_size_of(cell)
-        values = simulate(problem, cell.workflow, real_size, generations, num_seeds, seed, cell.stream, progress)
+        scratch = out / ".scratch" / cell.key
+        try:
+            values = simulate(
+                problem, cell.workflow, real_size, generations, num_seeds, seed, cell.stream, progress, scratch
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         with atomic_open(path, "w") as fh:
             fh.write(",".join(columns) + "\n")
             fh.write("\n".join(cell_rows(cell, values, seed)) + "\n")
@@ -246,7 +274,8 @@ class AnalyticConfig:
     """Flags shared by the analytic recipes (each recipe adds its grid axes)."""
 
     out_dir: str = "runs/analytic"
-    """Run directory (created; re-running the same command resumes after the last finished cell)."""
+    """Run directory (created; re-running the same command resumes after the last finished cell). A {hash}
+    in it is replaced by a hash of the config, giving each distinct config its own folder (W&B sweeps)."""
     workflow: str | list[str] = field(default_factory=lambda: ["replace", "accumulate", "accumulate_subsample"])
     """Workflow or list of workflows: replace, replace_multiple, accumulate, accumulate_subsample, mix, fresh_real;
     parameters as name(key=value, ...), e.g. 'accumulate_subsample(size=50)' or 'mix(real=100, synthetic=400)'."""
@@ -286,7 +315,7 @@ def launch(
         except UserError as exc:
             raise UserError(f"{exc} (cell {cell.describe()})") from None
     config = config_dict(cfg)
-    out = prepare_run_dir(cfg.out_dir, recipe, config, overwrite=cfg.overwrite)
+    out = prepare_run_dir(resolve_out_dir(cfg.out_dir, config), recipe, config, overwrite=cfg.overwrite)
     tracker = Tracker(cfg.wandb, recipe, out, config)
     try:
         metrics = run_grid(

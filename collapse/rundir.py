@@ -26,7 +26,7 @@ METRICS = "metrics.csv"
 TAIL_COLUMNS = ("seed", "generation", "metric", "value")
 
 # Flags that change how a run is executed or logged, not what it computes: they may differ on resume.
-EXECUTION_KEYS = frozenset({"overwrite", "wandb", "log_every", "num_workers", "config", "print_config"})
+EXECUTION_KEYS = frozenset({"overwrite", "wandb", "log_every", "report", "num_workers", "config", "print_config"})
 
 
 class RunDirError(UserError):

@@ -291,3 +291,16 @@ def test_help_and_print_config_document_the_flags(tmp_path):
         again = subprocess.run([sys.executable, f"recipes/{script}.py", "--config", str(cfg_file), "--print_config"],
                                cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
         assert "generations: 2" in again
+
+
+def test_a_pool_over_the_memory_budget_is_memory_mapped_with_identical_results(tmp_path):
+    from collapse.analytic import simulate
+
+    wf = Workflow.parse("accumulate_subsample")
+    results = []
+    for budget, scratch in ((2 << 30, None), (1, tmp_path / "scratch")):
+        problem = gaussian.GaussianProblem(3, 20, 1.0, 10, np.random.default_rng(0))
+        results.append(simulate(problem, wf, 15, 8, 20, seed=0, stream=5, scratch=scratch, memory_budget=budget))
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir())[:2] == ["set_000.npy", "set_001.npy"]
+    for name in results[0]:
+        np.testing.assert_array_equal(results[0][name], results[1][name])

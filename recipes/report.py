@@ -1,0 +1,1212 @@
+"""Plots and tables of one or many recipe runs: ``<run_dir>/config.yaml`` + ``<run_dir>/metrics.csv``.
+
+    python -m recipes.report RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--metrics m1,m2] [--log_y auto|true|false]
+        [--cells 'dim=10,n_samples=100'] [--max_panels 25]
+
+Runs of the same recipe are merged (more seeds, more cells, more workflows); different recipes get
+separate sections. For every recipe and metric the report holds
+
+* ``<out>/<recipe>_<metric>.png``: one panel per grid cell, x = generation, one line per workflow
+  (the mean over seeds, shaded 95% confidence interval), the closed-form expectation of
+  :func:`collapse.theory.theory_curve` dashed in the same colour where one is known;
+* a table in ``<out>/report.md``: one row per (cell, workflow), the value at generation 0 and at the
+  last generation (and the theory there) as mean ± half-width of the 95% confidence interval.
+
+Confidence intervals use the Student t quantile with n - 1 degrees of freedom (n = finite values at
+that generation). Non-finite values (``inf``, ``nan``; e.g. the NLL of a singular Gaussian) are left
+out of the means and counted in the table.
+
+A run dir that cannot be read (missing, no metrics.csv yet, malformed CSV) is skipped with a one-line
+warning; with no usable run dir at all the command prints one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import math
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from numpy.lib.stride_tricks import sliding_window_view
+
+from collapse.atomic import atomic_write_text
+from collapse.errors import UserError
+from collapse.rundir import CONFIG, EXECUTION_KEYS, METRICS, TAIL_COLUMNS
+from collapse.theory import theory_curve
+from datamodules.workflows import WORKFLOW_NAMES
+
+CONFIDENCE = 0.95
+DEFAULT_MAX_PANELS = 25
+REQUIRED_COLUMNS = ("workflow", *TAIL_COLUMNS)
+
+# Config keys that the closed forms need but that are not grid columns of metrics.csv.
+THEORY_CONFIG_KEYS: dict[str, tuple[str, ...]] = {"gaussian": ("sigma2",)}
+# Config keys left out of a run's one-line summary: they say where and how a run was executed.
+_HIDDEN_CONFIG_KEYS = EXECUTION_KEYS | {"recipe", "out_dir", "report"}
+# Config keys in which runs of one experiment may differ and still be pooled (more seeds, more workflows).
+_POOLED_CONFIG_KEYS = frozenset({"seed", "num_seeds", "workflow", "generations"})
+
+_CHUNK_ROWS = 200_000
+_LOG_SPAN = 100.0  # auto log-y when one panel's values span at least this factor
+_FAMILY_COLOURS = {
+    "replace": ("#d62728", "#f08080", "#8b0000", "#e9967a"),
+    "accumulate": ("#1f77b4", "#6baed6", "#08306b", "#9ecae1"),
+    "accumulate_subsample": ("#2ca02c", "#74c476", "#00441b", "#a1d99b"),
+}
+_PALETTE = (
+    "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+    "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
+)  # fmt: skip
+
+
+class ReportError(UserError):
+    """A run dir or report option that cannot be used; the message is one line."""
+
+
+# ---- Student t quantile ------------------------------------------------------------------------
+
+
+def _t_coverage(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer ``df`` (closed-form finite series, Abramowitz & Stegun 26.7)."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 1:
+        term = total = math.cos(theta) if df > 1 else 0.0
+        for k in range(1, (df - 3) // 2 + 1):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        return 2.0 / math.pi * (theta + s * total)
+    term = total = 1.0
+    for k in range(1, (df - 2) // 2 + 1):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+def _bisect(f: Callable[[float], float], target: float) -> float:
+    """The x >= 0 where the increasing function f reaches target."""
+    lo, hi = 0.0, 1.0
+    while f(hi) < target:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+@cache
+def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+    """Two-sided Student t critical value: P(|T_df| <= t) = ``confidence`` (2.776 for df = 4 at 95%)."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"degrees of freedom must be a positive integer, got {df}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    df = int(df)
+    if df <= 2000:
+        return _bisect(lambda t: _t_coverage(t, df), confidence)
+    # The series grows with df; beyond this the Cornish-Fisher expansion around the normal quantile
+    # is exact to far more digits than a report shows.
+    z = _bisect(lambda x: math.erf(x / math.sqrt(2.0)), confidence)
+    z3, z5, z7, z9 = z**3, z**5, z**7, z**9
+    return (
+        z
+        + (z3 + z) / (4 * df)
+        + (5 * z5 + 16 * z3 + 3 * z) / (96 * df**2)
+        + (3 * z7 + 19 * z5 + 17 * z3 - 15 * z) / (384 * df**3)
+        + (79 * z9 + 776 * z7 + 1482 * z5 - 1920 * z3 - 945 * z) / (92160 * df**4)
+    )
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Per-generation statistics over seeds of one (metric, workflow, cell) series."""
+
+    generations: np.ndarray
+    """Generations present, sorted."""
+    mean: np.ndarray
+    """Mean of the finite values (nan where there are none)."""
+    half_width: np.ndarray
+    """Half-width of the confidence interval of the mean (nan where fewer than 2 finite values)."""
+    n: np.ndarray
+    """Finite values per generation."""
+    nonfinite: np.ndarray
+    """Values left out per generation because they are inf or nan."""
+    n_seeds: int
+    """Distinct seeds in the series."""
+
+
+def summarize(
+    seeds: np.ndarray, generations: np.ndarray, values: np.ndarray, confidence: float = CONFIDENCE
+) -> Summary:
+    """Mean and Student-t confidence half-width per generation; non-finite values are counted, not averaged."""
+    gens, inv = np.unique(np.asarray(generations), return_inverse=True)
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    k = len(gens)
+    n = np.bincount(inv, weights=finite, minlength=k).astype(np.int64)
+    total = np.bincount(inv, minlength=k)
+    with np.errstate(all="ignore"):  # empty generations and overflowing values give nan/inf, shown as such
+        mean = np.bincount(inv, weights=np.where(finite, values, 0.0), minlength=k) / n
+        dev = np.where(finite, values - mean[inv], 0.0)
+        var = np.bincount(inv, weights=dev * dev, minlength=k) / (n - 1)
+        tq = np.array([t_quantile(int(m) - 1, confidence) if m >= 2 else np.nan for m in n])
+        half = tq * np.sqrt(var) / np.sqrt(n)
+    mean = np.where(n > 0, mean, np.nan)
+    half = np.where(n > 1, half, np.nan)
+    return Summary(gens, mean, half, n, total - n, int(np.unique(seeds).size))
+
+
+# ---- reading run dirs --------------------------------------------------------------------------
+
+SeriesKey = tuple[str, str, tuple[str, ...]]  # (metric, workflow, grid cell values)
+Series = tuple[np.ndarray, np.ndarray, np.ndarray]  # (seeds, generations, values)
+
+
+@dataclass
+class Run:
+    """One readable run dir."""
+
+    path: Path
+    recipe: str
+    config: dict[str, Any]
+    grid: tuple[str, ...]
+    series: dict[SeriesKey, Series]
+    rows: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _listing(path: Path, limit: int = 8) -> str:
+    entries = sorted(path.iterdir(), key=lambda p: (p.name.startswith("."), p.name))
+    if not entries:
+        return "it is empty"
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries[:limit]]
+    more = f" (+{len(entries) - limit} more)" if len(entries) > limit else ""
+    return "it holds " + ", ".join(names) + more
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], list[str]]:
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file():
+        return {}, [f"no {CONFIG}, so the recipe is unknown"]
+    try:
+        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {}, [f"{CONFIG} is unreadable ({first}), so the recipe is unknown"]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return {}, [f"{CONFIG} is not a mapping, so the recipe is unknown"]
+    if not data.get("recipe"):
+        return data, [f"{CONFIG} names no recipe"]
+    return data, []
+
+
+class _Codes(dict):
+    """Dense integer ids for group keys, assigned in order of first appearance."""
+
+    def __missing__(self, key):
+        value = self[key] = len(self)
+        return value
+
+
+def _numbers(texts: Sequence[str], kind: str, column: str, first_row: int) -> np.ndarray:
+    """Parse a column in one go; on failure name the first bad row (rows count from 1 after the header)."""
+    dtype = np.int64 if kind == "int" else np.float64
+    try:
+        return np.array(texts, dtype=dtype)
+    except (ValueError, OverflowError, TypeError):
+        pass
+    out = np.empty(len(texts), dtype=dtype)
+    for i, text in enumerate(texts):
+        try:
+            if kind == "int":
+                out[i] = int(text)
+            elif text.strip():
+                out[i] = float(text)
+            else:
+                out[i] = np.nan  # an empty value is a missing one: counted as non-finite, not fatal
+        except (ValueError, OverflowError):
+            what = "an integer" if kind == "int" else "a number"
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise ReportError(f"{METRICS} data row {first_row + i}: {column} {shown!r} is not {what}") from None
+    return out
+
+
+def _header(path: Path) -> list[str]:
+    """The validated header of a metrics.csv (raises :class:`ReportError` naming what is missing)."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if not header or not any(h.strip() for h in header):
+        raise ReportError(f"{METRICS} is empty")
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ReportError(
+            f"{METRICS} lacks column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(header: {','.join(header)[:200]})"
+        )
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise ReportError(f"{METRICS} repeats column {', '.join(dup)} in its header")
+    return header
+
+
+# A parsed file: the key (workflow, grid cell, metric) of each group code, and per-row arrays
+# (group code, seed, generation, value).
+_Parsed = tuple[list[tuple[str, tuple[str, ...], str]], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _read_rows(path: Path, header: list[str]) -> _Parsed:
+    """The general reader: the csv module, streamed in chunks of rows turned into arrays."""
+    grid = [h for h in header if h not in REQUIRED_COLUMNS]
+    key_idx = [header.index("workflow"), *(header.index(g) for g in grid), header.index("metric")]
+    seed_i, gen_i, value_i = (header.index(c) for c in ("seed", "generation", "value"))
+    width = len(header)
+    codes = _Codes()
+    parts: list[tuple[np.ndarray, ...]] = []
+    rows = 0
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader)
+        while True:
+            chunk = list(islice(reader, _CHUNK_ROWS))
+            if not chunk:
+                break
+            lengths = set(map(len, chunk))
+            if 0 in lengths:  # blank lines carry no data
+                chunk = [r for r in chunk if r]
+                lengths.discard(0)
+                if not chunk:
+                    continue
+            if lengths != {width}:
+                i = next(i for i, r in enumerate(chunk) if len(r) != width)
+                raise ReportError(
+                    f"{METRICS} data row {rows + i + 1}: expected {width} fields ({','.join(header)}), "
+                    f"got {len(chunk[i])}"
+                )
+            cols = list(zip(*chunk))
+            keys = zip(*(cols[i] for i in key_idx))
+            code = np.fromiter(map(codes.__getitem__, keys), dtype=np.int64, count=len(chunk))
+            seeds = _numbers(cols[seed_i], "int", "seed", rows + 1)
+            gens = _numbers(cols[gen_i], "int", "generation", rows + 1)
+            if gens.size and gens.min() < 0:
+                i = int(np.argmax(gens < 0))
+                raise ReportError(f"{METRICS} data row {rows + i + 1}: generation {gens[i]} is negative")
+            values = _numbers(cols[value_i], "float", "value", rows + 1)
+            parts.append((code, seeds, gens, values))
+            rows += len(chunk)
+    keys = [(k[0], tuple(k[1:-1]), k[-1]) for k in codes]
+    if not parts:
+        return keys, *(np.empty(0, dtype=t) for t in (np.int64, np.int64, np.int64, np.float64))
+    return keys, *(np.concatenate(c) for c in zip(*parts))
+
+
+# ---- the fast reader: whole blocks of bytes parsed with NumPy ---------------------------------
+#
+# The recipes write the tail columns (seed, generation, metric, value) last and quote only labels
+# in the leading columns, so each line splits at its last four commas. Everything is done on byte
+# arrays; a file that does not fit these assumptions (blank lines, empty or unparsable numbers, a
+# quote in the tail, a multi-line field) makes _read_blocks return None and the general reader,
+# which also words the errors, reads it instead.
+
+_BLOCK_BYTES = 1 << 22
+_MAX_FIELD = 504  # longer labels or numbers go to the general reader
+_HASH_WEIGHTS = np.random.default_rng(0x5EED).integers(1, 2**63, size=_MAX_FIELD // 8, dtype=np.uint64) | np.uint64(1)
+
+
+def _field_matrix(buf: np.ndarray, lo: np.ndarray, length: np.ndarray, width: int, fill: int) -> np.ndarray:
+    """Row i holds bytes [lo[i], lo[i] + length[i]) of ``buf`` padded with ``fill`` to ``width`` bytes.
+
+    ``buf`` must extend at least ``width`` bytes past the last field (the caller pads it).
+    """
+    mat = sliding_window_view(buf, width)[lo]  # a contiguous copy, one row per line
+    mat[np.arange(width) >= length[:, None]] = fill
+    return mat
+
+
+def _parse_numbers(buf: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype) -> np.ndarray | None:
+    """The number in bytes [lo[i], hi[i]) of every line, or None if any field is empty or not a number."""
+    length = hi - lo
+    if (length <= 0).any() or length.max() >= _MAX_FIELD:
+        return None
+    if dtype == np.int64 and length.max() <= 18:
+        # Non-negative integers (seeds, generations): decimal digits summed column by column.
+        digits = _field_matrix(buf, lo, length, int(length.max()), 48).astype(np.int64) - 48
+        if digits.min() >= 0 and digits.max() <= 9:
+            out = np.zeros(len(lo), dtype=np.int64)
+            for j in range(digits.shape[1]):
+                out = np.where(j < length, out * 10 + digits[:, j], out)
+            return out
+    # Space-padded fixed-width rows: np.fromstring then reads whitespace-separated numbers in C.
+    text = _field_matrix(buf, lo, length, int(length.max()) + 1, 32).tobytes().decode("ascii", errors="replace")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # older NumPy only warns on unparsed text
+            out = np.fromstring(text, dtype=dtype, sep=" ")
+    except (ValueError, DeprecationWarning):
+        return None
+    return out if out.size == len(lo) else None
+
+
+def _segment_codes(buf: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, list[bytes]] | None:
+    """Group lines by their bytes [lo[i], hi[i]): (group of each line, bytes of each group), or None."""
+    length = hi - lo
+    if (length <= 0).any() or length.max() > _MAX_FIELD:
+        return None
+    width = -(-int(length.max()) // 8) * 8
+    mat = _field_matrix(buf, lo, length, width, 0)
+    words = mat.view(np.uint64)
+    h = (words * _HASH_WEIGHTS[: width // 8]).sum(axis=1, dtype=np.uint64)  # wraps mod 2**64
+    h ^= length.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    inv, first = _first_seen(h)
+    rep = first[inv]
+    # A hash only proposes the groups; every line is compared byte for byte with its group's first line.
+    if (length != length[rep]).any() or (mat != mat[rep]).any():
+        return None
+    return inv, [buf[lo[i] : hi[i]].tobytes() for i in first]
+
+
+def _first_seen(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Like np.unique(x, return_inverse=True), but groups numbered in order of first appearance.
+
+    Returns ``(group of each element, index of each group's first element)``.
+    """
+    _, first, inv = np.unique(x, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inv.reshape(-1)], first[order]
+
+
+def _read_blocks(path: Path, header: list[str]) -> _Parsed | None:
+    """The fast reader for files whose last columns are seed, generation, metric, value (see above)."""
+    if tuple(header[-4:]) != TAIL_COLUMNS:
+        return None
+    width = len(header)
+    wf_i = header.index("workflow")
+    grid_idx = [i for i, h in enumerate(header[:-4]) if h != "workflow"]
+    prefixes: dict[bytes, int] = {}
+    prefix_keys: list[tuple[str, tuple[str, ...]]] = []
+    metrics: dict[bytes, int] = {}
+    combos: dict[tuple[int, int], int] = {}
+    parts: list[tuple[np.ndarray, ...]] = []
+    with open(path, "rb") as fh:
+        if b'"' in fh.readline():
+            return None
+        carry = b""
+        while True:
+            block = fh.read(_BLOCK_BYTES)
+            data = carry + block
+            if block:
+                cut = data.rfind(b"\n") + 1
+                data, carry = data[:cut], data[cut:]
+                if not data:
+                    continue
+            elif not data:
+                break
+            elif not data.endswith(b"\n"):
+                data += b"\n"
+            buf = np.frombuffer(data + bytes(_MAX_FIELD + 8), dtype=np.uint8)  # padded for _field_matrix
+            ends = np.flatnonzero(buf[: len(data)] == 10)
+            starts = np.concatenate([[0], ends[:-1] + 1])
+            if (ends == starts).any():
+                return None
+            stop = ends - (buf[ends - 1] == 13)
+            commas = np.flatnonzero(buf[: len(data)] == 44)
+            last = np.searchsorted(commas, stop)
+            count = last - np.searchsorted(commas, starts)
+            if (count < width - 1).any():
+                return None
+            c1, c2, c3, c4 = (commas[last - k] for k in (1, 2, 3, 4))
+            quotes = np.flatnonzero(buf[: len(data)] == 34)
+            if quotes.size:
+                if (quotes >= c4[np.searchsorted(ends, quotes)]).any():
+                    return None
+            elif (count != width - 1).any():
+                return None
+            seeds = _parse_numbers(buf, c4 + 1, c3, np.int64)
+            gens = _parse_numbers(buf, c3 + 1, c2, np.int64)
+            values = _parse_numbers(buf, c1 + 1, stop, np.float64)
+            if seeds is None or gens is None or values is None or (gens < 0).any():
+                return None
+            pre = _segment_codes(buf, starts, c4)
+            met = _segment_codes(buf, c2 + 1, c1)
+            if pre is None or met is None:
+                return None
+            pid = np.empty(len(pre[1]), dtype=np.int64)
+            for j, raw in enumerate(pre[1]):
+                if raw not in prefixes:
+                    try:
+                        fields = next(csv.reader([raw.decode("utf-8")]))
+                    except (UnicodeDecodeError, csv.Error, StopIteration):
+                        return None
+                    if len(fields) != width - 4:
+                        return None
+                    prefixes[raw] = len(prefix_keys)
+                    prefix_keys.append((fields[wf_i], tuple(fields[i] for i in grid_idx)))
+                pid[j] = prefixes[raw]
+            mid = np.empty(len(met[1]), dtype=np.int64)
+            for j, raw in enumerate(met[1]):
+                if raw not in metrics:
+                    if b'"' in raw:
+                        return None
+                    try:
+                        raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return None
+                    metrics[raw] = len(metrics)
+                mid[j] = metrics[raw]
+            pair_p, pair_m = pid[pre[0]], mid[met[0]]
+            inv, first = _first_seen(pair_p * (1 << 31) + pair_m)
+            lut = np.array([combos.setdefault((int(pair_p[i]), int(pair_m[i])), len(combos)) for i in first])
+            parts.append((lut[inv], seeds, gens, values))
+            if not block:
+                break
+    names = {v: k.decode("utf-8") for k, v in metrics.items()}
+    keys = [(*prefix_keys[p], names[m]) for (p, m) in combos]
+    if not parts:
+        return keys, *(np.empty(0, dtype=t) for t in (np.int64, np.int64, np.int64, np.float64))
+    return keys, *(np.concatenate(c) for c in zip(*parts))
+
+
+def read_metrics(path: str | Path) -> tuple[tuple[str, ...], dict[SeriesKey, Series], int]:
+    """Read a tidy metrics.csv into per-(metric, workflow, cell) arrays.
+
+    Returns ``(grid column names, series, data rows)``. The file is read in blocks turned into
+    arrays, so memory holds numbers, not rows. Raises :class:`ReportError` (one line) on a
+    malformed file.
+    """
+    path = Path(path)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # millions of short-lived row objects would trigger collections that find nothing
+    try:
+        header = _header(path)
+        parsed = _read_blocks(path, header) or _read_rows(path, header)
+    except UnicodeDecodeError:
+        raise ReportError(f"{METRICS} is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise ReportError(f"{METRICS} is not valid CSV ({exc})") from None
+    except OSError as exc:
+        raise ReportError(f"cannot read {METRICS} ({exc.strerror or exc})") from None
+    finally:
+        if gc_was_on:
+            gc.enable()
+    keys, code, seeds, gens, values = parsed
+    if not code.size:
+        raise ReportError(f"{METRICS} has a header but no rows (unfinished run?)")
+    order = np.argsort(code, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(code, minlength=len(keys)))])
+    series: dict[SeriesKey, Series] = {}
+    for i, (workflow, cell, metric) in enumerate(keys):
+        sel = order[bounds[i] : bounds[i + 1]]
+        series[(metric, workflow, cell)] = (seeds[sel], gens[sel], values[sel])
+    grid = tuple(h for h in header if h not in REQUIRED_COLUMNS)
+    return grid, series, int(code.size)
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read one run dir; raise :class:`ReportError` with a one-line reason when it cannot be used."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise ReportError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise ReportError(f"{path}: not a directory")
+    if not (path / METRICS).is_file():
+        try:
+            held = _listing(path)
+        except OSError as exc:
+            held = f"its contents cannot be listed ({exc.strerror or exc})"
+        raise ReportError(f"{path}: no {METRICS} (unfinished run?); {held}")
+    config, notes = _read_config(path)
+    try:
+        grid, series, rows = read_metrics(path / METRICS)
+    except ReportError as exc:
+        raise ReportError(f"{path}: {exc}") from None
+    return Run(path, str(config.get("recipe") or "unknown"), config, grid, series, rows, notes)
+
+
+# ---- merging runs of one recipe ----------------------------------------------------------------
+
+
+@dataclass
+class RecipeData:
+    """All usable runs of one recipe, merged: the union of their cells, workflows and seeds."""
+
+    recipe: str
+    runs: list[Run]
+    grid: tuple[str, ...]
+    common: dict[str, Any]
+    """Config values the closed forms need, equal in every run (e.g. the Gaussian's sigma2)."""
+    series: dict[SeriesKey, Series]
+    notes: list[str] = field(default_factory=list)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return value[0] if len(value) == 1 else None
+    return value
+
+
+def merge_runs(runs: Sequence[Run]) -> list[RecipeData]:
+    """Group runs by recipe (in order of first appearance) and merge each group's series.
+
+    Runs that differ only in seeds, workflows, generations or grid values are one experiment and
+    are pooled. A config value that differs otherwise (e.g. ``n_test``) becomes an extra grid column,
+    so that different experiments never share a cell. A (workflow, cell, seed, generation, metric)
+    seen twice (the same seeds run twice) is kept once, from the first run that has it, so that
+    repeated runs do not shrink the confidence intervals.
+    """
+    by_recipe: dict[str, list[Run]] = {}
+    for run in runs:
+        by_recipe.setdefault(run.recipe, []).append(run)
+    out = []
+    for recipe, group in by_recipe.items():
+        grid: list[str] = []
+        for run in group:
+            grid += [g for g in run.grid if g not in grid]
+        common: dict[str, Any] = {}
+        extra: list[dict[str, str]] = [{} for _ in group]
+        split: list[str] = []
+        keys = list(dict.fromkeys(k for run in group for k in run.config))
+        for key in keys:
+            if key in _HIDDEN_CONFIG_KEYS or key in _POOLED_CONFIG_KEYS or key in grid:
+                continue
+            vals = [run.config.get(key) for run in group]
+            if all(v == vals[0] for v in vals):
+                if key in THEORY_CONFIG_KEYS.get(recipe, ()) and _scalar(vals[0]) is not None:
+                    common[key] = _scalar(vals[0])  # the closed forms need it, e.g. the Gaussian's sigma2
+                continue
+            grid.append(key)
+            split.append(key)
+            for e, v in zip(extra, vals):
+                e[key] = "" if v is None else str(v)
+        pieces: dict[SeriesKey, list[Series]] = {}
+        for run, ext in zip(group, extra):
+            pos = {g: i for i, g in enumerate(run.grid)}
+            for (metric, workflow, cell), arrays in run.series.items():
+                full = tuple(cell[pos[g]] if g in pos else ext.get(g, "") for g in grid)
+                pieces.setdefault((metric, workflow, full), []).append(arrays)
+        series: dict[SeriesKey, Series] = {}
+        dropped = 0
+        for key, arrs in pieces.items():
+            seeds, gens, values = (np.concatenate(a) for a in zip(*arrs)) if len(arrs) > 1 else arrs[0]
+            order = np.lexsort((gens, seeds))  # stable: the first occurrence of a pair comes first
+            s, g = seeds[order], gens[order]
+            dup = np.zeros(len(order), dtype=bool)
+            dup[1:] = (s[1:] == s[:-1]) & (g[1:] == g[:-1])
+            if dup.any():
+                keep = np.sort(order[~dup])
+                dropped += int(dup.sum())
+                seeds, gens, values = seeds[keep], gens[keep], values[keep]
+            series[key] = (seeds, gens, values)
+        notes = []
+        if split:
+            notes.append(f"the runs differ in {', '.join(split)}; each value gets its own cells")
+        if dropped:
+            notes.append(
+                f"{dropped} rows repeat a (workflow, cell, seed, generation, metric) seen before; "
+                "only the first was kept"
+            )
+        out.append(RecipeData(recipe, list(group), tuple(grid), common, series, notes))
+    return out
+
+
+# ---- ordering, labels, formatting --------------------------------------------------------------
+
+
+def _sort_value(text: str) -> tuple:
+    if text == "":
+        return (2, 0.0, "")
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _cell_key(cell: tuple[str, ...]) -> tuple:
+    return tuple(_sort_value(v) for v in cell)
+
+
+def _natural(text: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+def _workflow_name(label: str) -> str:
+    return label.split("(", 1)[0].strip()
+
+
+def _workflow_key(label: str) -> tuple:
+    name = _workflow_name(label)
+    rank = WORKFLOW_NAMES.index(name) if name in WORKFLOW_NAMES else len(WORKFLOW_NAMES)
+    return (rank, name, label != name, _natural(label))
+
+
+def workflow_colours(labels: Iterable[str]) -> dict[str, str]:
+    """One colour per workflow label: replace reds, accumulate blues, accumulate_subsample greens, others a palette."""
+    colours: dict[str, str] = {}
+    used = {name: 0 for name in _FAMILY_COLOURS}
+    rest = 0
+    for label in sorted(set(labels), key=_workflow_key):
+        name = _workflow_name(label)
+        family = _FAMILY_COLOURS.get(name, ())
+        if used.get(name, len(family)) < len(family):
+            colours[label] = family[used[name]]
+            used[name] += 1
+        else:
+            colours[label] = _PALETTE[rest % len(_PALETTE)]
+            rest += 1
+    return colours
+
+
+def param_value(text: str) -> int | float | str:
+    """A grid value from the CSV as a number where it is one (``"10"`` -> 10, ``"1.0"`` -> 1.0)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    """Compact number with ``digits`` significant digits: plain from 1e-3 to 1e6, else ``1.23e-5``."""
+    if x is None or not math.isfinite(x):
+        return "nan" if x is None or math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if x == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(x)))
+    if -3 <= mag < 6:
+        decimals = digits - 1 - mag
+        text = f"{round(x, decimals):.{max(0, decimals)}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    mant, exp = f"{x:.{digits - 1}e}".split("e")
+    mant = mant.rstrip("0").rstrip(".") if "." in mant else mant
+    return f"{mant}e{int(exp)}"
+
+
+def _cell_title(grid: Sequence[str], cell: Sequence[str], only: Sequence[int] | None = None) -> str:
+    idx = range(len(grid)) if only is None else only
+    return ", ".join(f"{grid[i]}={cell[i] or '-'}" for i in idx)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "metric"
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+# ---- filters -----------------------------------------------------------------------------------
+
+
+def parse_cell_filters(specs: Sequence[str] | str | None) -> list[dict[str, str]]:
+    """``["dim=10,n_samples=100", "dim=1"]`` -> a list of {param: value}; a cell is kept if it matches any."""
+    if specs is None:
+        return []
+    if isinstance(specs, str):
+        specs = [specs]
+    filters = []
+    for spec in specs:
+        f: dict[str, str] = {}
+        for item in spec.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ReportError(f"--cells {spec!r}: write param=value[,param=value...], e.g. 'dim=10,n_samples=100'")
+            f[key.strip()] = value.strip()
+        filters.append(f)
+    return filters
+
+
+def _same(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def _cell_matches(grid: Sequence[str], cell: Sequence[str], filters: list[dict[str, str]]) -> bool:
+    if not filters:
+        return True
+    values = dict(zip(grid, cell))
+    return any(all(k in values and _same(values[k], v) for k, v in f.items()) for f in filters)
+
+
+def _metric_list(metrics: Sequence[str] | str | None) -> list[str] | None:
+    if metrics is None:
+        return None
+    items = [metrics] if isinstance(metrics, str) else list(metrics)
+    out = [m.strip() for item in items for m in item.split(",") if m.strip()]
+    return out or None
+
+
+def _log_y_mode(log_y: str | bool) -> str:
+    if isinstance(log_y, bool):
+        return "true" if log_y else "false"
+    mode = str(log_y).strip().lower()
+    if mode not in ("auto", "true", "false"):
+        raise ReportError(f"--log_y must be auto, true or false, got {log_y!r}")
+    return mode
+
+
+# ---- one recipe section ------------------------------------------------------------------------
+
+
+@dataclass
+class _Line:
+    workflow: str
+    summary: Summary
+    theory: np.ndarray | None
+
+
+def _theory(recipe: str, metric: str, workflow: str, params: dict[str, Any], gens: np.ndarray) -> np.ndarray | None:
+    try:
+        curve = theory_curve(recipe, metric, workflow, params, gens)
+    except (UserError, KeyError, ValueError, TypeError, ZeroDivisionError, OverflowError):
+        return None  # an unknown workflow or a cell without the needed parameters has no closed form
+    if curve is None:
+        return None
+    with np.errstate(all="ignore"):
+        curve = np.broadcast_to(np.asarray(curve, dtype=np.float64), gens.shape).copy()
+    return curve if np.isfinite(curve).any() else None
+
+
+def _layout(grid: Sequence[str], cells: Sequence[tuple[str, ...]]) -> tuple[int, int, list[tuple[int, int]], list[int]]:
+    """Panel positions: rows by the first varying parameter, columns by the others, else wrapped in reading order.
+
+    Returns ``(rows, cols, position of each cell, indices of the varying parameters)``.
+    """
+    varying = [i for i in range(len(grid)) if len({c[i] for c in cells}) > 1]
+    n = len(cells)
+    if len(varying) >= 2:
+        r, rest = varying[0], varying[1:]
+        row_vals = sorted({c[r] for c in cells}, key=_sort_value)
+        col_vals = sorted({tuple(c[i] for i in rest) for c in cells}, key=_cell_key)
+        if len(row_vals) <= 8 and len(col_vals) <= 8 and len(row_vals) * len(col_vals) <= 2 * n:
+            pos = [(row_vals.index(c[r]), col_vals.index(tuple(c[i] for i in rest))) for c in cells]
+            return len(row_vals), len(col_vals), pos, varying
+    cols = min(n, max(1, math.ceil(math.sqrt(n * 1.5))))
+    rows = math.ceil(n / cols)
+    return rows, cols, [(i // cols, i % cols) for i in range(n)], varying
+
+
+def _want_log(panels: Sequence[Sequence[_Line]]) -> bool:
+    span = 1.0
+    for lines in panels:
+        vals = [ln.summary.mean for ln in lines] + [ln.theory for ln in lines if ln.theory is not None]
+        v = np.concatenate(vals) if vals else np.empty(0)
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            continue
+        if v.min() <= 0:
+            return False
+        span = max(span, float(v.max() / v.min()))
+    return span >= _LOG_SPAN
+
+
+def _plot(
+    path: Path,
+    recipe: str,
+    metric: str,
+    grid: Sequence[str],
+    cells: Sequence[tuple[str, ...]],
+    panels: Sequence[Sequence[_Line]],
+    colours: dict[str, str],
+    log_y: str,
+    note: str,
+) -> None:
+    """One figure: a panel per cell, a line per workflow, the CI shaded, theory dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    rows, cols, pos, varying = _layout(grid, cells)
+    use_log = log_y == "true" or (log_y == "auto" and _want_log(panels))
+    workflows = sorted({ln.workflow for lines in panels for ln in lines}, key=_workflow_key)
+    any_theory = any(ln.theory is not None for lines in panels for ln in lines)
+    handles = [Line2D([], [], color=colours[wf], lw=1.6, label=wf) for wf in workflows]
+    handles.append(Patch(color="0.5", alpha=0.3, label=f"{CONFIDENCE:.0%} CI"))
+    if any_theory:
+        handles.append(Line2D([], [], color="0.3", lw=1.2, ls="--", label="theory"))
+    legend_cols = max(1, min(len(handles), 2 * cols, 4))
+    legend_rows = math.ceil(len(handles) / legend_cols)
+
+    # Margins in inches, laid out by hand: a layout engine measures every tick label and costs
+    # seconds on a 25-panel figure.
+    top, bottom, left, right = 0.55 + (0.22 if note else 0.0), 0.5 + 0.22 * legend_rows, 0.8, 0.15
+    width, height = left + right + 3.0 * cols, top + bottom + 2.35 * rows
+    # A bare Figure on the Agg canvas: no pyplot, so no global backend is switched and nothing is shown.
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=0.38,
+        hspace=0.5,
+    )
+    used = set(pos)
+    for r in range(rows):
+        for c in range(cols):
+            if (r, c) not in used:
+                axes[r][c].set_visible(False)
+    g_min = min(int(ln.summary.generations[0]) for lines in panels for ln in lines)
+    g_max = max(int(ln.summary.generations[-1]) for lines in panels for ln in lines)
+    for cell, (r, c), lines in zip(cells, pos, panels):
+        ax = axes[r][c]
+        for line in lines:
+            colour = colours[line.workflow]
+            s = line.summary
+            marker = "." if len(s.generations) <= 30 else None
+            ax.plot(s.generations, s.mean, color=colour, lw=1.4, marker=marker, ms=4)
+            ax.fill_between(s.generations, s.mean - s.half_width, s.mean + s.half_width, color=colour, alpha=0.18, lw=0)
+            if line.theory is not None:
+                ax.plot(s.generations, line.theory, color=colour, lw=1.2, ls="--")
+        if use_log:
+            ax.set_yscale("log")
+        ax.set_xlim(g_min - 0.02 * max(1, g_max - g_min), g_max + 0.02 * max(1, g_max - g_min))
+        # An explicit y skips the per-draw search for a title position clear of the tick labels.
+        ax.set_title(_cell_title(grid, cell, varying) if varying else "", fontsize=9, y=1.0, pad=4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3, lw=0.5)
+        if r == rows - 1 or (r + 1, c) not in used:
+            ax.set_xlabel("generation", fontsize=9)
+        if c == 0 or (r, c - 1) not in used:
+            ax.set_ylabel(metric, fontsize=9)
+    constant = [i for i in range(len(grid)) if i not in varying]
+    heading = f"{recipe}: {metric}"
+    if constant and cells:
+        heading += f" ({_cell_title(grid, cells[0], constant)})"
+    if use_log:
+        heading += ", log scale"
+    if note:
+        heading += f"\n{note}"
+    fig.suptitle(heading, fontsize=11, y=1 - 0.08 / height, va="top")
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.02 / height),
+        ncols=legend_cols,
+        fontsize=8,
+        frameon=False,
+    )
+    fig.savefig(path, format="png")
+
+
+def _config_summary(config: dict[str, Any], limit: int = 6) -> str:
+    parts = []
+    for key, value in config.items():
+        if key in _HIDDEN_CONFIG_KEYS or isinstance(value, dict):
+            continue
+        if isinstance(value, (list, tuple)):
+            shown = ", ".join(str(v) for v in value[:limit])
+            more = f", … (+{len(value) - limit})" if len(value) > limit else ""
+            text = f"[{shown}{more}]"
+        else:
+            text = str(value)
+        parts.append(f"{key}={text if len(text) <= 160 else text[:159] + '…'}")
+    return "; ".join(parts) or "no config"
+
+
+def _value_cell(s: Summary, i: int) -> str:
+    """``mean ± half-width`` at generation index i, noting values left out and a seed count below the row's."""
+    n, bad = int(s.n[i]), int(s.nonfinite[i])
+    if n == 0:
+        return f"— (all {bad} non-finite)" if bad else "—"
+    if n == 1 or not math.isfinite(float(s.half_width[i])):
+        text = fmt(float(s.mean[i]))
+    else:
+        text = f"{fmt(float(s.mean[i]))} ± {fmt(float(s.half_width[i]), 2)}"
+    if bad:
+        return f"{text} (n={n}, {bad} non-finite excluded)"
+    return f"{text} (n={n})" if n != s.n_seeds else text
+
+
+def _table(grid: Sequence[str], rows: Sequence[tuple[tuple[str, ...], _Line]]) -> list[str]:
+    """A markdown table: one row per (cell, workflow), first and last generation, theory, seeds."""
+    firsts = {int(line.summary.generations[0]) for _, line in rows}
+    lasts = {int(line.summary.generations[-1]) for _, line in rows}
+    # Merged runs may stop at different generations; then each value says which generation it is.
+    first_label = f"gen {min(firsts)}" if len(firsts) == 1 else "first gen"
+    last_label = f"gen {max(lasts)}" if len(lasts) == 1 else "last gen"
+    one_gen = all(len(line.summary.generations) == 1 for _, line in rows)
+    has_theory = any(line.theory is not None and math.isfinite(line.theory[-1]) for _, line in rows)
+    head = [*grid, "workflow", first_label]
+    if not one_gen:
+        head.append(last_label)
+    if has_theory:
+        head.append(f"theory ({last_label})")
+    head.append("seeds")
+    align = ["---"] * (len(grid) + 1) + ["---:"] * (len(head) - len(grid) - 1)
+    out = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "|".join(align) + "|"]
+    for cell, line in rows:
+        s = line.summary
+        vals = [*(v or "-" for v in cell), line.workflow]
+        vals.append(_value_cell(s, 0) + (f" @{int(s.generations[0])}" if len(firsts) > 1 else ""))
+        if not one_gen:
+            vals.append(
+                _value_cell(s, len(s.generations) - 1) + (f" @{int(s.generations[-1])}" if len(lasts) > 1 else "")
+            )
+        if has_theory:
+            t = float(line.theory[-1]) if line.theory is not None else math.nan
+            vals.append(fmt(t) if math.isfinite(t) else "")
+        vals.append(str(s.n_seeds))
+        out.append("| " + " | ".join(_md(v) for v in vals) + " |")
+    return out
+
+
+def _section(
+    data: RecipeData,
+    out_dir: Path,
+    metrics: list[str] | None,
+    filters: list[dict[str, str]],
+    log_y: str,
+    max_panels: int,
+    used_names: set[str],
+) -> list[str]:
+    """Markdown lines of one recipe's section; writes its figures into ``out_dir``."""
+    lines = [f"## {_md(data.recipe)}", "", "Run dirs:", ""]
+    for run in data.runs:
+        lines.append(f"- `{run.path}` ({run.rows:,} rows): {_md(_config_summary(run.config))}")
+    notes = [f"`{run.path}`: {n}" for run in data.runs for n in run.notes] + data.notes
+    if data.common:
+        notes.append("theory uses " + ", ".join(f"{k}={v}" for k, v in data.common.items()) + " from config.yaml")
+    lines.append("")
+    lines += [f"Note: {_md(n)}" for n in notes] + ([""] if notes else [])
+
+    present = list(dict.fromkeys(m for m, _, _ in data.series))
+    if metrics is None:
+        chosen = present
+    else:
+        chosen = [m for m in metrics if m in present]
+        absent = [m for m in metrics if m not in present]
+        if absent:
+            lines += [f"Not in these runs: {', '.join(absent)} (available: {', '.join(present)}).", ""]
+    grid = data.grid
+    all_cells = sorted({c for _, _, c in data.series}, key=_cell_key)
+    cells = [c for c in all_cells if _cell_matches(grid, c, filters)]
+    if not cells:
+        lines += [f"No cell matches --cells (cells look like: {_cell_title(grid, all_cells[0])}).", ""]
+        return lines
+    colours = workflow_colours(w for _, w, _ in data.series)
+    index: dict[tuple[str, tuple[str, ...]], list[tuple[str, Series]]] = {}
+    for (m, wf, c), arrays in data.series.items():
+        index.setdefault((m, c), []).append((wf, arrays))
+    for metric in chosen:
+        per_cell: list[list[_Line]] = []
+        for cell in cells:
+            # Theory parameters: the cell's grid values as numbers plus the recipe's common config values.
+            params = dict(data.common)
+            params.update({g: param_value(v) for g, v in zip(grid, cell) if v != ""})
+            row = []
+            for wf, (seeds, gens, values) in index.get((metric, cell), []):
+                s = summarize(seeds, gens, values)
+                row.append(_Line(wf, s, _theory(data.recipe, metric, wf, params, s.generations)))
+            per_cell.append(sorted(row, key=lambda ln: _workflow_key(ln.workflow)))
+        kept = [(c, p) for c, p in zip(cells, per_cell) if p]
+        if not kept:
+            continue
+        shown = kept[:max_panels]
+        note = ""
+        if len(kept) > len(shown):
+            note = f"showing {len(shown)} of {len(kept)} cells; choose others with --cells"
+        name = _safe_name(f"{data.recipe}_{metric}")
+        base, k = name, 2
+        while name in used_names:
+            name, k = f"{base}_{k}", k + 1
+        used_names.add(name)
+        png = out_dir / f"{name}.png"
+        _plot(png, data.recipe, metric, grid, [c for c, _ in shown], [p for _, p in shown], colours, log_y, note)
+        lines += [f"### {_md(metric)}", "", f"![{_md(data.recipe)} {_md(metric)}]({png.name})", ""]
+        if note:
+            lines += [f"The figure is {note}; the table lists every cell.", ""]
+        lines += _table(grid, [(c, ln) for c, p in kept for ln in p]) + [""]
+    return lines
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+def _stderr(message: str) -> None:
+    sys.stderr.write(message + "\n")
+
+
+def make_report(
+    run_dirs: Sequence[str | Path] | str | Path,
+    out_dir: str | Path,
+    metrics: Sequence[str] | str | None = None,
+    log_y: str | bool = "auto",
+    cells: Sequence[str] | str | None = None,
+    max_panels: int = DEFAULT_MAX_PANELS,
+    warn: Callable[[str], None] | None = _stderr,
+) -> Path:
+    """Write ``<out_dir>/report.md`` and one PNG per (recipe, metric); return the path of report.md.
+
+    ``metrics`` (names or comma-separated names) restricts the metrics; ``cells`` (e.g.
+    ``["dim=10,n_samples=100"]``) restricts the grid cells, a cell being kept if it matches any
+    filter; ``log_y`` is ``"auto"`` (log where one panel's values span two orders of magnitude),
+    ``"true"`` or ``"false"``; ``max_panels`` caps the panels per figure. Unusable run dirs are
+    skipped with a one-line ``warn`` each; :class:`ReportError` when none is usable.
+    """
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    mode = _log_y_mode(log_y)
+    wanted = _metric_list(metrics)
+    filters = parse_cell_filters(cells)
+    if max_panels < 1:
+        raise ReportError(f"--max_panels must be >= 1, got {max_panels}")
+    warn = warn or (lambda _msg: None)
+    if not run_dirs:
+        raise ReportError("no run dir given")
+
+    runs, skipped, seen = [], [], set()
+    for rd in run_dirs:
+        try:
+            resolved = Path(rd).resolve()
+        except OSError:
+            resolved = Path(rd)
+        if resolved in seen:
+            continue  # the same run listed twice is read once
+        seen.add(resolved)
+        try:
+            runs.append(load_run(rd))
+        except ReportError as exc:
+            skipped.append(str(exc))
+    if not runs:
+        raise ReportError("no usable run dir: " + "; ".join(skipped))
+    for reason in skipped:
+        warn(f"warning: skipped {reason}")
+
+    groups = merge_runs(runs)
+    if wanted is not None:
+        present = {m for g in groups for m, _, _ in g.series}
+        if not present & set(wanted):
+            raise ReportError(
+                f"none of --metrics {','.join(wanted)} is in the runs; available: {', '.join(sorted(present))}"
+            )
+    if filters and not any(_cell_matches(g.grid, c, filters) for g in groups for _, _, c in g.series):
+        examples = "; ".join(f"{g.recipe}: {_cell_title(g.grid, next(iter(g.series))[2]) or 'no grid'}" for g in groups)
+        raise ReportError(f"--cells matches no cell (cells look like {examples})")
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create --out {out} ({exc.strerror or exc})") from None
+
+    md = ["# Model-collapse report", ""]
+    md += [
+        f"{len(runs)} run dir{'s' if len(runs) != 1 else ''}, {len(groups)} recipe{'s' if len(groups) != 1 else ''}. "
+        f"Values are means over seeds ± the half-width of the {CONFIDENCE:.0%} confidence interval of the mean "
+        "(Student t, n − 1 degrees of freedom); generation 0 is fitted on real data. Non-finite values "
+        "(inf, nan) are left out of the means and counted. Dashed lines and the theory column are closed-form "
+        "expectations.",
+        "",
+    ]
+    if skipped:
+        md += ["Skipped run dirs:", ""] + [f"- {_md(s)}" for s in skipped] + [""]
+    used: set[str] = set()
+    report = out / "report.md"
+    try:
+        for data in groups:
+            md += _section(data, out, wanted, filters, mode, max_panels, used)
+        atomic_write_text(report, "\n".join(md).rstrip() + "\n")
+    except OSError as exc:
+        raise ReportError(f"cannot write the report into {out} ({exc.strerror or exc})") from None
+    return report
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like the recipes' own command lines
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m recipes.report``."""
+    p = _Parser(
+        prog="python -m recipes.report",
+        description="Plots and tables (report.md) of one or many recipe run dirs.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run dirs holding config.yaml and metrics.csv.")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="Folder for report.md and the PNGs.")
+    p.add_argument(
+        "--metrics", action="append", metavar="M1,M2", help="Only these metrics (comma-separated; repeatable)."
+    )
+    p.add_argument(
+        "--log_y",
+        default="auto",
+        type=str.lower,
+        choices=("auto", "true", "false"),
+        help="Log y axis: auto (where values span two orders of magnitude), true or false.",
+    )
+    p.add_argument(
+        "--cells",
+        action="append",
+        metavar="P=V[,P=V]",
+        help="Only grid cells matching these values, e.g. 'dim=10,n_samples=100'; repeat for more (any may match).",
+    )
+    p.add_argument("--max_panels", type=int, default=DEFAULT_MAX_PANELS, help="At most this many panels per figure.")
+    return p
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (``collapse-report``): parse flags, write the report, exit 2 with one line on bad input.
+
+    Returns None: the console-script wrapper passes the return value to ``sys.exit``.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        report = make_report(
+            args.run_dirs,
+            args.out,
+            metrics=args.metrics,
+            log_y=args.log_y,
+            cells=args.cells,
+            max_panels=args.max_panels,
+        )
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the report may be incomplete; run the same command again\n")
+        sys.exit(130)
+    print(f"report -> {report}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,321 @@
+"""The report command: plots and tables from hand-made run dirs with known numbers."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import struct
+
+import numpy as np
+import pytest
+import yaml
+
+from datamodules.workflows import Workflow
+from recipes.report import cli, fmt, make_report, read_metrics, t_quantile, workflow_colours
+
+T975_4DOF = 2.776445  # two-sided 95% Student t quantile, 4 degrees of freedom (5 seeds)
+MIX = "mix(real=256, synthetic=1024)"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(path, recipe, grid, rows, **config):
+    """A run dir with config.yaml and metrics.csv; rows: (workflow, *grid values, seed, generation, metric, value)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"recipe": recipe, "out_dir": str(path), **config}))
+    with open(path / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["workflow", *grid, "seed", "generation", "metric", "value"])
+        w.writerows(rows)
+    return path
+
+
+def lr_values(seeds=5, generations=4):
+    """Known test_mse values per workflow: (seeds, generations) arrays."""
+    rng = np.random.default_rng(7)
+    return {wf: 0.1 * (1 + np.arange(generations)) * rng.uniform(0.5, 1.5, (seeds, 1)) for wf in ("replace", MIX)}
+
+
+def lr_rows(values, cell=("2", "20", "1.0")):
+    return [
+        (wf, *cell, s, g, "test_mse", repr(float(arr[s, g])))
+        for wf, arr in values.items()
+        for s in range(arr.shape[0])
+        for g in range(arr.shape[1])
+    ]
+
+
+def table_row(md: str, *prefix: str) -> list[str]:
+    """The cells of the first table row that starts with ``prefix``."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("|") and cells[: len(prefix)] == list(prefix):
+            return cells
+    raise AssertionError(f"no table row starting with {prefix}:\n{md}")
+
+
+def mean_ci(cell: str) -> tuple[float, float]:
+    m = re.match(r"^(\S+) ± (\S+)", cell)
+    assert m, cell
+    return float(m.group(1)), float(m.group(2))
+
+
+def expected(arr: np.ndarray) -> tuple[float, float]:
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()), float(T975_4DOF * arr.std(ddof=1) / math.sqrt(arr.size))
+
+
+def is_png(path) -> bool:
+    data = path.read_bytes()
+    if not data.startswith(PNG_MAGIC) or data[12:16] != b"IHDR":
+        return False
+    width, height = struct.unpack(">II", data[16:24])
+    return width > 100 and height > 100
+
+
+def test_t_quantile_matches_tables():
+    table = {1: 12.7062, 2: 4.3027, 4: 2.7764, 10: 2.2281, 30: 2.0423, 100: 1.9840, 5000: 1.9604, 10**6: 1.9600}
+    for df, value in table.items():
+        assert t_quantile(df) == pytest.approx(value, abs=1e-4)
+    assert t_quantile(4, 0.99) == pytest.approx(4.6041, abs=1e-4)
+    with pytest.raises(ValueError):
+        t_quantile(0)
+
+
+def test_linear_regression_report_means_ci_and_theory(tmp_path):
+    values = lr_values()
+    run = write_run(tmp_path / "lr", "linear_regression", ["dim", "n_samples", "noise_var"], lr_rows(values))
+    report = make_report([run], tmp_path / "out", warn=None)
+    assert report == tmp_path / "out" / "report.md"
+    png = tmp_path / "out" / "linear_regression_test_mse.png"
+    assert is_png(png)
+    md = report.read_text()
+    assert "![linear_regression test_mse](linear_regression_test_mse.png)" in md
+    header = table_row(md, "dim")
+    assert header == ["dim", "n_samples", "noise_var", "workflow", "gen 0", "gen 3", "theory (gen 3)", "seeds"]
+
+    row = table_row(md, "2", "20", "1.0", "replace")
+    for col, g in ((4, 0), (5, 3)):
+        mean, half = mean_ci(row[col])
+        exp_mean, exp_half = expected(values["replace"][:, g])
+        assert mean == pytest.approx(exp_mean, rel=1e-3)
+        assert half == pytest.approx(exp_half, rel=0.05)  # half-widths are printed to 2 significant digits
+    # replace: sigma^2 d / (T - d - 1) * (g + 1) at g = 3
+    assert float(row[6]) == pytest.approx(1.0 * 2 / (20 - 2 - 1) * 4, rel=1e-3)
+    assert row[7] == "5"
+
+    # A label with commas is quoted in the CSV and comes back whole; it has no closed form here.
+    mix = table_row(md, "2", "20", "1.0", MIX)
+    assert Workflow.parse(mix[3]).label == MIX
+    assert mix[6] == ""
+    assert mean_ci(mix[5])[0] == pytest.approx(expected(values[MIX][:, 3])[0], rel=1e-3)
+
+
+def test_non_finite_values_are_excluded_and_counted(tmp_path):
+    nll = np.array([[1.0, 2.0], [1.5, np.inf], [2.0, 4.0], [2.5, np.nan], [3.0, -np.inf]])  # (seeds, generations)
+    rows = [("replace", "3", "2", s, g, "test_nll", repr(float(nll[s, g]))) for s in range(5) for g in range(2)]
+    rows += [("accumulate", "3", "2", s, g, "test_nll", "inf") for s in range(5) for g in range(2)]
+    run = write_run(tmp_path / "g", "gaussian", ["dim", "n_samples"], rows, sigma2=1.0)
+    md = make_report(run, tmp_path / "out", warn=None).read_text()
+    row = table_row(md, "3", "2", "replace")
+    mean, half = mean_ci(row[3])
+    assert mean == pytest.approx(expected(nll[:, 0])[0], rel=1e-3)
+    assert half == pytest.approx(expected(nll[:, 0])[1], rel=0.05)
+    # Generation 1: two finite values (2, 4) -> 1 degree of freedom.
+    assert row[4].startswith("3 ± ")
+    assert "n=2, 3 non-finite excluded" in row[4]
+    assert mean_ci(row[4])[1] == pytest.approx(12.7062 * math.sqrt(2.0) / math.sqrt(2), rel=0.05)
+    only_inf = table_row(md, "3", "2", "accumulate")
+    assert only_inf[3] == "— (all 5 non-finite)"
+    assert is_png(tmp_path / "out" / "gaussian_test_nll.png")
+
+
+def test_runs_of_one_recipe_merge_and_recipes_get_sections(tmp_path):
+    values = lr_values()
+    rows = lr_rows(values)
+    a = write_run(tmp_path / "a", "linear_regression", ["dim", "n_samples", "noise_var"], [r for r in rows if r[4] < 3])
+    # The second run repeats seed 2 (kept once) and adds seeds 3 and 4.
+    b = write_run(
+        tmp_path / "b", "linear_regression", ["dim", "n_samples", "noise_var"], [r for r in rows if r[4] >= 2]
+    )
+    lit = write_run(
+        tmp_path / "lit",
+        "vae_mnist",
+        [],
+        [("accumulate", s, g, "val_loss", str(1.0 + s + g)) for s in range(3) for g in range(3)],
+    )
+    md = make_report([a, b, lit], tmp_path / "out", metrics="test_mse,val_loss", warn=None).read_text()
+    assert "## linear_regression" in md and "## vae_mnist" in md
+    row = table_row(md, "2", "20", "1.0", "replace")
+    assert row[-1] == "5"
+    assert mean_ci(row[5]) == pytest.approx(expected(values["replace"][:, 3]), rel=0.05)
+    assert "only the first was kept" in md
+    assert table_row(md, "accumulate")[1:] == ["2 ± 2.5", "4 ± 2.5", "3"]
+    assert is_png(tmp_path / "out" / "vae_mnist_val_loss.png")
+
+
+def test_unusable_run_dirs_are_skipped_with_one_line(tmp_path, capsys):
+    good = write_run(tmp_path / "good", "linear_regression", ["dim", "n_samples", "noise_var"], lr_rows(lr_values()))
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "cells").mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("recipe: gaussian\n")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.csv").write_text("workflow,dim,generation,metric\nreplace,1,0,x\n")
+    assert (
+        cli([str(good), str(unfinished), str(bad), str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) is None
+    )
+    report = tmp_path / "out" / "report.md"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("warning: skipped ") for line in err)
+    assert any("unfinished: no metrics.csv (unfinished run?); it holds cells/, config.yaml" in e for e in err)
+    assert any("lacks columns seed, value" in e for e in err)
+    assert any("missing: no such directory" in e for e in err)
+    assert "Skipped run dirs" in report.read_text()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "no such directory"),
+        (lambda p: (p.mkdir(), (p / "config.yaml").write_text("recipe: kde\n")), "no metrics.csv (unfinished run?)"),
+        (lambda p: (p.mkdir(), (p / "metrics.csv").write_text("")), "metrics.csv is empty"),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "metrics.csv").write_text("workflow,seed,generation,metric,value\nreplace,0,0\n"),
+            ),
+            "data row 1: expected 5 fields",
+        ),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "metrics.csv").write_text("workflow,seed,generation,metric,value\nreplace,0,0,m,x\n"),
+            ),
+            "value 'x' is not a number",
+        ),
+    ],
+)
+def test_no_usable_run_dir_exits_2_with_one_error_line(tmp_path, capsys, make, message):
+    run = tmp_path / "run"
+    make(run)
+    with pytest.raises(SystemExit) as exc:
+        cli([str(run), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_cell_filter_panel_cap_and_metric_filter(tmp_path):
+    rows = []
+    for dim in ("1", "2", "3"):
+        values = lr_values(seeds=2, generations=2)
+        rows += lr_rows({"accumulate": values["replace"]}, cell=(dim, "50", "1.0"))
+        rows += [("accumulate", dim, "50", "1.0", s, g, "other", "1") for s in range(2) for g in range(2)]
+    run = write_run(tmp_path / "lr", "linear_regression", ["dim", "n_samples", "noise_var"], rows)
+    md = make_report(run, tmp_path / "o1", metrics=["test_mse"], cells=["dim=2", "dim=3.0"], max_panels=1, warn=None)
+    text = md.read_text()
+    assert "### other" not in text and not (tmp_path / "o1" / "linear_regression_other.png").exists()
+    assert "showing 1 of 2 cells" in text
+    table_row(text, "2", "50", "1.0", "accumulate")
+    table_row(text, "3", "50", "1.0", "accumulate")
+    assert "| 1 | 50 |" not in text
+    with pytest.raises(SystemExit):
+        cli([str(run), "--out", str(tmp_path / "o2"), "--metrics", "nope"])
+
+
+def test_read_metrics_streams_quoted_labels(tmp_path):
+    run = write_run(
+        tmp_path / "r", "gaussian", ["dim"], [(MIX, "1", 0, 0, "m", "nan"), ("replace", "1", 0, 0, "m", "")]
+    )
+    grid, series, rows = read_metrics(run / "metrics.csv")
+    assert grid == ("dim",) and rows == 2
+    assert set(series) == {("m", MIX, ("1",)), ("m", "replace", ("1",))}
+    assert all(np.isnan(v[2]).all() for v in series.values())
+
+
+def test_formatting_and_colours():
+    assert [fmt(x) for x in (0.0, 1234.5678, 1.23456e-5, 2.5e7, float("inf"), float("nan"))] == [
+        "0",
+        "1235",
+        "1.235e-5",
+        "2.5e7",
+        "inf",
+        "nan",
+    ]
+    assert [fmt(x, 2) for x in (150.0, 1234.5, 0.0512, 0.99999)] == ["150", "1200", "0.051", "1"]
+    colours = workflow_colours(["accumulate", "replace", "accumulate_subsample", MIX, "replace(multiplier=2)"])
+    assert colours["replace"] == "#d62728" and colours["accumulate"] == "#1f77b4"
+    assert colours["accumulate_subsample"] == "#2ca02c"
+    assert len(set(colours.values())) == 5
+
+
+def test_gaussian_theory_uses_sigma2_from_config(tmp_path):
+    d, n, sigma2, last = 2, 10, 2.0, 3
+    rows = [("replace", str(d), str(n), s, g, "mean_sq_error", "0.5") for s in range(3) for g in range(last + 1)]
+    run = write_run(tmp_path / "g", "gaussian", ["dim", "n_samples"], rows, sigma2=sigma2)
+    md = make_report(run, tmp_path / "out", warn=None).read_text()
+    row = table_row(md, str(d), str(n), "replace")
+    # replace with synthetic sets of n samples: d sigma^2 (1 - ((n - 1) / n)^(g + 1))
+    assert float(row[5]) == pytest.approx(d * sigma2 * (1 - ((n - 1) / n) ** (last + 1)), rel=1e-3)
+    assert row[3] == "0.5 ± 0"  # identical values: a zero-width interval
+
+    # A second run with another sigma2 is another experiment: its own cells, its own theory.
+    other = write_run(tmp_path / "g1", "gaussian", ["dim", "n_samples"], rows, sigma2=1.0)
+    md = make_report([run, other], tmp_path / "out2", warn=None).read_text()
+    assert table_row(md, "dim")[:4] == ["dim", "n_samples", "sigma2", "workflow"]
+    for s2 in (1.0, sigma2):
+        row = table_row(md, str(d), str(n), str(s2), "replace")
+        assert float(row[6]) == pytest.approx(d * s2 * (1 - ((n - 1) / n) ** (last + 1)), rel=1e-3)
+        assert row[-1] == "3"
+    assert "the runs differ in sigma2" in md and "only the first was kept" not in md
+
+
+@pytest.mark.parametrize(
+    ("text", "fast_path"),
+    [
+        ("replace,1,0,0,m,1.5\n", True),  # the recipes' own format
+        ('"mix(real=2, synthetic=3)",1,0,0,m,1.5\r\nreplace,1,1,0,m,inf\r\n', True),  # quoted label, CRLF
+        ("replace,1,0,0,m,1.5\nreplace,1,1,0,m,nan", True),  # no final newline
+        ("replace,1,0,0,m,1.5\n\nreplace,1,1,0,m,nan\n", False),  # blank line
+        ("replace,1,0,0,m,\nreplace,1,1,0,m,-inf\n", False),  # empty value: missing
+        ('replace,1,0,0,"m",2\n', False),  # quoted metric
+    ],
+)
+def test_fast_and_general_readers_agree(tmp_path, text, fast_path):
+    from recipes.report import _header, _read_blocks, _read_rows
+
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(("workflow,dim,seed,generation,metric,value\n" + text).encode())
+    header = _header(path)
+    general = _read_rows(path, header)
+    fast = _read_blocks(path, header)
+    assert (fast is not None) == fast_path
+    if fast is not None:
+        assert fast[0] == general[0]
+        for a, b in zip(fast[1:], general[1:]):
+            assert np.array_equal(a, b, equal_nan=True)
+    grid, series, rows = read_metrics(path)
+    assert rows == len(general[1]) and grid == ("dim",)
+
+
+def test_fast_reader_handles_the_recipes_format(tmp_path):
+    from recipes.report import _header, _read_blocks
+
+    run = write_run(tmp_path / "r", "linear_regression", ["dim", "n_samples", "noise_var"], lr_rows(lr_values()))
+    path = run / "metrics.csv"
+    parsed = _read_blocks(path, _header(path))
+    assert parsed is not None
+    assert {k[0] for k in parsed[0]} == {"replace", MIX}
+
+
+def test_bad_flags_give_one_line(tmp_path, capsys):
+    run = write_run(tmp_path / "r", "linear_regression", ["dim", "n_samples", "noise_var"], lr_rows(lr_values()))
+    out = ["--out", str(tmp_path / "out")]
+    for argv in ([*out, "--log_y", "maybe"], [*out, "--cells", "dim"], [*out, "--cells", "dim=7"], []):
+        with pytest.raises(SystemExit) as exc:
+            cli([str(run), *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
