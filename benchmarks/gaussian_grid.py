@@ -34,8 +34,8 @@ def main() -> None:
     p.add_argument("--workflow", nargs="+", default=["replace", "accumulate", "accumulate_subsample"])
     p.add_argument("--dim", nargs="+", type=int, default=[1, 3, 10, 31])
     p.add_argument("--n_samples", nargs="+", type=int, default=[10, 32, 100, 316])
-    p.add_argument("--generations", type=int, default=30)
-    p.add_argument("--num_seeds", type=int, default=30)
+    p.add_argument("--generations", type=int, default=100)
+    p.add_argument("--num_seeds", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
 

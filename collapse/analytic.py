@@ -14,11 +14,15 @@ concatenation of the cells in grid order.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
 import re
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,7 +60,12 @@ class Problem(Protocol):
         """Metrics of every seed's model on real held-out data, each ``(S,)``."""
 
     def sample(self, model: Any, rng: np.random.Generator, count: int) -> np.ndarray:
-        """A synthetic set of ``count`` examples from every seed's model, ``(S, count, ...)``."""
+        """A synthetic set of ``count`` examples from every seed's model, ``(S, count, ...)``.
+
+        A problem may also define ``sample_summary(model, rng, count)``: a draw of the *sufficient
+        statistics* of such a set (an object with a ``count`` attribute), exact in distribution, which
+        the loop uses when the workflow only ever trains on whole synthetic sets.
+        """
 
 
 def gather(parts: Sequence[np.ndarray], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,12 +79,17 @@ def gather(parts: Sequence[np.ndarray], index: np.ndarray) -> tuple[np.ndarray, 
     pos = np.searchsorted(offsets, index, side="right") - 1  # (S, m) part of each pool index
     row = index - offsets[pos]
     S, m = index.shape
-    out = np.empty((S, m) + parts[0].shape[2:], dtype=np.result_type(*parts))
-    seed_of = np.broadcast_to(np.arange(S)[:, None], (S, m))
+    out = np.empty((S * m,) + parts[0].shape[2:], dtype=np.result_type(*parts))
+    # Group the requests by part (one sort), then read each part once with one fancy index.
+    flat_pos, flat_row = pos.ravel(), row.ravel()
+    flat_seed = np.repeat(np.arange(S), m)
+    order = np.argsort(flat_pos, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(flat_pos, minlength=len(parts)))])
     for i, part in enumerate(parts):
-        sel = pos == i
-        if sel.any():
-            out[sel] = part[seed_of[sel], row[sel]]
+        take = order[bounds[i] : bounds[i + 1]]
+        if take.size:
+            out[take] = part[flat_seed[take], flat_row[take]]
+    out = out.reshape((S, m) + parts[0].shape[2:])
     return out, row
 
 
@@ -101,6 +115,15 @@ class PrefixCache:
             value = piece if value is None else self.merge(value, piece)
         self._keys, self._value = keys, value
         return value
+
+
+def _part(data: Any, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of a set; a set kept only as a summary (see ``Problem``) is used whole."""
+    if isinstance(data, np.ndarray):
+        return data[:, start:stop]
+    if start != 0 or stop != data.count:
+        raise ValueError(f"a summarised synthetic set can only be used whole, not rows {start}:{stop}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -153,12 +176,13 @@ def simulate(
     workflow.check(real_size, generations)
     keep_all = workflow.name not in ("replace", "replace_multiple", "mix")
     real = problem.real(workflow.real_needed(real_size, generations))
+    summarise = getattr(problem, "sample_summary", None)
     synthetic: dict[int, np.ndarray] = {}
     in_memory = real.nbytes
     out = {name: np.empty((generations, num_seeds)) for name in problem.metrics}
     for t in range(generations):
         ts = workflow.training_set(t, real_size, seed=(seed << 32) | stream, num_seeds=num_seeds)
-        parts = [(real if src == REAL else synthetic[src])[:, start:stop] for src, start, stop in ts.sources]
+        parts = [_part(real if src == REAL else synthetic[src], start, stop) for src, start, stop in ts.sources]
         model = problem.fit(ts, parts)
         values = problem.evaluate(model)
         for name in problem.metrics:
@@ -167,16 +191,20 @@ def simulate(
             progress(t, values)
         if t + 1 < generations:
             rng = np.random.default_rng([seed, stream, t, 1])
-            new = problem.sample(model, rng, workflow.synthetic_size(real_size))
+            count = workflow.synthetic_size(real_size)
+            if summarise is not None and workflow.name != "accumulate_subsample":
+                new = summarise(model, rng, count)  # whole sets only: their sufficient statistics will do
+            else:
+                new = problem.sample(model, rng, count)
             if not keep_all:  # replace-like workflows never look further back than the newest set
                 synthetic.clear()
-            elif scratch is not None and in_memory + new.nbytes > memory_budget:
+            elif isinstance(new, np.ndarray) and scratch is not None and in_memory + new.nbytes > memory_budget:
                 # The pool outgrew the budget: keep this set on disk, memory-mapped; gathers read only their rows.
                 scratch.mkdir(parents=True, exist_ok=True)
                 np.save(scratch / f"set_{t:03d}.npy", new)
                 new = np.load(scratch / f"set_{t:03d}.npy", mmap_mode="r")
             else:
-                in_memory += new.nbytes
+                in_memory += getattr(new, "nbytes", 0)
             synthetic[t] = new
     return out
 
@@ -184,17 +212,87 @@ def simulate(
 def cell_rows(cell: Cell, values: dict[str, np.ndarray], seed: int) -> list[str]:
     """CSV lines (no header) for one cell: workflow, grid values, seed, generation, metric, value."""
     prefix = ",".join([_csv_field(cell.workflow.label)] + [_csv_field(str(v)) for v in cell.params.values()])
-    lines = []
+    lines: list[str] = []
     for metric, arr in values.items():
         G, S = arr.shape
+        seeds = [f"{prefix},{seed + s}," for s in range(S)]
         for g in range(G):
-            row = arr[g].tolist()  # Python floats: repr gives the shortest exact text ("inf" for infinity)
-            lines.extend(f"{prefix},{seed + s},{g},{metric},{row[s]!r}" for s in range(S))
+            tail = f",{metric},"
+            # Python floats: repr gives the shortest text that reads back exactly ("inf" for infinity).
+            values_text = map(repr, arr[g].tolist())
+            lines.extend(map("".join, zip(seeds, itertools.repeat(str(g)), itertools.repeat(tail), values_text)))
     return lines
 
 
 def _csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+@dataclass(frozen=True)
+class _CellJob:
+    """Everything needed to run one cell, picklable so that a worker process can run it."""
+
+    recipe: str
+    label: str  # "cell i/N"
+    cell: Cell
+    make_problem: Callable[[Cell, np.random.Generator], Problem]
+    real_size: int
+    generations: int
+    num_seeds: int
+    seed: int
+    log_every: int
+    path: Path
+    scratch: Path
+    columns: tuple[str, ...]
+
+
+def _run_cell(job: _CellJob) -> dict[str, np.ndarray]:
+    """Run one cell and write its CSV atomically; returns its metrics ``(G, S)``."""
+    t0 = time.perf_counter()
+    head = f"[{job.recipe}] {job.label} {job.cell.describe()}"
+    last = job.generations - 1
+
+    def progress(g: int, values: dict[str, np.ndarray]) -> None:
+        if g % max(1, job.log_every) == 0 or g == last:
+            shown = " ".join(f"{k}={_mean(v):.4g}" for k, v in values.items())
+            print(f"{head} gen {g}/{last} {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    problem = job.make_problem(job.cell, np.random.default_rng([job.seed, job.cell.stream, 0]))
+    try:
+        values = simulate(
+            problem, job.cell.workflow, job.real_size, job.generations, job.num_seeds, job.seed, job.cell.stream,
+            progress, job.scratch,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(job.scratch, ignore_errors=True)
+    with atomic_open(job.path, "w") as fh:
+        fh.write(",".join(job.columns) + "\n")
+        fh.write("\n".join(cell_rows(job.cell, values, job.seed)) + "\n")
+    return values
+
+
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Worker processes inherit this environment: one BLAS thread each, so workers x threads <= cores."""
+    keys = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def run_grid(
@@ -208,45 +306,62 @@ def run_grid(
     seed: int,
     tracker: Tracker | None = None,
     log_every: int = 10,
+    workers: int = 1,
 ) -> Path:
-    """Run every cell not finished yet, write ``<out_dir>/metrics.csv`` and return its path."""
+    """Run every cell not finished yet, write ``<out_dir>/metrics.csv`` and return its path.
+
+    With ``workers > 1`` the cells run in that many worker processes (started fresh, one BLAS thread
+    each; ``make_problem`` must then be picklable, e.g. a module-level function or a partial of one).
+    A cell's numbers depend only on the seed and the cell, never on the worker that ran it.
+    """
     out = Path(out_dir)
     cell_dir = out / "cells"
     cell_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["workflow", *cells[0].params, *TAIL_COLUMNS]
+    columns = ("workflow", *cells[0].params, *TAIL_COLUMNS)
     t_start = time.perf_counter()
+    jobs = []
     for i, cell in enumerate(cells, 1):
         path = cell_dir / f"{cell.key}.csv"
-        head = f"[{recipe}] cell {i}/{len(cells)} {cell.describe()}"
         if path.is_file():
-            print(f"{head}: finished earlier, kept", flush=True)
+            print(f"[{recipe}] cell {i}/{len(cells)} {cell.describe()}: finished earlier, kept", flush=True)
             continue
-        t0 = time.perf_counter()
-        problem = make_problem(cell, np.random.default_rng([seed, cell.stream, 0]))
+        jobs.append(
+            _CellJob(
+                recipe,
+                f"cell {i}/{len(cells)}",
+                cell,
+                make_problem,
+                real_size_of(cell),
+                generations,
+                num_seeds,
+                seed,
+                log_every,
+                path,
+                out / ".scratch" / cell.key,
+                columns,
+            )  # fmt: skip
+        )
 
-        def progress(g: int, values: dict[str, np.ndarray], head: str = head, t0: float = t0) -> None:
-            if g % max(1, log_every) == 0 or g == generations - 1:
-                shown = " ".join(f"{k}={_mean(v):.4g}" for k, v in values.items())
-                print(f"{head} gen {g}/{generations - 1} {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
-
-        real_size = real_size_of(cell)
-        scratch = out / ".scratch" / cell.key
-        try:
-            values = simulate(
-                problem, cell.workflow, real_size, generations, num_seeds, seed, cell.stream, progress, scratch
-            )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        with atomic_open(path, "w") as fh:
-            fh.write(",".join(columns) + "\n")
-            fh.write("\n".join(cell_rows(cell, values, seed)) + "\n")
+    def record(job: _CellJob, values: dict[str, np.ndarray]) -> None:
         if tracker is not None:
             for g in range(generations):
-                tracker.log({f"{cell.describe()}/{k}": _mean(v[g]) for k, v in values.items()}, generation=g)
+                tracker.log({f"{job.cell.describe()}/{k}": _mean(v[g]) for k, v in values.items()}, generation=g)
+
+    if workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked BLAS or W&B threads
+        with _single_threaded_blas(), ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            futures = {pool.submit(_run_cell, job): job for job in jobs}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+    else:
+        for job in jobs:
+            record(job, _run_cell(job))
     parts = [cell_dir / f"{c.key}.csv" for c in cells]
     _check_cells(parts, generations * num_seeds)
     metrics = out / METRICS
     concat_csv(metrics, parts)
+    if tracker is not None:
+        tracker.save_file(metrics)
     print(f"[{recipe}] {len(cells)} cells done in {time.perf_counter() - t_start:.1f}s -> {metrics}", flush=True)
     return metrics
 
@@ -289,6 +404,9 @@ class AnalyticConfig:
     """Replace an existing run in --out_dir that has a different config (otherwise refused)."""
     log_every: int = 10
     """Print a progress line every this many generations of each cell (1 = every generation)."""
+    workers: int = 0
+    """Grid cells run in parallel in this many processes; 0 = one per available CPU core. Results do not
+    depend on it."""
     report: bool = True
     """Write <out_dir>/report/ (plots and a markdown table) when the grid is done."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -305,6 +423,8 @@ def launch(
     """Validate the shared flags, prepare the run directory, run the grid, write the report."""
     positive_ints("generations", cfg.generations)
     positive_ints("num_seeds", cfg.num_seeds)
+    if cfg.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0 = one per CPU core), got {cfg.workers}")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
     workflows = parse_workflows(cfg.workflow)
@@ -329,6 +449,7 @@ def launch(
             cfg.seed,
             tracker=tracker,
             log_every=cfg.log_every,
+            workers=cfg.workers or available_cores(),
         )
     finally:
         tracker.finish()

@@ -217,7 +217,7 @@ def run_generations(
                 print(ctx.progress_line(g, metrics, f"{seconds:.1f}s"), flush=True)
                 tracker.log({**metrics, "time/generation_s": seconds}, generation=g)
         all_metrics = {g: _read_metrics(store, g) for g in store.completed() if g < cfg.generations}
-        write_metrics_csv(store, wf.label, cfg.seed)
+        tracker.save_file(write_metrics_csv(store, wf.label, cfg.seed))
     finally:
         tracker.finish()
     return LoopResult(out, all_metrics, fitted, committed)

@@ -26,7 +26,9 @@ METRICS = "metrics.csv"
 TAIL_COLUMNS = ("seed", "generation", "metric", "value")
 
 # Flags that change how a run is executed or logged, not what it computes: they may differ on resume.
-EXECUTION_KEYS = frozenset({"overwrite", "wandb", "log_every", "report", "num_workers", "config", "print_config"})
+EXECUTION_KEYS = frozenset(
+    {"overwrite", "wandb", "log_every", "report", "workers", "num_workers", "config", "print_config"}
+)
 
 
 class RunDirError(UserError):
@@ -141,9 +143,9 @@ def concat_csv(target: str | Path, parts: Sequence[str | Path]) -> int:
                     out.write(first)
                 elif first != header:
                     raise RunDirError(f"{part}: header differs from the other result files")
-                for line in fh:
-                    out.write(line)
-                    rows += 1
+                body = fh.read()
+                out.write(body)
+                rows += body.count("\n")
     return rows
 
 

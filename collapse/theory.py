@@ -49,6 +49,10 @@ def gaussian_mean_sq_error(workflow: Workflow, dim: int, n_samples: int, sigma2:
     replace (synthetic sets of m = n samples):  d sigma^2 (1 - ((n - 1) / n)^(g + 1))
     replace, m = k n:  d sigma^2 [1/n + (n-1)/(n m) sum_{j<g} ((m-1)/m)^j]
     accumulate:        d sigma^2 / n * sum_{k=0}^{g} 1 / (k + 1)^2
+
+    The replace forms are exact for the biased MLE. The accumulate form treats every synthetic set's
+    covariance as Sigma; the biased MLE's shrinks by (n-1)/n per fit, so a simulation sits slightly
+    below it (about 2% at n = 20 after 15 generations, vanishing as n grows).
     """
     g = np.asarray(generations, dtype=float)
     n, d = n_samples, dim

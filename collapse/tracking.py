@@ -80,6 +80,12 @@ class Tracker:
                 payload["generation"] = generation
             self.run.log(payload)
 
+    def save_file(self, path: str | Path) -> None:
+        """Attach a file of the run directory (e.g. metrics.csv) to the W&B run."""
+        if self.run is not None:
+            path = Path(path)
+            self.run.save(str(path), base_path=str(path.parent), policy="now")
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

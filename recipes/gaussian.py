@@ -20,6 +20,8 @@ d sigma^2 / n * sum_{k<=g} 1/(k+1)^2 (see ``collapse/theory.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,6 +48,18 @@ class GaussianConfig(AnalyticConfig):
     """Fresh real points on which test_nll is measured (the same points every generation)."""
 
 
+class Moments(NamedTuple):
+    """Sufficient statistics of a set of points: count, mean (S, d), centred scatter (S, d, d)."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.mean.nbytes + self.m2.nbytes
+
+
 @dataclass
 class _Fit:
     count: int
@@ -63,27 +77,32 @@ class GaussianProblem:
     def __init__(self, dim: int, num_seeds: int, sigma2: float, n_test: int, rng: np.random.Generator):
         self.d, self.S, self.sigma2 = dim, num_seeds, sigma2
         self.rng = rng
-        self.test = self.real(n_test)  # (S, n_test, d) fresh real points, never trained on
+        test = self.real(n_test)  # (S, n_test, d) fresh real points, never trained on
+        self.test_mean = test.mean(axis=1)  # (S, d)
+        centred = test - self.test_mean[:, None, :]
+        self.test_cov = np.matmul(centred.transpose(0, 2, 1), centred) / n_test  # (S, d, d)
         self._cache = PrefixCache(self._moments, self._merge)
 
     def real(self, count: int) -> np.ndarray:
         return np.sqrt(self.sigma2) * self.rng.standard_normal((self.S, count, self.d))  # (S, count, d)
 
     @staticmethod
-    def _moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    def _moments(x: np.ndarray | Moments) -> Moments:
         """(count, mean (S, d), centred scatter sum_i (x_i - mean)(x_i - mean)^T (S, d, d))."""
+        if isinstance(x, Moments):
+            return x
         x = x.astype(np.float64, copy=False)
         mean = x.mean(axis=1)
         xc = x - mean[:, None, :]
-        return x.shape[1], mean, np.matmul(xc.transpose(0, 2, 1), xc)
+        return Moments(x.shape[1], mean, np.matmul(xc.transpose(0, 2, 1), xc))
 
     @staticmethod
-    def _merge(a: tuple, b: tuple) -> tuple[int, np.ndarray, np.ndarray]:
+    def _merge(a: Moments, b: Moments) -> Moments:
         """Chan et al.'s pairwise update: M2 = M2_a + M2_b + delta delta^T n_a n_b / n (stable, exact)."""
         (na, ma, m2a), (nb, mb, m2b) = a, b
         n = na + nb
         delta = mb - ma
-        return n, ma + delta * (nb / n), m2a + m2b + np.einsum("si,sj->sij", delta, delta) * (na * nb / n)
+        return Moments(n, ma + delta * (nb / n), m2a + m2b + np.einsum("si,sj->sij", delta, delta) * (na * nb / n))
 
     def fit(self, ts: TrainingSet, parts: list[np.ndarray]) -> _Fit:
         rows = None
@@ -112,11 +131,14 @@ class GaussianProblem:
             # A rank-deficient cov can still factor with round-off pivots; call it singular then.
             pivots = np.diagonal(fit.chol, axis1=1, axis2=2)
             singular = pivots.min(axis=1) <= 1e-7 * pivots.max(axis=1)
-            # -log N(x; mu, Sigma) = (d log 2pi + log det Sigma + |L^{-1}(x - mu)|^2) / 2
-            diff = (self.test - fit.mean[:, None, :]).transpose(0, 2, 1)  # (S, d, n_test)
-            z = np.linalg.solve(fit.chol, diff)
-            logdet_chol = 2.0 * np.log(np.diagonal(fit.chol, axis1=1, axis2=2)).sum(axis=1)
-            nll = 0.5 * (d * LOG_2PI + logdet_chol + (z**2).sum(axis=1).mean(axis=1))
+            # -log N(x; mu, Sigma) = (d log 2pi + log det Sigma + (x - mu)^T Sigma^{-1} (x - mu)) / 2. Averaged
+            # over the test points, the quadratic term is tr(Sigma^{-1} C) + |L^{-1}(xbar - mu)|^2 with the
+            # test points' mean xbar and biased covariance C: O(d^3) per generation, whatever n_test is.
+            l_inv = np.linalg.inv(fit.chol)  # (S, d, d)
+            precision = np.matmul(l_inv.transpose(0, 2, 1), l_inv)
+            z = np.matmul(l_inv, (self.test_mean - fit.mean)[..., None])[..., 0]  # (S, d)
+            quad = (precision * self.test_cov).sum(axis=(1, 2)) + (z**2).sum(axis=1)
+            nll = 0.5 * (d * LOG_2PI + 2.0 * np.log(pivots).sum(axis=1) + quad)
         else:
             nll = np.empty(self.S)
         nll[singular] = np.inf  # real points fall off a singular Gaussian's support
@@ -135,12 +157,41 @@ class GaussianProblem:
             centred = fit.rows - fit.mean[:, None, :]  # (S, M, d)
             g = rng.standard_normal((self.S, count, centred.shape[1]))
             return fit.mean[:, None, :] + np.matmul(g, centred) / np.sqrt(centred.shape[1])
-        chol = fit.chol
-        if chol is None:  # numerically singular although M > d: factor through the eigenbasis
-            lam, vec = np.linalg.eigh(fit.cov)
-            chol = vec * np.sqrt(np.clip(lam, 0.0, None))[:, None, :]
         z = rng.standard_normal((self.S, count, self.d))
-        return fit.mean[:, None, :] + np.matmul(z, chol.transpose(0, 2, 1))  # x = mu + L z
+        return fit.mean[:, None, :] + np.matmul(z, self._factor(fit).transpose(0, 2, 1))  # x = mu + L z
+
+    @staticmethod
+    def _factor(fit: _Fit) -> np.ndarray:
+        """F with F F^T = Sigma_hat: the Cholesky factor, or through the eigenbasis when that failed."""
+        if fit.chol is not None:
+            return fit.chol
+        lam, vec = np.linalg.eigh(fit.cov)
+        return vec * np.sqrt(np.clip(lam, 0.0, None))[:, None, :]
+
+    def sample_summary(self, fit: _Fit, rng: np.random.Generator, count: int) -> np.ndarray | Moments:
+        """The sufficient statistics of ``count`` samples, drawn directly (exact in distribution).
+
+        For m iid points of N(mu, Sigma) = N(mu, F F^T), the sample mean and the centred scatter are
+        independent: mean ~ N(mu, Sigma / m) and scatter ~ Wishart_d(m - 1, Sigma) = F A A^T F^T, with
+        A lower triangular, A_ii ~ sqrt(chi^2_{m-1-i}), A_ij ~ N(0, 1) below the diagonal (Bartlett).
+        That costs d (d + 1) / 2 draws instead of m d. It needs m > d and a full-rank fit; otherwise
+        the points themselves are drawn.
+        """
+        if count <= self.d or fit.rows is not None:
+            return self.sample(fit, rng, count)
+        F = self._factor(fit)
+        S, d = self.S, self.d
+        A = np.tril(rng.standard_normal((S, d, d)), k=-1)
+        diag = np.sqrt(rng.chisquare(count - 1 - np.arange(d), size=(S, d)))  # dof m-1, m-2, ..., m-d
+        A[:, np.arange(d), np.arange(d)] = diag
+        FA = np.matmul(F, A)
+        mean = fit.mean + np.matmul(F, rng.standard_normal((S, d, 1)))[..., 0] / np.sqrt(count)
+        return Moments(count, mean, np.matmul(FA, FA.transpose(0, 2, 1)))
+
+
+def make_problem(cell: Cell, rng: np.random.Generator, num_seeds: int, sigma2: float, n_test: int) -> GaussianProblem:
+    """The problem of one grid cell (module level, so worker processes can unpickle it)."""
+    return GaussianProblem(cell.params["dim"], num_seeds, sigma2, n_test, rng)
 
 
 def main(cfg: GaussianConfig):
@@ -150,10 +201,8 @@ def main(cfg: GaussianConfig):
     (sigma2,) = positive_floats("sigma2", cfg.sigma2)
     positive_ints("n_test", cfg.n_test)
 
-    def make_problem(cell: Cell, rng: np.random.Generator) -> GaussianProblem:
-        return GaussianProblem(cell.params["dim"], cfg.num_seeds, sigma2, cfg.n_test, rng)
-
-    return launch("gaussian", cfg, {"dim": dims, "n_samples": sizes}, make_problem, lambda c: c.params["n_samples"])
+    make = partial(make_problem, num_seeds=cfg.num_seeds, sigma2=sigma2, n_test=cfg.n_test)
+    return launch("gaussian", cfg, {"dim": dims, "n_samples": sizes}, make, lambda c: c.params["n_samples"])
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ each curve are uniform random, so each set is a proper distribution to draw fres
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -183,6 +184,11 @@ def _bandwidths(values) -> list[float | str]:
     return out
 
 
+def make_problem(cell: Cell, rng: np.random.Generator, num_seeds: int, n_test: int) -> KDEProblem:
+    """The problem of one grid cell (module level, so worker processes can unpickle it)."""
+    return KDEProblem(cell.params["dataset"], cell.params["bandwidth"], num_seeds, n_test, rng)
+
+
 def main(cfg: KDEConfig):
     """Run the grid; return the path of metrics.csv."""
     datasets = as_list(cfg.dataset)
@@ -193,12 +199,9 @@ def main(cfg: KDEConfig):
     sizes = positive_ints("n_samples", cfg.n_samples)
     positive_ints("n_test", cfg.n_test)
 
-    def make_problem(cell: Cell, rng: np.random.Generator) -> KDEProblem:
-        p = cell.params
-        return KDEProblem(p["dataset"], p["bandwidth"], cfg.num_seeds, cfg.n_test, rng)
-
     axes = {"dataset": datasets, "bandwidth": bandwidths, "n_samples": sizes}
-    return launch("kde", cfg, axes, make_problem, lambda c: c.params["n_samples"])
+    make = partial(make_problem, num_seeds=cfg.num_seeds, n_test=cfg.n_test)
+    return launch("kde", cfg, axes, make, lambda c: c.params["n_samples"])
 
 
 if __name__ == "__main__":

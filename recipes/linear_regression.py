@@ -20,6 +20,7 @@ Indexing: generation g here is the paper's iteration n = g + 1 (n = 1 is the fit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -109,6 +110,12 @@ class LinearRegressionProblem:
         return self._labels(w, count, rng)
 
 
+def make_problem(cell: Cell, rng: np.random.Generator, num_seeds: int) -> LinearRegressionProblem:
+    """The problem of one grid cell (module level, so worker processes can unpickle it)."""
+    p = cell.params
+    return LinearRegressionProblem(p["dim"], p["n_samples"], p["noise_var"], num_seeds, rng)
+
+
 def main(cfg: LinearRegressionConfig):
     """Run the grid; return the path of metrics.csv."""
     dims = positive_ints("dim", cfg.dim)
@@ -119,12 +126,9 @@ def main(cfg: LinearRegressionConfig):
             if T < d + 2:
                 raise UserError(f"--n_samples {T} is too small for --dim {d}: OLS here needs T >= d + 2 = {d + 2}")
 
-    def make_problem(cell: Cell, rng: np.random.Generator) -> LinearRegressionProblem:
-        p = cell.params
-        return LinearRegressionProblem(p["dim"], p["n_samples"], p["noise_var"], cfg.num_seeds, rng)
-
     axes = {"dim": dims, "n_samples": rows, "noise_var": noise}
-    return launch("linear_regression", cfg, axes, make_problem, lambda c: c.params["n_samples"])
+    make = partial(make_problem, num_seeds=cfg.num_seeds)
+    return launch("linear_regression", cfg, axes, make, lambda c: c.params["n_samples"])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from datamodules.workflows import Workflow
 from recipes import gaussian, kde, linear_regression
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = dict(wandb=WandbConfig(mode="disabled"), report=False, log_every=1000)
+QUIET = dict(wandb=WandbConfig(mode="disabled"), report=False, log_every=1000, workers=1)
 
 
 def curves(metrics_csv: Path, metric: str, **where) -> dict[str, np.ndarray]:
@@ -304,3 +304,55 @@ def test_a_pool_over_the_memory_budget_is_memory_mapped_with_identical_results(t
     assert sorted(p.name for p in (tmp_path / "scratch").iterdir())[:2] == ["set_000.npy", "set_001.npy"]
     for name in results[0]:
         np.testing.assert_array_equal(results[0][name], results[1][name])
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    cfg = gaussian.GaussianConfig(
+        out_dir=str(out), workflow="accumulate", dim=2, n_samples=8, generations=3, num_seeds=4,
+        wandb=WandbConfig(mode="offline"), report=False,
+    )  # fmt: skip
+    gaussian.main(cfg)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    saved = runs[0] / "files" / "metrics.csv"
+    assert saved.read_text() == (out / "metrics.csv").read_text()
+    assert list(runs[0].glob("*.wandb")), "the offline run log (history) is missing"
+
+
+def test_worker_processes_give_the_same_numbers(tmp_path):
+    one = _run_gaussian(tmp_path / "one")
+    cfg = gaussian.GaussianConfig(
+        out_dir=str(tmp_path / "two"),
+        dim=[2, 4],
+        n_samples=[8, 30],
+        generations=6,
+        num_seeds=9,
+        **{**QUIET, "workers": 2},
+    )
+    two = gaussian.main(cfg)
+    rows_one = list(csv.reader(open(one, newline="")))
+    rows_two = list(csv.reader(open(two, newline="")))
+    assert [r[:-1] for r in rows_one] == [r[:-1] for r in rows_two]
+    # BLAS may sum in another order with one thread per worker: equal up to rounding.
+    np.testing.assert_allclose([float(r[-1]) for r in rows_one[1:]], [float(r[-1]) for r in rows_two[1:]], rtol=1e-9)
+
+
+def test_summarised_synthetic_sets_match_drawn_points_in_distribution():
+    # Replace through drawn sufficient statistics vs through drawn points: same law for the fit.
+    class PointsOnly(gaussian.GaussianProblem):
+        sample_summary = None
+
+    from collapse.analytic import simulate
+
+    wf = Workflow.parse("replace")
+    runs = [
+        simulate(cls(4, 4000, 1.0, 10, np.random.default_rng(7)), wf, 12, 6, 4000, seed=7)
+        for cls in (gaussian.GaussianProblem, PointsOnly)
+    ]
+    for metric in ("mean_sq_error", "cov_trace_ratio"):
+        a, b = runs[0][metric][-1], runs[1][metric][-1]
+        se = np.sqrt(a.var() / a.size + b.var() / b.size)
+        assert abs(a.mean() - b.mean()) < 4 * se, metric
