@@ -890,7 +890,11 @@ def _plot(
             ax.fill_between(s.generations, s.mean - s.half_width, s.mean + s.half_width, color=colour, alpha=0.18, lw=0)
             if line.theory is not None:
                 ax.plot(s.generations, line.theory, color=colour, lw=1.2, ls="--")
-        if use_log:
+        finite = [ln.summary.mean[np.isfinite(ln.summary.mean)] for ln in lines]
+        if not any(v.size for v in finite):
+            # Every value non-finite (e.g. the NLL of a singular Gaussian): say so, keep a linear axis.
+            ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        elif use_log:
             ax.set_yscale("log")
         ax.set_xlim(g_min - 0.02 * max(1, g_max - g_min), g_max + 0.02 * max(1, g_max - g_min))
         # An explicit y skips the per-draw search for a title position clear of the tick labels.

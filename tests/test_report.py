@@ -319,3 +319,18 @@ def test_bad_flags_give_one_line(tmp_path, capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_panel_with_only_infinite_values_does_not_break_a_log_axis(tmp_path):
+    run = tmp_path / "g"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: gaussian\nsigma2: 1.0\n")
+    lines = ["workflow,dim,n_samples,seed,generation,metric,value"]
+    for seed in range(3):
+        for g in range(4):
+            lines.append(f"replace,10,10,{seed},{g},test_nll,inf")
+            lines.append(f"replace,10,1000,{seed},{g},test_nll,{10.0 ** (g + seed / 10)}")
+    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    report = make_report([run], tmp_path / "out", log_y="auto")
+    assert (tmp_path / "out" / "gaussian_test_nll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "non-finite" in report.read_text()
