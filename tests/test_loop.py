@@ -386,12 +386,16 @@ def test_metrics_are_logged_to_the_tracker(tmp_path, monkeypatch):
         def log(self, metrics, generation):
             logged.append((generation, dict(metrics)))
 
+        def save_file(self, path):
+            logged.append(("file", Path(path).read_text()))
+
         def finish(self):
             logged.append("finished")
 
     monkeypatch.setattr(loop, "Tracker", FakeTracker)
     run(tmp_path / "run", "accumulate", generations=2)
-    assert [entry[0] for entry in logged[:-1]] == [0, 1] and logged[-1] == "finished"
+    assert [entry[0] for entry in logged[:-2]] == [0, 1] and logged[-1] == "finished"
+    assert logged[-2] == ("file", (tmp_path / "run" / "metrics.csv").read_text())
     assert {"test/loss", "train_size", "train_real", "train_synthetic", "time/generation_s"} <= set(logged[1][1])
 
 
