@@ -41,7 +41,7 @@ from collapse.rundir import (
     prepare_run_dir,
     resolve_out_dir,
 )
-from collapse.tracking import Tracker, WandbConfig
+from collapse.tracking import Tracker, WandbConfig, check_mode
 from datamodules.workflows import REAL, TrainingSet, Workflow, parse_workflows
 
 
@@ -428,6 +428,11 @@ def launch(
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
     workflows = parse_workflows(cfg.workflow)
+    for axis, values in axes.items():
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise UserError(f"--{axis} lists {repeated[0]} twice; give each value once")
+    check_mode(cfg.wandb)
     cells = grid(workflows, **axes)
     for cell in cells:
         try:

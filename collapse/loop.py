@@ -48,7 +48,7 @@ from callbacks.synthetic_data import SAMPLING_FILE, SyntheticDataCallback
 from collapse.atomic import atomic_open
 from collapse.errors import UserError
 from collapse.rundir import METRICS, config_dict, prepare_run_dir, write_metrics
-from collapse.tracking import Tracker, WandbConfig
+from collapse.tracking import Tracker, WandbConfig, check_mode
 from datamodules.store import GenerationStore, StoreError
 from datamodules.synthetic import RealDataModule, SyntheticAccumulatingDataModule, derive_seed
 from datamodules.workflows import Workflow, WorkflowError
@@ -194,6 +194,7 @@ def run_generations(
         raise UserError(f"--num_synthetic {num_synthetic} is less than the {needed} samples {wf.label} trains on")
 
     full_config = dict(config) if config is not None else config_dict(cfg)
+    check_mode(cfg.wandb)
     out = prepare_run_dir(cfg.out_dir, recipe, full_config, cfg.overwrite)
     store = GenerationStore(out)
     ctx = _GenerationContext(modality, cfg, wf, store, real, real_size, num_synthetic, list(callbacks))

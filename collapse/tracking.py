@@ -31,12 +31,17 @@ class WandbConfig:
     """W&B group; default: the recipe name, so all runs of a recipe compare in one view."""
 
 
+def check_mode(cfg: WandbConfig) -> None:
+    """Refuse an unknown --wandb.mode before anything is written."""
+    if cfg.mode not in MODES:
+        raise UserError(f"--wandb.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+
+
 class Tracker:
     """A thin wrapper around one ``wandb`` run; every method is a no-op when disabled."""
 
     def __init__(self, cfg: WandbConfig, recipe: str, out_dir: str | Path, config: dict[str, Any]):
-        if cfg.mode not in MODES:
-            raise UserError(f"--wandb.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+        check_mode(cfg)
         self.run = None
         if cfg.mode == "disabled":
             return

@@ -65,8 +65,9 @@ class _Fit:
     count: int
     mean: np.ndarray  # (S, d)
     cov: np.ndarray  # (S, d, d) biased MLE covariance
-    chol: np.ndarray | None  # (S, d, d) lower factor of cov, None when cov is singular
+    chol: np.ndarray | None  # (S, d, d) F with F F^T = cov (Cholesky; eigenbasis where it failed); None if M <= d
     rows: np.ndarray | None  # (S, M, d) the training rows, kept when M <= d to sample a singular fit exactly
+    singular: np.ndarray  # (S,) bool: the seed's cov is (numerically) singular
 
 
 class GaussianProblem:
@@ -114,31 +115,33 @@ class GaussianProblem:
             if n <= self.d:
                 rows = np.concatenate(parts, axis=1)
         cov = m2 / n
-        chol = None
-        if n > self.d:
-            try:
-                chol = np.linalg.cholesky(cov)
-            except np.linalg.LinAlgError:
-                chol = None
-        return _Fit(n, mean, cov, chol, rows if n <= self.d else None)
+        if n <= self.d:  # rank <= M - 1 < d for every seed
+            return _Fit(n, mean, cov, None, rows, np.ones(self.S, dtype=bool))
+        chol, failed = _cholesky(cov)
+        if failed.any():  # factor those seeds through their eigenbasis instead, to sample from them
+            lam, vec = np.linalg.eigh(cov[failed])
+            chol[failed] = vec * np.sqrt(np.clip(lam, 0.0, None))[:, None, :]
+        # A rank-deficient cov can also factor with round-off pivots; call it singular then.
+        pivots = np.abs(np.diagonal(chol, axis1=1, axis2=2))
+        singular = failed | (pivots.min(axis=1) <= 1e-7 * pivots.max(axis=1))
+        return _Fit(n, mean, cov, chol, None, singular)
 
     def evaluate(self, fit: _Fit) -> dict[str, np.ndarray]:
         d, s2 = self.d, self.sigma2
         sign, logdet = np.linalg.slogdet(fit.cov)
         det_ratio = np.where(sign > 0, np.exp(np.minimum(logdet - d * np.log(s2), 700.0)), 0.0)
-        singular = np.ones(self.S, dtype=bool)
-        if fit.chol is not None:
-            # A rank-deficient cov can still factor with round-off pivots; call it singular then.
-            pivots = np.diagonal(fit.chol, axis1=1, axis2=2)
-            singular = pivots.min(axis=1) <= 1e-7 * pivots.max(axis=1)
+        singular = fit.singular
+        if fit.chol is not None and not singular.all():
             # -log N(x; mu, Sigma) = (d log 2pi + log det Sigma + (x - mu)^T Sigma^{-1} (x - mu)) / 2. Averaged
             # over the test points, the quadratic term is tr(Sigma^{-1} C) + |L^{-1}(xbar - mu)|^2 with the
             # test points' mean xbar and biased covariance C: O(d^3) per generation, whatever n_test is.
-            l_inv = np.linalg.inv(fit.chol)  # (S, d, d)
+            chol = np.where(singular[:, None, None], np.eye(d), fit.chol)  # singular seeds: inf below
+            l_inv = np.linalg.inv(chol)  # (S, d, d)
             precision = np.matmul(l_inv.transpose(0, 2, 1), l_inv)
             z = np.matmul(l_inv, (self.test_mean - fit.mean)[..., None])[..., 0]  # (S, d)
             quad = (precision * self.test_cov).sum(axis=(1, 2)) + (z**2).sum(axis=1)
-            nll = 0.5 * (d * LOG_2PI + 2.0 * np.log(pivots).sum(axis=1) + quad)
+            logdet_cov = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+            nll = 0.5 * (d * LOG_2PI + logdet_cov + quad)
         else:
             nll = np.empty(self.S)
         nll[singular] = np.inf  # real points fall off a singular Gaussian's support
@@ -158,15 +161,8 @@ class GaussianProblem:
             g = rng.standard_normal((self.S, count, centred.shape[1]))
             return fit.mean[:, None, :] + np.matmul(g, centred) / np.sqrt(centred.shape[1])
         z = rng.standard_normal((self.S, count, self.d))
-        return fit.mean[:, None, :] + np.matmul(z, self._factor(fit).transpose(0, 2, 1))  # x = mu + L z
+        return fit.mean[:, None, :] + np.matmul(z, fit.chol.transpose(0, 2, 1))  # x = mu + L z
 
-    @staticmethod
-    def _factor(fit: _Fit) -> np.ndarray:
-        """F with F F^T = Sigma_hat: the Cholesky factor, or through the eigenbasis when that failed."""
-        if fit.chol is not None:
-            return fit.chol
-        lam, vec = np.linalg.eigh(fit.cov)
-        return vec * np.sqrt(np.clip(lam, 0.0, None))[:, None, :]
 
     def sample_summary(self, fit: _Fit, rng: np.random.Generator, count: int) -> np.ndarray | Moments:
         """The sufficient statistics of ``count`` samples, drawn directly (exact in distribution).
@@ -179,7 +175,7 @@ class GaussianProblem:
         """
         if count <= self.d or fit.rows is not None:
             return self.sample(fit, rng, count)
-        F = self._factor(fit)
+        F = fit.chol
         S, d = self.S, self.d
         A = np.tril(rng.standard_normal((S, d, d)), k=-1)
         diag = np.sqrt(rng.chisquare(count - 1 - np.arange(d), size=(S, d)))  # dof m-1, m-2, ..., m-d
@@ -187,6 +183,25 @@ class GaussianProblem:
         FA = np.matmul(F, A)
         mean = fit.mean + np.matmul(F, rng.standard_normal((S, d, 1)))[..., 0] / np.sqrt(count)
         return Moments(count, mean, np.matmul(FA, FA.transpose(0, 2, 1)))
+
+
+def _cholesky(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower Cholesky factors of (S, d, d) covariances and a (S,) mask of the seeds where it failed.
+
+    One batched call normally; if any seed is not positive definite, each seed is factored on its
+    own so that one degenerate seed does not take the others down with it.
+    """
+    try:
+        return np.linalg.cholesky(cov), np.zeros(len(cov), dtype=bool)
+    except np.linalg.LinAlgError:
+        chol = np.zeros_like(cov)
+        failed = np.zeros(len(cov), dtype=bool)
+        for s, c in enumerate(cov):  # rare fallback, only for a generation with a degenerate seed
+            try:
+                chol[s] = np.linalg.cholesky(c)
+            except np.linalg.LinAlgError:
+                failed[s] = True
+        return chol, failed
 
 
 def make_problem(cell: Cell, rng: np.random.Generator, num_seeds: int, sigma2: float, n_test: int) -> GaussianProblem:

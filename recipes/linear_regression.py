@@ -25,9 +25,9 @@ from functools import partial
 import numpy as np
 
 from collapse.analytic import AnalyticConfig, Cell, PrefixCache, gather, launch
-from collapse.cli import positive_floats, positive_ints, run
+from collapse.cli import as_list, positive_floats, positive_ints, run
 from collapse.errors import UserError
-from datamodules.workflows import TrainingSet
+from datamodules.workflows import TrainingSet, Workflow
 
 
 @dataclass
@@ -101,13 +101,32 @@ class LinearRegressionProblem:
             s = np.bincount(flat, weights=y.ravel(), minlength=self.S * self.T).reshape(self.S, self.T)
             Xt = self.X.transpose(0, 2, 1)  # (S, d, T)
             A, b = np.matmul(Xt * c[:, None, :], self.X), np.matmul(Xt, s[..., None])[..., 0]
-        return np.linalg.solve(A, b[..., None])[..., 0]  # OLS: w = (X^T X)^{-1} X^T y, (S, d)
+        try:
+            return np.linalg.solve(A, b[..., None])[..., 0]  # OLS: w = (X^T X)^{-1} X^T y, (S, d)
+        except np.linalg.LinAlgError:
+            # Some seed's training rows span fewer than d directions (a subsample can repeat design
+            # rows): least squares has no unique solution there; take the minimum-norm one, w = A^+ b.
+            return np.matmul(np.linalg.pinv(A, hermitian=True), b[..., None])[..., 0]
 
     def evaluate(self, w: np.ndarray) -> dict[str, np.ndarray]:
         return {"test_mse": ((w - self.w_star) ** 2).sum(axis=1)}
 
     def sample(self, w: np.ndarray, rng: np.random.Generator, count: int) -> np.ndarray:
         return self._labels(w, count, rng)
+
+
+def _check_training_sizes(wf: Workflow, d: int, T: int) -> None:
+    """Refuse workflows whose training sets have fewer than d examples: OLS would be undetermined."""
+    if wf.name in ("replace", "replace_multiple"):
+        what, size = "synthetic sets", wf.synthetic_size(T)
+    elif wf.name == "mix":  # generation 0 trains on the real examples alone
+        what, size = "real set", int(wf.params["real"])
+    elif wf.name == "accumulate_subsample":
+        what, size = "subsample", int(wf.params["size"] or T)
+    else:
+        return  # the pool always holds the whole real set, T >= d + 2 rows
+    if size < d:
+        raise UserError(f"workflow {wf.label}: its {what} ({size} examples) is smaller than --dim {d}; OLS needs >= d")
 
 
 def make_problem(cell: Cell, rng: np.random.Generator, num_seeds: int) -> LinearRegressionProblem:
@@ -125,6 +144,8 @@ def main(cfg: LinearRegressionConfig):
         for T in rows:
             if T < d + 2:
                 raise UserError(f"--n_samples {T} is too small for --dim {d}: OLS here needs T >= d + 2 = {d + 2}")
+            for spec in as_list(cfg.workflow):
+                _check_training_sizes(Workflow.parse(spec), d, T)
 
     axes = {"dim": dims, "n_samples": rows, "noise_var": noise}
     make = partial(make_problem, num_seeds=cfg.num_seeds)

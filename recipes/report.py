@@ -600,20 +600,26 @@ def merge_runs(runs: Sequence[Run]) -> list[RecipeData]:
             split.append(key)
             for e, v in zip(extra, vals):
                 e[key] = "" if v is None else str(v)
-        pieces: dict[SeriesKey, list[Series]] = {}
+        # A seed label names a replicate only within one random stream: the analytic recipes draw all
+        # seeds of a run from one stream set by (--seed, --num_seeds). Rows repeat only if that matches.
+        streams: dict[tuple[str, str], int] = {}
+        pieces: dict[SeriesKey, list[tuple[Series, int]]] = {}
         for run, ext in zip(group, extra):
+            stream = streams.setdefault((str(run.config.get("seed")), str(run.config.get("num_seeds"))), len(streams))
             pos = {g: i for i, g in enumerate(run.grid)}
             for (metric, workflow, cell), arrays in run.series.items():
                 full = tuple(cell[pos[g]] if g in pos else ext.get(g, "") for g in grid)
-                pieces.setdefault((metric, workflow, full), []).append(arrays)
+                pieces.setdefault((metric, workflow, full), []).append((arrays, stream))
         series: dict[SeriesKey, Series] = {}
         dropped = 0
-        for key, arrs in pieces.items():
+        for key, tagged in pieces.items():
+            arrs = [a for a, _ in tagged]
             seeds, gens, values = (np.concatenate(a) for a in zip(*arrs)) if len(arrs) > 1 else arrs[0]
-            order = np.lexsort((gens, seeds))  # stable: the first occurrence of a pair comes first
-            s, g = seeds[order], gens[order]
+            code = np.concatenate([np.full(len(a[0]), c) for a, c in tagged])
+            order = np.lexsort((gens, seeds, code))  # stable: the first occurrence of a row comes first
+            s, g, c = seeds[order], gens[order], code[order]
             dup = np.zeros(len(order), dtype=bool)
-            dup[1:] = (s[1:] == s[:-1]) & (g[1:] == g[:-1])
+            dup[1:] = (s[1:] == s[:-1]) & (g[1:] == g[:-1]) & (c[1:] == c[:-1])
             if dup.any():
                 keep = np.sort(order[~dup])
                 dropped += int(dup.sum())
@@ -624,8 +630,8 @@ def merge_runs(runs: Sequence[Run]) -> list[RecipeData]:
             notes.append(f"the runs differ in {', '.join(split)}; each value gets its own cells")
         if dropped:
             notes.append(
-                f"{dropped} rows repeat a (workflow, cell, seed, generation, metric) seen before; "
-                "only the first was kept"
+                f"{dropped} rows repeat a (workflow, cell, seed, generation, metric) of a run with the same "
+                "--seed and --num_seeds; only the first was kept"
             )
         out.append(RecipeData(recipe, list(group), tuple(grid), common, series, notes))
     return out

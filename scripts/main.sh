@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: install (into .venv), then run the three analytic recipes on their built-in,
-# offline data and write one report: bash scripts/main.sh [OUT_DIR]   (default runs/main, ~5 min on 2 cores)
+# offline data and write one report: bash scripts/main.sh [OUT_DIR]   (default runs/main, ~2 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

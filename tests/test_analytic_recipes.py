@@ -236,6 +236,8 @@ BAD = [
     (["--generations", "0"], "--generations must be positive integers, got 0"),
     (["--workflow", "accumulate_subsample(size=50)", "--n_samples", "20"], "larger than its pool"),
     (["--workflow", "mix(real=5)"], "needs both counts"),
+    (["--dim", "[2, 2]"], "--dim lists 2 twice"),
+    (["--wandb.mode", "bogus"], "--wandb.mode must be one of offline, online, disabled"),
 ]
 
 
@@ -249,6 +251,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
     assert message in res.stderr
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_out_dir_with_a_different_config_is_refused_unless_overwrite(tmp_path, capsys):
@@ -356,3 +359,39 @@ def test_summarised_synthetic_sets_match_drawn_points_in_distribution():
         a, b = runs[0][metric][-1], runs[1][metric][-1]
         se = np.sqrt(a.var() / a.size + b.var() / b.size)
         assert abs(a.mean() - b.mean()) < 4 * se, metric
+
+
+def test_one_degenerate_seed_does_not_make_the_others_singular():
+    problem = gaussian.GaussianProblem(2, 2, 1.0, 50, np.random.default_rng(0))
+    points = np.random.default_rng(1).standard_normal((2, 10, 2))
+    points[1, :, 1] = 2 * points[1, :, 0]  # seed 1's points lie on a line: singular covariance
+    ts = Workflow.parse("accumulate").training_set(0, 10)
+    both = problem.evaluate(problem.fit(ts, [points]))
+    alone = gaussian.GaussianProblem(2, 1, 1.0, 50, np.random.default_rng(0))
+    alone.test_mean, alone.test_cov = problem.test_mean[:1], problem.test_cov[:1]
+    first = alone.evaluate(alone.fit(ts, [points[:1]]))
+    for name in first:
+        np.testing.assert_allclose(both[name][0], first[name][0], rtol=1e-12)
+    assert np.isinf(both["test_nll"][1]) and both["cov_det_ratio"][1] == 0.0
+    assert np.isfinite(problem.sample(problem.fit(ts, [points]), np.random.default_rng(2), 5)).all()
+
+
+@pytest.mark.parametrize(
+    "workflow", ["mix(real=3, synthetic=9)", "replace(multiplier=0.1)", "accumulate_subsample(size=4)"]
+)
+def test_linear_regression_refuses_training_sets_smaller_than_dim(tmp_path, capsys, workflow):
+    with pytest.raises(SystemExit):
+        linear_regression.run(linear_regression.main, linear_regression.LinearRegressionConfig, [
+            "--out_dir", str(tmp_path / "x"), "--dim", "5", "--n_samples", "10", "--workflow", f"[{workflow!r}]",
+            "--wandb.mode", "disabled"])  # fmt: skip
+    assert "smaller than --dim 5" in capsys.readouterr().err
+
+
+def test_linear_regression_survives_a_rank_deficient_subsample(tmp_path):
+    # T = 7 design rows, d = 5: a subsample of 7 pool examples can repeat design rows and span < d.
+    cfg = linear_regression.LinearRegressionConfig(
+        out_dir=str(tmp_path / "lr"), workflow="accumulate_subsample", dim=5, n_samples=7, generations=20,
+        num_seeds=50, **QUIET,
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(linear_regression.main(cfg), newline="")))
+    assert len(rows) == 20 * 50 and all(np.isfinite(float(r["value"])) for r in rows)

@@ -334,3 +334,18 @@ def test_a_panel_with_only_infinite_values_does_not_break_a_log_axis(tmp_path):
     report = make_report([run], tmp_path / "out", log_y="auto")
     assert (tmp_path / "out" / "gaussian_test_nll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "non-finite" in report.read_text()
+
+
+def test_runs_with_different_seeds_keep_rows_whose_seed_labels_overlap(tmp_path):
+    runs = []
+    for base, offset in ((0, 0.0), (1, 10.0)):
+        run = tmp_path / f"s{base}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"recipe: gaussian\nseed: {base}\nnum_seeds: 2\n")
+        rows = ["workflow,dim,n_samples,seed,generation,metric,value"]
+        rows += [f"replace,2,4,{base + s},0,mean_sq_error,{offset + s}" for s in range(2)]
+        (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+        runs.append(run)
+    text = make_report(runs, tmp_path / "out").read_text()
+    assert "only the first was kept" not in text
+    assert "| 5.5 ± 9.2 (n=4) |" in text  # mean of 0, 1, 10, 11: all four rows kept
