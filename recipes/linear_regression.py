@@ -6,6 +6,10 @@ fresh noise eps ~ N(0, noise_var I), and every model is ordinary least squares o
 Example i of any set (real or synthetic) sits on design row i mod T, so synthetic sets larger than
 T (``replace_multiple``) repeat the design with independent noise.
 
+Where a subsample happens to cover fewer than d distinct design rows, OLS has no unique solution
+and the minimum-norm least-squares solution is used; workflows whose training sets are always
+smaller than d are refused.
+
 Metric ``test_mse`` = E_x (x^T w_hat - x^T w*)^2 for a fresh test point x ~ N(0, I_d), i.e. the
 squared error against noiseless targets, computed exactly as ||w_hat - w*||^2.
 
