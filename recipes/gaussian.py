@@ -128,9 +128,8 @@ class GaussianProblem:
 
     def evaluate(self, fit: _Fit) -> dict[str, np.ndarray]:
         d, s2 = self.d, self.sigma2
-        sign, logdet = np.linalg.slogdet(fit.cov)
-        det_ratio = np.where(sign > 0, np.exp(np.minimum(logdet - d * np.log(s2), 700.0)), 0.0)
         singular = fit.singular
+        det_ratio = np.zeros(self.S)
         if fit.chol is not None and not singular.all():
             # -log N(x; mu, Sigma) = (d log 2pi + log det Sigma + (x - mu)^T Sigma^{-1} (x - mu)) / 2. Averaged
             # over the test points, the quadratic term is tr(Sigma^{-1} C) + |L^{-1}(xbar - mu)|^2 with the
@@ -142,6 +141,7 @@ class GaussianProblem:
             quad = (precision * self.test_cov).sum(axis=(1, 2)) + (z**2).sum(axis=1)
             logdet_cov = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
             nll = 0.5 * (d * LOG_2PI + logdet_cov + quad)
+            det_ratio = np.exp(np.minimum(logdet_cov - d * np.log(s2), 700.0))  # log det = 2 sum log L_ii
         else:
             nll = np.empty(self.S)
         nll[singular] = np.inf  # real points fall off a singular Gaussian's support
