@@ -35,7 +35,6 @@ from collapse.errors import UserError
 from collapse.rundir import (
     METRICS,
     TAIL_COLUMNS,
-    RunDirError,
     concat_csv,
     config_dict,
     prepare_run_dir,
@@ -357,22 +356,12 @@ def run_grid(
         for job in jobs:
             record(job, _run_cell(job))
     parts = [cell_dir / f"{c.key}.csv" for c in cells]
-    _check_cells(parts, generations * num_seeds)
     metrics = out / METRICS
-    concat_csv(metrics, parts)
+    concat_csv(metrics, parts, rows_multiple_of=generations * num_seeds)
     if tracker is not None:
         tracker.save_file(metrics)
     print(f"[{recipe}] {len(cells)} cells done in {time.perf_counter() - t_start:.1f}s -> {metrics}", flush=True)
     return metrics
-
-
-def _check_cells(parts: Sequence[Path], rows_per_metric: int) -> None:
-    """A cell file must hold a whole number of metrics' worth of rows (atomic writes make this hold)."""
-    for p in parts:
-        with open(p, "rb") as fh:
-            n = sum(1 for _ in fh) - 1
-        if n <= 0 or n % rows_per_metric:
-            raise RunDirError(f"{p}: {n} rows, expected a multiple of {rows_per_metric}; delete it to recompute")
 
 
 def _mean(v: np.ndarray) -> float:

@@ -130,8 +130,11 @@ def write_metrics(path: str | Path, columns: Sequence[str], rows: Iterable[Seque
         writer.writerows(rows)
 
 
-def concat_csv(target: str | Path, parts: Sequence[str | Path]) -> int:
-    """Concatenate CSV files that share a header into ``target`` atomically; returns data rows written."""
+def concat_csv(target: str | Path, parts: Sequence[str | Path], rows_multiple_of: int = 1) -> int:
+    """Concatenate CSV files that share a header into ``target`` atomically; returns data rows written.
+
+    Each part must hold a positive multiple of ``rows_multiple_of`` data rows (checked in the same read).
+    """
     header: str | None = None
     rows = 0
     with atomic_open(target, "w") as out:
@@ -144,8 +147,13 @@ def concat_csv(target: str | Path, parts: Sequence[str | Path]) -> int:
                 elif first != header:
                     raise RunDirError(f"{part}: header differs from the other result files")
                 body = fh.read()
+                n = body.count("\n")
+                if n <= 0 or n % rows_multiple_of:
+                    raise RunDirError(
+                        f"{part}: {n} rows, expected a multiple of {rows_multiple_of}; delete it to recompute"
+                    )
                 out.write(body)
-                rows += body.count("\n")
+                rows += n
     return rows
 
 

@@ -163,7 +163,6 @@ class GaussianProblem:
         z = rng.standard_normal((self.S, count, self.d))
         return fit.mean[:, None, :] + np.matmul(z, fit.chol.transpose(0, 2, 1))  # x = mu + L z
 
-
     def sample_summary(self, fit: _Fit, rng: np.random.Generator, count: int) -> np.ndarray | Moments:
         """The sufficient statistics of ``count`` samples, drawn directly (exact in distribution).
 

@@ -40,8 +40,6 @@ class LinearRegressionConfig(AnalyticConfig):
 
     out_dir: str = "runs/linear_regression"
     """Run directory (created; re-running the same command resumes)."""
-    workflow: str | list[str] = field(default_factory=lambda: ["replace", "accumulate", "accumulate_subsample"])
-    """Workflow or list of workflows (see README, "Workflows")."""
     dim: int | list[int] = 32
     """Number of features d, or a list (grid axis)."""
     n_samples: int | list[int] = field(default_factory=lambda: [100, 1000])
