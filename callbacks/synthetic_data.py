@@ -3,29 +3,38 @@
 The set is drawn in chunks of ``batch_size`` rows. Chunk ``c`` (rows ``[c * batch_size, ...)``) uses
 its own ``torch.Generator`` seeded from ``(seed, c)``, so the samples depend on the model, the seed
 and the chunk size only: not on how many processes draw them, nor on which process draws which
-chunk. Today global rank zero draws every chunk into a memory-mapped ``.npy`` in the generation's
-staging folder; a multi-GPU version assigns chunks to ranks (:func:`chunk_ranges`) and gathers the
-rows without changing a single sample.
+chunk. With several processes, rank ``r`` of ``W`` draws chunks ``r, r + W, ...``
+(:func:`chunk_ranges`).
 
-When every array is written, ``sampling.json`` is written last: it marks the step as finished (a
-resumed run skips it) and lists the sample arrays for :meth:`GenerationStore.commit`.
+Each drawn chunk is written at once, atomically, as ``sample_chunks/chunk_XXXXXX.npz`` in the
+generation's staging folder, so a run killed while sampling keeps the chunks it finished. When every
+rank is done, global rank zero copies the chunks in order into one memory-mapped ``.npy`` per array,
+writes ``sampling.json`` last (it marks the step as finished, so a resumed run skips it, and lists
+the sample arrays for :meth:`GenerationStore.commit`) and removes the chunk files.
+
+The callback samples at the end of the fit, while the model is still on its device(s); if the fit
+was finished by an earlier run, it samples at the start of the test instead.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from collapse.atomic import atomic_open
 from datamodules.store import GenerationStore
 from datamodules.synthetic import derive_seed
 
 SAMPLING_FILE = "sampling.json"
 """The staging file that marks a generation's synthetic set as written."""
+CHUNK_DIR = "sample_chunks"
+"""Staging subfolder of the finished chunks while the set is being drawn."""
 
 
 @runtime_checkable
@@ -94,8 +103,14 @@ class SyntheticDataCallback(pl.Callback):
         return self.store.staged(self.generation, SAMPLING_FILE) is not None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.sample_into_store(pl_module)
+        self._sample_in(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sample_in(trainer, pl_module)  # the fit was finished by an earlier run
+
+    def _sample_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.is_done():
+            self.sample_into_store(pl_module, trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
 
     def chunk_generator(self, chunk: int, device: torch.device) -> torch.Generator:
         """The generator of chunk ``chunk``."""
@@ -104,49 +119,100 @@ class SyntheticDataCallback(pl.Callback):
         return gen
 
     @torch.no_grad()
-    def sample_into_store(self, model: Any) -> list[str]:
-        """Draw the synthetic set and write it into staging; return the sample array names.
+    def sample_into_store(
+        self,
+        model: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], Any] | None = None,
+    ) -> list[str]:
+        """Draw the synthetic set (this rank's chunks) and write it into staging; return the sample array names.
 
-        Does nothing (and returns the recorded names) when ``sampling.json`` is already staged.
+        Every rank of a multi-process run calls it (``barrier`` synchronises them); rank 0 assembles
+        the arrays. Does nothing (and returns the recorded names) when ``sampling.json`` is staged.
         """
         if self.is_done():
-            recorded = json.loads(self.store.staged(self.generation, SAMPLING_FILE).read_text())
-            return list(recorded["sample_arrays"])
+            return self.recorded_arrays()
         if not isinstance(model, SamplingModel):
             raise TypeError(f"{type(model).__name__} has no sample(n, generator) method; it cannot make synthetic data")
         was_training = getattr(model, "training", False)
         if hasattr(model, "eval"):
             model.eval()
         try:
-            names = self._draw(model)
+            self._draw(model, rank, world_size)
         finally:
             if was_training:
                 model.train()
-        self.store.save_json(self.generation, SAMPLING_FILE, {**self.settings, "sample_arrays": names})
-        return names
+        if barrier is not None:
+            barrier()  # every rank's chunks are on disk
+        if rank == 0:
+            names = self._assemble()
+            self.store.save_json(self.generation, SAMPLING_FILE, {**self.settings, "sample_arrays": names})
+            shutil.rmtree(self._chunk_dir(), ignore_errors=True)
+        if barrier is not None:
+            barrier()  # sampling.json is written
+        return self.recorded_arrays()
 
-    def _draw(self, model: Any) -> list[str]:
+    def recorded_arrays(self) -> list[str]:
+        """The sample array names recorded in the staged ``sampling.json``."""
+        path = self.store.staged(self.generation, SAMPLING_FILE)
+        if path is None:
+            raise FileNotFoundError(f"{self.store.staging(self.generation) / SAMPLING_FILE}: not written yet")
+        return list(json.loads(path.read_text())["sample_arrays"])
+
+    def _chunk_dir(self):
+        return self.store.staging(self.generation) / CHUNK_DIR
+
+    def _chunk_path(self, chunk: int):
+        return self._chunk_dir() / f"chunk_{chunk:06d}.npz"
+
+    def _draw(self, model: Any, rank: int, world_size: int) -> None:
         device = getattr(model, "device", torch.device("cpu"))
-        outputs: dict[str, np.memmap] = {}  # name -> (num_samples, ...) memory map filled chunk by chunk
-        for chunk, start, stop in chunk_ranges(self.num_samples, self.batch_size):
+        self._chunk_dir().mkdir(parents=True, exist_ok=True)
+        for chunk, start, stop in chunk_ranges(self.num_samples, self.batch_size, rank, world_size):
+            path = self._chunk_path(chunk)
+            if path.is_file():  # drawn before a crash, by the same model (the fit resumes exactly)
+                continue
             drawn = model.sample(stop - start, self.chunk_generator(chunk, device))
-            if not drawn or (outputs and set(drawn) != set(outputs)):
-                raise ValueError(
-                    f"{type(model).__name__}.sample() returned arrays {sorted(drawn)} in chunk {chunk}; "
-                    f"every chunk must return the same non-empty set of arrays"
-                )
+            if not drawn:
+                raise ValueError(f"{type(model).__name__}.sample() returned no arrays in chunk {chunk}")
+            rows: dict[str, np.ndarray] = {}
             for name, value in drawn.items():
-                rows = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-                if rows.shape[:1] != (stop - start,):
-                    raise ValueError(f"sample() returned {rows.shape[:1]} rows of {name!r}, expected {stop - start}")
-                if name not in outputs:
-                    shape = (self.num_samples, *rows.shape[1:])
-                    outputs[name] = self.store.open_array(self.generation, name, shape, rows.dtype)
-                outputs[name][start:stop] = rows
+                arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+                if arr.shape[:1] != (stop - start,):
+                    raise ValueError(f"sample() returned {arr.shape[:1]} rows of {name!r}, expected {stop - start}")
+                rows[name] = arr
+            with atomic_open(path, "wb") as fh:
+                np.savez(fh, **rows)
+
+    def _assemble(self) -> list[str]:
+        """Copy the chunk files, in order, into one memory-mapped ``.npy`` per array."""
+        outputs: dict[str, np.memmap] = {}  # name -> (num_samples, ...) filled chunk by chunk
+        for chunk, start, stop in chunk_ranges(self.num_samples, self.batch_size):
+            path = self._chunk_path(chunk)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: chunk {chunk} of the synthetic set was not drawn")
+            with np.load(path, allow_pickle=False) as npz:
+                if outputs and set(npz.files) != set(outputs):
+                    raise ValueError(
+                        f"sample() returned arrays {sorted(npz.files)} in chunk {chunk} but {sorted(outputs)} before; "
+                        f"every chunk must return the same non-empty set of arrays"
+                    )
+                for name in npz.files:
+                    rows = npz[name]
+                    if name not in outputs:
+                        shape = (self.num_samples, *rows.shape[1:])
+                        outputs[name] = self.store.open_array(self.generation, name, shape, rows.dtype)
+                    elif rows.shape[1:] != outputs[name].shape[1:] or rows.dtype != outputs[name].dtype:
+                        raise ValueError(
+                            f"sample() returned {name!r} as {rows.dtype} {rows.shape[1:]} in chunk {chunk}, "
+                            f"but {outputs[name].dtype} {outputs[name].shape[1:]} before"
+                        )
+                    outputs[name][start:stop] = rows
         names = list(outputs)
         for name in names:
             self.store.close_array(self.generation, name, outputs.pop(name))
         return names
 
 
-__all__ = ["SAMPLING_FILE", "SamplingModel", "SyntheticDataCallback", "chunk_ranges"]
+__all__ = ["CHUNK_DIR", "SAMPLING_FILE", "SamplingModel", "SyntheticDataCallback", "chunk_ranges"]

@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from callbacks.synthetic_data import SAMPLING_FILE, SyntheticDataCallback
+from callbacks.synthetic_data import SyntheticDataCallback
 from collapse.atomic import atomic_open
+from collapse.distributed import Dist, launch
 from collapse.errors import UserError
 from collapse.rundir import METRICS, config_dict, prepare_run_dir, write_metrics
 from collapse.tracking import Tracker, WandbConfig, check_mode
@@ -99,7 +100,11 @@ class Modality(abc.ABC):
         """Keyword arguments for ``lightning.Trainer`` (``max_epochs``, ``accelerator``, ``callbacks``, ...).
 
         They override the loop's quiet defaults (no logger, progress bar or model summary;
-        ``default_root_dir`` is the generation's staging folder).
+        ``default_root_dir`` is the generation's staging folder). ``accelerator``, ``devices``,
+        ``num_nodes`` and ``strategy`` must be the same for every generation: the loop starts the
+        run's processes once, from generation 0's settings (:mod:`collapse.distributed`). With several
+        processes, log test metrics with ``sync_dist=True``: each rank tests a disjoint part of the
+        real test set.
         """
         return {}
 
@@ -109,6 +114,16 @@ class Modality(abc.ABC):
 
     def sampling_settings(self) -> dict[str, Any]:
         """Settings of ``sample`` worth recording in each manifest (temperature, steps, ...)."""
+        return {}
+
+    def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
+        """Quality metrics of a generation's synthetic set, and pictures of it.
+
+        Called on global rank 0 after the test, with the staged sample arrays (read-only memory
+        maps). Files written into ``stage`` (the generation's staging folder, e.g. ``samples.png``)
+        are published with the generation; the returned metrics (name them ``sample/...``) join its
+        test metrics in metrics.json and metrics.csv. Default: nothing.
+        """
         return {}
 
 
@@ -177,8 +192,12 @@ def run_generations(
     wf = Workflow.parse(cfg.workflow)
     _validate(cfg)
     recipe = recipe or modality.name
+    check_mode(cfg.wandb)
+    with _quiet_lightning(enabled=not verbose):
+        dist = launch(modality.trainer_kwargs(0))
 
     real = modality.real_datamodule()
+    dist.on_zero(real.prepare_data)  # downloads and caches once, before every rank reads them
     real.prepare_data()
     real.setup("fit")
     available = len(real.train_dataset)
@@ -194,38 +213,43 @@ def run_generations(
         raise UserError(f"--num_synthetic {num_synthetic} is less than the {needed} samples {wf.label} trains on")
 
     full_config = dict(config) if config is not None else config_dict(cfg)
-    check_mode(cfg.wandb)
-    out = prepare_run_dir(cfg.out_dir, recipe, full_config, cfg.overwrite)
+    out = dist.on_zero(lambda: prepare_run_dir(cfg.out_dir, recipe, full_config, cfg.overwrite))
     store = GenerationStore(out)
-    ctx = _GenerationContext(modality, cfg, wf, store, real, real_size, num_synthetic, list(callbacks))
-    tracker = Tracker(cfg.wandb, recipe, out, full_config)
+    ctx = _GenerationContext(modality, cfg, wf, store, real, real_size, num_synthetic, list(callbacks), dist)
+    # One W&B run per recipe run, from rank 0 only.
+    tracker = Tracker(cfg.wandb if dist.is_zero else WandbConfig(mode="disabled"), recipe, out, full_config)
     fitted: list[int] = []
     committed: list[int] = []
     try:
         with _quiet_lightning(enabled=not verbose):
             for g in range(cfg.generations):
                 t0 = time.perf_counter()
-                if store.is_complete(g):
-                    store.verify(g)
-                    print(ctx.progress_line(g, _read_metrics(store, g), "finished earlier"), flush=True)
+                if dist.on_zero(lambda g=g: store.is_complete(g) and bool(store.verify(g))):
+                    if dist.is_zero:
+                        print(ctx.progress_line(g, _read_metrics(store, g), "finished earlier"), flush=True)
                     continue
                 did_fit, metrics = ctx.make(g)
                 if did_fit:
                     fitted.append(g)
                 committed.append(g)
-                write_metrics_csv(store, wf.label, cfg.seed)
                 seconds = time.perf_counter() - t0
-                print(ctx.progress_line(g, metrics, f"{seconds:.1f}s"), flush=True)
-                tracker.log({**metrics, "time/generation_s": seconds}, generation=g)
-        all_metrics = {g: _read_metrics(store, g) for g in store.completed() if g < cfg.generations}
-        tracker.save_file(write_metrics_csv(store, wf.label, cfg.seed))
+                dist.on_zero(lambda g=g, m=metrics, t=seconds: ctx.report(g, m, t, tracker))
+        all_metrics = dist.on_zero(
+            lambda: {g: _read_metrics(store, g) for g in store.completed() if g < cfg.generations}
+        )
+        if dist.is_zero:
+            tracker.save_file(write_metrics_csv(store, wf.label, cfg.seed))
     finally:
         tracker.finish()
     return LoopResult(out, all_metrics, fitted, committed)
 
 
 class _GenerationContext:
-    """Makes one generation in its staging folder, each step skipped when its output is staged."""
+    """Makes one generation in its staging folder, each step skipped when its output is staged.
+
+    In a multi-process run every rank runs :meth:`make`; rank 0 decides which steps are left, and
+    alone writes the generation's files (see :mod:`collapse.distributed`).
+    """
 
     def __init__(
         self,
@@ -237,17 +261,30 @@ class _GenerationContext:
         real_size: int,
         num_synthetic: int,
         callbacks: list[Callback],
+        dist: Dist,
     ):
         self.modality, self.cfg, self.wf, self.store = modality, cfg, wf, store
         self.real, self.real_size, self.num_synthetic = real, real_size, num_synthetic
         self.callbacks = callbacks
+        self.dist = dist
+
+    def _plan(self, g: int) -> dict[str, Any]:
+        """Rank 0: open the staging folder, drop a killed run's torn files, say which steps are done."""
+        store = self.store
+        stage = store.begin(g)
+        for stale in stage.rglob(".*.tmp-*"):  # half-written files of a killed run (this loop is the only writer)
+            stale.unlink()
+        return {
+            "fitted": store.staged(g, MODEL_FILE) is not None,
+            "checkpoint": _resumable_checkpoint(stage / CHECKPOINT_DIR / LAST_CKPT),
+            "metrics": json.loads(store.staged(g, METRICS_FILE).read_text()) if store.staged(g, METRICS_FILE) else None,
+        }
 
     def make(self, g: int) -> tuple[bool, dict[str, float]]:
         """Make and commit generation ``g``; return (whether it was fitted now, its metrics)."""
-        cfg, store = self.cfg, self.store
-        stage = store.begin(g)
-        for stale in stage.glob(".*.tmp-*"):  # half-written files of a killed run (this loop is the only writer)
-            stale.unlink()
+        cfg, store, dist = self.cfg, self.store, self.dist
+        plan = dist.on_zero(lambda: self._plan(g))
+        stage = store.staging(g)
         pl.seed_everything(derive_seed(cfg.seed, g, "init"), workers=True, verbose=False)
         dm = SyntheticAccumulatingDataModule(
             self.real,
@@ -261,7 +298,7 @@ class _GenerationContext:
         )
         model = self.modality.build_model(g)
         if cfg.warm_start and g > 0:
-            store.verify(g - 1)
+            dist.on_zero(lambda: store.verify(g - 1) and None)
             _load_weights(model, store.path(g - 1) / MODEL_FILE)
 
         sampler = SyntheticDataCallback(
@@ -275,43 +312,67 @@ class _GenerationContext:
         trainer = self._trainer(g, stage, sampler)
 
         did_fit = False
-        fitted = store.staged(g, MODEL_FILE)
-        if fitted is not None:
-            _load_weights(model, fitted)
+        if plan["fitted"]:
+            _load_weights(model, stage / MODEL_FILE)
         else:
-            ckpt = _resumable_checkpoint(stage / CHECKPOINT_DIR / LAST_CKPT)
-            pl.seed_everything(derive_seed(cfg.seed, g, "fit"), workers=True, verbose=False)
-            trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+            # Different ranks draw different noise (dropout, latents); one process keeps the plain seed.
+            purpose = "fit" if dist.world_size == 1 else f"fit-rank{dist.rank}"
+            pl.seed_everything(derive_seed(cfg.seed, g, purpose), workers=True, verbose=False)
+            trainer.fit(model, datamodule=dm, ckpt_path=plan["checkpoint"])  # samples in on_fit_end
             if trainer.interrupted:
                 raise KeyboardInterrupt
-            with atomic_open(stage / MODEL_FILE, "wb") as fh:
-                torch.save(model.state_dict(), fh)
-            shutil.rmtree(stage / CHECKPOINT_DIR, ignore_errors=True)
+            dist.on_zero(lambda: self._save_fit(stage, model))
             did_fit = True
 
-        staged_metrics = store.staged(g, METRICS_FILE)
-        if staged_metrics is not None:
-            metrics = json.loads(staged_metrics.read_text())
-        else:
+        metrics = plan["metrics"]
+        if metrics is None:
             pl.seed_everything(derive_seed(cfg.seed, g, "test"), workers=True, verbose=False)
-            results = trainer.test(model, datamodule=dm, verbose=False)
-            metrics = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
-            metrics.update(dm.train_composition())
-            store.save_json(g, METRICS_FILE, metrics)
+            results = trainer.test(model, datamodule=dm, verbose=False)  # samples first, if the fit did not
+            tested = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
+            metrics = dist.on_zero(lambda: self._finish_metrics(g, stage, sampler, tested, dm))
+        if not sampler.is_done():  # only when an earlier run staged the metrics by hand: draw on one process
+            sampler.sample_into_store(model, dist.rank, dist.world_size, dist.barrier)
 
-        arrays = sampler.sample_into_store(model)  # a no-op when the fit's on_fit_end already sampled
-        settings = json.loads((stage / SAMPLING_FILE).read_text())
-        settings.pop("sample_arrays", None)
-        store.commit(
+        dist.on_zero(lambda: self._commit(g, sampler))
+        return did_fit, metrics
+
+    @staticmethod
+    def _save_fit(stage: Path, model: pl.LightningModule) -> None:
+        with atomic_open(stage / MODEL_FILE, "wb") as fh:
+            torch.save(model.state_dict(), fh)
+        shutil.rmtree(stage / CHECKPOINT_DIR, ignore_errors=True)
+
+    def _finish_metrics(
+        self, g: int, stage: Path, sampler: SyntheticDataCallback, tested: dict[str, float], dm: Any
+    ) -> dict[str, float]:
+        """Rank 0: test metrics + training-set counts + the modality's sample metrics, staged as metrics.json."""
+        metrics = dict(tested)
+        metrics.update(dm.train_composition())
+        arrays = {name: np.load(stage / f"{name}.npy", mmap_mode="r") for name in sampler.recorded_arrays()}
+        extra = self.modality.evaluate_samples(stage, arrays, g)
+        metrics.update({k: float(v) for k, v in sorted(extra.items())})
+        self.store.save_json(g, METRICS_FILE, metrics)
+        return metrics
+
+    def _commit(self, g: int, sampler: SyntheticDataCallback) -> None:
+        settings = dict(sampler.settings)
+        self.store.commit(
             g,
             num_samples=self.num_synthetic,
             sampling=settings,
-            sample_arrays=arrays,
+            sample_arrays=sampler.recorded_arrays(),
             workflow=self.wf.label,
-            seed=cfg.seed,
-            warm_start=cfg.warm_start,
+            seed=self.cfg.seed,
+            warm_start=self.cfg.warm_start,
         )
-        return did_fit, metrics
+
+    def report(self, g: int, metrics: Mapping[str, float], seconds: float, tracker: Tracker) -> None:
+        """Rank 0, after a commit: metrics.csv, the progress line, W&B (metrics and the generation's pictures)."""
+        write_metrics_csv(self.store, self.wf.label, self.cfg.seed)
+        print(self.progress_line(g, metrics, f"{seconds:.1f}s"), flush=True)
+        tracker.log({**metrics, "time/generation_s": seconds}, generation=g)
+        for picture in sorted(self.store.path(g).glob("*.png")):
+            tracker.log_image(f"samples/{picture.stem}", picture, generation=g)
 
     def _trainer(self, g: int, stage: Path, sampler: SyntheticDataCallback) -> pl.Trainer:
         kwargs: dict[str, Any] = {
@@ -340,7 +401,8 @@ class _GenerationContext:
 
     def progress_line(self, g: int, metrics: Mapping[str, float], tail: str) -> str:
         """``[toy] accumulate seed=0 gen 2/4 test_loss=1.234 train=300 (real 100, synthetic 200) 1.2s``."""
-        tests = " ".join(f"{_csv_name(k)}={v:.4g}" for k, v in metrics.items() if k.startswith("test"))
+        shown = [k for k in metrics if k.startswith(("test", "sample"))]
+        tests = " ".join(f"{_csv_name(k)}={metrics[k]:.4g}" for k in shown)
         size = metrics.get("train_size")
         train = (
             f" train={size:.0f} (real {metrics.get('train_real', 0):.0f}, "
@@ -356,10 +418,12 @@ class RngStateCallback(Callback):
     """Store the global RNG states in every Lightning checkpoint and restore them on resume.
 
     A fit resumed from a mid-fit checkpoint then continues the random streams (dropout, noise,
-    loader seeds) where the interrupted fit left them, as an unbroken fit would.
+    loader seeds) where the interrupted fit left them, as an unbroken fit would. In a multi-process
+    run each rank's states are gathered into the checkpoint and each rank gets its own back.
     """
 
-    def state_dict(self) -> dict[str, Any]:
+    @staticmethod
+    def _local_state() -> dict[str, Any]:
         # Plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True).
         name, keys, pos, has_gauss, cached = np.random.get_state()
         state: dict[str, Any] = {
@@ -371,7 +435,25 @@ class RngStateCallback(Callback):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    def state_dict(self) -> dict[str, Any]:
+        dist = Dist()
+        if not dist.active:
+            return self._local_state()
+        # Every rank dumps the checkpoint (rank 0 writes it), so this collective is reached by all.
+        states: list[Any] = [None] * dist.world_size
+        torch.distributed.all_gather_object(states, self._local_state())
+        return {"ranks": states}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "ranks" in state_dict:
+            ranks = state_dict["ranks"]
+            dist = Dist()
+            if len(ranks) != dist.world_size:
+                raise UserError(
+                    f"the checkpoint was written by {len(ranks)} processes, this run has {dist.world_size}; "
+                    "resume with the same --trainer.devices and --trainer.num_nodes"
+                )
+            state_dict = ranks[dist.rank]
         version, internal, gauss = state_dict["python"]
         random.setstate((version, tuple(internal), gauss))
         name, keys, pos, has_gauss, cached = state_dict["numpy"]

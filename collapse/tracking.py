@@ -1,6 +1,8 @@
 """Weights & Biases logging, offline unless the user opts in.
 
-One W&B run per recipe run, grouped by recipe so that workflows and seeds compare in one view.
+One W&B run per recipe run, grouped by recipe (``--wandb.group`` to change it) with the workflow as
+the job type and ``workflow=...``/``seed=...`` tags, so that workflows and seeds compare in one view
+(group the runs table by job type, or filter by tag).
 ``mode``: ``offline`` (default; writes ``<out_dir>/wandb/offline-run-*``, upload later with
 ``wandb sync``), ``online`` (opt in; needs ``wandb login``) or ``disabled``.
 """
@@ -53,7 +55,8 @@ class Tracker:
             project=cfg.project,
             entity=cfg.entity,
             group=cfg.group or recipe,
-            job_type=recipe,
+            job_type=str(config.get("workflow", recipe)),
+            tags=[recipe, *(f"{key}={config[key]}" for key in ("workflow", "seed") if key in config)],
             name=out.name,
             dir=str(out),
             config=config,

@@ -141,6 +141,25 @@ class WorkflowDataset(Dataset):
         return out
 
 
+class DisjointSampler(DistributedSampler):
+    """Rank ``r`` of ``W`` gets examples ``r, r + W, ...`` of an evaluation set: every example once, in order.
+
+    A ``DistributedSampler`` subclass, so Lightning keeps it instead of installing its own (which pads
+    the ranks to equal length by repeating examples).
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class SyntheticAccumulatingDataModule(pl.LightningDataModule):
     """Generation ``generation``'s data: the workflow's real + synthetic training mix, real val/test.
 
@@ -296,6 +315,12 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
         self.real.setup({"val": "validate"}.get(split, split))  # idempotent by contract
         dataset = getattr(self.real, f"{split}_dataset", None)
         if dataset is not None:
+            trainer = self.trainer
+            if trainer is not None and trainer.world_size > 1:
+                # Each rank scores a disjoint part, no example twice (Lightning's default sampler would
+                # pad the last part with repeats and bias the mean); sync_dist then sums exactly.
+                sampler = DisjointSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
+                return self._loader(dataset, self.eval_batch_size, sampler=sampler)
             return self._loader(dataset, self.eval_batch_size)
         return getattr(self.real, f"{split}_dataloader")()
 
@@ -306,4 +331,4 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
 
-__all__ = ["RealDataModule", "SyntheticAccumulatingDataModule", "WorkflowDataset", "derive_seed"]
+__all__ = ["DisjointSampler", "RealDataModule", "SyntheticAccumulatingDataModule", "WorkflowDataset", "derive_seed"]

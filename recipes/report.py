@@ -12,6 +12,11 @@ separate sections. For every recipe and metric the report holds
 * a table in ``<out>/report.md``: one row per (cell, workflow), the value at generation 0 and at the
   last generation (and the theory there) as mean ± half-width of the 95% confidence interval.
 
+Recipes whose finished generations hold a picture of their synthetic samples (``gen_XXX/samples.png``,
+the image recipes) also get ``<out>/samples_<recipe>.png``: one row per workflow (its run with the
+smallest seed), one column per generation (at most 8, evenly spaced), and a "Samples" subsection
+linking it. A picture that is absent or cannot be read is a "missing" panel, not an error.
+
 Confidence intervals use the Student t quantile with n - 1 degrees of freedom (n = finite values at
 that generation). Non-finite values (``inf``, ``nan``; e.g. the NLL of a singular Gaussian) are left
 out of the means and counted in the table.
@@ -28,6 +33,7 @@ import gc
 import math
 import re
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +64,10 @@ _HIDDEN_CONFIG_KEYS = EXECUTION_KEYS | {"recipe", "out_dir", "report"}
 _POOLED_CONFIG_KEYS = frozenset({"seed", "num_seeds", "workflow", "generations"})
 
 _CHUNK_ROWS = 200_000
+SAMPLES_PICTURE = "samples.png"
+"""The picture of a generation's synthetic samples that image recipes write into each ``gen_XXX`` folder."""
+_GEN_DIR = re.compile(r"^gen_(\d{3,})$")  # finished generations only: ``.gen_XXX.partial`` never matches
+_SAMPLE_COLUMNS = 8  # generations per samples figure; more are thinned to evenly spaced ones
 _LOG_SPAN = 100.0  # auto log-y when one panel's values span at least this factor
 _FAMILY_COLOURS = {
     "replace": ("#d62728", "#f08080", "#8b0000", "#e9967a"),
@@ -725,6 +735,15 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _unique_name(name: str, used: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... when taken; the result is added to ``used``."""
+    base, k = name, 2
+    while name in used:
+        name, k = f"{base}_{k}", k + 1
+    used.add(name)
+    return name
+
+
 # ---- filters -----------------------------------------------------------------------------------
 
 
@@ -1002,8 +1021,13 @@ def _section(
     log_y: str,
     max_panels: int,
     used_names: set[str],
+    samples: Sequence[str] = (),
 ) -> list[str]:
-    """Markdown lines of one recipe's section; writes its figures into ``out_dir``."""
+    """Markdown lines of one recipe's section; writes its figures into ``out_dir``.
+
+    ``samples`` are the lines of the recipe's "Samples" subsection (see :func:`_samples_section`),
+    placed before the metrics.
+    """
     lines = [f"## {_md(data.recipe)}", "", "Run dirs:", ""]
     for run in data.runs:
         lines.append(f"- `{run.path}` ({run.rows:,} rows): {_md(_config_summary(run.config))}")
@@ -1012,6 +1036,7 @@ def _section(
         notes.append("theory uses " + ", ".join(f"{k}={v}" for k, v in data.common.items()) + " from config.yaml")
     lines.append("")
     lines += [f"Note: {_md(n)}" for n in notes] + ([""] if notes else [])
+    lines += samples
 
     present = list(dict.fromkeys(m for m, _, _ in data.series))
     if metrics is None:
@@ -1049,17 +1074,250 @@ def _section(
         note = ""
         if len(kept) > len(shown):
             note = f"showing {len(shown)} of {len(kept)} cells; choose others with --cells"
-        name = _safe_name(f"{data.recipe}_{metric}")
-        base, k = name, 2
-        while name in used_names:
-            name, k = f"{base}_{k}", k + 1
-        used_names.add(name)
-        png = out_dir / f"{name}.png"
+        png = out_dir / f"{_unique_name(_safe_name(f'{data.recipe}_{metric}'), used_names)}.png"
         _plot(png, data.recipe, metric, grid, [c for c, _ in shown], [p for _, p in shown], colours, log_y, note)
         lines += [f"### {_md(metric)}", "", f"![{_md(data.recipe)} {_md(metric)}]({png.name})", ""]
         if note:
             lines += [f"The figure is {note}; the table lists every cell.", ""]
         lines += _table(grid, [(c, ln) for c, p in kept for ln in p]) + [""]
+    return lines
+
+
+# ---- sample pictures ---------------------------------------------------------------------------
+
+
+@dataclass
+class _SampleRow:
+    """One row of a samples figure: a workflow's run with the smallest seed and its finished generations."""
+
+    workflow: str
+    setting: tuple[tuple[str, str], ...]
+    """The config values in which this recipe's runs differ (merge_runs' extra grid columns), else empty."""
+    seed: int | None
+    run: Path
+    pictures: dict[int, Path | None]
+    """Finished generation -> its ``samples.png`` (None where the generation's folder holds none)."""
+
+    @property
+    def title(self) -> str:
+        """The workflow and the setting, e.g. ``replace`` or ``replace, latent_dim=16``."""
+        return ", ".join([self.workflow, *(f"{k}={v or '-'}" for k, v in self.setting)])
+
+
+def _finished_pictures(path: Path) -> dict[int, Path | None]:
+    """The finished generations of a run dir (``gen_XXX`` folders, sorted) and their sample pictures."""
+    found: dict[int, Path | None] = {}
+    try:
+        entries = list(path.iterdir())
+    except OSError:
+        return found  # the run was readable a moment ago; a listing that now fails just means no pictures
+    for entry in entries:
+        m = _GEN_DIR.match(entry.name)
+        if not m:
+            continue
+        try:
+            if not entry.is_dir():
+                continue
+            picture = entry / SAMPLES_PICTURE
+            found[int(m.group(1))] = picture if picture.is_file() else None
+        except OSError:  # a folder we may not look into: its picture is missing, the generation still counts
+            found[int(m.group(1))] = None
+    return dict(sorted(found.items()))
+
+
+def _run_workflow(run: Run) -> str:
+    """The workflow label of a one-workflow run, as the metrics (and so the plots) spell it."""
+    labels = sorted({wf for _, wf, _ in run.series}, key=_workflow_key)
+    if len(labels) == 1:
+        return labels[0]
+    configured = run.config.get("workflow")
+    if isinstance(configured, str) and configured:
+        return configured
+    return ", ".join(labels) or "unknown"
+
+
+def _run_seed(run: Run) -> int | None:
+    """The seed of a one-seed run: the metrics' seed column, else config.yaml's ``seed``."""
+    seeds = np.unique(np.concatenate([s for s, _, _ in run.series.values()])) if run.series else np.empty(0)
+    if seeds.size == 1:
+        return int(seeds[0])
+    try:
+        return int(run.config["seed"])
+    except (KeyError, TypeError, ValueError):
+        return int(seeds.min()) if seeds.size else None
+
+
+def _sample_rows(data: RecipeData) -> list[_SampleRow]:
+    """One row per workflow (and setting) with finished generations, in report order; empty without pictures.
+
+    Each row shows the run with the smallest seed among the workflow's runs that have pictures (or,
+    if none has, among all its runs); equal seeds go to the run listed first. Runs that differ in a
+    config value (another experiment, e.g. another ``latent_dim``) get rows of their own, as they get
+    cells of their own in the metric figures.
+    """
+    found = [(run, _finished_pictures(run.path)) for run in data.runs]
+    if not any(p is not None for _, pictures in found for p in pictures.values()):
+        return []
+    # merge_runs adds a grid column per config key in which the runs differ; metrics.csv columns stay.
+    split = [g for g in data.grid if not any(g in run.grid for run in data.runs)]
+    by_key: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[Run, dict[int, Path | None]]]] = {}
+    for run, pictures in found:
+        if pictures:
+            setting = tuple((k, "" if run.config.get(k) is None else str(run.config.get(k))) for k in split)
+            by_key.setdefault((_run_workflow(run), setting), []).append((run, pictures))
+    rows = []
+    for workflow, setting in sorted(by_key, key=lambda k: (_workflow_key(k[0]), _cell_key(tuple(v for _, v in k[1])))):
+        candidates = by_key[(workflow, setting)]
+        candidates = [c for c in candidates if any(p is not None for p in c[1].values())] or candidates
+        seeded = [(_run_seed(run), i, run, pictures) for i, (run, pictures) in enumerate(candidates)]
+        seed, _, run, pictures = min(seeded, key=lambda t: (t[0] is None, t[0] or 0, t[1]))
+        rows.append(_SampleRow(workflow, setting, seed, run.path, pictures))
+    return rows
+
+
+def _spread(values: Sequence[int], k: int = _SAMPLE_COLUMNS) -> list[int]:
+    """At most ``k`` evenly spaced items of ``values``, the first and the last among them."""
+    if len(values) <= k:
+        return list(values)
+    picks = np.unique(np.round(np.linspace(0, len(values) - 1, k)).astype(int))
+    return [values[i] for i in picks]
+
+
+def _read_picture(path: Path) -> tuple[np.ndarray | None, str]:
+    """A picture as an RGB float array in [0, 1], or ``(None, one-line reason)`` when it cannot be read."""
+    import matplotlib.image as mimage
+
+    try:
+        img = np.asarray(mimage.imread(path))
+    except Exception as exc:  # decoders raise SyntaxError, OSError, ValueError, ... on damaged files
+        text = str(exc).strip()
+        return None, (text.splitlines()[0] if text else type(exc).__name__)
+    if img.dtype.kind in "ui":  # non-PNG data (a JPEG under the PNG name) comes back as integers
+        img = img / np.iinfo(img.dtype).max
+    img = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0.0, 1.0)
+    if img.ndim == 3 and img.shape[2] == 4:  # drop transparency onto white, as a viewer shows it
+        img = img[..., :3] * img[..., 3:] + (1.0 - img[..., 3:])
+    elif img.ndim == 3 and img.shape[2] != 3:
+        img = img[..., 0]  # grey + alpha and other odd layouts: the first channel is the picture
+    if img.ndim == 2:
+        # Grey as RGB: shown exactly, with no colormap normalising a uniform picture to black.
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or not img.size:
+        return None, f"not a 2-D picture (array of shape {img.shape})"
+    step = max(1, -(-max(img.shape[:2]) // 1024))  # a panel is a few hundred pixels: skip rows of huge pictures
+    return img[::step, ::step], ""
+
+
+def _plot_samples(
+    path: Path,
+    recipe: str,
+    rows: Sequence[_SampleRow],
+    gens: Sequence[int],
+    panels: Sequence[Sequence[np.ndarray | str | None]],
+    colours: dict[str, str],
+) -> None:
+    """A grid of pictures: a row per workflow, a column per generation; ``str`` panels say why they are empty."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    sides = [max(p.shape[:2]) for row in panels for p in row if isinstance(p, np.ndarray)]
+    # Near the pictures' own size (a 240 px grid of digits at 1:1), within sensible bounds.
+    panel = min(2.4, max(1.2, max(sides, default=240) / dpi))
+    gap = 0.1
+    labels = []
+    for row in rows:
+        # "replace (seed 0)"; a long mix(...) label wraps, the seed on its last line if it fits.
+        wrapped = textwrap.wrap(row.title, 22) or [row.title]
+        seed = f"(seed {row.seed})" if row.seed is not None else "(seed unknown)"
+        if len(wrapped[-1]) + 1 + len(seed) <= 22:
+            wrapped[-1] += f" {seed}"
+        else:
+            wrapped.append(seed)
+        labels.append("\n".join(wrapped))
+    longest = max(len(line) for text in labels for line in text.splitlines())
+    # Margins in inches, laid out by hand like the metric figures.
+    top, bottom, left, right = 0.85, 0.15, max(0.9, 0.075 * longest + 0.3), 0.15
+    cols = len(gens)
+    width = left + right + cols * panel + (cols - 1) * gap
+    height = top + bottom + len(rows) * panel + (len(rows) - 1) * gap
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for r, (row, label, cells) in enumerate(zip(rows, labels, panels)):
+        y0 = height - top - (r + 1) * panel - r * gap
+        fig.text(
+            (left - 0.12) / width,
+            (y0 + panel / 2) / height,
+            label,
+            ha="right",
+            va="center",
+            fontsize=9,
+            color=colours.get(row.workflow, "0.1"),
+            fontweight="bold",
+        )
+        for c, (g, cell) in enumerate(zip(gens, cells)):
+            x0 = left + c * (panel + gap)
+            ax = fig.add_axes((x0 / width, y0 / height, panel / width, panel / height))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("0.75")
+            if isinstance(cell, np.ndarray):
+                ax.imshow(cell, interpolation="antialiased")
+            elif cell is None:
+                ax.axis("off")  # the run stopped before this generation: nothing to show, nothing wrong
+            else:
+                ax.set_facecolor("0.93")
+                ax.text(0.5, 0.5, cell, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.35")
+            if r == 0:
+                ax.set_title(f"gen {g}", fontsize=9, y=1.0, pad=4)
+    fig.suptitle(f"{recipe}: synthetic samples per generation", fontsize=11, y=1 - 0.12 / height, va="top")
+    fig.savefig(path, format="png")
+
+
+def _samples_section(data: RecipeData, out_dir: Path, used_names: set[str], warn: Callable[[str], None]) -> list[str]:
+    """Lines of a recipe's "Samples" subsection; writes ``samples_<recipe>.png``. Empty without pictures."""
+    rows = _sample_rows(data)
+    if not rows:
+        return []
+    finished = sorted({g for row in rows for g in row.pictures})
+    gens = _spread(finished)
+    panels: list[list[np.ndarray | str | None]] = []
+    missing: list[str] = []
+    for row in rows:
+        cells: list[np.ndarray | str | None] = []
+        for g in gens:
+            if g not in row.pictures:
+                cells.append(None)
+                continue
+            picture = row.pictures[g]
+            if picture is None:
+                missing.append(f"{row.title} gen {g} (no {SAMPLES_PICTURE})")
+                cells.append("missing")
+                continue
+            img, why = _read_picture(picture)
+            if img is None:
+                warn(f"warning: {picture}: cannot read the samples picture ({why}); shown as missing")
+                missing.append(f"{row.title} gen {g} (unreadable {SAMPLES_PICTURE})")
+                cells.append("missing")
+            else:
+                cells.append(img)
+        panels.append(cells)
+    png = out_dir / f"{_unique_name(_safe_name(f'samples_{data.recipe}'), used_names)}.png"
+    # The same labels as the metric plots, so a workflow has the same colour in every figure.
+    colours = workflow_colours({wf for _, wf, _ in data.series} | {row.workflow for row in rows})
+    _plot_samples(png, data.recipe, rows, gens, panels, colours)
+
+    seeds = "; ".join(f"{row.title}: seed {row.seed if row.seed is not None else 'unknown'}" for row in rows)
+    shown = ", ".join(str(g) for g in gens)
+    if len(gens) < len(finished):
+        which = f"generations {shown} (evenly spaced over the {len(finished)} finished, {finished[0]}–{finished[-1]})"
+    else:
+        which = f"generation{'s' if len(gens) != 1 else ''} {shown}"
+    lines = ["### Samples", "", f"![{_md(data.recipe)} samples]({png.name})", ""]
+    lines += [f"Synthetic samples of each workflow's run with the smallest seed ({_md(seeds)}) at {which}.", ""]
+    if missing:
+        lines += [f"Shown as missing: {_md('; '.join(missing))}.", ""]
     return lines
 
 
@@ -1079,13 +1337,16 @@ def make_report(
     max_panels: int = DEFAULT_MAX_PANELS,
     warn: Callable[[str], None] | None = _stderr,
 ) -> Path:
-    """Write ``<out_dir>/report.md`` and one PNG per (recipe, metric); return the path of report.md.
+    """Write ``<out_dir>/report.md``, one PNG per (recipe, metric) and one of sample pictures per image recipe.
+
+    Returns the path of report.md.
 
     ``metrics`` (names or comma-separated names) restricts the metrics; ``cells`` (e.g.
     ``["dim=10,n_samples=100"]``) restricts the grid cells, a cell being kept if it matches any
     filter; ``log_y`` is ``"auto"`` (log where one panel's values span two orders of magnitude),
     ``"true"`` or ``"false"``; ``max_panels`` caps the panels per figure. Unusable run dirs are
-    skipped with a one-line ``warn`` each; :class:`ReportError` when none is usable.
+    skipped with a one-line ``warn`` each, and so is a sample picture that cannot be read;
+    :class:`ReportError` when no run dir is usable.
     """
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
@@ -1150,7 +1411,8 @@ def make_report(
     report = out / "report.md"
     try:
         for data in groups:
-            md += _section(data, out, wanted, filters, mode, max_panels, used)
+            samples = _samples_section(data, out, used, warn)
+            md += _section(data, out, wanted, filters, mode, max_panels, used, samples)
         atomic_write_text(report, "\n".join(md).rstrip() + "\n")
     except OSError as exc:
         raise ReportError(f"cannot write the report into {out} ({exc.strerror or exc})") from None

@@ -349,3 +349,137 @@ def test_runs_with_different_seeds_keep_rows_whose_seed_labels_overlap(tmp_path)
     text = make_report(runs, tmp_path / "out").read_text()
     assert "only the first was kept" not in text
     assert "| 5.5 ± 9.2 (n=4) |" in text  # mean of 0, 1, 10, 11: all four rows kept
+
+
+# ---- sample pictures -----------------------------------------------------------------------------
+
+IMAGE_WORKFLOWS = ("accumulate", "replace", "accumulate_subsample")  # listed out of report order on purpose
+
+
+def grey_level(workflow: str, seed: int, generation: int) -> int:
+    """A distinct solid grey per (workflow, seed, generation), so the composed figure can be read back."""
+    assert generation < 12 and seed in (0, 1, 3)  # keeps the levels distinct and within 0..255
+    return 20 + 75 * IMAGE_WORKFLOWS.index(workflow) + 5 * generation + 2 * seed
+
+
+def write_image_run(path, workflow, seed, generations=3, skip=(), corrupt=(), recipe="vae_mnist", **config):
+    """A run dir of an image recipe: metrics plus gen_XXX/{manifest.json, samples.png} (a solid grey picture)."""
+    from PIL import Image
+
+    rows = [(workflow, seed, g, "val_loss", str(1.0 + g)) for g in range(generations)]
+    write_run(path, recipe, [], rows, workflow=workflow, seed=seed, **config)
+    for g in range(generations):
+        folder = path / f"gen_{g:03d}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text("{}")
+        if g in skip:
+            continue
+        if g in corrupt:
+            (folder / "samples.png").write_bytes(b"\x00garbage, not a picture\xff" * 8)
+        else:
+            Image.fromarray(np.full((240, 240), grey_level(workflow, seed, g), np.uint8)).save(folder / "samples.png")
+    return path
+
+
+def grey_pixels(png, level: int) -> np.ndarray:
+    """(row, col) of the figure's pixels whose colour is exactly the grey ``level``."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return np.argwhere((rgb == level).all(axis=2))
+
+
+def test_samples_figure_shows_the_smallest_seed_per_workflow_in_report_order(tmp_path, capsys):
+    runs = []
+    for wf in IMAGE_WORKFLOWS:
+        for seed in (1, 0):  # the larger seed first: the choice must not depend on the order given
+            skip = (1,) if (wf, seed) == ("accumulate", 0) else ()
+            runs.append(write_image_run(tmp_path / f"{wf}_{seed}", wf, seed, skip=skip))
+    # An unfinished generation's picture is never shown, even with its own grey level.
+    partial = tmp_path / "replace_0" / ".gen_005.partial"
+    partial.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.full((240, 240), 250, np.uint8)).save(partial / "samples.png")
+
+    md = make_report(runs, tmp_path / "out").read_text()
+    png = tmp_path / "out" / "samples_vae_mnist.png"
+    assert is_png(png)
+    assert capsys.readouterr().err == ""
+    assert "### Samples" in md and "![vae_mnist samples](samples_vae_mnist.png)" in md
+    assert "replace: seed 0; accumulate: seed 0; accumulate_subsample: seed 0" in md
+    assert "at generations 0, 1, 2." in md and "gen 5" not in md
+    assert "Shown as missing: accumulate gen 1 (no samples.png)." in md
+    # Pictures before metrics within the recipe's section.
+    assert md.index("## vae_mnist") < md.index("### Samples") < md.index("### val_loss")
+
+    centres = {}
+    for wf in IMAGE_WORKFLOWS:
+        for g in range(3):
+            shown = grey_pixels(png, grey_level(wf, 0, g))
+            if (wf, g) == ("accumulate", 1):
+                assert len(shown) < 500  # its picture is missing: the panel says so instead
+                continue
+            assert len(shown) > 200 * 200, (wf, g)  # a whole panel of it
+            centres[wf, g] = shown.mean(axis=0)
+            assert len(grey_pixels(png, grey_level(wf, 1, g))) < 500  # seed 1 is not shown
+    assert len(grey_pixels(png, 250)) < 500
+    # Rows in report order (replace, accumulate, accumulate_subsample), columns by generation.
+    rows = [centres[wf, 0][0] for wf in ("replace", "accumulate", "accumulate_subsample")]
+    assert rows == sorted(rows) and rows[0] + 150 < rows[1] < rows[2] - 150
+    cols = [centres["replace", g][1] for g in range(3)]
+    assert cols == sorted(cols) and cols[0] + 150 < cols[1] < cols[2] - 150
+    assert abs(centres["replace", 2][1] - centres["accumulate", 2][1]) < 2  # one column per generation
+
+
+def test_a_corrupt_samples_picture_is_explained_and_shown_as_missing(tmp_path, capsys):
+    good = write_image_run(tmp_path / "a", "accumulate", 0)
+    bad = write_image_run(tmp_path / "r", "replace", 0, corrupt=(1,))
+    assert cli([str(good), str(bad), "--out", str(tmp_path / "out")]) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("warning: ") and str(bad / "gen_001" / "samples.png") in err[0]
+    assert "shown as missing" in err[0]
+    assert is_png(tmp_path / "out" / "samples_vae_mnist.png")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Shown as missing: replace gen 1 (unreadable samples.png)." in md
+    assert len(grey_pixels(tmp_path / "out" / "samples_vae_mnist.png", grey_level("replace", 0, 2))) > 200 * 200
+
+
+def test_many_generations_are_thinned_and_shorter_runs_leave_blank_panels(tmp_path):
+    long = write_image_run(tmp_path / "a", "accumulate", 3, generations=12)
+    short = write_image_run(tmp_path / "r", "replace", 0, generations=2)
+    md = make_report([long, short], tmp_path / "out", warn=None).read_text()
+    assert "replace: seed 0; accumulate: seed 3" in md
+    assert "at generations 0, 2, 3, 5, 6, 8, 9, 11 (evenly spaced over the 12 finished, 0–11)." in md
+    assert "Shown as missing" not in md  # generations a run never reached are not missing pictures
+    png = tmp_path / "out" / "samples_vae_mnist.png"
+    assert len(grey_pixels(png, grey_level("accumulate", 3, 11))) > 200 * 200
+    assert len(grey_pixels(png, grey_level("accumulate", 3, 1))) < 500  # not among the chosen columns
+
+
+def test_runs_of_one_recipe_that_differ_in_config_get_rows_of_their_own(tmp_path):
+    small = write_image_run(tmp_path / "s", "replace", 1, latent_dim=2)
+    big = write_image_run(tmp_path / "b", "replace", 0, latent_dim=16)
+    md = make_report([small, big], tmp_path / "out", warn=None).read_text()
+    assert "replace, latent_dim=2: seed 1; replace, latent_dim=16: seed 0" in md
+    png = tmp_path / "out" / "samples_vae_mnist.png"
+    assert len(grey_pixels(png, grey_level("replace", 1, 0))) > 200 * 200
+    assert len(grey_pixels(png, grey_level("replace", 0, 0))) > 200 * 200
+
+
+def test_runs_without_pictures_get_no_samples_figure(tmp_path, capsys):
+    lr = write_run(tmp_path / "lr", "linear_regression", ["dim", "n_samples", "noise_var"], lr_rows(lr_values()))
+    # Finished generations without pictures, and a picture only in an unfinished generation.
+    vae = write_image_run(tmp_path / "v", "replace", 0, skip=(0, 1, 2))
+    (vae / ".gen_003.partial").mkdir()
+    (vae / ".gen_003.partial" / "samples.png").write_bytes(b"not looked at")
+    md = make_report([lr, vae], tmp_path / "out").read_text()
+    assert capsys.readouterr().err == ""
+    assert "Samples" not in md
+    assert not list((tmp_path / "out").glob("samples*"))
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "report.md",
+        "linear_regression_test_mse.png",
+        "vae_mnist_val_loss.png",
+    }
