@@ -41,6 +41,7 @@ from PIL import Image
 from torch import nn
 
 from collapse.atomic import atomic_open
+from collapse.errors import ConfigError
 
 IMAGE_SIZE = 28
 """Height and width of the images (pixels)."""
@@ -71,15 +72,15 @@ class VAEConfig:
     def __post_init__(self) -> None:
         self.channels = tuple(self.channels)
         if len(self.channels) != 2 or any(int(c) != c or c < 1 for c in self.channels):
-            raise ValueError(f"channels must be two positive integers, got {self.channels!r}")
+            raise ConfigError(f"--model.channels must be two positive integers, got {self.channels!r}")
         if int(self.latent_dim) != self.latent_dim or self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
+            raise ConfigError(f"--model.latent_dim must be a positive integer, got {self.latent_dim!r}")
         if int(self.hidden) != self.hidden or self.hidden < 1:
-            raise ValueError(f"hidden must be a positive integer, got {self.hidden!r}")
+            raise ConfigError(f"--model.hidden must be a positive integer, got {self.hidden!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise ConfigError(f"--model.lr must be a positive number, got {self.lr!r}")
         if self.sample_mode not in SAMPLE_MODES:
-            raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {self.sample_mode!r}")
+            raise ConfigError(f"--model.sample_mode must be one of {SAMPLE_MODES}, got {self.sample_mode!r}")
 
 
 class ConvVAE(nn.Module):

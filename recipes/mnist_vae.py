@@ -25,7 +25,7 @@ import numpy as np
 
 from collapse.atomic import atomic_write_json
 from collapse.cli import run
-from collapse.errors import UserError
+from collapse.errors import ConfigError, UserError
 from collapse.loop import LoopConfig, LoopResult, Modality, run_generations
 from collapse.rundir import config_dict
 from datamodules.mnist import MNISTDataConfig, MNISTDataModule
@@ -56,6 +56,12 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     """Clip gradients to this norm."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or self.num_nodes < 1:
+            raise ConfigError(f"--trainer.num_nodes must be an integer >= 1, got {self.num_nodes!r}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ConfigError(f"--trainer.max_epochs must be >= 1, got {self.max_epochs}")
+
 
 @dataclass
 class QualityConfig:
@@ -69,6 +75,12 @@ class QualityConfig:
     """Where the trained classifier is cached; default: $MODEL_COLLAPSE_CACHE or ~/.cache/model-collapse."""
     grid_size: int = 64
     """Synthetic digits in each generation's samples.png."""
+
+    def __post_init__(self) -> None:
+        for flag in ("classifier_epochs", "grid_size"):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--quality.{flag} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -160,8 +172,6 @@ def resolve_hardware(cfg: MNISTVAEConfig) -> MNISTVAEConfig:
         precision=cfg.trainer.precision or ("bf16-mixed" if on_gpu else "32-true"),
         max_epochs=(GPU_EPOCHS if on_gpu else CPU_EPOCHS) if cfg.trainer.max_epochs is None else cfg.trainer.max_epochs,
     )
-    if trainer.max_epochs < 1:
-        raise UserError(f"--trainer.max_epochs must be >= 1, got {trainer.max_epochs}")
     return dataclasses.replace(cfg, trainer=trainer)
 
 

@@ -194,3 +194,45 @@ def _test_loss_one_process(out: Path, cfg: MNISTVAEConfig) -> float:
             total += float(loss.sum())
             count += batch.shape[0]
     return total / count
+
+
+def _bad_idx(root: Path) -> Path:
+    """A folder with the four official IDX file names, the training images truncated."""
+    import struct
+
+    root.mkdir()
+    images = struct.pack(">IIII", 0x00000803, 10, 28, 28) + bytes(28 * 28 * 3)  # header says 10, holds 3
+    labels = struct.pack(">II", 0x00000801, 10) + bytes(10)
+    (root / "train-images-idx3-ubyte").write_bytes(images)
+    (root / "train-labels-idx1-ubyte").write_bytes(labels)
+    (root / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x00000803, 1, 28, 28) + bytes(784))
+    (root / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x00000801, 1) + bytes(1))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--data.source", "idx", "--data.path", "{tmp}/missing"], "missing"),
+        (["--data.source", "idx", "--data.path", "{bad_idx}"], "train-images-idx3-ubyte"),
+        (["--data.num_real", "100000"], "4000"),
+        (["--data.source", "parquet"], "embedded"),
+        (["--model.sample_mode", "median"], "sample_mode"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, flags, needle):
+    bad_idx = _bad_idx(tmp_path / "bad_idx")
+    flags = [f.format(tmp=tmp_path, bad_idx=bad_idx) for f in flags]
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE), "--out_dir", str(out), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert not out.exists()
