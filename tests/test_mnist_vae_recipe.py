@@ -236,3 +236,54 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, flags, needle)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_wandb_gets_metrics_and_sample_grids_of_every_generation(tmp_path, monkeypatch):
+    import collapse.loop as loop
+
+    calls = []
+
+    class FakeTracker:
+        def __init__(self, cfg, recipe, out_dir, config):
+            calls.append(("init", cfg.mode, recipe, config["workflow"], config["seed"]))
+
+        def log(self, metrics, generation):
+            calls.append(("log", generation, sorted(metrics)))
+
+        def log_image(self, key, path, generation=None):
+            assert Path(path).read_bytes()[:4] == b"\x89PNG"
+            calls.append(("image", generation, key))
+
+        def save_file(self, path):
+            calls.append(("file", Path(path).name))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    monkeypatch.setattr(loop, "Tracker", FakeTracker)
+    main(tiny(tmp_path / "run", "replace", "--wandb.mode", "offline", "--quality.enabled", "false", "--seed", "3"))
+    assert calls[0] == ("init", "offline", "mnist_vae", "replace", 3)
+    assert [c[1:] for c in calls if c[0] == "image"] == [(0, "samples/samples"), (1, "samples/samples")]
+    logs = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logs] == [0, 1] and {"test/loss", "test/recon", "test/kl"} <= set(logs[0][2])
+    assert calls[-2:] == [("file", "metrics.csv"), ("finish",)]
+
+
+def test_tracker_groups_runs_by_recipe_with_workflow_and_seed(tmp_path, monkeypatch):
+    import wandb
+
+    from collapse.tracking import Tracker, WandbConfig
+
+    seen = {}
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(kw) or _NoRun())
+    Tracker(WandbConfig(mode="offline"), "mnist_vae", tmp_path, {"workflow": "accumulate", "seed": 2}).finish()
+    assert seen["group"] == "mnist_vae" and seen["job_type"] == "accumulate" and seen["mode"] == "offline"
+    assert {"workflow=accumulate", "seed=2"} <= set(seen["tags"])
+
+
+class _NoRun:
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
