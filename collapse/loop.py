@@ -9,10 +9,17 @@ synthetic sets drawn from earlier generations' models. Per generation g, :func:`
    ``warm_start`` the previous generation's weights;
 4. fits it, unless the staging folder already holds the fitted weights (``model.pt``); a fit killed
    half-way resumes from its last Lightning checkpoint (``checkpoints/last.ckpt`` in staging);
-5. tests it on the real test set and stages ``metrics.json`` (test metrics + training-set counts);
-6. samples the next synthetic set with :class:`SyntheticDataCallback` (``samples.npy``, ...);
-7. commits the generation (``manifest.json``, rename to ``gen_XXX``), rewrites ``metrics.csv`` and
-   prints one progress line.
+5. samples the next synthetic set with :class:`SyntheticDataCallback` at the end of the fit, while
+   the model is still on its device(s) (or at the start of the test when an earlier run fitted it);
+6. tests it on the real test set and stages ``metrics.json``: test metrics, training-set counts and
+   the modality's scores of the synthetic set (:meth:`Modality.evaluate_samples`, which may also
+   stage pictures such as ``samples.png``);
+7. commits the generation (``manifest.json``, rename to ``gen_XXX``), rewrites ``metrics.csv``,
+   prints one progress line and logs the metrics and pictures to W&B.
+
+With several processes (``--trainer.devices 2 --trainer.strategy ddp``, torchrun, SLURM) every
+process runs this loop: global rank 0 decides which steps are left and alone writes, the others
+train, sample and test their share (:mod:`collapse.distributed`).
 
 Every step's output is written atomically and each step is skipped when its output exists, so a
 run killed at any point (even SIGKILL) resumes with the same command and ends with exactly the
