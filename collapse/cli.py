@@ -9,6 +9,7 @@ never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -64,11 +65,17 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
         cfg = parse_config(config_cls, argv, prog=prog)
         return main(cfg)
     except UserError as exc:
-        sys.stderr.write(f"error: {_one_line(str(exc))}\n")
+        if not _secondary_process():  # in a multi-process run every rank raises it; one line is enough
+            sys.stderr.write(f"error: {_one_line(str(exc))}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: finished work is kept; run the same command again to resume\n")
         sys.exit(130)
+
+
+def _secondary_process() -> bool:
+    """Whether the launcher (Lightning's ddp, torchrun, SLURM) says this is not the first process."""
+    return any(os.environ.get(key, "0") not in ("", "0") for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def as_list(value: Any) -> list:

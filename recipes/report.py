@@ -1237,7 +1237,7 @@ def _plot_samples(
         labels.append("\n".join(wrapped))
     longest = max(len(line) for text in labels for line in text.splitlines())
     # Margins in inches, laid out by hand like the metric figures.
-    top, bottom, left, right = 0.85, 0.15, max(0.9, 0.075 * longest + 0.3), 0.15
+    top, bottom, left, right = 0.85, 0.15, max(0.9, 0.095 * longest + 0.3), 0.15  # bold 9 pt: ~0.09 in a character
     cols = len(gens)
     width = left + right + cols * panel + (cols - 1) * gap
     height = top + bottom + len(rows) * panel + (len(rows) - 1) * gap

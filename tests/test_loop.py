@@ -501,3 +501,51 @@ def test_sampling_callback_runs_after_fit_and_refuses_models_without_sample(tmp_
 
     with pytest.raises(TypeError, match="no sample"):
         SyntheticDataCallback(GenerationStore(tmp_path / "x"), 0, 4, 4, seed=0).sample_into_store(torch.nn.Linear(2, 2))
+
+
+class FailingAt(CountingModel):
+    """A sampling model that raises in chunk ``fail_at`` (by call count)."""
+
+    def __init__(self, fail_at: int):
+        super().__init__()
+        self.fail_at = fail_at
+
+    def sample(self, n, generator):
+        if self.calls == self.fail_at:
+            raise Boom("killed while sampling")
+        return super().sample(n, generator)
+
+
+def test_sampling_killed_half_way_keeps_its_finished_chunks(tmp_path):
+    unbroken = GenerationStore(tmp_path / "unbroken")
+    SyntheticDataCallback(unbroken, 0, num_samples=10, batch_size=3, seed=1).sample_into_store(CountingModel())
+
+    store = GenerationStore(tmp_path / "run")
+    cb = SyntheticDataCallback(store, 0, num_samples=10, batch_size=3, seed=1)
+    with pytest.raises(Boom):
+        cb.sample_into_store(FailingAt(2))
+    assert not cb.is_done()
+    assert sorted(p.name for p in (store.staging(0) / "sample_chunks").iterdir()) == [
+        "chunk_000000.npz",
+        "chunk_000001.npz",
+    ]
+    resumed = CountingModel()
+    assert cb.sample_into_store(resumed) == ["x", "label"]
+    assert resumed.calls == 2  # chunks 2 and 3 only
+    assert not (store.staging(0) / "sample_chunks").exists()
+    for name in ("x", "label"):
+        np.testing.assert_array_equal(
+            np.load(store.staged(0, f"{name}.npy")), np.load(unbroken.staged(0, f"{name}.npy"))
+        )
+
+
+def test_ranks_draw_disjoint_chunks_that_assemble_to_the_one_process_set(tmp_path):
+    one = GenerationStore(tmp_path / "one")
+    SyntheticDataCallback(one, 0, num_samples=11, batch_size=3, seed=4).sample_into_store(CountingModel())
+    two = GenerationStore(tmp_path / "two")
+    models = [CountingModel(), CountingModel()]
+    cb = SyntheticDataCallback(two, 0, num_samples=11, batch_size=3, seed=4)
+    cb._draw(models[1], rank=1, world_size=2)  # rank 1 first: the order of the ranks does not matter
+    cb.sample_into_store(models[0], rank=0, world_size=2)
+    assert [m.calls for m in models] == [2, 2]
+    np.testing.assert_array_equal(np.load(two.staged(0, "x.npy")), np.load(one.staged(0, "x.npy")))

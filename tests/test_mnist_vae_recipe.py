@@ -174,6 +174,12 @@ def test_two_process_ddp_writes_each_generation_once_and_exactly(tmp_path):
     single = _test_loss_one_process(out, cfg)
     assert metrics["test/loss"] == pytest.approx(single, rel=1e-5)  # disjoint shards: every test digit once
 
+    # An error on rank 0 (here: the run dir holds another config) stops every rank: one line, no hang.
+    proc = run_recipe(out, "accumulate", *extra, "--model.lr", "0.002")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert stderr.strip().count("error:") == 1 and "different config" in stderr, stderr[-2000:]
+
 
 def _test_loss_one_process(out: Path, cfg: MNISTVAEConfig) -> float:
     """Generation 0's test loss recomputed in this process, one batch at a time, from its saved weights."""
