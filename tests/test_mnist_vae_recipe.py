@@ -224,6 +224,12 @@ def _bad_idx(root: Path) -> Path:
         (["--data.num_real", "100000"], "4000"),
         (["--data.source", "parquet"], "embedded"),
         (["--model.sample_mode", "median"], "sample_mode"),
+        (["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "ddp_spawn"),
+        pytest.param(
+            ["--trainer.accelerator", "gpu"],
+            "no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU"),
+        ),
     ],
 )
 def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, flags, needle):
