@@ -1,0 +1,472 @@
+"""Causal transformer language models for the TinyStories modality, built from configs with ``transformers``.
+
+The TinyStories experiment of Gerstgrasser et al. ("Is Model Collapse Inevitable?") pretrains a fresh
+causal transformer from scratch in every generation: GPT-2 (9M parameters) and Llama 2 style models
+(12M, 42M, 126M), all with an 8,000-token vocabulary. :data:`PRESETS` gives architectures whose
+parameter counts equal the published ones exactly (:data:`PUBLISHED_PARAMETERS`, unique parameters,
+tied embeddings counted once); the models are built from a ``transformers`` config, with nothing
+downloaded. Alternatively every generation starts from one local Hugging Face checkpoint
+(``init_from``), the fine-tuning setting of Kazdan et al.
+
+Training minimises the mean next-token cross-entropy in nats over the predicted tokens, the
+shifted loss of the Hugging Face model (labels -100 are ignored):
+
+    loss = -1/N sum_{b, t : labels[b, t+1] != -100} log p(labels[b, t+1] | input_ids[b, :t+1]),
+
+with N the number of predicted tokens of the batch. ``<stage>/loss`` is logged with weight N, so
+its epoch value is the per-token mean over the whole stage, across DDP ranks too, and the test
+perplexity is ``exp(test/loss)`` (computed afterwards from the logged value: the exp of batch means
+would not average to it). The optimiser is AdamW with linear warmup then cosine decay to 10% of
+the learning rate over the fit (:func:`lr_factor`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from collapse.errors import ConfigError
+
+IGNORE_INDEX = -100
+"""Label of positions without a loss (the Hugging Face convention)."""
+FINAL_LR_RATIO = 0.1
+"""The cosine schedule decays the learning rate to this fraction of ``lr``."""
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""Accepted values of :attr:`CausalLMConfig.attn_implementation`."""
+
+# Each preset: the transformers ``model_type`` plus keyword arguments of its config class; the
+# vocabulary size comes from CausalLMConfig.vocab_size. Parameter counts with V = 8000 (d: width,
+# L: layers, f: feed-forward width, P: positions):
+#
+#   GPT-2 (tied lm_head, biases, learned positions, LayerNorm with gain and bias):
+#     V d + P d + L (12 d^2 + 13 d) + 2 d
+#     per layer: qkv 3d^2 + 3d, attn proj d^2 + d, mlp 2 * 4d^2 + 4d + d, two LayerNorms 4d,
+#     i.e. 12 d^2 + 13 d; final LayerNorm 2 d.
+#     gpt2-9m: 8000*256 + 2048*256 + 8*(12*256^2 + 13*256) + 2*256 = 8,890,880.
+#   Llama (untied lm_head, no biases, RoPE without parameters, RMSNorm with gain only):
+#     2 V d + L (4 d^2 + 3 d f + 2 d) + d
+#     per layer: q, k, v, o 4 d^2 (num_key_value_heads = num_attention_heads), SwiGLU gate/up/down
+#     3 d f, two RMSNorms 2 d; final RMSNorm d.
+#     llama2-12m:  2*8000*256 + 8*(4*256^2 + 3*256*1024 + 2*256) + 256 = 12,488,960.
+#     llama2-42m:  2*8000*512 + 8*(4*512^2 + 3*512*2048 + 2*512) + 512 = 41,755,136.
+#     llama2-126m: 2*8000*768 + 12*(4*768^2 + 3*768*3072 + 2*768) + 768 = 125,553,408.
+# The GPT-2 dropouts are the transformers defaults (0.1), the Llama ones 0 (also the defaults).
+_LLAMA = {
+    "model_type": "llama",
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+}
+_GPT2 = {
+    "model_type": "gpt2",
+    "n_positions": 2048,
+    "tie_word_embeddings": True,
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.1,
+    "embd_pdrop": 0.1,
+    "attn_pdrop": 0.1,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-9m": {**_GPT2, "n_embd": 256, "n_layer": 8, "n_head": 8, "n_inner": 1024},
+    "llama2-12m": {
+        **_LLAMA,
+        "hidden_size": 256,
+        "num_hidden_layers": 8,
+        "intermediate_size": 1024,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+    "llama2-42m": {
+        **_LLAMA,
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "intermediate_size": 2048,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+    "llama2-126m": {
+        **_LLAMA,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+    },
+    # Test-sized models (not from the paper).
+    "tiny": {
+        **_LLAMA,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+    },
+    "gpt2-tiny": {**_GPT2, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 512},
+}
+"""Architectures by name: ``model_type`` (a transformers model type) and the config's keyword arguments."""
+
+PUBLISHED_PARAMETERS: dict[str, int] = {
+    "gpt2-9m": 8_890_880,
+    "llama2-12m": 12_488_960,
+    "llama2-42m": 41_755_136,
+    "llama2-126m": 125_553_408,
+}
+"""Parameter counts of the published TinyStories models (vocabulary 8,000); the presets reproduce them exactly."""
+
+
+@dataclass
+class CausalLMConfig:
+    """Settings of the causal language model (the ``--model.*`` flags)."""
+
+    preset: str = "gpt2-9m"
+    """Architecture, a key of :data:`PRESETS`; ignored when ``init_from`` is set."""
+    vocab_size: int = 8000
+    """Vocabulary size (of the tokenizer); must equal the checkpoint's with ``init_from``."""
+    max_seq_len: int | None = None
+    """Context length used for training and sampling, at most the model's position limit; default: that limit."""
+    lr: float = 5e-4
+    """Peak AdamW learning rate (after warmup; cosine-decayed to 10% of it over the fit)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of the matrices (embeddings and output head included; not of biases or norm gains)."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear learning-rate warmup."""
+    init_from: str | None = None
+    """A local Hugging Face checkpoint directory (with config.json) every generation starts from; None: from scratch."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of transformers: one of :data:`ATTN_IMPLEMENTATIONS`."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--model.preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        if not _is_positive_int(self.vocab_size):
+            raise ConfigError(f"--model.vocab_size must be a positive integer, got {self.vocab_size!r}")
+        if self.max_seq_len is not None and not _is_positive_int(self.max_seq_len):
+            raise ConfigError(f"--model.max_seq_len must be a positive integer or None, got {self.max_seq_len!r}")
+        if self.init_from is None and self.max_seq_len is not None:
+            preset = PRESETS[self.preset]
+            limit = preset.get("max_position_embeddings", preset.get("n_positions"))
+            if self.max_seq_len > limit:
+                raise ConfigError(
+                    f"--model.max_seq_len must be at most {limit} (the position limit of preset {self.preset!r}), "
+                    f"got {self.max_seq_len}"
+                )
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--model.lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)) or (
+            self.weight_decay < 0
+        ):
+            raise ConfigError(f"--model.weight_decay must be a non-negative number, got {self.weight_decay!r}")
+        if not (_is_positive_int(self.warmup_steps) or (isinstance(self.warmup_steps, int) and self.warmup_steps == 0)):
+            raise ConfigError(f"--model.warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"--model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+            )
+        if self.init_from is not None:
+            path = Path(self.init_from).expanduser()
+            if not path.is_dir():
+                raise ConfigError(f"--model.init_from must be a local checkpoint directory; {path} does not exist")
+            if not (path / "config.json").is_file():
+                raise ConfigError(
+                    f"--model.init_from must be a Hugging Face checkpoint directory; {path} has no config.json"
+                )
+            self.init_from = str(path)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def position_limit(config: PretrainedConfig) -> int:
+    """Longest sequence a model of ``config`` handles: ``max_position_embeddings`` (``n_positions`` for GPT-2)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"cannot tell the position limit of a {type(config).__name__}")
+
+
+def model_config(
+    cfg: CausalLMConfig,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> PretrainedConfig:
+    """The transformers config of the model ``cfg`` describes: from its preset, or read from ``init_from``.
+
+    Preset models get exactly the given special-token ids (None stays None, replacing e.g. GPT-2's
+    default 50256, which is outside an 8,000-token vocabulary). A checkpoint keeps its own ids
+    unless one is given. Raises :class:`ConfigError` when the checkpoint's vocabulary size differs from
+    ``cfg.vocab_size`` or ``cfg.max_seq_len`` exceeds its position limit; ``ValueError`` for an id
+    outside the vocabulary.
+    """
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    for name, value in ids.items():
+        if value is not None and not (isinstance(value, int) and 0 <= value < cfg.vocab_size):
+            raise ValueError(f"{name} must be None or an integer in [0, {cfg.vocab_size}), got {value!r}")
+    if cfg.init_from is None:
+        return AutoConfig.for_model(**PRESETS[cfg.preset], vocab_size=cfg.vocab_size, **ids)
+    config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
+    if config.vocab_size != cfg.vocab_size:
+        raise ConfigError(
+            f"--model.vocab_size is {cfg.vocab_size} but the checkpoint in --model.init_from {cfg.init_from} "
+            f"has vocab_size {config.vocab_size}; set --model.vocab_size={config.vocab_size} and use its tokenizer"
+        )
+    if cfg.max_seq_len is not None and cfg.max_seq_len > position_limit(config):
+        raise ConfigError(
+            f"--model.max_seq_len must be at most {position_limit(config)} (the position limit of the checkpoint "
+            f"in --model.init_from {cfg.init_from}), got {cfg.max_seq_len}"
+        )
+    for name, value in ids.items():
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+def build_model(
+    cfg: CausalLMConfig,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> transformers.PreTrainedModel:
+    """A causal LM: freshly initialised from ``cfg.preset``, or the weights of ``cfg.init_from`` (local files only).
+
+    Built on the current default device (``with torch.device("meta"):`` builds a preset without memory).
+    Loaded checkpoints are cast to float32 (the training precision is the Trainer's business). The
+    special-token ids go to the model config and its generation config; see :func:`model_config`.
+    """
+    config = model_config(cfg, bos_token_id, eos_token_id, pad_token_id)
+    if cfg.init_from is None:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.init_from, config=config, local_files_only=True, attn_implementation=cfg.attn_implementation
+        )
+        model = model.to(torch.float32)
+    if getattr(model, "loss_type", "ForCausalLM") is None:
+        # transformers >= 4.46 picks the loss from the class name; "GPT2LMHeadModel" matches none and would
+        # warn once before falling back to the same shifted causal-LM cross-entropy. Name it instead.
+        model.loss_type = "ForCausalLM"
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(generation, name, getattr(config, name, None))
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model``, each shared (tied) tensor counted once."""
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+
+
+def describe(cfg: CausalLMConfig) -> str:
+    """A short description of the model ``cfg`` builds, for a ``--dry_run``: ``key: value`` lines.
+
+    For example ``model: gpt2-9m (gpt2)``, ``parameters: 8890880``, ``context: 2048``. The model is
+    built on the meta device (no memory, no weights read), so this is instant even for large models.
+    """
+    config = model_config(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    name = cfg.preset if cfg.init_from is None else cfg.init_from
+    context = cfg.max_seq_len if cfg.max_seq_len is not None else position_limit(config)
+    return "\n".join(
+        [
+            f"model: {name} ({config.model_type})",
+            f"parameters: {count_parameters(model)}",
+            f"vocab_size: {config.vocab_size}",
+            f"context: {context}",
+        ]
+    )
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: float, final_ratio: float = FINAL_LR_RATIO) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) as a fraction of the peak.
+
+    Linear warmup (step + 1) / warmup_steps for the first ``warmup_steps`` steps, then cosine decay
+    from 1 to ``final_ratio`` over the remaining steps up to ``total_steps``:
+
+        f = r + (1 - r) (1 + cos(pi p)) / 2,  p = min(1, (step - warmup_steps) / (total_steps - warmup_steps)).
+
+    With an unknown (infinite) or too short ``total_steps`` the rate stays at the peak after warmup.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not math.isfinite(total_steps) or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CausalLMModule(pl.LightningModule):
+    """Lightning wrapper of a transformers causal LM: token cross-entropy training and per-token logging.
+
+    Build it from a :class:`CausalLMConfig`, keyword overrides of its fields, or both:
+    ``CausalLMModule(CausalLMConfig(preset="tiny"))``, ``CausalLMModule(preset="tiny", vocab_size=64)``.
+    The resolved settings and the special-token ids are the hyperparameters (flat, so
+    ``load_from_checkpoint`` rebuilds the same model; with ``init_from`` the directory must still exist).
+
+    A batch is a dict with ``input_ids`` (B, T) int64 and optionally ``attention_mask`` (B, T) (1: real
+    token, 0: padding) and ``labels`` (B, T) (-100 where no loss); a bare (B, T) tensor is taken as
+    ``input_ids``. Without labels the targets are the inputs with padding masked (:meth:`prepare_batch`).
+
+    Logged per stage: ``<stage>/loss``, mean cross-entropy in nats per predicted token, weighted by the
+    number of predicted tokens (exact per-token mean over the stage and over DDP ranks). Perplexity
+    is ``exp(test/loss)``, computed from the logged value.
+    """
+
+    def __init__(
+        self,
+        config: CausalLMConfig | None = None,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **overrides: Any,
+    ):
+        super().__init__()
+        known = {f.name for f in fields(CausalLMConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown causal LM settings {unknown}; expected some of {sorted(known)}")
+        self.config = replace(config or CausalLMConfig(), **overrides)  # runs CausalLMConfig's checks
+        self.save_hyperparameters(
+            {
+                **asdict(self.config),
+                "bos_token_id": bos_token_id,
+                "eos_token_id": eos_token_id,
+                "pad_token_id": pad_token_id,
+            }
+        )
+        self.model = build_model(self.config, bos_token_id, eos_token_id, pad_token_id)
+        self.pad_token_id = pad_token_id
+        self.max_seq_len = self.config.max_seq_len or position_limit(self.model.config)
+        """Context length for training and sampling (the config's, or the model's position limit)."""
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of unique parameters of the model (tied embeddings counted once)."""
+        return count_parameters(self.model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits of ``input_ids`` (B, T): shape ``(B, T, V)``; position t predicts token t + 1."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def prepare_batch(
+        self, batch: Mapping[str, torch.Tensor] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(input_ids, attention_mask, labels)`` of a batch, each (B, T); the mask may be None.
+
+        Missing labels are the input ids with -100 at padding: where ``attention_mask`` is 0 if there
+        is a mask, else where ``input_ids == pad_token_id`` if a pad id is set (with pad = eos, give a
+        mask, or the eos tokens lose their loss too), else nowhere. Raises ``ValueError`` for a batch
+        of the wrong shape or longer than :attr:`max_seq_len`.
+        """
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ValueError(f"expected a dict batch with 'input_ids', got {type(batch).__name__}")
+        input_ids = batch["input_ids"]
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be int64 of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequences of {input_ids.shape[1]} tokens exceed max_seq_len={self.max_seq_len}")
+        attention_mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = input_ids.clone()
+            if attention_mask is not None:
+                labels[attention_mask == 0] = IGNORE_INDEX
+            elif self.pad_token_id is not None:
+                labels[input_ids == self.pad_token_id] = IGNORE_INDEX
+        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+            if tensor is not None and tensor.shape != input_ids.shape:
+                raise ValueError(
+                    f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(tensor.shape)}"
+                )
+        return input_ids, attention_mask, labels
+
+    def token_loss(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(loss, n)``: mean cross-entropy (nats) over the batch's ``n`` predicted tokens, and ``n``.
+
+        The predicted tokens are labels[:, 1:] != -100 (position t predicts token t + 1); the loss is the
+        Hugging Face model's shifted loss. A batch without predicted tokens gives loss 0 (with a graph).
+        """
+        input_ids, attention_mask, labels = self.prepare_batch(batch)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # one host sync per step
+        loss = out.loss if n > 0 else out.logits.sum() * 0.0  # HF's mean over 0 tokens is nan
+        return loss, n
+
+    def model_step(self, batch: Mapping[str, torch.Tensor] | torch.Tensor, stage: str) -> torch.Tensor:
+        """Mean token cross-entropy of a batch, logged as ``<stage>/loss`` with weight = predicted tokens.
+
+        Lightning accumulates sum_batches(loss * n) / sum_batches(n) (summed over ranks with
+        ``sync_dist``), i.e. the per-token mean of the whole stage; exp(test/loss) is the test perplexity.
+        """
+        loss, n = self.token_loss(batch)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "test")
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: weight decay on the matrices (ndim >= 2), none on vectors.
+
+        Matrices include the token (and GPT-2 position) embeddings and the output head, as in
+        nanoGPT and the transformers Trainer's defaults; biases and LayerNorm/RMSNorm gains are not
+        decayed (shrinking them towards 0 is not a meaningful prior). Tied tensors appear once.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # AdamW with torch's (and the transformers Trainer's) betas (0.9, 0.999) and eps 1e-8; linear
+        # warmup then cosine decay to 10% of lr over the fit's optimizer steps (see lr_factor).
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.config.lr)
+        total = float(self.trainer.estimated_stepping_batches)
+        warmup = self.config.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "FINAL_LR_RATIO",
+    "IGNORE_INDEX",
+    "PRESETS",
+    "PUBLISHED_PARAMETERS",
+    "CausalLMConfig",
+    "CausalLMModule",
+    "build_model",
+    "count_parameters",
+    "describe",
+    "lr_factor",
+    "model_config",
+    "position_limit",
+]

@@ -1,0 +1,269 @@
+"""The causal language models of the TinyStories modality (lit_modules.causal_lm)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from collapse.errors import ConfigError
+from lit_modules.causal_lm import (
+    IGNORE_INDEX,
+    PRESETS,
+    PUBLISHED_PARAMETERS,
+    CausalLMConfig,
+    CausalLMModule,
+    build_model,
+    count_parameters,
+    describe,
+    lr_factor,
+)
+
+TINY = {"preset": "tiny", "vocab_size": 64, "warmup_steps": 0}
+
+
+@pytest.fixture(autouse=True)
+def quiet_lightning():
+    """Silence Lightning's advice about dataloader workers and tiny logging intervals."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+        yield
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def random_tokens(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAMETERS))
+def test_preset_parameter_counts_equal_the_published_ones(preset):
+    with torch.device("meta"):  # no memory, even for 126M parameters
+        model = build_model(CausalLMConfig(preset=preset, vocab_size=8000))
+    assert count_parameters(model) == PUBLISHED_PARAMETERS[preset]
+    assert f"parameters: {PUBLISHED_PARAMETERS[preset]}" in describe(CausalLMConfig(preset=preset)).splitlines()
+
+
+def test_tied_and_untied_heads_and_tiny_counts():
+    with torch.device("meta"):
+        gpt2 = build_model(CausalLMConfig(preset="gpt2-9m"))
+        llama = build_model(CausalLMConfig(preset="tiny", vocab_size=8000))
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight  # tied: counted once
+    assert llama.lm_head.weight is not llama.model.embed_tokens.weight
+    v, d, f, layers = 8000, 32, 64, 2
+    assert count_parameters(llama) == 2 * v * d + layers * (4 * d * d + 3 * d * f + 2 * d) + d
+    assert set(PUBLISHED_PARAMETERS) < set(PRESETS)
+
+
+def test_special_token_ids_reach_the_model():
+    with torch.device("meta"):
+        default = build_model(CausalLMConfig(preset="gpt2-tiny"))
+        model = build_model(CausalLMConfig(preset="tiny"), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    assert default.config.bos_token_id is None and default.config.eos_token_id is None  # not GPT-2's 50256
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (1, 2, 0)
+    assert model.generation_config.eos_token_id == 2
+    with pytest.raises(ValueError, match="eos_token_id"):
+        build_model(CausalLMConfig(preset="tiny", vocab_size=64), eos_token_id=64)
+
+
+# ------------------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    ("settings", "flag"),
+    [
+        ({"preset": "gpt5"}, "--model.preset must be one of"),
+        ({"vocab_size": 0}, "--model.vocab_size"),
+        ({"vocab_size": 8000.5}, "--model.vocab_size"),
+        ({"max_seq_len": 0}, "--model.max_seq_len"),
+        ({"preset": "gpt2-tiny", "max_seq_len": 513}, "--model.max_seq_len must be at most 512"),
+        ({"lr": 0.0}, "--model.lr"),
+        ({"weight_decay": -0.1}, "--model.weight_decay"),
+        ({"warmup_steps": -1}, "--model.warmup_steps"),
+        ({"attn_implementation": "fast"}, "--model.attn_implementation"),
+        ({"init_from": "/no/such/checkpoint"}, "--model.init_from .*/no/such/checkpoint"),
+    ],
+)
+def test_bad_settings_name_the_flag(settings, flag):
+    with pytest.raises(ConfigError, match=flag):
+        CausalLMConfig(**settings)
+
+
+def test_init_from_without_config_json(tmp_path):
+    with pytest.raises(ConfigError, match=f"--model.init_from .*{tmp_path}.*config.json"):
+        CausalLMConfig(init_from=str(tmp_path))
+
+
+def test_module_rejects_unknown_settings_and_long_batches():
+    with pytest.raises(ValueError, match="unknown causal LM settings"):
+        CausalLMModule(preset="tiny", hidden=3)
+    module = CausalLMModule(**TINY, max_seq_len=16)
+    assert module.max_seq_len == 16 and CausalLMModule(**TINY).max_seq_len == 512
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        module.token_loss({"input_ids": random_tokens(2, 17, 64, seed=0)})
+
+
+# ------------------------------------------------------------------------------------------ init_from
+
+
+def test_init_from_round_trip(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(CausalLMConfig(**TINY), bos_token_id=1, eos_token_id=2)
+    source.save_pretrained(tmp_path)  # safetensors
+    assert (tmp_path / "model.safetensors").is_file()
+
+    module = CausalLMModule(vocab_size=64, init_from=str(tmp_path), max_seq_len=128)
+    loaded = module.model.state_dict()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+    assert module.model.config.eos_token_id == 2 and module.num_parameters == count_parameters(source)
+    assert describe(CausalLMConfig(vocab_size=64, init_from=str(tmp_path))).splitlines()[1:] == [
+        f"parameters: {count_parameters(source)}",
+        "vocab_size: 64",
+        "context: 512",
+    ]
+
+    with pytest.raises(ConfigError, match=f"--model.vocab_size is 8000 .*--model.init_from {tmp_path}.*64"):
+        build_model(CausalLMConfig(vocab_size=8000, init_from=str(tmp_path)))
+    with pytest.raises(ConfigError, match="--model.max_seq_len must be at most 512"):
+        build_model(CausalLMConfig(vocab_size=64, max_seq_len=1024, init_from=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-tiny"])
+def test_initial_loss_is_log_vocab(preset):
+    torch.manual_seed(0)
+    module = CausalLMModule(preset=preset, vocab_size=8000).eval()
+    with torch.no_grad():
+        loss, n = module.token_loss({"input_ids": random_tokens(4, 32, 8000, seed=1)})
+    assert n == 4 * 31
+    assert loss.item() == pytest.approx(math.log(8000), rel=0.1)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    module = CausalLMModule(**TINY)
+    batch = {"input_ids": random_tokens(4, 32, 64, seed=2)}
+    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=1e-2)
+    with torch.no_grad():
+        first = module.token_loss(batch)[0].item()
+    for _ in range(100):
+        loss, _ = module.token_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        last = module.token_loss(batch)[0].item()
+    assert first == pytest.approx(math.log(64), rel=0.1)
+    assert last < 0.3 * first
+
+
+def test_labels_default_to_inputs_with_padding_masked():
+    module = CausalLMModule(**TINY, pad_token_id=0)
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    _, _, labels = module.prepare_batch({"input_ids": ids, "attention_mask": mask})
+    assert labels.tolist() == [[5, 6, 7, IGNORE_INDEX], [8, 9, IGNORE_INDEX, IGNORE_INDEX]]
+    _, none, labels = module.prepare_batch(ids)  # no mask: the pad id marks padding
+    assert none is None and labels.tolist() == [[5, 6, 7, IGNORE_INDEX], [8, 9, IGNORE_INDEX, IGNORE_INDEX]]
+    given = torch.full_like(ids, IGNORE_INDEX)
+    assert module.prepare_batch({"input_ids": ids, "labels": given})[2] is given
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 110) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 110) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 110) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 110) == pytest.approx(0.55)
+    assert lr_factor(110, 10, 110) == pytest.approx(0.1)
+    assert lr_factor(500, 10, 110) == pytest.approx(0.1)
+    assert lr_factor(500, 10, float("inf")) == 1.0
+    assert lr_factor(0, 0, 100) == 1.0
+
+
+def test_weight_decay_on_matrices_only():
+    module = CausalLMModule(**TINY, weight_decay=0.05)
+    decay, no_decay = module.parameter_groups()
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any(p is module.model.model.embed_tokens.weight for p in decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == module.num_parameters
+
+
+def dict_batches(n: int, length: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    ids = random_tokens(n, length, vocab, seed)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+
+
+def test_trainer_fit_and_test_log_the_loss(tmp_path):
+    torch.manual_seed(0)
+    module = CausalLMModule(preset="tiny", vocab_size=64, warmup_steps=2, lr=1e-2)
+    train = DataLoader(dict_batches(32, 16, 64, seed=3), batch_size=8, shuffle=True)
+    val = DataLoader(dict_batches(8, 16, 64, seed=4), batch_size=8)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(module, train, val)
+    assert trainer.global_step == 4
+    assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-2 * lr_factor(4, 2, 4))  # decayed to 10%
+    (result,) = trainer.test(module, val, verbose=False)
+    assert math.isfinite(result["test/loss"]) and 0 < result["test/loss"] < 2 * math.log(64)
+
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # flat hyperparameters rebuild the same model
+    restored = CausalLMModule.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert restored.config == module.config
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
+
+
+def test_test_loss_is_the_per_token_mean_over_batches():
+    torch.manual_seed(0)
+    module = CausalLMModule(**TINY).eval()
+    ids_a, ids_b = random_tokens(2, 12, 64, seed=5), random_tokens(3, 8, 64, seed=6)
+    mask_a = torch.ones_like(ids_a)
+    mask_a[0, 5:] = 0  # 4 + 11 = 15 predicted tokens
+    mask_b = torch.ones_like(ids_b)
+    mask_b[:, 3:] = 0  # 3 * 2 = 6 predicted tokens
+    batches = [{"input_ids": ids_a, "attention_mask": mask_a}, {"input_ids": ids_b, "attention_mask": mask_b}]
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    for _ in range(20):  # fit batch a, so the two batch means differ clearly
+        optimizer.zero_grad()
+        module.token_loss(batches[0])[0].backward()
+        optimizer.step()
+
+    # Independent reference: sum of token cross-entropies over both batches / number of tokens.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += int((targets != -100).sum())
+    assert count == 21
+    with torch.no_grad():
+        batch_means = [module.token_loss(b)[0].item() for b in batches]
+
+    (result,) = quiet_trainer().test(module, DataLoader(batches, batch_size=None), verbose=False)
+    assert result["test/loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["test/loss"] != pytest.approx(sum(batch_means) / 2, rel=0.05)  # not the mean of batch means
