@@ -206,7 +206,6 @@ def run_generations(
 
     real = modality.real_datamodule()
     dist.on_zero(real.prepare_data)  # downloads and caches once, before every rank reads them
-    real.prepare_data()
     real.setup("fit")
     available = len(real.train_dataset)
     real_size = cfg.real_size if cfg.real_size is not None else available
