@@ -281,10 +281,11 @@ class _GenerationContext:
         stage = store.begin(g)
         for stale in stage.rglob(".*.tmp-*"):  # half-written files of a killed run (this loop is the only writer)
             stale.unlink()
+        staged_metrics = store.staged(g, METRICS_FILE)
         return {
             "fitted": store.staged(g, MODEL_FILE) is not None,
             "checkpoint": _resumable_checkpoint(stage / CHECKPOINT_DIR / LAST_CKPT),
-            "metrics": json.loads(store.staged(g, METRICS_FILE).read_text()) if store.staged(g, METRICS_FILE) else None,
+            "metrics": json.loads(staged_metrics.read_text()) if staged_metrics is not None else None,
         }
 
     def make(self, g: int) -> tuple[bool, dict[str, float]]:

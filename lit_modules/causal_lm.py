@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from collapse.errors import ConfigError
+from lit_modules import config_with_overrides
 
 IGNORE_INDEX = -100
 """Label of positions without a loss (the Hugging Face convention)."""
@@ -338,11 +339,9 @@ class CausalLMModule(pl.LightningModule):
         **overrides: Any,
     ):
         super().__init__()
-        known = {f.name for f in fields(CausalLMConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown causal LM settings {unknown}; expected some of {sorted(known)}")
-        self.config = replace(config or CausalLMConfig(), **overrides)  # runs CausalLMConfig's checks
+        self.config = config_with_overrides(
+            CausalLMConfig, config, overrides, "causal LM"
+        )  # runs CausalLMConfig's checks
         self.save_hyperparameters(
             {
                 **asdict(self.config),

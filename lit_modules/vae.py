@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from torch import nn
 
 from collapse.atomic import atomic_open
 from collapse.errors import ConfigError
+from lit_modules import config_with_overrides
 
 IMAGE_SIZE = 28
 """Height and width of the images (pixels)."""
@@ -175,11 +176,7 @@ class VAEModule(pl.LightningModule):
 
     def __init__(self, config: VAEConfig | None = None, **overrides: Any):
         super().__init__()
-        known = {f.name for f in fields(VAEConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown VAE settings {unknown}; expected some of {sorted(known)}")
-        self.config = replace(config or VAEConfig(), **overrides)  # runs VAEConfig's checks
+        self.config = config_with_overrides(VAEConfig, config, overrides, "VAE")  # runs VAEConfig's checks
         self.save_hyperparameters(asdict(self.config))
         self.vae = ConvVAE(self.config.latent_dim, self.config.channels, self.config.hidden)
 
