@@ -339,9 +339,8 @@ class CausalLMModule(pl.LightningModule):
         **overrides: Any,
     ):
         super().__init__()
-        self.config = config_with_overrides(
-            CausalLMConfig, config, overrides, "causal LM"
-        )  # runs CausalLMConfig's checks
+        # replace() runs CausalLMConfig's checks on the result.
+        self.config = config_with_overrides(CausalLMConfig, config, overrides, "causal LM")
         self.save_hyperparameters(
             {
                 **asdict(self.config),
