@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 import shutil
 import time
 import warnings
@@ -55,7 +56,7 @@ from callbacks.synthetic_data import SyntheticDataCallback
 from collapse.atomic import atomic_open
 from collapse.distributed import Dist, launch
 from collapse.errors import UserError
-from collapse.rundir import METRICS, config_dict, prepare_run_dir, write_metrics
+from collapse.rundir import METRICS, config_dict, prepare_run_dir, resolve_out_dir, write_metrics
 from collapse.tracking import Tracker, WandbConfig, check_mode
 from datamodules.store import GenerationStore, StoreError
 from datamodules.synthetic import RealDataModule, SyntheticAccumulatingDataModule, derive_seed
@@ -122,6 +123,30 @@ class Modality(abc.ABC):
 
     def sampling_settings(self) -> dict[str, Any]:
         """Settings of ``sample`` worth recording in each manifest (temperature, steps, ...)."""
+        return {}
+
+    def check_real_data(self, real: RealDataModule, real_size: int, cfg: LoopConfig) -> None:
+        """Refuse real data this modality cannot train on (raise a :class:`UserError`), before anything is written.
+
+        Called on every process after the real data module is set up for ``fit``, with the number of
+        real examples generation 0 uses. Default: accept.
+        """
+        return None
+
+    def start_run(self, out_dir: Path) -> None:
+        """Called once per run on global rank 0, right after the run directory is ready (config.yaml written).
+
+        The place to freeze run-level files, such as the TinyStories tokenizer, before generation 0.
+        Default: nothing.
+        """
+        return None
+
+    def derived_metrics(self, tested: Mapping[str, float]) -> dict[str, float]:
+        """Metrics computed from a generation's test metrics (e.g. perplexity from a mean cross-entropy).
+
+        Called on global rank 0 with the logged test metrics; the result joins them in metrics.json.
+        Default: nothing.
+        """
         return {}
 
     def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
@@ -214,13 +239,19 @@ def run_generations(
     except WorkflowError as exc:
         hint = " (fresh_real needs more real data than generation 0 uses: set --real_size)"
         raise WorkflowError(str(exc) + (hint if cfg.real_size is None and wf.name == "fresh_real" else "")) from None
+    modality.check_real_data(real, real_size, cfg)
     needed = wf.synthetic_size(real_size) if cfg.generations > 1 else 0
     num_synthetic = needed if cfg.num_synthetic is None else cfg.num_synthetic
     if num_synthetic < needed:
         raise UserError(f"--num_synthetic {num_synthetic} is less than the {needed} samples {wf.label} trains on")
 
     full_config = dict(config) if config is not None else config_dict(cfg)
-    out = dist.on_zero(lambda: prepare_run_dir(cfg.out_dir, recipe, full_config, cfg.overwrite))
+    def _start() -> Path:
+        out = prepare_run_dir(resolve_out_dir(cfg.out_dir, full_config), recipe, full_config, cfg.overwrite)
+        modality.start_run(out)
+        return out
+
+    out = dist.on_zero(_start)
     store = GenerationStore(out)
     ctx = _GenerationContext(modality, cfg, wf, store, real, real_size, num_synthetic, list(callbacks), dist)
     # One W&B run per recipe run, from rank 0 only.
@@ -355,6 +386,7 @@ class _GenerationContext:
     ) -> dict[str, float]:
         """Rank 0: test metrics + training-set counts + the modality's sample metrics, staged as metrics.json."""
         metrics = dict(tested)
+        metrics.update({k: float(v) for k, v in sorted(self.modality.derived_metrics(tested).items())})
         metrics.update(dm.train_composition())
         arrays = {name: np.load(stage / f"{name}.npy", mmap_mode="r") for name in sampler.recorded_arrays()}
         extra = self.modality.evaluate_samples(stage, arrays, g)
@@ -381,6 +413,8 @@ class _GenerationContext:
         tracker.log({**metrics, "time/generation_s": seconds}, generation=g)
         for picture in sorted(self.store.path(g).glob("*.png")):
             tracker.log_image(f"samples/{picture.stem}", picture, generation=g)
+        for text in sorted(self.store.path(g).glob("samples*.txt")):  # sample texts (e.g. stories), one per block
+            tracker.log_texts(f"samples/{text.stem}", _text_blocks(text.read_text(encoding="utf-8")), generation=g)
 
     def _trainer(self, g: int, stage: Path, sampler: SyntheticDataCallback) -> pl.Trainer:
         kwargs: dict[str, Any] = {
@@ -484,6 +518,16 @@ def write_metrics_csv(store: GenerationStore, workflow: str, seed: int) -> Path:
 
 def _csv_name(metric: str) -> str:
     return metric.replace("/", "_")
+
+
+SAMPLE_TEXT_SEPARATOR = "<|endoftext|>"
+"""The line that ends each sample in a ``samples*.txt`` file of a generation (the TinyStories file format)."""
+
+
+def _text_blocks(text: str) -> list[str]:
+    """The samples of a ``samples*.txt`` file: the blocks between :data:`SAMPLE_TEXT_SEPARATOR` lines."""
+    blocks = [b.strip() for b in re.split(rf"^{re.escape(SAMPLE_TEXT_SEPARATOR)}$", text, flags=re.MULTILINE)]
+    return [b for b in blocks if b]
 
 
 def _read_metrics(store: GenerationStore, g: int) -> dict[str, float]:

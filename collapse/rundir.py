@@ -27,7 +27,7 @@ TAIL_COLUMNS = ("seed", "generation", "metric", "value")
 
 # Flags that change how a run is executed or logged, not what it computes: they may differ on resume.
 EXECUTION_KEYS = frozenset(
-    {"overwrite", "wandb", "log_every", "report", "workers", "num_workers", "config", "print_config"}
+    {"overwrite", "wandb", "log_every", "report", "workers", "num_workers", "config", "print_config", "dry_run"}
 )
 
 

@@ -79,6 +79,17 @@ class Tracker:
 
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
+    def log_texts(self, key: str, texts: list[str], generation: int | None = None) -> None:
+        """Log texts (e.g. sample stories) as a table with one row per text."""
+        if self.run is not None:
+            import wandb
+
+            rows = [[generation, i, t] for i, t in enumerate(texts)]
+            payload: dict[str, Any] = {key: wandb.Table(columns=["generation", "index", "text"], data=rows)}
+            if generation is not None:
+                payload["generation"] = generation
+            self.run.log(payload)
+
     def log_image(self, key: str, path: str | Path, generation: int | None = None) -> None:
         if self.run is not None:
             import wandb

@@ -2152,6 +2152,24 @@ def vocabulary_coverage(words: Iterable[str], stories: Iterable[str]) -> float:
     return len(wanted & seen) / len(wanted)
 
 
+def distinct_n(stories: Iterable[str], n: int = 2) -> float:
+    """Distinct-n of a corpus: distinct word n-grams divided by all word n-grams (0.0 when there are none).
+
+    Corpus-level (Li et al., 2016): n-grams are counted within each story (never across two) and pooled
+    over all stories. Lower values mean more repetition; a collapsing generator repeats itself.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for story in stories:
+        words = tokenize_words(story)
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
 def rank_frequency_slope(counts: Mapping[str, int], n_points: int = 50) -> float:
     """The slope of log(count) against log(rank), fitted at ``n_points`` log-spaced ranks.
 

@@ -105,6 +105,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 12,
         "num_key_value_heads": 12,
     },
+    # A laptop-sized GPT-2 (not from the paper): the TinyStories recipe's CPU default, 1,882,880 parameters
+    # at V = 8000 (8000*128 + 512*128 + 4*(12*128^2 + 13*128) + 2*128); no dropout, since CPU runs are short.
+    "gpt2-2m": {
+        **_GPT2,
+        "n_embd": 128,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_inner": 512,
+        "n_positions": 512,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    },
     # Test-sized models (not from the paper).
     "tiny": {
         **_LLAMA,
@@ -118,6 +131,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": {**_GPT2, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 512},
 }
 """Architectures by name: ``model_type`` (a transformers model type) and the config's keyword arguments."""
+
+DEFAULT_OPTIMISATION = (5e-4, 100)
+"""(peak learning rate, warmup steps) of the published-size presets and of checkpoints (``init_from``)."""
+PRESET_OPTIMISATION: dict[str, tuple[float, int]] = {
+    "gpt2-2m": (2e-3, 10),
+    "tiny": (2e-3, 10),
+    "gpt2-tiny": (2e-3, 10),
+}
+"""Presets whose default (peak learning rate, warmup steps) differ: the small models of short CPU runs."""
 
 PUBLISHED_PARAMETERS: dict[str, int] = {
     "gpt2-9m": 8_890_880,
@@ -138,12 +160,13 @@ class CausalLMConfig:
     """Vocabulary size (of the tokenizer); must equal the checkpoint's with ``init_from``."""
     max_seq_len: int | None = None
     """Context length used for training and sampling, at most the model's position limit; default: that limit."""
-    lr: float = 5e-4
-    """Peak AdamW learning rate (after warmup; cosine-decayed to 10% of it over the fit)."""
+    lr: float | None = None
+    """Peak AdamW learning rate (after warmup; cosine-decayed to 10% of it over the fit); default: the preset's
+    (:data:`PRESET_OPTIMISATION`: 5e-4 for the published sizes, 2e-3 for the small CPU presets)."""
     weight_decay: float = 0.1
     """AdamW weight decay of the matrices (embeddings and output head included; not of biases or norm gains)."""
-    warmup_steps: int = 100
-    """Optimizer steps of linear learning-rate warmup."""
+    warmup_steps: int | None = None
+    """Optimizer steps of linear learning-rate warmup; default: the preset's (100, or 10 for the small presets)."""
     init_from: str | None = None
     """A local Hugging Face checkpoint directory (with config.json) every generation starts from; None: from scratch."""
     attn_implementation: str = "sdpa"
@@ -164,6 +187,12 @@ class CausalLMConfig:
                     f"--model.max_seq_len must be at most {limit} (the position limit of preset {self.preset!r}), "
                     f"got {self.max_seq_len}"
                 )
+        chosen = PRESET_OPTIMISATION.get(self.preset) if self.init_from is None else None
+        default_lr, default_warmup = chosen or DEFAULT_OPTIMISATION
+        if self.lr is None:
+            self.lr = default_lr
+        if self.warmup_steps is None:
+            self.warmup_steps = default_warmup
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--model.lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)) or (
@@ -351,6 +380,10 @@ class CausalLMModule(pl.LightningModule):
         )
         self.model = build_model(self.config, bos_token_id, eos_token_id, pad_token_id)
         self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.sampling: Any = None
+        self._sample_max_len: int | None = None
+        self._first_tokens: Any = None
         self.max_seq_len = self.config.max_seq_len or position_limit(self.model.config)
         """Context length for training and sampling (the config's, or the model's position limit)."""
 
@@ -362,6 +395,41 @@ class CausalLMModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits of ``input_ids`` (B, T): shape ``(B, T, V)``; position t predicts token t + 1."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def configure_sampling(self, cfg: Any, max_len: int | None = None, first_tokens: Any = None) -> None:
+        """Set how :meth:`sample` draws stories: a :class:`lit_modules.lm_sampling.SamplingConfig`.
+
+        ``max_len``: longest story in tokens (default: the config's ``max_len``, else :attr:`max_seq_len`);
+        ``first_tokens``: the pool of real first tokens for the ``first_token_inclusive`` strategy.
+        """
+        from lit_modules.lm_sampling import SamplingConfig
+
+        if not isinstance(cfg, SamplingConfig):
+            raise TypeError(f"expected a SamplingConfig, got {type(cfg).__name__}")
+        length = cfg.max_len or max_len or self.max_seq_len
+        if length > self.max_seq_len:
+            raise ConfigError(f"--sampling.max_len must be at most the context length {self.max_seq_len}, got {length}")
+        self.sampling, self._sample_max_len, self._first_tokens = cfg, length, first_tokens
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, Any]:
+        """``n`` stories drawn with ``generator`` (see :class:`lit_modules.lm_sampling.StorySampler`).
+
+        Returns ``tokens`` (n, max_len) uint16 padded with the pad id, ``lengths`` and ``finished``.
+        """
+        from lit_modules.lm_sampling import SamplingConfig, StorySampler
+
+        if self.sampling is None:
+            self.configure_sampling(SamplingConfig())
+        sampler = StorySampler(
+            self.model,
+            self.sampling,
+            max_len=self._sample_max_len,
+            eot_id=self.eos_token_id if self.eos_token_id is not None else 0,
+            pad_id=self.pad_token_id if self.pad_token_id is not None else 1,
+            first_tokens=self._first_tokens,
+        )
+        return sampler.sample(n, generator)
 
     def prepare_batch(
         self, batch: Mapping[str, torch.Tensor] | torch.Tensor

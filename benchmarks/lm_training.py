@@ -1,0 +1,174 @@
+"""Training throughput of the TinyStories recipe's Lightning path against a plain PyTorch loop.
+
+Both train the same model (same preset, same initial weights) on the same batches (one loader order
+for both: the real stand-in stories, one story per row, padded to the longest in the batch) with the
+same optimiser, schedule, gradient clipping and precision, for the same number of steps. The
+Lightning path is what the recipe runs: ``CausalLMModule`` under ``lightning.Trainer`` (per-step
+logging with ``sync_dist``, the recipe's callbacks apart from checkpoints). The plain loop calls the
+module's own loss function, so the two differ only in the training-loop machinery.
+
+Throughput is real (non-padding) tokens per second over the steps after ``--warmup`` (so start-up
+and the first, slower steps do not count), best of ``--repeats`` alternating runs of each.
+
+    python benchmarks/lm_training.py                       # CPU, gpt2-2m, 40 timed steps
+    python benchmarks/lm_training.py --device cuda --preset llama2-42m --batch_size 32 --steps 200
+
+The last line is ``lightning_vs_plain_loop: X`` (Lightning tokens/s divided by the plain loop's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
+from lit_modules.causal_lm import CausalLMConfig, CausalLMModule  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-2m")
+    p.add_argument("--stories", type=int, default=1200, help="real training stories (stand-in corpus)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each path; the best counts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
+    p.add_argument("--max_seq_len", type=int, default=256)
+    return p.parse_args(argv)
+
+
+def make_data(args: argparse.Namespace) -> TinyStoriesDataModule:
+    cfg = TinyStoriesDataConfig(num_real=args.stories, num_test=50, max_seq_len=args.max_seq_len)
+    data = TinyStoriesDataModule(cfg)
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def loader(data: TinyStoriesDataModule, batch_size: int) -> DataLoader:
+    order = torch.Generator().manual_seed(0)  # the same batches, in the same order, for both paths
+    dataset = data.train_dataset
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=order, collate_fn=data.collate_fn)
+
+
+def make_module(args: argparse.Namespace, vocab_size: int) -> CausalLMModule:
+    torch.manual_seed(0)
+    cfg = CausalLMConfig(preset=args.preset, vocab_size=vocab_size, max_seq_len=args.max_seq_len, warmup_steps=10)
+    return CausalLMModule(cfg, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Timer(pl.Callback):
+    """Tokens per second of the training batches after the first ``warmup``."""
+
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device = warmup, device
+        self.t0: float | None = None
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            _sync(self.device)
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.t0 is not None:
+            self.tokens += int(batch["attention_mask"].sum())
+
+    def on_train_end(self, trainer, pl_module):
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self.t0
+
+
+def run_lightning(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> float:
+    module = make_module(args, data.tokenizer.get_vocab_size())
+    timer = Timer(args.warmup, args.device)
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=args.warmup + args.steps,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=loader(data, args.batch_size))
+    return timer.tokens / timer.seconds
+
+
+def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> float:
+    module = make_module(args, data.tokenizer.get_vocab_size()).to(args.device)
+    module.train()
+    total = args.warmup + args.steps
+    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=module.config.lr)
+    from lit_modules.causal_lm import lr_factor
+
+    warm = module.config.warmup_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, float(total)))
+    autocast = precision.startswith("bf16")
+    tokens, t0, step = 0, None, 0
+    while step < total:
+        for batch in loader(data, args.batch_size):
+            if step == args.warmup:
+                _sync(args.device)
+                t0 = time.perf_counter()
+            batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+                loss, _ = module.token_loss(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            if t0 is not None:
+                tokens += int(batch["attention_mask"].sum())
+            step += 1
+            if step >= total:
+                break
+    _sync(args.device)
+    return tokens / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = parse_args(argv)
+    precision = args.precision or ("bf16-mixed" if args.device.startswith("cuda") else "32-true")
+    data = make_data(args)
+    batches = math.ceil(len(data.train_dataset) / args.batch_size)
+    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'})")
+    print(f"torch threads: {torch.get_num_threads()}, precision: {precision}, preset: {args.preset}")
+    print(f"data: {len(data.train_dataset)} stories, {batches} batches of {args.batch_size} per epoch")
+    plain, lightning = [], []
+    for _ in range(args.repeats):
+        plain.append(run_plain(args, data, precision))
+        lightning.append(run_lightning(args, data, precision))
+        print(f"plain loop: {plain[-1]:.0f} tokens/s   lightning: {lightning[-1]:.0f} tokens/s", flush=True)
+    ratio = max(lightning) / max(plain)
+    print(f"best: plain {max(plain):.0f} tokens/s, lightning {max(lightning):.0f} tokens/s")
+    print(f"lightning_vs_plain_loop: {ratio:.3f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

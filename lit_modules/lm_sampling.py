@@ -1,0 +1,906 @@
+"""Fast story sampling from a trained causal LM: a KV-cached decoder with continuous batching.
+
+Every generation of the TinyStories experiment replaces (or extends) its training corpus with stories
+sampled from the previous generation's model, so sampling throughput bounds how many generations fit
+in a run. :class:`StorySampler` turns a transformers GPT-2 (``GPT2LMHeadModel``) or Llama
+(``LlamaForCausalLM``) model into a corpus of ``n`` stories:
+
+* **Its own KV-cached decoder** (:class:`KVDecoder`), written here against the model's weights and
+  matching the transformers math (checked against the model's forward logits in the tests). The
+  cache is STATIC: per layer, buffers of shape ``(batch, kv_heads, max_len, head_dim)`` with one
+  current position per slot. Each decode step feeds ONE token per slot, writes its key/value at that
+  slot's own position and attends over positions ``<= position`` (a boolean mask), so slots need
+  not be aligned.
+* **Continuous batching.** The batch is ``batch_size`` slots. A slot whose story ends (it samples
+  ``EOT`` after its prompt, or reaches ``max_len`` tokens) is recorded and immediately restarts at
+  position 0 with the next story; nobody waits for the longest story of a batch. Exactly ``n``
+  stories are launched, and the run lasts until all ``n`` have finished, so short stories are not
+  over-represented. Row ``i`` of the output is the ``i``-th story launched.
+* **Prompts are forced tokens.** A slot still inside its prompt does not sample: its next token is
+  the prompt's. There is no separate prefill.
+* **Reproducible randomness.** All randomness comes from the caller's ``torch.Generator``, with a
+  fixed consumption per step (one uniform per slot, plus one pool index per slot for
+  ``first_token_inclusive``), whatever the slots are doing. Tokens are drawn by inverse CDF
+  (cumulative sum of the probabilities, then a binary search of the uniform in it), so two
+  decoders whose logits differ by rounding (~1e-6) draw the same tokens: the cached and the
+  uncached (``use_cache=False``, the original transformers forward) samplers agree token for token.
+
+The two strategies are those of the code of Gerstgrasser et al. ("Is Model Collapse Inevitable?"):
+
+* ``bos_fixed_length``: every story starts from ``[EOT]``.
+* ``first_token_inclusive``: every story starts from ``[EOT, t]``, ``t`` the first token of a real
+  training story (drawn uniformly from a pool of such tokens that the caller gives).
+
+Both stop at ``EOT`` or at ``max_len`` tokens (the prompt and the final ``EOT`` included).
+
+Speed. On CUDA the default is bfloat16 and a compiled decode step replayed as a CUDA graph (static
+shapes: the full cache buffer, no data-dependent Python branching; one host sync every
+:data:`SYNC_EVERY` steps). On CPU the default is float32 eager, where each step attends only to the
+cache prefix in use (one host sync per step, which costs nothing there). The first compiled call
+compiles (seconds to a minute); later calls with the same architecture and settings reuse it. The
+two caches take 2 * layers * batch_size * kv_heads * max_len * head_dim values of the decoder dtype
+(e.g. 2 * 8 * 64 * 8 * 512 * 32 * 4 bytes = 537 MB for gpt2-9m at batch 64 in float32).
+
+Randomness in detail: at every step the sampler draws ``torch.rand(batch)`` (then, for
+``first_token_inclusive``, ``torch.randint(len(pool), (batch,))``) from the generator, for all slots;
+slot b uses element b. A slot launching a story takes its candidate first token of that step. So
+the output depends only on the model, the config, ``n`` and the generator state; and two samples of
+``n1, n2 >= batch_size`` stories from the same generator state share their first ``min(n1, n2)`` rows
+(slots run independently). The generator's state after a call is not specified (the compiled path may
+run a few extra steps at the end).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from collapse.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("bos_fixed_length", "first_token_inclusive")
+"""Accepted values of :attr:`SamplingConfig.strategy`."""
+COMPILE_MODES = ("auto", "off", "on")
+"""Accepted values of :attr:`SamplingConfig.compile`."""
+DTYPES = ("auto", "float32", "bfloat16")
+"""Accepted values of :attr:`SamplingConfig.dtype`."""
+SYNC_EVERY = 8
+"""Decode steps between two host syncs of the static (compiled) path: finished stories are queued on
+the device and copied to the host, and the stopping condition checked, every this many steps."""
+
+# RoPE variants whose frequencies change with the sequence length at run time; the decoder reads the
+# frequencies once, so it cannot follow them.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def prompt_length(strategy: str) -> int:
+    """Tokens of the prompt of ``strategy``: 1 (``[EOT]``) or 2 (``[EOT, first token]``)."""
+    return 2 if strategy == "first_token_inclusive" else 1
+
+
+@dataclass
+class SamplingConfig:
+    """Settings of story sampling (the ``--sampling.*`` flags)."""
+
+    strategy: str = "bos_fixed_length"
+    """``bos_fixed_length``: stories start from ``[EOT]``; ``first_token_inclusive``: from ``[EOT, t]``, ``t``
+    the first token of a random real training story. Both stop at ``EOT`` or ``max_len`` tokens."""
+    temperature: float = 1.0
+    """Softmax temperature (> 0): the logits are divided by it before any filtering."""
+    top_k: int | None = None
+    """Keep only the ``top_k`` most likely tokens (>= 1); None: no top-k filtering."""
+    top_p: float | None = None
+    """Nucleus sampling: keep the most likely tokens up to cumulative probability ``top_p``, in (0, 1]; None: off."""
+    max_len: int | None = None
+    """Tokens per story at most, prompt and final ``EOT`` included; None: the model's context length."""
+    batch_size: int = 64
+    """Stories decoded concurrently (slots of the continuous batch)."""
+    compile: str = "auto"
+    """``on``: compile the decode step (static shapes; replayed as a CUDA graph on CUDA); ``off``: eager;
+    ``auto``: on for CUDA, off on CPU."""
+    dtype: str = "auto"
+    """Decoder precision: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 on CUDA, float32 on CPU)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--sampling.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0):
+            raise ConfigError(f"--sampling.temperature must be > 0, got {t!r}")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
+            raise ConfigError(f"--sampling.top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        p = self.top_p
+        if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1):
+            raise ConfigError(f"--sampling.top_p must be in (0, 1] or None, got {p!r}")
+        need = prompt_length(self.strategy) + 1
+        if self.max_len is not None and not (_is_int(self.max_len) and self.max_len >= need):
+            raise ConfigError(
+                f"--sampling.max_len must be an integer >= {need} (the prompt of {self.strategy} plus one token) "
+                f"or None, got {self.max_len!r}"
+            )
+        if not (_is_int(self.batch_size) and self.batch_size >= 1):
+            raise ConfigError(f"--sampling.batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--sampling.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--sampling.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The decoder precision of ``--sampling.dtype`` on ``device``: ``auto`` is bfloat16 on CUDA, else float32."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
+def resolve_compile(setting: str, device: torch.device) -> bool:
+    """Whether ``--sampling.compile`` compiles the decode step on ``device``: ``auto`` means on CUDA only."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------- decoder
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """The shape and constants of a supported model: everything the decode step needs besides tensors."""
+
+    kind: str  # "gpt2" | "llama"
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    eps: float
+    act: str
+    scales: tuple[float, ...]  # softmax scale of each layer's attention scores
+    positions: int  # position limit of the model
+    attention: str  # "sdpa" | "matmul": how single-query attention is computed (see _attend)
+
+
+def _arch_of(model: torch.nn.Module, device: torch.device) -> _Arch:
+    """Read the architecture of a GPT-2 or Llama model; ConfigError for any other model."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    # SDPA is the fused kernel on CUDA. On CPU, for one query per slot, two plain batched matmuls (which
+    # also handle grouped-query attention without repeating the cache) were measured to be faster.
+    attention = "sdpa" if device.type == "cuda" else "matmul"
+    c = model.config
+    if isinstance(model, GPT2LMHeadModel):
+        if getattr(c, "add_cross_attention", False):
+            raise ConfigError("sampling does not support GPT-2 models with cross-attention (add_cross_attention)")
+        head_dim = c.n_embd // c.n_head
+        # GPT-2 scores: q.k / sqrt(head_dim) (scale_attn_weights), further / (layer index + 1) with
+        # scale_attn_by_inverse_layer_idx; reorder_and_upcast_attn only changes eager rounding.
+        base = head_dim**-0.5 if c.scale_attn_weights else 1.0
+        scales = tuple(base / (i + 1) if c.scale_attn_by_inverse_layer_idx else base for i in range(c.n_layer))
+        return _Arch(
+            "gpt2", c.n_layer, c.n_head, c.n_head, head_dim, c.n_embd, c.vocab_size, float(c.layer_norm_epsilon),
+            c.activation_function, scales, int(c.n_positions), attention,
+        )  # fmt: skip
+    if isinstance(model, LlamaForCausalLM):
+        rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+        if rope_type in _DYNAMIC_ROPE:
+            raise ConfigError(f"sampling does not support Llama models with rope_type {rope_type!r}")
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        n_kv = c.num_key_value_heads or c.num_attention_heads
+        scales = (head_dim**-0.5,) * c.num_hidden_layers
+        return _Arch(
+            "llama", c.num_hidden_layers, c.num_attention_heads, n_kv, head_dim, c.hidden_size, c.vocab_size,
+            float(c.rms_norm_eps), c.hidden_act, scales, int(c.max_position_embeddings), attention,
+        )  # fmt: skip
+    raise ConfigError(
+        f"sampling supports GPT-2 (GPT2LMHeadModel) and Llama (LlamaForCausalLM) models, got {type(model).__name__}; "
+        "use a --model.preset or a GPT-2/Llama --model.init_from checkpoint"
+    )
+
+
+def _read_weights(model: torch.nn.Module, arch: _Arch, dtype: torch.dtype, max_len: int) -> dict[str, Any]:
+    """The model's current weights as the decoder uses them: detached, in ``dtype``, some fused.
+
+    float32 weights of a float32 model are the parameters themselves (no copy); the fused ones (Llama's
+    q/k/v and gate/up projections) and the RoPE tables are small fresh tensors. Called at every
+    :meth:`StorySampler.sample`, so weights trained between calls are always the ones sampled from.
+    """
+
+    def get(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to(dtype)
+
+    def cat(*ts: torch.Tensor | None) -> torch.Tensor | None:
+        return None if any(t is None for t in ts) else torch.cat([t.detach() for t in ts], 0).to(dtype)
+
+    w: dict[str, Any] = {"lm_w": get(model.lm_head.weight), "lm_b": get(getattr(model.lm_head, "bias", None))}
+    if arch.kind == "gpt2":
+        t = model.transformer
+        w.update(wte=get(t.wte.weight), wpe=get(t.wpe.weight), lnf_w=get(t.ln_f.weight), lnf_b=get(t.ln_f.bias))
+        # transformers' Conv1D computes x @ W + b with W of shape (in, out): kept as is, used with addmm.
+        w["layers"] = [
+            {
+                "ln1_w": get(b.ln_1.weight),
+                "ln1_b": get(b.ln_1.bias),
+                "qkv_w": get(b.attn.c_attn.weight),
+                "qkv_b": get(b.attn.c_attn.bias),
+                "o_w": get(b.attn.c_proj.weight),
+                "o_b": get(b.attn.c_proj.bias),
+                "ln2_w": get(b.ln_2.weight),
+                "ln2_b": get(b.ln_2.bias),
+                "fc_w": get(b.mlp.c_fc.weight),
+                "fc_b": get(b.mlp.c_fc.bias),
+                "proj_w": get(b.mlp.c_proj.weight),
+                "proj_b": get(b.mlp.c_proj.bias),
+            }
+            for b in t.h
+        ]
+        return w
+    m = model.model
+    w.update(wte=get(m.embed_tokens.weight), norm_w=get(m.norm.weight))
+    # RoPE tables, computed as transformers does: angle[p, i] = p * inv_freq[i] in float32, duplicated
+    # over the two halves of the head dimension, then cos/sin times the rope type's attention scaling,
+    # cast to the model dtype. Reading inv_freq from the model's own rotary module covers every static
+    # rope type (default, linear, llama3, yarn, ...) and any rope theta (config.rope_parameters).
+    rotary = m.rotary_emb
+    inv_freq = rotary.inv_freq.detach().to(torch.float32)
+    angles = torch.arange(max_len, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    w["cos"], w["sin"] = (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+    w["layers"] = []
+    for layer in m.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        w["layers"].append(
+            {
+                "in_w": get(layer.input_layernorm.weight),
+                # One matmul for q, k and v: rows [q (H hd); k (Hkv hd); v (Hkv hd)].
+                "qkv_w": cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                "qkv_b": cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
+                "o_w": get(a.o_proj.weight),
+                "o_b": get(a.o_proj.bias),
+                "post_w": get(layer.post_attention_layernorm.weight),
+                # One matmul for the SwiGLU gate and up projections: rows [gate; up].
+                "gu_w": cat(mlp.gate_proj.weight, mlp.up_proj.weight),
+                "gu_b": cat(mlp.gate_proj.bias, mlp.up_proj.bias),
+                "down_w": get(mlp.down_proj.weight),
+                "down_b": get(mlp.down_proj.bias),
+            }
+        )
+    return w
+
+
+def _act(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The activation ``name`` of a transformers config (``ACT2FN``), with fused kernels for the usual ones."""
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        # GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the tanh approximation.
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(x)
+    if name in ("silu", "swish"):
+        return F.silu(x)
+    if name == "relu":
+        return F.relu(x)
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name](x)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: w * (x / sqrt(mean(x^2) + eps)), normalised in float32 and cast back before the gain."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, transformers' rotate_half convention: x cos + [-x2, x1] sin, with x = [x1, x2] split in halves."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attend(
+    arch: _Arch, scale: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Single-query attention of each slot over its cache: (B, H, hd) x (B, Hkv, T, hd) -> (B, H * hd).
+
+    ``mask`` (B, T) is True where position t <= the slot's position. Head h reads kv head h // (H / Hkv),
+    transformers' repeat_kv convention for grouped-query attention.
+    """
+    b, n_head, hd = q.shape
+    if arch.attention == "sdpa":
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale,
+            enable_gqa=arch.n_kv_head != n_head,
+        )  # fmt: skip
+        return out.reshape(b, n_head * hd)
+    # Grouped queries: (B, Hkv, group, hd) @ (B, Hkv, hd, T) -> scores (B, Hkv, group, T), so kv heads are
+    # never repeated; softmax in float32 over the visible positions, then (B, Hkv, group, T) @ (B, Hkv, T, hd).
+    group = n_head // arch.n_kv_head
+    qg = q.view(b, arch.n_kv_head, group, hd)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, n_head * hd)
+
+
+def _decode(
+    arch: _Arch,
+    w: Mapping[str, Any],
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    length: int,
+) -> torch.Tensor:
+    """One decode step: next-token logits (B, V) in float32 of ``tokens`` (B,) fed at positions ``pos`` (B,).
+
+    Writes each slot's key/value at (slot, pos) of every layer's cache (L, B, Hkv, T, hd) and attends
+    over the cache positions t < ``length`` with t <= pos. ``length`` is the full buffer on the static
+    path, or just past the largest position in use on the eager path (positions beyond a slot's own are
+    masked either way, so stale entries of an earlier story in that slot are never read).
+    """
+    b = tokens.shape[0]
+    n_head, n_kv, hd = arch.n_head, arch.n_kv_head, arch.head_dim
+    mask = positions[:length][None, :] <= pos[:, None]  # (B, T): True = visible
+    if arch.kind == "gpt2":
+        # h_0 = wte[token] + wpe[pos] (learned absolute positions).
+        x = F.embedding(tokens, w["wte"]) + F.embedding(pos, w["wpe"])
+        for i, lw in enumerate(w["layers"]):
+            h = F.layer_norm(x, (arch.hidden,), lw["ln1_w"], lw["ln1_b"], arch.eps)
+            qkv = torch.addmm(lw["qkv_b"], h, lw["qkv_w"]).view(b, 3, n_head, hd)  # fused c_attn: [q; k; v]
+            q, k, v = qkv.unbind(1)
+            k_cache[i, rows, :, pos] = k
+            v_cache[i, rows, :, pos] = v
+            a = _attend(arch, arch.scales[i], q, k_cache[i, :, :, :length], v_cache[i, :, :, :length], mask)
+            x = x + torch.addmm(lw["o_b"], a, lw["o_w"])
+            h = F.layer_norm(x, (arch.hidden,), lw["ln2_w"], lw["ln2_b"], arch.eps)
+            h = _act(arch.act, torch.addmm(lw["fc_b"], h, lw["fc_w"]))
+            x = x + torch.addmm(lw["proj_b"], h, lw["proj_w"])
+        x = F.layer_norm(x, (arch.hidden,), w["lnf_w"], w["lnf_b"], arch.eps)
+    else:
+        x = F.embedding(tokens, w["wte"])
+        cos, sin = w["cos"][pos][:, None, :], w["sin"][pos][:, None, :]  # (B, 1, hd), broadcast over heads
+        n_qk = (n_head + n_kv) * hd
+        for i, lw in enumerate(w["layers"]):
+            h = _rms_norm(x, lw["in_w"], arch.eps)
+            qkv = F.linear(h, lw["qkv_w"], lw["qkv_b"])
+            qk = _rotate(qkv[:, :n_qk].view(b, n_head + n_kv, hd), cos, sin)  # RoPE on q and k at once
+            q, k = qk[:, :n_head], qk[:, n_head:]
+            v = qkv[:, n_qk:].view(b, n_kv, hd)
+            k_cache[i, rows, :, pos] = k
+            v_cache[i, rows, :, pos] = v
+            a = _attend(arch, arch.scales[i], q, k_cache[i, :, :, :length], v_cache[i, :, :, :length], mask)
+            x = x + F.linear(a, lw["o_w"], lw["o_b"])
+            h = _rms_norm(x, lw["post_w"], arch.eps)
+            gate, up = F.linear(h, lw["gu_w"], lw["gu_b"]).chunk(2, dim=-1)
+            x = x + F.linear(_act(arch.act, gate) * up, lw["down_w"], lw["down_b"])  # SwiGLU
+        x = _rms_norm(x, w["norm_w"], arch.eps)
+    return F.linear(x, w["lm_w"], w["lm_b"]).float()
+
+
+class KVDecoder:
+    """A static-KV-cache decoder of a transformers GPT-2 or Llama model, one token per slot and step.
+
+    Reads the model's weights when built (build a new one after training the model). ``step(tokens,
+    pos)`` feeds ``tokens[b]`` at position ``pos[b]`` of slot ``b`` and returns the next-token logits
+    (B, V) in float32; a slot restarts a sequence simply by being fed position 0 again. Positions must
+    be fed in order within a sequence (each attends to the cache entries 0..pos of its slot).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None
+    ) -> None:
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = dtype or param.dtype
+        self.arch = _arch_of(model, self.device)
+        if max_len > self.arch.positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's position limit {self.arch.positions}")
+        self.batch_size, self.max_len = batch_size, max_len
+        self.weights = _read_weights(model, self.arch, self.dtype, max_len)
+        shape = (self.arch.n_layer, batch_size, self.arch.n_kv_head, max_len, self.arch.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.rows = torch.arange(batch_size, device=self.device)
+        self.positions = torch.arange(max_len, device=self.device)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Logits (B, V) after feeding ``tokens`` (B,) at ``pos`` (B,); attend over the first ``length`` positions.
+
+        ``length`` defaults to the full buffer (static shapes); any value above ``pos.max()`` gives the
+        same logits.
+        """
+        length = self.max_len if length is None else length
+        return _decode(
+            self.arch, self.weights, self.k_cache, self.v_cache, tokens, pos, self.rows, self.positions, length
+        )
+
+
+# -------------------------------------------------------------------------------------------- sampling
+
+
+_CDF_BLOCK = 64
+"""Block width of the two-level inverse CDF of :func:`sample_tokens`."""
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    u: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Draw one token per row of ``logits`` (B, V) by inverse CDF with the uniforms ``u`` (B,) in [0, 1).
+
+    In float32: z = logits / temperature; top-k keeps the tokens whose z is at least the k-th largest
+    (ties kept); p = softmax(z); top-p keeps, in decreasing order of p, each token whose preceding mass
+    is < top_p * sum(p) (the smallest set reaching top_p; the most likely token always). With the CDF
+    c_i = p_1 + ... + p_i of the kept tokens, the token drawn is the first i with c_i > u * c_V: token i
+    with probability p_i / c_V, i.e. renormalised over the kept tokens. A filtered token (p_i = 0) is
+    never drawn, since c_i = c_{i-1} there. The same ``u`` and logits equal up to rounding give the same
+    token unless u * c_V falls within rounding of a boundary c_i (probability ~1e-6 per draw).
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    vocab = z.shape[-1]
+    if top_k is not None and top_k < vocab:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        cum = sorted_p.cumsum(dim=-1)
+        before = cum - sorted_p  # mass of the more likely tokens
+        drop_sorted = before >= top_p * cum[:, -1:]
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+    return _inverse_cdf(probs, u)
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """First index i with c_i > u * c_V, c the cumulative sum of the non-negative ``weights`` (B, V) along V.
+
+    Two levels, because a cumulative sum over a whole vocabulary is a slow sequential scan on CPU: the
+    CDF of block sums (blocks of :data:`_CDF_BLOCK` tokens) picks the block, then the CDF within that
+    block picks the token. The target is capped just below the total (u * c_V may round up to it) and
+    the remainder within the block just below the block's own total, so the index always has w_i > 0.
+    """
+    b, vocab = weights.shape
+    zero = weights.new_zeros(())
+    width = _CDF_BLOCK if vocab > 4 * _CDF_BLOCK else vocab
+    n_blocks = -(-vocab // width)
+    if n_blocks * width != vocab:
+        weights = F.pad(weights, (0, n_blocks * width - vocab))
+    blocks = weights.view(b, n_blocks, width)
+    block_cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # (B, n_blocks)
+    total = block_cdf[:, -1:]
+    target = torch.minimum(u[:, None].to(total.dtype) * total, torch.nextafter(total, zero))
+    j = torch.searchsorted(block_cdf, target, right=True).clamp_(max=n_blocks - 1)  # (B, 1)
+    before = torch.where(j > 0, block_cdf.gather(1, (j - 1).clamp_(min=0)), zero)  # mass of blocks < j
+    inner_cdf = blocks.gather(1, j[:, :, None].expand(b, 1, width)).squeeze(1).cumsum(dim=-1)  # (B, width)
+    rest = torch.minimum(target - before, torch.nextafter(inner_cdf[:, -1:], zero))
+    k = torch.searchsorted(inner_cdf, rest, right=True)
+    return (j * width + k).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Constants of one sampling loop (hashable: the key of a compiled step)."""
+
+    arch: _Arch | None  # None: the uncached reference
+    batch: int
+    max_len: int
+    queue: int  # rows of the finished-story queue (a dummy row follows)
+    prompt_len: int
+    eot: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
+def _advance(plan: _Plan, s: dict[str, torch.Tensor], sampled: torch.Tensor, candidates: torch.Tensor | None) -> None:
+    """Bookkeeping of one step, vectorised over slots and free of host syncs (in place on the state ``s``).
+
+    Each slot fed the token at position ``pos``; its next token (position ``pos + 1``) is the sampled one,
+    or the prompt's while still inside the prompt. A story is done when that token is a sampled EOT or
+    its length ``pos + 2`` reaches max_len. Done stories are appended to the queue (in slot order), and
+    each of those slots launches the next story id; ids past n mean "idle". Idle slots keep feeding
+    [EOT] at position 0 (their work is thrown away) until all slots are idle.
+    """
+    n = s["n"]
+    npos = s["pos"] + 1
+    tok = sampled
+    eos = sampled == plan.eot
+    if plan.prompt_len > 1:  # first_token_inclusive: position 1 is the story's first token, forced
+        forced = npos < plan.prompt_len
+        tok = torch.where(forced, s["first"], sampled)
+        eos = eos & ~forced
+    s["seq"][s["rows"], npos] = tok.to(s["seq"].dtype)
+    done = eos | (npos >= plan.max_len - 1)
+    emit = done & (s["story"] < n)
+    emit_l = emit.long()
+    rank = emit_l.cumsum(0) - emit_l  # among emitting slots: 0, 1, 2, ... in slot order
+    dest = torch.where(emit, s["q_ptr"] + rank, plan.queue)  # non-emitting slots write the dummy row
+    s["q_tok"][dest] = s["seq"]
+    s["q_meta"][dest] = torch.stack((s["story"], npos + 1, eos.long()), dim=1)  # (story id, length, finished)
+    n_emit = emit_l.sum()
+    s["q_ptr"].add_(n_emit)
+    story = torch.where(emit, torch.minimum(s["next_id"] + rank, n), s["story"])
+    s["next_id"].add_(n_emit)
+    reset = emit | (story >= n)
+    s["story"].copy_(story)
+    s["pos"].copy_(torch.where(reset, 0, npos))
+    s["cur"].copy_(torch.where(reset, plan.eot, tok))
+    if plan.prompt_len > 1:
+        s["first"].copy_(torch.where(reset, candidates, s["first"]))
+
+
+def _cached_step(
+    plan: _Plan,
+    w: Mapping[str, Any],
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    s: dict[str, torch.Tensor],
+    u: torch.Tensor,
+    candidates: torch.Tensor | None,
+    length: int,
+) -> None:
+    """Decode, sample and advance every slot by one token (the unit that is compiled / graph-captured)."""
+    logits = _decode(plan.arch, w, k_cache, v_cache, s["cur"], s["pos"], s["rows"], s["positions"], length)
+    _advance(plan, s, sample_tokens(logits, u, plan.temperature, plan.top_k, plan.top_p), candidates)
+
+
+_COMPILED: dict[_Plan, Callable] = {}
+
+
+def _compiled_step(plan: _Plan) -> Callable:
+    """torch.compile of the static step of ``plan``, made once per plan and reused (weights are arguments)."""
+    if plan not in _COMPILED:
+        _COMPILED[plan] = torch.compile(functools.partial(_cached_step, plan), dynamic=False)
+    return _COMPILED[plan]
+
+
+class StorySampler:
+    """Sample a corpus of stories from a GPT-2 or Llama causal LM (see the module docstring).
+
+    ``max_len`` is the model's context length, used when ``cfg.max_len`` is None; ``cfg.max_len`` may not
+    exceed it. ``first_tokens``: the candidate first tokens (token 1 of each real training story, with
+    repeats, so that frequent first tokens are drawn more often), required by ``first_token_inclusive``.
+    The model is read at every :meth:`sample` call, so one sampler serves a model that keeps training.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: SamplingConfig,
+        *,
+        max_len: int,
+        eot_id: int = 0,
+        pad_id: int = 1,
+        first_tokens: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        device = next(model.parameters()).device
+        self.arch = _arch_of(model, device)  # ConfigError for unsupported models, before any sampling
+        vocab = self.arch.vocab
+        if cfg.max_len is not None and cfg.max_len > max_len:
+            raise ConfigError(f"--sampling.max_len must be at most {max_len} (the context length), got {cfg.max_len}")
+        self.max_len = cfg.max_len if cfg.max_len is not None else max_len
+        self.prompt_len = prompt_length(cfg.strategy)
+        if not (_is_int(self.max_len) and self.max_len >= self.prompt_len + 1):
+            raise ConfigError(
+                f"--sampling.max_len must be at least {self.prompt_len + 1} (the prompt of {cfg.strategy} plus one "
+                f"token), got {self.max_len!r}"
+            )
+        if self.max_len > self.arch.positions:
+            raise ConfigError(
+                f"--sampling.max_len must be at most {self.arch.positions} (the model's position limit), "
+                f"got {self.max_len}"
+            )
+        for name, value in (("eot_id", eot_id), ("pad_id", pad_id)):
+            if not (_is_int(value) and 0 <= value < vocab):
+                raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
+        self.eot_id, self.pad_id = eot_id, pad_id
+        self.first_tokens: torch.Tensor | None = None
+        if cfg.strategy == "first_token_inclusive":
+            if isinstance(first_tokens, torch.Tensor):
+                pool = first_tokens.detach().cpu().reshape(-1)
+            else:
+                pool = torch.as_tensor(np.asarray(first_tokens if first_tokens is not None else [])).reshape(-1)
+            if pool.numel() == 0:
+                raise ConfigError(
+                    "--sampling.strategy first_token_inclusive needs the first tokens of real stories, none were given"
+                )
+            if pool.is_floating_point() or pool.dtype == torch.bool or int(pool.min()) < 0 or int(pool.max()) >= vocab:
+                raise ValueError(f"first_tokens must be token ids in [0, {vocab})")
+            self.first_tokens = pool.long()
+        self._force_static = False  # tests: take the static (full-buffer) path without compiling
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, use_cache: bool = True) -> dict[str, np.ndarray]:
+        """Sample ``n`` stories: ``{"tokens", "lengths", "finished"}`` as NumPy arrays.
+
+        ``tokens`` (n, max_len) uint16 (int32 for vocabularies over 65,536 tokens): each row the prompt,
+        the sampled tokens and, if finished, the final EOT, then ``pad_id``. ``lengths`` (n,) int32 counts
+        all of a row's tokens but the padding; ``finished`` (n,) bool is True when the story ended with a
+        sampled EOT (False: cut at max_len). Row i is the i-th story launched.
+
+        All randomness comes from ``generator`` (on the model's device): the output is a function of the
+        model, the config, ``n`` and the generator's state. ``use_cache=False`` runs the original
+        transformers forward on every slot's whole sequence at each step instead of the KV-cached
+        decoder: slow, for checking; it draws the same tokens. The model's train/eval mode is restored.
+        """
+        if not (_is_int(n) and n >= 0):
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        device = next(self.model.parameters()).device
+        if generator.device.type != device.type:
+            raise ValueError(f"the generator is on {generator.device}, the model on {device}; they must match")
+        out_dtype = np.uint16 if self.arch.vocab <= 1 << 16 else np.int32
+        tokens = np.full((n, self.max_len), self.pad_id, dtype=out_dtype)
+        lengths = np.zeros(n, dtype=np.int32)
+        finished = np.zeros(n, dtype=bool)
+        if n == 0:
+            return {"tokens": tokens, "lengths": lengths, "finished": finished}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self._run(n, generator, use_cache, device, tokens, lengths, finished)
+        finally:
+            self.model.train(was_training)
+        return {"tokens": tokens, "lengths": lengths, "finished": finished}
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _run(
+        self,
+        n: int,
+        generator: torch.Generator,
+        use_cache: bool,
+        device: torch.device,
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        finished: np.ndarray,
+    ) -> None:
+        cfg = self.cfg
+        batch = min(cfg.batch_size, n)
+        compiled = use_cache and resolve_compile(cfg.compile, device)
+        static = use_cache and (compiled or self._force_static)
+        # The decoder reads the model's weights now (they may have been trained since the last call).
+        decoder = None
+        if use_cache:
+            decoder = KVDecoder(self.model, batch, self.max_len, dtype=resolve_dtype(cfg.dtype, device))
+        plan = _Plan(
+            None if decoder is None else decoder.arch, batch, self.max_len, SYNC_EVERY * batch, self.prompt_len,
+            self.eot_id, float(cfg.temperature), cfg.top_k, cfg.top_p,
+        )  # fmt: skip
+        pool = None if self.first_tokens is None else self.first_tokens.to(device)
+
+        def draw_candidates() -> torch.Tensor | None:
+            # first_token_inclusive: one candidate first token per slot and step (fixed consumption); a slot
+            # launching a story takes its candidate, the others ignore theirs.
+            if pool is None:
+                return None
+            return pool[torch.randint(len(pool), (batch,), generator=generator, device=device)]
+
+        s = self._initial_state(plan, n, device, draw_candidates())
+
+        fallback: Callable | None = None  # the uncompiled step, should compiling fail under --sampling.compile auto
+        if decoder is not None:
+            w, kc, vc = decoder.weights, decoder.k_cache, decoder.v_cache
+
+            def bind(fn: Callable) -> Callable:
+                return lambda u, cand, length: fn(w, kc, vc, s, u, cand, length)
+
+            eager_step = functools.partial(_cached_step, plan)
+            step = bind(_compiled_step(plan) if compiled else eager_step)
+            if compiled and cfg.compile == "auto":
+                fallback = bind(eager_step)
+        else:
+            model = self.model
+
+            def step(u: torch.Tensor, cand: torch.Tensor | None, length: int) -> None:
+                logits = self._reference_logits(model, s, length)
+                _advance(plan, s, sample_tokens(logits, u, plan.temperature, plan.top_k, plan.top_p), cand)
+
+        if static and self._use_graphs(device):
+            self._loop_cuda_graph(plan, step, fallback, s, generator, draw_candidates, tokens, lengths, finished)
+            return
+        steps = 0
+        while True:
+            if static:
+                length = self.max_len
+                if steps % SYNC_EVERY == 0 and not bool((s["story"] < s["n"]).any()):
+                    break
+            else:
+                # Eager: attend only to the positions in use (one host sync per step; free on CPU).
+                pos_max, active = torch.stack([s["pos"].max(), (s["story"] < s["n"]).sum()]).tolist()
+                if active == 0:
+                    break
+                length = pos_max + 1
+            u = torch.rand(batch, generator=generator, device=device)
+            step(u, draw_candidates(), length)
+            steps += 1
+            if steps % SYNC_EVERY == 0:
+                self._flush(s, tokens, lengths, finished)
+        self._flush(s, tokens, lengths, finished)
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        """Whether the static step is replayed as a CUDA graph (on CUDA; a method so tests can simulate it)."""
+        return device.type == "cuda"
+
+    def _initial_state(
+        self, plan: _Plan, n: int, device: torch.device, candidates: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Slots 0..B-1 start stories 0..B-1 at position 0 with token EOT; empty queue."""
+        batch, max_len = plan.batch, plan.max_len
+
+        def full(shape: tuple[int, ...], value: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.full(shape, value, dtype=dtype, device=device)
+
+        seq_dtype = torch.int32 if self.arch.vocab < 2**31 else torch.long
+        s = {
+            "rows": torch.arange(batch, device=device),
+            "positions": torch.arange(max_len, device=device),
+            "n": torch.tensor(n, device=device),
+            "next_id": torch.tensor(batch, device=device),
+            "story": torch.arange(batch, device=device),
+            "pos": full((batch,), 0),
+            "cur": full((batch,), self.eot_id),
+            # Every sequence starts with EOT; position 0 is never written after this.
+            "seq": full((batch, max_len), self.eot_id, seq_dtype),
+            "q_tok": full((plan.queue + 1, max_len), self.pad_id, seq_dtype),
+            "q_meta": full((plan.queue + 1, 3), 0),
+            "q_ptr": torch.tensor(0, device=device),
+        }
+        if candidates is not None:
+            s["first"] = candidates.clone()
+        return s
+
+    def _reference_logits(self, model: torch.nn.Module, s: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+        """Next-token logits of every slot from the transformers forward on its whole sequence (no cache).
+
+        The slots' sequences form a right-padded batch (B, length) with an attention mask; the logits
+        are those at each slot's last position.
+        """
+        visible = s["positions"][:length][None, :] <= s["pos"][:, None]
+        ids = s["seq"][:, :length].long().masked_fill(~visible, self.pad_id)
+        logits = model(input_ids=ids, attention_mask=visible.long(), use_cache=False).logits
+        return logits[s["rows"], s["pos"]].float()
+
+    def _flush(self, s: dict[str, torch.Tensor], tokens: np.ndarray, lengths: np.ndarray, finished: np.ndarray) -> None:
+        """Copy the queued finished stories to the output rows of their ids (padding past their length)."""
+        count = int(s["q_ptr"])
+        if count:
+            meta = s["q_meta"][:count]
+            rows = s["q_tok"][:count].masked_fill(s["positions"][None, :] >= meta[:, 1:2], self.pad_id)
+            ids, lens, fins = meta.cpu().numpy().T
+            tokens[ids] = rows.cpu().numpy()
+            lengths[ids] = lens
+            finished[ids] = fins.astype(bool)
+        s["q_ptr"].zero_()
+
+    def _loop_cuda_graph(
+        self,
+        plan: _Plan,
+        step: Callable,
+        fallback: Callable | None,
+        s: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        draw_candidates: Callable[[], torch.Tensor | None],
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        finished: np.ndarray,
+    ) -> None:
+        """The static step captured once as a CUDA graph and replayed; a host sync every SYNC_EVERY steps.
+
+        The uniforms (and first-token candidates) are drawn eagerly into fixed buffers before each replay,
+        so the graph holds no random number generation. Warm-up runs (which compile) advance the state,
+        so it is saved before and restored after them; the KV cache needs no restoring because a slot only
+        ever reads cache positions that its current story wrote. Should the warm-up (compilation) fail and a
+        ``fallback`` step be given, that one is used instead, with a warning; should the capture fail, the
+        step runs without a graph, with a warning.
+        """
+        device = s["pos"].device
+        # Placeholders for the warm-up and capture: they draw nothing, so the generator is consumed exactly as
+        # on the eager path (one uniform per slot, then one candidate per slot, per step).
+        u_buf = torch.full((plan.batch,), 0.5, device=device)
+        cand_buf = s["first"].clone() if "first" in s else None
+        saved = {k: v.clone() for k, v in s.items()}
+
+        def warm_up(fn: Callable) -> None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        fn(u_buf, cand_buf, plan.max_len)
+            finally:
+                torch.cuda.current_stream().wait_stream(side)
+                for k, v in s.items():
+                    v.copy_(saved[k])
+
+        try:
+            warm_up(step)
+        except Exception as exc:
+            if fallback is None:
+                raise
+            log.warning("sampling: compiling the decode step failed (%s); running it uncompiled", exc)
+            step = fallback
+            warm_up(step)
+        replay: Callable[[], None]
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step(u_buf, cand_buf, plan.max_len)
+            replay = graph.replay
+        except Exception as exc:  # a capture failure must not lose the run: warn and go on without the graph
+            log.warning("sampling: CUDA graph capture failed (%s); running the compiled step without it", exc)
+            torch.cuda.synchronize()
+
+            def replay() -> None:
+                step(u_buf, cand_buf, plan.max_len)
+
+        steps = 0
+        while True:
+            if steps % SYNC_EVERY == 0:
+                self._flush(s, tokens, lengths, finished)
+                if not bool((s["story"] < s["n"]).any()):
+                    break
+            torch.rand(plan.batch, generator=generator, device=device, out=u_buf)
+            if cand_buf is not None:
+                cand_buf.copy_(draw_candidates())
+            replay()
+            steps += 1
+        self._flush(s, tokens, lengths, finished)
+
+
+def sample_stats(out: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Summary of a :meth:`StorySampler.sample` result: ``n``, ``finished_fraction``, ``mean_length``, ``max_length``.
+
+    Fractions and means are NaN for an empty sample.
+    """
+    lengths = np.asarray(out["lengths"])
+    n = int(lengths.size)
+    if n == 0:
+        return {"n": 0, "finished_fraction": float("nan"), "mean_length": float("nan"), "max_length": 0}
+    return {
+        "n": n,
+        "finished_fraction": float(np.mean(out["finished"])),
+        "mean_length": float(lengths.mean()),
+        "max_length": int(lengths.max()),
+    }
+
+
+__all__ = [
+    "COMPILE_MODES",
+    "DTYPES",
+    "STRATEGIES",
+    "SYNC_EVERY",
+    "KVDecoder",
+    "SamplingConfig",
+    "StorySampler",
+    "prompt_length",
+    "resolve_compile",
+    "resolve_dtype",
+    "sample_stats",
+    "sample_tokens",
+]

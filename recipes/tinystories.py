@@ -1,0 +1,330 @@
+"""A causal transformer pretrained from scratch each generation on stories, then on its own stories.
+
+The headline experiment of Gerstgrasser et al. ("Is Model Collapse Inevitable?"): generation 0
+pretrains a GPT-2 or Llama 2 style model on real stories; every later generation pretrains a fresh
+model (or, with ``--model.init_from``, fine-tunes one local checkpoint again: Kazdan et al.'s setting)
+on the workflow's mix of real stories and the stories sampled from earlier generations' models. The
+byte-level BPE is trained once, on the real training stories, and frozen in ``<out_dir>/tokenizer.json``,
+so losses compare across generations. Each generation is scored on the same real held-out stories:
+
+* ``test_loss``: mean next-token cross-entropy in nats per token (all tokens of the held-out stories,
+  identical every generation), and ``test_perplexity`` = exp(test_loss);
+* its synthetic corpus: ``sample_distinct_1/2/3`` (distinct word n-grams / all n-grams),
+  ``sample_rare_word_coverage`` (the fraction of the real training set's rare words, those in
+  fewer than 0.5% of its stories, that the synthetic corpus still uses), ``sample_word_types``,
+  ``sample_mean_tokens`` and ``sample_finished_fraction`` (stories that ended with EOT rather than
+  at the length limit). Generation g's synthetic stories are stored as token ids (``tokens.npy``,
+  ``lengths.npy``) and as text (``stories.txt``); ``samples.txt`` holds a few for reading.
+
+The default data is an offline stand-in corpus made by this project (simple-English stories with a
+heavy-tailed vocabulary; :mod:`datamodules.story_corpus`), never to be reported as TinyStories;
+``--data.source hub`` reads the real TinyStories (``roneneldan/TinyStories``).
+
+    python recipes/tinystories.py --workflow replace --out_dir runs/lm_replace
+    python recipes/tinystories.py --dry_run true --model.preset llama2-42m
+    python recipes/tinystories.py --data.source hub --model.preset gpt2-9m --trainer.devices 4 --trainer.strategy ddp
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from collapse.atomic import atomic_write_json, atomic_write_text
+from collapse.cli import run
+from collapse.errors import ConfigError, UserError
+from collapse.loop import LoopConfig, LoopResult, Modality, run_generations
+from collapse.rundir import config_dict, resolve_out_dir
+from datamodules.story_corpus import distinct_n, format_corpus, rare_words, tokenize_words
+from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule
+from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE, decode, tokenizer_hash
+from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, describe
+from lit_modules.lm_sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+CPU_PRESET = "gpt2-2m"
+"""Default model: small enough for three generations on 2 CPU cores in a few minutes (use gpt2-9m etc. on a GPU)."""
+EPOCHS = 1
+"""Epochs per generation: one, as in Gerstgrasser et al. (accumulate's fits grow with its training set)."""
+STORIES_FILE = "stories.txt"
+"""A generation's whole synthetic corpus as text, in the TinyStories ``.txt`` format."""
+DATA_FILE = "data.json"
+"""The real data's label and counts (stories read, empty ones dropped, bytes replaced, truncated), in the run dir."""
+SAMPLES_FILE = "samples.txt"
+"""A few synthetic stories of a generation, for reading (and for W&B)."""
+
+
+@dataclass
+class LMTrainerConfig:
+    """Lightning Trainer settings (``--trainer.*``); the rest of the Trainer is set by the loop."""
+
+    accelerator: str = "auto"
+    """cpu, gpu, mps or auto (a GPU when there is one)."""
+    devices: int | str = 1
+    """Devices per node: 2 with --trainer.strategy ddp trains on two GPUs (or two CPU processes)."""
+    strategy: str = "auto"
+    """auto, ddp, fsdp, ...: how several devices share the work (ddp re-launches this command per device)."""
+    num_nodes: int = 1
+    """Machines (with torchrun or SLURM, which start the processes)."""
+    precision: str | None = None
+    """32-true, bf16-mixed, ...; default: bf16-mixed on a GPU or a CPU with native bf16 (AVX512-BF16, AMX),
+    else 32-true."""
+    max_epochs: int = EPOCHS
+    """Epochs per generation (1: the published setting)."""
+    gradient_clip_val: float | None = 1.0
+    """Clip gradients to this norm (None: no clipping)."""
+    accumulate_grad_batches: int = 1
+    """Optimizer step every this many batches (effective batch = batch_size x devices x this)."""
+    compile: bool = False
+    """torch.compile the model for training (worth it on a GPU for the larger presets)."""
+
+    def __post_init__(self) -> None:
+        for flag in ("num_nodes", "accumulate_grad_batches"):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--trainer.{flag} must be an integer >= 1, got {value!r}")
+        if isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int) or self.max_epochs < 1:
+            raise ConfigError(f"--trainer.max_epochs must be >= 1, got {self.max_epochs!r}")
+        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
+            raise ConfigError(f"--trainer.gradient_clip_val must be > 0 or None, got {self.gradient_clip_val!r}")
+
+
+@dataclass
+class DiversityConfig:
+    """How each synthetic corpus is scored and shown."""
+
+    rare_doc_freq: float = 0.005
+    """A real training word is rare when it occurs in fewer than this fraction of the real training stories."""
+    shown_stories: int = 8
+    """Synthetic stories written to samples.txt (and logged to W&B) per generation."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.rare_doc_freq <= 1:
+            raise ConfigError(f"--diversity.rare_doc_freq must be in (0, 1], got {self.rare_doc_freq!r}")
+        if isinstance(self.shown_stories, bool) or not isinstance(self.shown_stories, int) or self.shown_stories < 0:
+            raise ConfigError(f"--diversity.shown_stories must be an integer >= 0, got {self.shown_stories!r}")
+
+
+def corpus_diversity(stories: list[str], rare: set[str]) -> dict[str, float]:
+    """Distinct-1/2/3, word types and the coverage of ``rare`` (real rare words) of a list of stories."""
+    used: set[str] = set()
+    for story in stories:
+        used.update(tokenize_words(story))
+    return {
+        "distinct_1": distinct_n(stories, 1),
+        "distinct_2": distinct_n(stories, 2),
+        "distinct_3": distinct_n(stories, 3),
+        "word_types": float(len(used)),
+        "rare_word_coverage": len(rare & used) / len(rare) if rare else 1.0,
+    }
+
+
+@dataclass
+class LMModality(Modality):
+    """Stories (real) modelled by a causal transformer; see :mod:`lit_modules.causal_lm`."""
+
+    data: TinyStoriesDataConfig = field(default_factory=TinyStoriesDataConfig)
+    model: CausalLMConfig = field(default_factory=CausalLMConfig)
+    trainer: LMTrainerConfig = field(default_factory=LMTrainerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
+    run_dir: str | None = None
+    name: str = "lm"
+
+    def __post_init__(self) -> None:
+        self._real: TinyStoriesDataModule | None = None
+        self._rare: set[str] | None = None
+
+    def real_datamodule(self) -> TinyStoriesDataModule:
+        if self._real is None:
+            self._real = TinyStoriesDataModule(self.data, run_dir=self.run_dir)
+        return self._real
+
+    def check_real_data(self, real: Any, real_size: int, cfg: LoopConfig) -> None:
+        if real_size < cfg.batch_size:
+            raise UserError(
+                f"the real training set has {real_size} stories, fewer than one batch (--batch_size {cfg.batch_size}); "
+                "use more real stories or a smaller --batch_size"
+            )
+        stats = getattr(real, "data_stats", {}) or {}
+        numbers = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        counts = ", ".join(f"{k} {v}" for k, v in numbers.items())
+        if counts:
+            log.info("real data (%s): %s", getattr(real, "label", self.data.source), counts)
+
+    def start_run(self, out_dir: Path) -> None:
+        """Freeze the tokenizer in the run directory (or check that the one there is the one in use)."""
+        real = self.real_datamodule()
+        stats = {"label": getattr(real, "label", self.data.source), **(getattr(real, "data_stats", {}) or {})}
+        atomic_write_json(Path(out_dir) / DATA_FILE, stats)  # what was read, dropped, replaced, truncated
+        path = Path(out_dir) / TOKENIZER_FILE
+        ours = tokenizer_hash(real.tokenizer)
+        if path.exists():
+            from tokenizers import Tokenizer
+
+            theirs = tokenizer_hash(Tokenizer.from_file(str(path)))
+            if theirs != ours:
+                raise UserError(
+                    f"{path} differs from the tokenizer of this data; a run's tokenizer never changes "
+                    "(restore the file, or start a new run with another --out_dir)"
+                )
+            return
+        atomic_write_text(path, real.tokenizer.to_str())
+
+    def build_model(self, generation: int) -> CausalLMModule:
+        real = self.real_datamodule()
+        module = CausalLMModule(self.model, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID)
+        first = real.first_tokens() if self.sampling.strategy == "first_token_inclusive" else None
+        module.configure_sampling(self.sampling, max_len=self.data.max_seq_len, first_tokens=first)
+        if self.trainer.compile:
+            module.model.compile()  # in place: the state_dict keys (model.pt, checkpoints) stay the same
+        return module
+
+    def trainer_kwargs(self, generation: int) -> dict[str, Any]:
+        kwargs = {k: v for k, v in dataclasses.asdict(self.trainer).items() if v is not None and k != "compile"}
+        return {**kwargs, "num_sanity_val_steps": 0}
+
+    def sampling_settings(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.sampling), "max_len": self.data.max_seq_len}
+
+    def derived_metrics(self, tested: Mapping[str, float]) -> dict[str, float]:
+        loss = tested.get("test/loss")
+        return {} if loss is None else {"test/perplexity": math.exp(min(loss, 700.0))}
+
+    def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
+        real = self.real_datamodule()
+        tokens, lengths = arrays["tokens"], np.asarray(arrays["lengths"])
+        stories = [decode(real.tokenizer, tokens[i, : lengths[i]]) for i in range(len(lengths))]
+        blank = sum(1 for s in stories if not s.strip())
+        kept = [s.strip() for s in stories if s.strip()]
+        atomic_write_text(stage / STORIES_FILE, format_corpus(kept))
+        atomic_write_text(stage / SAMPLES_FILE, format_corpus(kept[: self.diversity.shown_stories]))
+        metrics = {f"sample/{k}": v for k, v in corpus_diversity(kept, self._rare_words()).items()}
+        finished = np.asarray(arrays["finished"]) if "finished" in arrays else None
+        metrics["sample/mean_tokens"] = float(lengths.mean()) if len(lengths) else 0.0
+        if finished is not None:
+            metrics["sample/finished_fraction"] = float(finished.mean()) if len(finished) else 0.0
+        metrics["sample/empty_stories"] = float(blank)
+        if blank:
+            log.warning("generation %d: %d of %d synthetic stories are empty text", generation, blank, len(stories))
+        return metrics
+
+    def _rare_words(self) -> set[str]:
+        if self._rare is None:
+            real = self.real_datamodule()
+            real.setup("fit")
+            self._rare = rare_words(real.train_texts(), max_doc_freq=self.diversity.rare_doc_freq)
+        return self._rare
+
+
+@dataclass
+class TinyStoriesConfig(LoopConfig):
+    """Pretrain a causal transformer on stories, generation after generation, under a data workflow."""
+
+    out_dir: str = "runs/tinystories"
+    """Run directory: config.yaml, tokenizer.json, metrics.csv and one gen_XXX folder per finished generation."""
+    generations: int = 3
+    """Number of generations; generation 0 trains on real stories only."""
+    batch_size: int = 16
+    """Training batch size per device, in stories (also the test batch size)."""
+    sample_batch_size: int = 512
+    """Stories per sampling chunk file (part of the sampling seed); --sampling.batch_size runs concurrently."""
+    dry_run: bool = False
+    """Build the data and the model, print the model's description (parameters: N) and exit."""
+    data: TinyStoriesDataConfig = field(default_factory=TinyStoriesDataConfig)
+    """Real stories: source (stand_in, hub, hub_v2, txt, jsonl, arrow), sizes, context length."""
+    model: CausalLMConfig = field(default_factory=lambda: CausalLMConfig(preset=CPU_PRESET))
+    """The transformer: preset (gpt2-9m, llama2-12m, llama2-42m, llama2-126m, ...) or init_from, optimiser."""
+    trainer: LMTrainerConfig = field(default_factory=LMTrainerConfig)
+    """Lightning Trainer settings: devices, strategy, precision, epochs."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How synthetic stories are drawn: strategy, temperature, top-k/top-p, concurrent sequences."""
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
+    """How synthetic corpora are scored."""
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16-mixed then trains ~3x faster."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
+def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
+    """Fill the hardware-dependent defaults (precision) and tie the data, model and sampler together.
+
+    The model's context is the data's ``max_seq_len`` and its vocabulary the tokenizer's size, so
+    config.yaml records what ran; conflicting explicit settings are a :class:`ConfigError`.
+    """
+    import torch
+
+    accelerator = cfg.trainer.accelerator
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"--trainer.accelerator {accelerator}: no CUDA GPU is visible on this machine")
+    trainer = dataclasses.replace(
+        cfg.trainer,
+        accelerator="gpu" if on_gpu else ("cpu" if accelerator == "auto" else accelerator),
+        precision=cfg.trainer.precision or ("bf16-mixed" if on_gpu or cpu_has_bf16() else "32-true"),
+    )
+    if cfg.model.vocab_size != cfg.data.vocab_size:
+        raise ConfigError(
+            f"--model.vocab_size {cfg.model.vocab_size} and --data.vocab_size {cfg.data.vocab_size} differ; "
+            "the model's vocabulary is the tokenizer's: set both"
+        )
+    seq = cfg.data.max_seq_len
+    if cfg.model.max_seq_len is not None and cfg.model.max_seq_len != seq:
+        raise ConfigError(
+            f"--model.max_seq_len {cfg.model.max_seq_len} differs from --data.max_seq_len {seq}; "
+            "set --data.max_seq_len (the model's context follows it)"
+        )
+    model = dataclasses.replace(cfg.model, max_seq_len=seq)  # re-checks the position limit
+    if cfg.sampling.max_len is not None and cfg.sampling.max_len > seq:
+        raise ConfigError(f"--sampling.max_len must be at most --data.max_seq_len ({seq}), got {cfg.sampling.max_len}")
+    return dataclasses.replace(cfg, trainer=trainer, model=model)
+
+
+def main(cfg: TinyStoriesConfig) -> LoopResult | None:
+    """Run (or resume) the generations; return what the loop did (None for a dry run)."""
+    cfg = resolve(cfg)
+    if cfg.dry_run:
+        print(describe(cfg.model))
+        print(f"data: {TinyStoriesDataModule(cfg.data).describe()}")
+        return None
+    modality = LMModality(
+        data=cfg.data,
+        model=cfg.model,
+        trainer=cfg.trainer,
+        sampling=cfg.sampling,
+        diversity=cfg.diversity,
+        # With --overwrite the folder may hold another run's tokenizer, about to be deleted: never reuse it.
+        run_dir=None if cfg.overwrite else resolve_out_dir(cfg.out_dir, config_dict(cfg)),
+    )
+    loop = LoopConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LoopConfig)})
+    return run_generations(modality, loop, recipe="tinystories", config=config_dict(cfg))
+
+
+if __name__ == "__main__":
+    run(main, TinyStoriesConfig)
+
+
+__all__ = [
+    "DiversityConfig",
+    "LMModality",
+    "LMTrainerConfig",
+    "TinyStoriesConfig",
+    "corpus_diversity",
+    "main",
+    "resolve",
+]

@@ -1,0 +1,374 @@
+"""Story sampling from causal LMs (lit_modules.lm_sampling): the KV-cached decoder and the continuous batcher."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from collapse.errors import ConfigError
+from lit_modules import lm_sampling
+from lit_modules.causal_lm import CausalLMConfig, build_model
+from lit_modules.lm_sampling import KVDecoder, SamplingConfig, StorySampler, sample_stats, sample_tokens
+
+VOCAB = 96
+EOT, PAD = 0, 1
+
+
+def perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` in eval mode with every parameter nudged, so biases and norm gains are not 0/1 any more."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def preset_model(preset: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return perturbed(build_model(CausalLMConfig(preset=preset, vocab_size=VOCAB)), seed)
+
+
+def gqa_llama(seed: int = 0) -> nn.Module:
+    """Llama with 2 kv heads for 4 query heads, rope theta 500, biases everywhere and a tied head."""
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 500.0}
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_parameters=rope, attention_bias=True, mlp_bias=True,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return perturbed(LlamaForCausalLM(config), seed)
+
+
+MODELS = {"llama": lambda: preset_model("tiny"), "gpt2": lambda: preset_model("gpt2-tiny"), "llama-gqa": gqa_llama}
+
+
+def with_eot_bias(model: nn.Module, bias: float) -> nn.Module:
+    """Replace the output head by one with a bias that adds ``bias`` to the EOT logit (same weights)."""
+    old = model.lm_head
+    head = nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[EOT] = bias
+    model.lm_head = head
+    return model
+
+
+def sampler(model: nn.Module, max_len: int = 24, first_tokens=None, **cfg) -> StorySampler:
+    return StorySampler(model, SamplingConfig(**cfg), max_len=max_len, first_tokens=first_tokens)
+
+
+def draw(s: StorySampler, n: int, seed: int, **kwargs) -> dict[str, np.ndarray]:
+    return s.sample(n, torch.Generator().manual_seed(seed), **kwargs)
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for key in ("tokens", "lengths", "finished"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# ------------------------------------------------------------------------------------------- decoder
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_decoder_logits_equal_the_transformers_forward(name, attention):
+    model = MODELS[name]()
+    ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits  # (3, 20, V)
+    dec = KVDecoder(model, 3, 32)
+    dec.arch = dataclasses.replace(dec.arch, attention=attention)
+    # Slot b starts its real sequence at step 4 b; before that it runs a junk sequence from position 0,
+    # whose cache entries must be masked once the slot restarts at position 0.
+    junk = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(2))
+    got = torch.zeros_like(expected)
+    for t in range(20 + 8):
+        offset = torch.tensor([0, 4, 8])
+        p = t - offset
+        tokens = torch.where(p >= 0, ids[torch.arange(3), p.clamp(0, 19)], junk[t])
+        pos = torch.where(p >= 0, p, t)
+        fed = (p >= 0) & (p < 20)
+        pos = torch.where(p >= 20, 0, pos)  # finished slots idle at position 0
+        length = None if t % 2 else int(pos.max()) + 1  # full static buffer and the sliced prefix
+        logits = dec.step(tokens, pos, length)
+        for b in torch.nonzero(fed).flatten().tolist():
+            got[b, p[b]] = logits[b]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_in_bfloat16_stays_close_to_float32():
+    model = MODELS["llama"]()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    dec = KVDecoder(model, 2, 16, dtype=torch.bfloat16)
+    got = torch.stack([dec.step(ids[:, t], torch.full((2,), t)) for t in range(12)], 1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
+
+
+def test_top_k_one_and_tiny_temperature_are_argmax():
+    logits = torch.randn(50, VOCAB, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(50, generator=torch.Generator().manual_seed(1))
+    argmax = logits.argmax(-1)
+    assert torch.equal(sample_tokens(logits, u, top_k=1), argmax)
+    assert torch.equal(sample_tokens(logits, u, temperature=1e-6), argmax)
+    assert torch.equal(sample_tokens(logits, u, top_p=1e-6), argmax)
+
+
+def test_inverse_cdf_draws_follow_the_filtered_renormalised_distribution():
+    # Three tokens with probabilities 0.5, 0.3, 0.2; top_p = 0.7 keeps {0, 1} (mass before token 2 is 0.8).
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(4, 3)
+    u = torch.tensor([0.0, 0.62, 0.63, 0.999999])
+    assert sample_tokens(logits, u).tolist() == [0, 1, 1, 2]
+    assert sample_tokens(logits, u, top_p=0.7).tolist() == [0, 0, 1, 1]  # boundary at 0.5 / 0.8 = 0.625
+    assert sample_tokens(logits, u, top_k=2).tolist() == [0, 0, 1, 1]
+    assert sample_tokens(logits, torch.ones(4)).tolist() == [2, 2, 2, 2]  # u rounding up to 1 still valid
+    assert sample_tokens(logits, torch.ones(4), top_k=1).tolist() == [0, 0, 0, 0]  # never a filtered token
+
+
+@pytest.mark.parametrize("vocab", [300, 8000, 8001])
+def test_two_level_inverse_cdf_equals_one_cumulative_sum(vocab):
+    # Large vocabularies go through block sums first; the token must be the one of a single float64 CDF.
+    gen = torch.Generator().manual_seed(vocab)
+    logits = 3 * torch.randn(64, vocab, generator=gen)
+    logits[:, ::7] = float("-inf")  # filtered tokens in every block
+    u = torch.rand(64, generator=gen)
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)
+    expected = torch.searchsorted(cdf, u.double()[:, None] * cdf[:, -1:], right=True).squeeze(-1)
+    got = sample_tokens(logits, u)
+    assert torch.equal(got, expected)
+    assert torch.isfinite(logits[torch.arange(64), got]).all()
+
+
+# ------------------------------------------------------------------------------ cached == uncached
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("strategy", ["bos_fixed_length", "first_token_inclusive"])
+@pytest.mark.parametrize("filters", [{}, {"temperature": 1.5, "top_k": 40, "top_p": 0.95}], ids=["plain", "filtered"])
+def test_kv_cached_sampling_draws_the_same_tokens_as_the_uncached_forward(name, strategy, filters):
+    # An EOT bias giving stories of many lengths (top-k/top-p make EOT likelier: a smaller bias there).
+    model = with_eot_bias(MODELS[name](), 1.0 if filters else 2.0)
+    s = sampler(model, max_len=20, first_tokens=[5, 9, 9, 17], strategy=strategy, batch_size=4, **filters)
+    cached = draw(s, 11, seed=3)
+    uncached = draw(s, 11, seed=3, use_cache=False)
+    assert_same(cached, uncached)
+    assert cached["finished"].any() and len(np.unique(cached["lengths"])) > 3  # slots restart at various steps
+    s._force_static = True  # the static path: full-buffer attention, no per-step host sync
+    assert_same(draw(s, 11, seed=3), cached)
+
+
+# --------------------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_generation_stops_at_eot_and_pads_after_it(name):
+    model = with_eot_bias(MODELS[name](), 4.0)  # EOT about 35% per step
+    out = draw(sampler(model, max_len=40, batch_size=8), 50, seed=0)
+    toks, lengths = out["tokens"], out["lengths"]
+    assert out["finished"].all()
+    assert lengths.min() == 2 and lengths.max() > 3  # short, but not all of length 2
+    for row, length in zip(toks, lengths):
+        assert row[0] == EOT and row[length - 1] == EOT
+        assert EOT not in row[1 : length - 1]
+        assert (row[length:] == PAD).all()
+
+
+def test_generation_respects_max_len_when_eot_never_comes():
+    model = with_eot_bias(MODELS["gpt2"](), -1e4)
+    out = draw(sampler(model, max_len=17, batch_size=4, strategy="first_token_inclusive", first_tokens=[3]), 9, 0)
+    assert out["tokens"].shape == (9, 17)
+    assert (out["lengths"] == 17).all() and not out["finished"].any()
+    assert (out["tokens"][:, :2] == [EOT, 3]).all() and EOT not in out["tokens"][:, 1:]
+
+
+# ------------------------------------------------------------------------------------ the sampler
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(13, 4), (3, 8), (1, 1)])
+def test_exactly_n_stories_reproducible_from_the_seed(n, batch_size):
+    s = sampler(with_eot_bias(MODELS["llama"](), 2.0), batch_size=batch_size)
+    a, b, c = draw(s, n, 5), draw(s, n, 5), draw(s, n, 6)
+    assert a["tokens"].shape == (n, 24) and a["tokens"].dtype == np.uint16
+    assert a["lengths"].shape == a["finished"].shape == (n,)
+    assert a["lengths"].dtype == np.int32 and a["finished"].dtype == bool
+    assert (a["lengths"] >= 2).all() and (a["tokens"][:, 0] == EOT).all()
+    assert_same(a, b)
+    assert not np.array_equal(a["tokens"], c["tokens"])
+
+
+def test_rows_are_stories_in_launch_order_so_more_stories_extend_the_sample():
+    # Every slot consumes its own uniform at every step whatever it does, so the first n stories launched
+    # do not depend on how many more follow.
+    s = sampler(
+        with_eot_bias(MODELS["gpt2"](), 2.0), batch_size=4, strategy="first_token_inclusive", first_tokens=[7, 8]
+    )
+    short, long = draw(s, 10, 2), draw(s, 25, 2)
+    assert_same(short, {k: v[:10] for k, v in long.items()})
+
+
+@pytest.mark.parametrize("pool", [np.array([5, 9, 9, 17]), torch.tensor([[5, 9], [9, 17]]), [5, 9, 9, 17]])
+def test_first_token_inclusive_prompts_come_from_the_pool(pool):
+    out = draw(sampler(MODELS["llama"](), strategy="first_token_inclusive", first_tokens=pool, batch_size=8), 60, 1)
+    assert (out["tokens"][:, 0] == EOT).all()
+    firsts = out["tokens"][:, 1].tolist()
+    assert set(firsts) == {5, 9, 17}
+    assert firsts.count(9) > firsts.count(5)  # drawn from the pool with its repeats (binomial(60, 1/2) vs (60, 1/4))
+    assert (out["lengths"] >= 3).all()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_near_zero_temperature_and_top_k_one_are_greedy_decoding(name):
+    model = MODELS[name]()
+    max_len = 16
+    ids = torch.tensor([[EOT]])
+    with torch.no_grad():
+        while ids.shape[1] < max_len:
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            if nxt == EOT:
+                break
+    greedy = ids[0].numpy()
+    for cfg in ({"top_k": 1}, {"temperature": 1e-6}):
+        out = draw(sampler(model, max_len=max_len, batch_size=2, **cfg), 3, seed=0)
+        for row, length in zip(out["tokens"], out["lengths"]):
+            np.testing.assert_array_equal(row[:length], greedy)
+
+
+def test_zero_stories_give_empty_arrays():
+    out = draw(sampler(MODELS["llama"]()), 0, 0)
+    assert out["tokens"].shape == (0, 24) and out["tokens"].dtype == np.uint16
+    assert out["lengths"].shape == (0,) and out["finished"].shape == (0,)
+    assert sample_stats(out)["n"] == 0
+
+
+def test_sampling_keeps_mode_and_weights_and_reads_new_weights_at_each_call():
+    model = MODELS["gpt2"]().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = sampler(model, batch_size=4)
+    first = draw(s, 8, 0)
+    draw(s, 3, 0, use_cache=False)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not first["finished"].all()
+    with_eot_bias(model, 1e4)  # "training" between calls: now every story ends at once
+    out = draw(s, 8, 0)
+    assert out["finished"].all() and (out["lengths"] == 2).all()
+
+
+def test_bfloat16_sampling_runs_on_cpu():
+    out = draw(sampler(with_eot_bias(MODELS["llama"](), 2.0), dtype="bfloat16", batch_size=4), 6, 0)
+    assert out["tokens"].shape == (6, 24) and (out["tokens"] < VOCAB).all()
+
+
+def test_sample_stats():
+    out = {"lengths": np.array([2, 4, 6], dtype=np.int32), "finished": np.array([True, True, False])}
+    assert sample_stats(out) == {"n": 3, "finished_fraction": pytest.approx(2 / 3), "mean_length": 4.0, "max_length": 6}
+
+
+def test_cuda_graph_loop_draws_the_same_tokens_simulated_on_cpu(monkeypatch, caplog):
+    # The CUDA-graph loop (warm-up with state restore, buffers refilled from the generator before each replay,
+    # flush and stop every few steps) run on CPU with stand-ins for torch.cuda; the capture itself "fails",
+    # so the loop replays the step directly, as it does after a real capture failure.
+    class Stream:
+        def wait_stream(self, other) -> None:
+            pass
+
+    def no_capture(graph):
+        raise RuntimeError("no CUDA graphs on CPU")
+
+    for name, value in {
+        "Stream": Stream, "current_stream": Stream, "stream": lambda stream: contextlib.nullcontext(),
+        "CUDAGraph": object, "graph": no_capture, "synchronize": lambda: None,
+    }.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, value)
+    for strategy in ("bos_fixed_length", "first_token_inclusive"):
+        model = with_eot_bias(MODELS["llama"](), 2.0)
+        s = sampler(model, max_len=20, batch_size=4, top_k=12, strategy=strategy, first_tokens=[5, 9, 17])
+        eager = draw(s, 11, seed=3)
+        s._force_static = True
+        monkeypatch.setattr(s, "_use_graphs", lambda device: True)
+        assert_same(draw(s, 11, seed=3), eager)
+    assert "CUDA graph capture failed" in caplog.text
+
+    # --sampling.compile auto: should compiling fail, the uncompiled step takes over.
+    def broken_compile(plan):
+        def step(*args):
+            raise RuntimeError("no compiler")
+
+        return step
+
+    monkeypatch.setattr(lm_sampling, "resolve_compile", lambda setting, device: True)
+    monkeypatch.setattr(lm_sampling, "_compiled_step", broken_compile)
+    s = sampler(with_eot_bias(MODELS["gpt2"](), 2.0), max_len=20, batch_size=4, compile="auto")
+    eager = draw(s, 11, seed=3, use_cache=False)
+    monkeypatch.setattr(s, "_use_graphs", lambda device: True)
+    assert_same(draw(s, 11, seed=3), eager)
+    assert "compiling the decode step failed (no compiler)" in caplog.text
+    s = sampler(with_eot_bias(MODELS["gpt2"](), 2.0), max_len=20, batch_size=4, compile="on")
+    monkeypatch.setattr(s, "_use_graphs", lambda device: True)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        draw(s, 11, seed=3)
+
+
+@pytest.mark.slow
+def test_compiled_static_step_draws_the_same_tokens_on_cpu():
+    model = with_eot_bias(MODELS["llama"](), 2.0)
+    eager = draw(sampler(model, max_len=20, batch_size=4, top_k=12), 11, seed=3)
+    assert_same(draw(sampler(model, max_len=20, batch_size=4, top_k=12, compile="on"), 11, seed=3), eager)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strategy": "greedy"}, "--sampling.strategy must be one of"),
+        ({"temperature": 0}, "--sampling.temperature must be > 0, got 0"),
+        ({"temperature": float("nan")}, "--sampling.temperature must be > 0"),
+        ({"top_k": 0}, "--sampling.top_k must be an integer >= 1"),
+        ({"top_p": 0.0}, r"--sampling.top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"--sampling.top_p must be in \(0, 1\]"),
+        ({"max_len": 1}, "--sampling.max_len must be an integer >= 2"),
+        ({"max_len": 2, "strategy": "first_token_inclusive"}, "--sampling.max_len must be an integer >= 3"),
+        ({"batch_size": 0}, "--sampling.batch_size must be a positive integer"),
+        ({"compile": "yes"}, "--sampling.compile must be one of"),
+        ({"dtype": "float16"}, "--sampling.dtype must be one of"),
+    ],
+)
+def test_bad_settings_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_sampler_inputs_are_config_errors():
+    model = MODELS["llama"]()
+    for pool in (None, []):
+        with pytest.raises(ConfigError, match="first_token_inclusive needs the first tokens of real stories"):
+            sampler(model, strategy="first_token_inclusive", first_tokens=pool)
+    with pytest.raises(ConfigError, match="--sampling.max_len must be at least 3"):
+        sampler(model, max_len=2, strategy="first_token_inclusive", first_tokens=[4])
+    with pytest.raises(ConfigError, match="--sampling.max_len must be at most 24"):
+        StorySampler(model, SamplingConfig(max_len=30), max_len=24)
+    with pytest.raises(ConfigError, match="--sampling.max_len must be at most 512"):
+        sampler(model, max_len=1000)  # beyond the preset's position limit
+    with pytest.raises(ValueError, match="first_tokens must be token ids"):
+        sampler(model, strategy="first_token_inclusive", first_tokens=[VOCAB])
+    mistral = MistralForCausalLM(
+        MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    with pytest.raises(ConfigError, match="supports GPT-2 .* and Llama .* models, got MistralForCausalLM"):
+        sampler(mistral)
+    with pytest.raises(ValueError, match="n must be a non-negative integer"):
+        draw(sampler(model), -1, 0)

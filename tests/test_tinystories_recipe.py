@@ -1,0 +1,256 @@
+"""The TinyStories recipe end to end on a tiny model: workflows, frozen tokenizer, resume, init_from, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from collapse.cli import parse_config
+from datamodules.store import GenerationStore
+from datamodules.story_corpus import EOT_SEPARATOR, read_corpus
+from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE
+from recipes.tinystories import TinyStoriesConfig, corpus_diversity, main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "tinystories.py"
+REAL = 48  # real training stories of the tiny runs
+VOCAB = 320
+
+TINY = [
+    "--data.num_real", str(REAL),
+    "--data.num_test", "16",
+    "--data.vocab_size", str(VOCAB),
+    "--data.max_seq_len", "96",
+    "--model.vocab_size", str(VOCAB),
+    "--model.preset", "gpt2-tiny",
+    "--model.warmup_steps", "2",
+    "--trainer.accelerator", "cpu",
+    "--trainer.max_epochs", "1",
+    "--batch_size", "8",
+    "--sample_batch_size", "20",
+    "--sampling.batch_size", "8",
+    "--wandb.mode", "disabled",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # Token caches of the stand-in corpus live in a per-session temporary folder.
+    monkeypatch.setenv("MODEL_COLLAPSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny(out_dir: Path, workflow: str, *extra: str, generations: int = 2) -> TinyStoriesConfig:
+    args = ["--out_dir", str(out_dir), "--workflow", workflow, "--generations", str(generations), *TINY, *extra]
+    return parse_config(TinyStoriesConfig, args)
+
+
+def read_csv(path: Path) -> dict[tuple[int, str], float]:
+    with open(path) as fh:
+        return {(int(r["generation"]), r["metric"]): float(r["value"]) for r in csv.DictReader(fh)}
+
+
+# workflow, expected (train_real, train_synthetic) at generation 1 for n = REAL real stories
+SIZES = {
+    "replace": (0, REAL),
+    "accumulate": (REAL, REAL),
+    "accumulate_subsample": (None, None),  # REAL in all, drawn from the pool of 2 REAL
+    "mix(real=24, synthetic=32)": (24, 32),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workflow", list(SIZES))
+def test_two_generations_train_on_what_the_workflow_promises(tmp_path, workflow, capsys):
+    out = tmp_path / "run"
+    result = main(tiny(out, workflow))
+    assert result.committed == [0, 1]
+    store = GenerationStore(out)
+    m0, m1 = result.metrics[0], result.metrics[1]
+    assert (m0["train_real"], m0["train_synthetic"]) == (24 if "mix" in workflow else REAL, 0)
+    real, synthetic = SIZES[workflow]
+    if real is None:
+        assert m1["train_size"] == REAL and 0 < m1["train_real"] < REAL
+    else:
+        assert (m1["train_real"], m1["train_synthetic"]) == (real, synthetic)
+    for g in (0, 1):
+        gen = store.load(g)
+        tokens, lengths = gen.arrays["tokens"], gen.arrays["lengths"]
+        n = gen.manifest["num_samples"]
+        assert tokens.dtype == np.uint16 and tokens.shape == (n, 96) and lengths.shape == (n,)
+        assert n > 0 and (tokens[:, 0] == EOT_ID).all() and (lengths <= 96).all()
+        for row, length in zip(tokens, lengths):
+            assert (row[length:] == PAD_ID).all()
+        stories = read_corpus(out / f"gen_{g:03d}" / "stories.txt")
+        assert 0 < len(stories) <= n
+        shown = (out / f"gen_{g:03d}" / "samples.txt").read_text()
+        assert shown.count(EOT_SEPARATOR) == min(8, len(stories))
+        metrics = result.metrics[g]
+        assert metrics["test/perplexity"] == pytest.approx(np.exp(metrics["test/loss"]), rel=1e-6)
+        assert 0 < metrics["sample/distinct_1"] <= metrics["sample/distinct_2"] <= 1
+        assert 0 <= metrics["sample/rare_word_coverage"] <= 1 and 0 <= metrics["sample/finished_fraction"] <= 1
+    rows = read_csv(out / "metrics.csv")
+    assert rows[(1, "test_loss")] == pytest.approx(m1["test/loss"])
+    assert "[lm]" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tokenizer_is_trained_once_and_frozen_across_generations_and_resumes(tmp_path, monkeypatch):
+    import datamodules.tinystories as ts
+    import datamodules.tokenizer as tk
+
+    out = tmp_path / "run"
+    main(tiny(out, "accumulate", generations=1))
+    frozen = (out / TOKENIZER_FILE).read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was retrained")
+
+    monkeypatch.setattr(tk, "train_bpe", no_training)
+    monkeypatch.setattr(ts, "train_bpe", no_training, raising=False)
+    # A cold token cache: the resumed run must encode with the run's tokenizer, never train one.
+    monkeypatch.setenv("MODEL_COLLAPSE_CACHE", str(tmp_path / "cold_cache"))
+    result = main(tiny(out, "accumulate", generations=2))
+    assert result.committed == [1]
+    assert (out / TOKENIZER_FILE).read_bytes() == frozen
+
+    (out / TOKENIZER_FILE).write_text("{not json")
+    with pytest.raises(Exception, match=TOKENIZER_FILE):
+        main(tiny(out, "accumulate", generations=3))
+
+
+def test_dry_run_prints_the_parameter_count_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(parse_config(TinyStoriesConfig, ["--out_dir", str(out), "--dry_run", "true"])) is None
+    assert "parameters: 1882880" in capsys.readouterr().out  # the CPU default, gpt2-2m
+    main(parse_config(TinyStoriesConfig, ["--out_dir", str(out), "--dry_run", "true", "--model.preset", "gpt2-9m"]))
+    assert "parameters: 8890880" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_corpus_diversity_sees_repetition_and_lost_rare_words():
+    rich = ["the cat sat on a mat", "a dog ran to the park", "an owl flew over the barn"]
+    poor = ["the cat sat on a mat"] * 3
+    rare = {"owl", "barn", "park"}
+    r, p = corpus_diversity(rich, rare), corpus_diversity(poor, rare)
+    assert r["distinct_2"] > p["distinct_2"] and p["distinct_2"] == pytest.approx(5 / 15)
+    assert r["rare_word_coverage"] == 1.0 and p["rare_word_coverage"] == 0.0
+    assert r["word_types"] > p["word_types"]
+
+
+@pytest.mark.slow
+def test_init_from_restarts_every_generation_from_the_checkpoint(tmp_path):
+    from lit_modules.causal_lm import CausalLMConfig, build_model
+    from recipes.tinystories import LMModality, resolve
+
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(1)
+    base = build_model(CausalLMConfig(preset="gpt2-tiny", vocab_size=VOCAB), EOT_ID, EOT_ID, PAD_ID)
+    base.save_pretrained(ckpt)
+    cfg = resolve(tiny(tmp_path / "run", "replace", "--model.init_from", str(ckpt)))
+    modality = LMModality(data=cfg.data, model=cfg.model, trainer=cfg.trainer, sampling=cfg.sampling)
+    for g in (0, 1):
+        model = modality.build_model(g).model
+        for name, tensor in base.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], tensor)
+    result = main(tiny(tmp_path / "run", "replace", "--model.init_from", str(ckpt)))
+    assert result.committed == [0, 1]
+    fitted = torch.load(tmp_path / "run" / "gen_001" / "model.pt", weights_only=True)
+    assert any(not torch.equal(fitted[f"model.{k}"], v) for k, v in base.state_dict().items())
+
+
+def run_recipe(out: Path, workflow: str, *extra: str, generations: int = 3) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(RECIPE), "--out_dir", str(out), "--workflow", workflow]
+    cmd += ["--generations", str(generations), *TINY, *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_to_the_unbroken_numbers(tmp_path):
+    extra = ("--trainer.max_epochs", "2")
+    unbroken = tmp_path / "unbroken"
+    finish(run_recipe(unbroken, "accumulate", *extra))
+
+    out = tmp_path / "run"
+    proc = run_recipe(out, "accumulate", *extra)
+    target = out / ".gen_001.partial/checkpoints/last.ckpt"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    done_before = GenerationStore(out).completed()
+    assert done_before != [0, 1, 2], "the run finished before it could be killed"
+
+    stdout = finish(run_recipe(out, "accumulate", *extra))
+    assert stdout.count("finished earlier") == len(done_before)
+    assert (out / "metrics.csv").read_text() == (unbroken / "metrics.csv").read_text()
+    for g in range(3):
+        np.testing.assert_array_equal(
+            GenerationStore(out).samples(g, "tokens"), GenerationStore(unbroken).samples(g, "tokens")
+        )
+    assert (out / TOKENIZER_FILE).read_bytes() == (unbroken / TOKENIZER_FILE).read_bytes()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_the_one_process_samples(tmp_path):
+    out = tmp_path / "ddp"
+    extra = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
+    stdout = finish(run_recipe(out, "accumulate", *extra, generations=2), timeout=400)
+    assert stdout.count("[lm]") == 2
+    store = GenerationStore(out)
+    assert store.completed() == [0, 1]
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == len({(r["generation"], r["metric"]) for r in rows})
+    assert json.loads((out / "gen_001" / "metrics.json").read_text())["train_size"] == 2 * REAL
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--data.num_real", "4", "--batch_size", "8"], "batch"),
+        (["--data.source", "txt", "--data.path", "{tmp}/missing.txt"], "missing.txt"),
+        (["--data.source", "txt", "--data.path", "{empty}"], "stor"),
+        (["--model.vocab_size", "500"], "vocab_size"),
+        (["--model.max_seq_len", "64"], "max_seq_len"),
+        (["--sampling.temperature", "0"], "temperature"),
+        (["--sampling.strategy", "middle_out"], "strategy"),
+        (["--model.init_from", "{tmp}/nowhere"], "init_from"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, flags, needle):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(f"\n{EOT_SEPARATOR}\n  \n{EOT_SEPARATOR}\n")
+    flags = [f.format(tmp=tmp_path, empty=empty) for f in flags]
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "MODEL_COLLAPSE_CACHE": str(tmp_path / "c")}
+    # The later of two equal flags wins, so flags override TINY.
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE), "--out_dir", str(out), *TINY, *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    # Counted warnings (e.g. "dropped 2 empty stories") may come first; then exactly one error line.
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and needle in errors[0], proc.stderr
+    assert not out.exists()
