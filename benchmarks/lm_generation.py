@@ -12,7 +12,9 @@ story), the model is first trained briefly on the offline stand-in corpus:
 3. (a) ``StorySampler.sample(n)`` and (b) ``model.generate(...)`` over batches of ``--batch_size`` until
    ``n`` stories are done are each timed (after a short untimed warm-up of both).
 
-The last line is ``speedup_vs_hf_generate: X`` with X = (b) time / (a) time.
+The last line is ``speedup_vs_hf_generate: X`` with X = (b) time / (a) time. Other processes busy on the
+same cores slow both down, (a) more (many short multi-threaded kernels per step, each stalled when a
+thread is preempted); ``--threads 1`` makes the comparison less sensitive to that.
 
     python benchmarks/lm_generation.py                        # defaults (a few minutes on 2 CPU cores)
     python benchmarks/lm_generation.py --stories 200 --train_steps 50    # quick check
@@ -145,7 +147,10 @@ def main() -> None:
     p.add_argument("--compile", default="auto", choices=["auto", "off", "on"], help="--sampling.compile")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="--sampling.dtype")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     a = p.parse_args()
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     torch.manual_seed(a.seed)
 

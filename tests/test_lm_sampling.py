@@ -20,6 +20,15 @@ VOCAB = 96
 EOT, PAD = 0, 1
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and a busy machine stalls multi-threaded kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def perturbed(model: nn.Module, seed: int) -> nn.Module:
     """``model`` in eval mode with every parameter nudged, so biases and norm gains are not 0/1 any more."""
     gen = torch.Generator().manual_seed(seed)
