@@ -200,6 +200,8 @@ class LMModality(Modality):
         return {} if loss is None else {"test/perplexity": math.exp(min(loss, 700.0))}
 
     def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
+        if "tokens" not in arrays:  # no synthetic set (a one-generation run draws none)
+            return {}
         real = self.real_datamodule()
         tokens, lengths = arrays["tokens"], np.asarray(arrays["lengths"])
         stories = [decode(real.tokenizer, tokens[i, : lengths[i]]) for i in range(len(lengths))]

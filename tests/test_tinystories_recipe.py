@@ -108,9 +108,12 @@ def test_tokenizer_is_trained_once_and_frozen_across_generations_and_resumes(tmp
     import datamodules.tinystories as ts
     import datamodules.tokenizer as tk
 
+    import shutil
+
     out = tmp_path / "run"
-    main(tiny(out, "accumulate", generations=1))
+    main(tiny(out, "accumulate"))
     frozen = (out / TOKENIZER_FILE).read_bytes()
+    shutil.rmtree(out / "gen_001")  # as if the run had been killed before generation 1 was committed
 
     def no_training(*args, **kwargs):
         raise AssertionError("the tokenizer was retrained")
@@ -119,13 +122,13 @@ def test_tokenizer_is_trained_once_and_frozen_across_generations_and_resumes(tmp
     monkeypatch.setattr(ts, "train_bpe", no_training, raising=False)
     # A cold token cache: the resumed run must encode with the run's tokenizer, never train one.
     monkeypatch.setenv("MODEL_COLLAPSE_CACHE", str(tmp_path / "cold_cache"))
-    result = main(tiny(out, "accumulate", generations=2))
+    result = main(tiny(out, "accumulate"))
     assert result.committed == [1]
     assert (out / TOKENIZER_FILE).read_bytes() == frozen
 
     (out / TOKENIZER_FILE).write_text("{not json")
     with pytest.raises(Exception, match=TOKENIZER_FILE):
-        main(tiny(out, "accumulate", generations=3))
+        main(tiny(out, "accumulate"))
 
 
 def test_dry_run_prints_the_parameter_count_and_writes_nothing(tmp_path, capsys):
