@@ -105,10 +105,10 @@ def test_two_generations_train_on_what_the_workflow_promises(tmp_path, workflow,
 
 @pytest.mark.slow
 def test_tokenizer_is_trained_once_and_frozen_across_generations_and_resumes(tmp_path, monkeypatch):
+    import shutil
+
     import datamodules.tinystories as ts
     import datamodules.tokenizer as tk
-
-    import shutil
 
     out = tmp_path / "run"
     main(tiny(out, "accumulate"))
