@@ -285,7 +285,7 @@ def build_model(
         model = AutoModelForCausalLM.from_pretrained(
             cfg.init_from, config=config, local_files_only=True, attn_implementation=cfg.attn_implementation
         )
-        model = model.to(torch.float32)
+        model = model.to(torch.float32).train()  # from_pretrained returns eval mode (dropout off)
     if getattr(model, "loss_type", "ForCausalLM") is None:
         # transformers >= 4.46 picks the loss from the class name; "GPT2LMHeadModel" matches none and would
         # warn once before falling back to the same shifted causal-LM cross-entropy. Name it instead.
