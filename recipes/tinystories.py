@@ -254,7 +254,7 @@ class TinyStoriesConfig(LoopConfig):
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16-mixed then trains ~3x faster."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16-mixed training steps run faster."""
     import torch
 
     try:
