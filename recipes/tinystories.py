@@ -240,7 +240,7 @@ class TinyStoriesConfig(LoopConfig):
     sample_batch_size: int = 512
     """Stories per sampling chunk file (part of the sampling seed); --sampling.batch_size runs concurrently."""
     dry_run: bool = False
-    """Build the data and the model, print the model's description (parameters: N) and exit."""
+    """Check the config, print the model (built on the meta device: parameters: N) and the data settings, and exit."""
     data: TinyStoriesDataConfig = field(default_factory=TinyStoriesDataConfig)
     """Real stories: source (stand_in, hub, hub_v2, txt, jsonl, arrow), sizes, context length."""
     model: CausalLMConfig = field(default_factory=lambda: CausalLMConfig(preset=CPU_PRESET))
