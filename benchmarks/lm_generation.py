@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from collapse.hardware import retain_freed_memory
 from datamodules.story_corpus import STAND_IN_LABEL, generate_stories  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID, encode_stories, pad_vocab_to, train_bpe  # noqa: E402
 from lit_modules.causal_lm import PRESETS, CausalLMConfig, build_model, lr_factor, position_limit  # noqa: E402
@@ -149,6 +150,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     a = p.parse_args()
+    retain_freed_memory()  # as the recipe does; both methods run in this process
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

@@ -32,6 +32,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from collapse.hardware import retain_freed_memory  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule  # noqa: E402
 
@@ -153,6 +154,7 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
+    retain_freed_memory()  # as the recipe does; both loops run in this process
     precision = args.precision or ("bf16-mixed" if args.device.startswith("cuda") else "32-true")
     data = make_data(args)
     batches = math.ceil(len(data.train_dataset) / args.batch_size)

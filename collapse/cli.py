@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from collapse.errors import UserError
+from collapse.hardware import retain_freed_memory
 
 C = TypeVar("C")
 
@@ -63,6 +64,7 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
     """Parse the command line, call ``main(cfg)``, and turn a :class:`UserError` into one ``error:`` line."""
     try:
         cfg = parse_config(config_cls, argv, prog=prog)
+        retain_freed_memory()  # large training buffers are reused instead of re-zeroed by the kernel
         return main(cfg)
     except UserError as exc:
         if not _secondary_process():  # in a multi-process run every rank raises it; one line is enough
