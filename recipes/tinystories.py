@@ -246,7 +246,8 @@ class TinyStoriesConfig(LoopConfig):
     sample_batch_size: int = 512
     """Stories per sampling chunk file (part of the sampling seed); --sampling.batch_size runs concurrently."""
     dry_run: bool = False
-    """Check the config, print the model (built on the meta device: parameters: N) and the data settings, and exit."""
+    """Build the data (read, tokenised, cached), the model (on the meta device: prints parameters: N) and the
+    sampler, print them, and exit without touching out_dir."""
     data: TinyStoriesDataConfig = field(default_factory=TinyStoriesDataConfig)
     """Real stories: source (stand_in, hub, hub_v2, txt, jsonl, arrow), sizes, context length."""
     model: CausalLMConfig = field(default_factory=lambda: CausalLMConfig(preset=CPU_PRESET))
@@ -304,12 +305,36 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
     return dataclasses.replace(cfg, trainer=trainer, model=model)
 
 
+def dry_run(cfg: TinyStoriesConfig) -> None:
+    """Build everything a run needs except the run directory, print what was built, and write nothing there.
+
+    The data module reads, cleans and tokenises the real data and trains (or finds) the tokenizer,
+    all into the shared cache, so a bad file or setting fails here and the real run starts from the
+    cache; the model is built with its real configuration on the meta device (exact parameter count,
+    no memory); the sampler is configured as the run would configure it.
+    """
+    print(describe(cfg.model))
+    real = TinyStoriesDataModule(cfg.data)
+    print(real.describe())
+    real.prepare_data()
+    real.setup("fit")
+    stats = real.data_stats
+    counts = ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool))
+    print(f"data read: {counts}")
+    import torch
+
+    with torch.device("meta"):
+        module = CausalLMModule(cfg.model, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID)
+    first = real.first_tokens() if cfg.sampling.strategy == "first_token_inclusive" else None
+    module.configure_sampling(cfg.sampling, max_len=cfg.data.max_seq_len, first_tokens=first)
+    print(f"lightning module: {type(module).__name__} (built on the meta device), sampling {cfg.sampling.strategy}")
+
+
 def main(cfg: TinyStoriesConfig) -> LoopResult | None:
     """Run (or resume) the generations; return what the loop did (None for a dry run)."""
     cfg = resolve(cfg)
     if cfg.dry_run:
-        print(describe(cfg.model))
-        print(f"data: {TinyStoriesDataModule(cfg.data).describe()}")
+        dry_run(cfg)
         return None
     modality = LMModality(
         data=cfg.data,

@@ -134,7 +134,10 @@ def test_tokenizer_is_trained_once_and_frozen_across_generations_and_resumes(tmp
 def test_dry_run_prints_the_parameter_count_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(parse_config(TinyStoriesConfig, ["--out_dir", str(out), "--dry_run", "true"])) is None
-    assert "parameters: 1882880" in capsys.readouterr().out  # the CPU default, gpt2-2m
+    printed = capsys.readouterr().out
+    assert "parameters: 1882880" in printed  # the CPU default, gpt2-2m
+    assert "data read: stories_read 1500" in printed and "train_stories 1000" in printed  # the data was built too
+    assert "lightning module: CausalLMModule" in printed
     main(parse_config(TinyStoriesConfig, ["--out_dir", str(out), "--dry_run", "true", "--model.preset", "gpt2-9m"]))
     assert "parameters: 8890880" in capsys.readouterr().out
     assert not out.exists()
