@@ -570,10 +570,20 @@ def draw_conformers(
     # One [N, 3] array, or a list / [K, N, 3] stack of them, per molecule.
     confs = [([p] if getattr(p, "ndim", np.ndim(p)) == 2 else list(p))[: int(max_confs)] for p in pos_lists[:n_mols]]
     cols = max(1, max(len(c) for c in confs))
+    # One conformer per molecule: molecules wrap into rows of up to 3 panels; else one row per molecule.
+    wrap = min(3, n_mols) if cols == 1 else cols
+    grid_rows = -(-n_mols // wrap) if cols == 1 else n_mols
     panel = 2.8  # inches
-    fig = Figure(figsize=(panel * cols, (panel + 0.25) * n_mols), dpi=100)
+    fig = Figure(figsize=(panel * wrap, (panel + 0.25) * grid_rows), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(n_mols, cols, squeeze=False)
+    grid = fig.subplots(grid_rows, wrap, squeeze=False)
+    if cols == 1:
+        flat = list(grid.flat)
+        for ax in flat[n_mols:]:
+            ax.set_axis_off()
+        axes = np.array(flat[:n_mols], dtype=object).reshape(n_mols, 1)
+    else:
+        axes = grid
     for i in range(n_mols):
         z, bonds, own, smiles, rd_mol = _mol_parts(mols[i])
         ref = _as_array(ref_pos[i]) if ref_pos is not None else own
@@ -606,7 +616,7 @@ def draw_conformers(
             else:
                 ax.set_title(f"{head}conf {j}", fontsize=8)
             _draw_panel(ax, z, bonds, gen, ref)
-    height = (panel + 0.25) * n_mols
+    height = (panel + 0.25) * grid_rows
     if overlay:
         fig.text(0.5, 0.1 / height, "coloured: generated (Kabsch-aligned); grey: real", ha="center", fontsize=8)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.3 / height, top=1 - 0.45 / height, hspace=0.35)
