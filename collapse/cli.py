@@ -73,6 +73,26 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: finished work is kept; run the same command again to resume\n")
         sys.exit(130)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Shut down this process's share of a multi-process run's process group, if there is one.
+
+    Left to interpreter exit, the group's communication threads can still be running when C++
+    static destructors run, which aborts the process ("terminate called without an active
+    exception", exit status -6) after all work is done. Destroying the group first is local to the
+    process (no collective), so it cannot hang.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:
+        return
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - shutting down: nothing useful left to report
+        pass
 
 
 def _secondary_process() -> bool:

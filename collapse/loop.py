@@ -11,9 +11,9 @@ synthetic sets drawn from earlier generations' models. Per generation g, :func:`
    half-way resumes from its last Lightning checkpoint (``checkpoints/last.ckpt`` in staging);
 5. samples the next synthetic set with :class:`SyntheticDataCallback` at the end of the fit, while
    the model is still on its device(s) (or at the start of the test when an earlier run fitted it);
-6. tests it on the real test set and stages ``metrics.json``: test metrics, training-set counts and
-   the modality's scores of the synthetic set (:meth:`Modality.evaluate_samples`, which may also
-   stage pictures such as ``samples.png``);
+6. tests it on the real test set and stages ``metrics.json``: test metrics, training-set counts, the
+   optimizer steps the fit took (``train_steps``) and the modality's scores of the synthetic set
+   (:meth:`Modality.evaluate_samples`, which may also stage pictures such as ``samples.png``);
 7. commits the generation (``manifest.json``, rename to ``gen_XXX``), rewrites ``metrics.csv``,
    prints one progress line and logs the metrics and pictures to W&B.
 
@@ -24,6 +24,13 @@ train, sample and test their share (:mod:`collapse.distributed`).
 Every step's output is written atomically and each step is skipped when its output exists, so a
 run killed at any point (even SIGKILL) resumes with the same command and ends with exactly the
 files and numbers of an unbroken run. Every random stream depends only on ``(seed, g, step)``.
+
+Fixed compute (``--steps_per_generation``, see :class:`LoopConfig`): under accumulate the training set
+grows every generation, so a fixed number of epochs gives later generations more optimizer steps.
+With ``steps_per_generation`` set, a generation's trainer gets as many epochs (reshuffled passes over
+its training set) as S optimizer steps need and stops at the S-th step, so every generation takes
+exactly S steps whatever its training-set size. Mid-fit checkpoints stay at epoch ends (Lightning cannot
+resume a plain data loader mid-epoch exactly), so a fit shorter than one pass that is killed starts over.
 
 A modality plugs in through :class:`Modality`: its real data module, its model and its trainer
 settings. This module imports torch and Lightning; the NumPy-only parts of the project
@@ -36,6 +43,7 @@ import abc
 import contextlib
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -53,9 +61,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks.synthetic_data import SyntheticDataCallback
-from collapse.atomic import atomic_open
+from collapse.atomic import atomic_open, atomic_write_json
 from collapse.distributed import Dist, launch
-from collapse.errors import UserError
+from collapse.errors import ConfigError, UserError
 from collapse.rundir import METRICS, config_dict, prepare_run_dir, resolve_out_dir, write_metrics
 from collapse.tracking import Tracker, WandbConfig, check_mode
 from datamodules.store import GenerationStore, StoreError
@@ -69,6 +77,10 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 """Mid-fit Lightning checkpoints inside a staging folder (removed once the fit is saved)."""
 LAST_CKPT = "last.ckpt"
+FIT_FILE = "fit.json"
+"""The optimizer steps of a saved fit, staged beside ``model.pt`` until they are in metrics.json (never published)."""
+FIRST = "first"
+"""``--steps_per_generation first``: every later generation takes as many optimizer steps as generation 0."""
 METRIC_COLUMNS = ("workflow", "seed", "generation", "metric", "value")
 
 # Lightning messages that say nothing about a run of this loop (resuming into a non-empty checkpoint
@@ -184,10 +196,21 @@ class LoopConfig:
     """Samples per sampling call (part of the sampling seed: changing it changes the samples)."""
     num_workers: int = 0
     """Data loader worker processes."""
+    steps_per_generation: int | str | None = None
+    """Fixed compute, to control for training-set size: optimizer steps per generation. None (null, the default):
+    every generation trains for the trainer's max_epochs, so a growing (accumulate) set gets more steps; first:
+    generations 1, 2, ... take exactly as many steps as generation 0 took (read back from gen_000/metrics.json, so
+    a resumed run keeps them; generation 0 is unaffected); an integer S: every generation, 0 included, takes
+    exactly S steps. A generation makes reshuffled passes over its (unchanged) training set until the S-th step,
+    the last pass cut short: of a set larger than S batches it sees a random subset, each example at most once.
+    Steps are optimizer steps per process, as Lightning counts them (global_step)."""
     overwrite: bool = False
     """Delete an existing run with a different config in out_dir instead of refusing."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""
+
+    def __post_init__(self) -> None:
+        _check_steps_per_generation(self.steps_per_generation)
 
 
 @dataclass
@@ -305,6 +328,22 @@ class _GenerationContext:
         self.real, self.real_size, self.num_synthetic = real, real_size, num_synthetic
         self.callbacks = callbacks
         self.dist = dist
+        self._first_steps: int | None = None  # generation 0's optimizer steps, read once (steps_per_generation first)
+
+    def fixed_steps(self, g: int) -> int | None:
+        """The optimizer steps generation ``g`` must take (``--steps_per_generation``), or None: its epochs decide."""
+        spec = self.cfg.steps_per_generation
+        if spec is None:
+            return None
+        if spec != FIRST:
+            return int(spec)
+        if g == 0:
+            return None  # generation 0 sets the budget with its configured epochs
+        if self._first_steps is None:
+            # From the committed (checksummed) generation 0, not from this process's memory, so a resumed run
+            # (or one whose generation 0 was made by an earlier call) uses the same budget as an unbroken one.
+            self._first_steps = self.dist.on_zero(lambda: _first_generation_steps(self.store))
+        return self._first_steps
 
     def _plan(self, g: int) -> dict[str, Any]:
         """Rank 0: open the staging folder, drop a killed run's torn files, say which steps are done."""
@@ -348,7 +387,8 @@ class _GenerationContext:
             seed=derive_seed(cfg.seed, g, "sample"),
             sampling_settings=self.modality.sampling_settings(),
         )
-        trainer = self._trainer(g, stage, sampler)
+        steps = self.fixed_steps(g)
+        trainer = self._trainer(g, stage, sampler, dm, steps)
 
         did_fit = False
         if plan["fitted"]:
@@ -360,7 +400,15 @@ class _GenerationContext:
             trainer.fit(model, datamodule=dm, ckpt_path=plan["checkpoint"])  # samples in on_fit_end
             if trainer.interrupted:
                 raise KeyboardInterrupt
-            dist.on_zero(lambda: self._save_fit(stage, model))
+            if steps is not None and trainer.global_step != steps:
+                # The epochs were sized to reach S, so only something outside the loop stops short (an early-stopping
+                # callback, a gradient-accumulation schedule): the budget would silently differ.
+                raise UserError(
+                    f"generation {g} stopped after {trainer.global_step} of the {steps} optimizer steps that "
+                    "--steps_per_generation asks for; remove what stops the fit early (e.g. early stopping)"
+                )
+            taken = trainer.global_step
+            dist.on_zero(lambda: self._save_fit(stage, model, taken))
             did_fit = True
 
         metrics = plan["metrics"]
@@ -376,7 +424,9 @@ class _GenerationContext:
         return did_fit, metrics
 
     @staticmethod
-    def _save_fit(stage: Path, model: pl.LightningModule) -> None:
+    def _save_fit(stage: Path, model: pl.LightningModule, steps: int) -> None:
+        # The step count first: model.pt marks the fit as done, and a run that resumes after it must find both.
+        atomic_write_json(stage / FIT_FILE, {"train_steps": int(steps)})
         with atomic_open(stage / MODEL_FILE, "wb") as fh:
             torch.save(model.state_dict(), fh)
         shutil.rmtree(stage / CHECKPOINT_DIR, ignore_errors=True)
@@ -388,6 +438,9 @@ class _GenerationContext:
         metrics = dict(tested)
         metrics.update({k: float(v) for k, v in sorted(self.modality.derived_metrics(tested).items())})
         metrics.update(dm.train_composition())
+        fit = stage / FIT_FILE
+        if fit.is_file():  # absent only for a fit staged by a version of the loop that did not count its steps
+            metrics["train_steps"] = int(json.loads(fit.read_text())["train_steps"])
         arrays = {name: np.load(stage / f"{name}.npy", mmap_mode="r") for name in sampler.recorded_arrays()}
         extra = self.modality.evaluate_samples(stage, arrays, g)
         metrics.update({k: float(v) for k, v in sorted(extra.items())})
@@ -395,6 +448,7 @@ class _GenerationContext:
         return metrics
 
     def _commit(self, g: int, sampler: SyntheticDataCallback) -> None:
+        (self.store.staging(g) / FIT_FILE).unlink(missing_ok=True)  # its number is in metrics.json now
         settings = dict(sampler.settings)
         self.store.commit(
             g,
@@ -416,7 +470,14 @@ class _GenerationContext:
         for text in sorted(self.store.path(g).glob("samples*.txt")):  # sample texts (e.g. stories), one per block
             tracker.log_texts(f"samples/{text.stem}", _text_blocks(text.read_text(encoding="utf-8")), generation=g)
 
-    def _trainer(self, g: int, stage: Path, sampler: SyntheticDataCallback) -> pl.Trainer:
+    def _trainer(
+        self,
+        g: int,
+        stage: Path,
+        sampler: SyntheticDataCallback,
+        dm: SyntheticAccumulatingDataModule,
+        steps: int | None,
+    ) -> pl.Trainer:
         kwargs: dict[str, Any] = {
             "default_root_dir": str(stage),
             "logger": False,
@@ -427,6 +488,21 @@ class _GenerationContext:
         user_callbacks = list(user.pop("callbacks", None) or [])
         kwargs.update(user)
         callbacks: list[Callback] = [*user_callbacks, *self.callbacks, sampler, RngStateCallback()]
+        trainer_cls: type[pl.Trainer] = pl.Trainer
+        if steps is not None:
+            per_epoch = _optimizer_steps_per_epoch(
+                dm.train_batches_per_epoch(self.dist.world_size),
+                kwargs.get("accumulate_grad_batches", 1),
+                kwargs.get("limit_train_batches"),
+            )
+            # The passes S steps need, the last one cut short by StopAtStep; a schedule over max_epochs (the toy's
+            # cosine) then spans the fit. Not max_steps: Lightning (2.6) resumes a fit that has max_steps from an
+            # end-of-epoch checkpoint by running that epoch's end again and counting it twice, so a resumed fit
+            # would see other batches than an unbroken one; the epoch-based resume is exact.
+            kwargs["max_epochs"] = math.ceil(steps / per_epoch)
+            kwargs["max_steps"] = -1
+            callbacks.append(StopAtStep(steps))
+            trainer_cls = _FixedStepsTrainer
         ckpt_kwargs = self.modality.checkpoint_kwargs(g)
         if ckpt_kwargs is not None:
             callbacks.append(
@@ -439,7 +515,10 @@ class _GenerationContext:
                 )
             )
             kwargs["enable_checkpointing"] = True
-        return pl.Trainer(callbacks=callbacks, **kwargs)
+        trainer = trainer_cls(callbacks=callbacks, **kwargs)
+        if isinstance(trainer, _FixedStepsTrainer):
+            trainer.fixed_steps = steps
+        return trainer
 
     def progress_line(self, g: int, metrics: Mapping[str, float], tail: str) -> str:
         """``[toy] accumulate seed=0 gen 2/4 test_loss=1.234 train=300 (real 100, synthetic 200) 1.2s``."""
@@ -454,6 +533,42 @@ class _GenerationContext:
         )
         gens = f"gen {g}/{self.cfg.generations - 1}"
         return f"[{self.modality.name}] {self.wf.label} seed={self.cfg.seed} {gens} {tests}{train} {tail}"
+
+
+class StopAtStep(Callback):
+    """End the fit once ``trainer.global_step`` (optimizer steps, per process) reaches ``steps``.
+
+    Checked after every training batch, and at the start of training for a fit resumed from a checkpoint
+    written at exactly ``steps``. Every process steps together, so all of them stop at the same batch.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._check(trainer)
+
+
+class _FixedStepsTrainer(pl.Trainer):
+    """A Trainer whose ``estimated_stepping_batches`` is at most ``fixed_steps`` (where :class:`StopAtStep` stops).
+
+    Without ``max_steps`` Lightning would count every batch of ``max_epochs`` full passes, and a schedule sized by
+    it (the LM's warmup + cosine decay) would not reach its end.
+    """
+
+    fixed_steps: int | None = None
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        estimate = super().estimated_stepping_batches
+        return estimate if self.fixed_steps is None else min(estimate, self.fixed_steps)
 
 
 class RngStateCallback(Callback):
@@ -558,7 +673,45 @@ def _resumable_checkpoint(path: Path) -> str | None:
     return None
 
 
+def _check_steps_per_generation(value: Any) -> None:
+    """Refuse a ``--steps_per_generation`` that is not None, ``first`` or a positive integer (one-line ConfigError)."""
+    if value is None or value == FIRST:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return
+    raise ConfigError(
+        f"--steps_per_generation must be a positive integer, {FIRST!r} (generation 0's step count) "
+        f"or None (epochs as configured), got {value!r}"
+    )
+
+
+def _first_generation_steps(store: GenerationStore) -> int:
+    """Rank 0: the optimizer steps generation 0 took, from its committed metrics.json."""
+    steps = _read_metrics(store, 0).get("train_steps")
+    if not isinstance(steps, (int, float)) or steps < 1 or steps != int(steps):
+        raise StoreError(
+            f"{store.path(0) / METRICS_FILE}: no step count (train_steps) for --steps_per_generation {FIRST}; "
+            "generation 0 was made by an older version of the loop: rerun with --overwrite true"
+        )
+    return int(steps)
+
+
+def _optimizer_steps_per_epoch(batches: int, accumulate: Any, limit: Any) -> int:
+    """Optimizer steps of one epoch of ``batches`` loader batches, counted as Lightning counts them.
+
+    ``limit_train_batches`` caps the batches (an int) or keeps a fraction of them (a float, rounded down); with
+    ``accumulate_grad_batches`` A Lightning steps every A batches and on the last batch: ceil(batches / A).
+    """
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    accumulate = accumulate if isinstance(accumulate, int) and accumulate >= 1 else 1
+    return max(1, math.ceil(batches / accumulate))
+
+
 def _validate(cfg: LoopConfig) -> None:
+    _check_steps_per_generation(cfg.steps_per_generation)
     checks = [
         ("generations", cfg.generations, 1),
         ("batch_size", cfg.batch_size, 1),

@@ -237,6 +237,17 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
         size = self.training_set.size
         return {"train_size": size, "train_real": real, "train_synthetic": size - real}
 
+    def train_batches_per_epoch(self, world_size: int = 1) -> int:
+        """Training batches each of ``world_size`` processes loads per epoch: ceil(ceil(N / W) / batch_size).
+
+        The sampler pads every rank to ceil(N / W) examples (``drop_last=False``) and the loader keeps
+        the last, partial batch; the loop turns this into optimizer steps per epoch.
+        """
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        per_rank = -(-self.training_set.size // world_size)
+        return -(-per_rank // self.batch_size)
+
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Prepare the real data (downloads, caches): delegated to the real module."""

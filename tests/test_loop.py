@@ -108,7 +108,7 @@ def test_end_to_end_sizes_and_files(tmp_path, spec, capsys):
 
     rows = metric_rows(out)
     assert list(rows[0]) == ["workflow", "seed", "generation", "metric", "value"]
-    names = {"test_loss", "train_size", "train_real", "train_synthetic"}
+    names = {"test_loss", "train_size", "train_real", "train_synthetic", "train_steps"}
     assert {(r["generation"], r["metric"]) for r in rows} == {(str(g), n) for g in range(GENERATIONS) for n in names}
     assert {r["workflow"] for r in rows} == {wf.label} and {r["seed"] for r in rows} == {"0"}
     for r in rows:
