@@ -36,6 +36,34 @@ def test_there_are_sweeps():
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_sweep_renders_to_a_valid_command_for_every_value(path):
+    check_sweep(path)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "flag"),
+    [
+        ({"workflow": {"values": ["replace"]}, "no_such_flag": {"value": 3}}, "no_such_flag"),
+        ({"workflow": {"values": ["replace"]}, "data.no_such_field": {"value": 1}}, "no_such_field"),
+        ({"workflow": {"values": ["replace"]}, "batch_size": {"values": ["many"]}}, "batch_size"),
+    ],
+)
+def test_a_sweep_naming_a_flag_the_recipe_lacks_is_caught(tmp_path, capsys, parameters, flag):
+    bad = tmp_path / "bad.yaml"
+    spec = {
+        "program": "recipes/mnist_vae.py",
+        "method": "grid",
+        "metric": {"name": "test/loss", "goal": "minimize"},
+        "parameters": parameters,
+        "command": ["${env}", "python", "${program}", "--out_dir=runs/x/{hash}", "${args}"],
+    }
+    bad.write_text("# wandb sweep sweeps/bad.yaml && wandb agent <sweep_id>\n" + yaml.safe_dump(spec))
+    with pytest.raises(SystemExit):
+        check_sweep(bad)
+    assert flag in capsys.readouterr().err
+
+
+def check_sweep(path: Path) -> None:
+    """Render every value of every parameter of a sweep file into its recipe's config; fail on any flag it lacks."""
     text = path.read_text()
     assert text.startswith("# wandb sweep sweeps/"), "a sweep file opens with the command that launches it"
     spec = yaml.safe_load(text)
