@@ -375,20 +375,32 @@ def _say(text: str) -> None:
     print(f"[grid] {text}", flush=True)
 
 
+class _StopRequests:
+    """Counts the stop signals (Ctrl-C, SIGTERM, SIGHUP) the launcher received while cells run."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.count += 1
+
+
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop the grid the way Ctrl-C does (running cells are stopped, not orphaned)."""
+def _stop_signals() -> Iterator[_StopRequests]:
+    """While cells run, SIGINT, SIGTERM and SIGHUP only count a request that the loop checks.
 
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
+    Raising KeyboardInterrupt from the handler instead could land inside ``subprocess`` bookkeeping
+    (between taking and releasing a child's wait lock), after which waiting for that child blocks
+    for ever; a flag is checked only where the loop is ready to stop the cells.
+    """
+    stop = _StopRequests()
     saved = {}
-    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
         if sig is not None:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                saved[sig] = signal.signal(sig, handler)
+                saved[sig] = signal.signal(sig, stop)
     try:
-        yield
+        yield stop
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old)
@@ -415,37 +427,36 @@ def run_jobs(jobs: Sequence[Job], *, slots: Sequence[str | None], env: dict[str,
     running: list[_Running] = []
     done: list[Job] = []
     failed: list[tuple[Job, int]] = []
-    try:
-        with _terminate_as_interrupt():
-            while pending or running:
-                while pending and free:
-                    job, slot = pending.popleft(), free.popleft()
-                    try:
-                        running.append(_start(job, slot, env))
-                    except OSError as exc:  # the command cannot be started at all (not executable, ...)
-                        free.append(slot)
-                        failed.append((job, 127))
-                        _say(f"FAILED {job.label}: cannot start {job.argv[0]}: {exc.strerror or exc}")
-                        continue
-                    _say(f"start {job.label}" + (f" on GPU {slot}" if slot is not None else ""))
-                for r in [r for r in running if r.proc.poll() is not None]:
-                    running.remove(r)
-                    free.append(r.slot)
-                    code, seconds = r.proc.returncode, time.perf_counter() - r.t0
-                    r.log.write(f"# exit {code} after {_duration(seconds)}\n")
-                    r.log.close()
-                    if code == 0:
-                        atomic_write_json(r.job.marker, _marker(r.job, seconds))
-                        done.append(r.job)
-                        _say(f"done {r.job.label}: exit 0 in {_duration(seconds)}")
-                    else:
-                        failed.append((r.job, code))
-                        _say(f"FAILED {r.job.label}: exit {code} in {_duration(seconds)}; log {r.job.log}")
-                if running:
-                    time.sleep(0.05)
-    except KeyboardInterrupt:
-        _stop(running)
-        raise _Interrupted(len(done), len(running)) from None
+    with _stop_signals() as stop:
+        while (pending or running) and not stop.count:
+            while pending and free:
+                job, slot = pending.popleft(), free.popleft()
+                try:
+                    running.append(_start(job, slot, env))
+                except OSError as exc:  # the command cannot be started at all (not executable, ...)
+                    free.append(slot)
+                    failed.append((job, 127))
+                    _say(f"FAILED {job.label}: cannot start {job.argv[0]}: {exc.strerror or exc}")
+                    continue
+                _say(f"start {job.label}" + (f" on GPU {slot}" if slot is not None else ""))
+            for r in [r for r in running if r.proc.poll() is not None]:
+                running.remove(r)
+                free.append(r.slot)
+                code, seconds = r.proc.returncode, time.perf_counter() - r.t0
+                r.log.write(f"# exit {code} after {_duration(seconds)}\n")
+                r.log.close()
+                if code == 0:
+                    atomic_write_json(r.job.marker, _marker(r.job, seconds))
+                    done.append(r.job)
+                    _say(f"done {r.job.label}: exit 0 in {_duration(seconds)}")
+                else:
+                    failed.append((r.job, code))
+                    _say(f"FAILED {r.job.label}: exit {code} in {_duration(seconds)}; log {r.job.log}")
+            if running:
+                time.sleep(0.05)
+        if stop.count:
+            _stop(running, stop)
+            raise _Interrupted(len(done), len(running))
     return done, failed
 
 
@@ -496,22 +507,21 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
             proc.send_signal(sig)
 
 
-def _stop(running: list[_Running]) -> None:
-    """SIGINT every running cell's process group (a recipe then exits 130, keeping its work), then SIGKILL."""
+def _stop(running: list[_Running], stop: _StopRequests) -> None:
+    """SIGINT every running cell's process group (a recipe then exits 130, keeping its work), then SIGKILL
+    what is still running after ``STOP_GRACE_S`` (at once after a second stop signal)."""
     for r in running:
         _signal_group(r.proc, signal.SIGINT)
+    first = stop.count
     deadline = time.monotonic() + STOP_GRACE_S
-    try:
-        for r in running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                r.proc.wait(max(0.0, deadline - time.monotonic()))
-    except KeyboardInterrupt:  # a second Ctrl-C: do not wait for them
-        pass
+    while time.monotonic() < deadline and stop.count == first and any(r.proc.poll() is None for r in running):
+        time.sleep(0.05)
     kill = getattr(signal, "SIGKILL", signal.SIGTERM)
     for r in running:
         if r.proc.poll() is None:
             _signal_group(r.proc, kill)
-            r.proc.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.proc.wait(STOP_GRACE_S)
         r.log.write(f"# interrupted (exit {r.proc.returncode})\n")
         r.log.close()
 
