@@ -612,16 +612,8 @@ def build_curves(runs: Sequence[FigureRun], figure: Figure) -> Ours:
         {k: rp._scalar(runs[0].run.config.get(k)) for k in rp.THEORY_CONFIG_KEYS.get(figure.recipe, ())} if runs else {}
     )
     for (wf, cell), tagged in pieces.items():
-        seeds, gens, values = (np.concatenate(a) for a in zip(*(t[0] for t in tagged)))
-        code = np.concatenate([np.full(len(a[0]), c) for a, c in tagged])
-        order = np.lexsort((gens, seeds, code))
-        s, g, c = seeds[order], gens[order], code[order]
-        dup = np.zeros(len(order), dtype=bool)
-        dup[1:] = (s[1:] == s[:-1]) & (g[1:] == g[:-1]) & (c[1:] == c[:-1])
-        if dup.any():
-            keep = np.sort(order[~dup])
-            dropped += int(dup.sum())
-            seeds, gens, values = seeds[keep], gens[keep], values[keep]
+        seeds, gens, values, repeated = rp.merge_tagged(tagged)
+        dropped += repeated
         summary = rp.summarize(seeds, gens, values)
         params = {k: v for k, v in common.items() if v is not None}
         params.update({k: rp.param_value(v) for k, v in zip(keys, cell) if v != ""})

@@ -577,6 +577,27 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def merge_tagged(tagged: Sequence[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Any]]) -> tuple[
+    np.ndarray, np.ndarray, np.ndarray, int
+]:
+    """Concatenate ``((seeds, gens, values), code)`` pieces of one series, keeping one row per (code, seed, gen).
+
+    ``code`` tags the runs whose rows may repeat (same seed settings); the first occurrence of a row is
+    kept. Returns the merged ``seeds, gens, values`` and how many repeated rows were dropped.
+    """
+    arrs = [a for a, _ in tagged]
+    seeds, gens, values = (np.concatenate(a) for a in zip(*arrs)) if len(arrs) > 1 else arrs[0]
+    code = np.concatenate([np.full(len(a[0]), c) for a, c in tagged])
+    order = np.lexsort((gens, seeds, code))  # stable: the first occurrence of a row comes first
+    s, g, c = seeds[order], gens[order], code[order]
+    dup = np.zeros(len(order), dtype=bool)
+    dup[1:] = (s[1:] == s[:-1]) & (g[1:] == g[:-1]) & (c[1:] == c[:-1])
+    if not dup.any():
+        return seeds, gens, values, 0
+    keep = np.sort(order[~dup])
+    return seeds[keep], gens[keep], values[keep], int(dup.sum())
+
+
 def merge_runs(runs: Sequence[Run]) -> list[RecipeData]:
     """Group runs by recipe (in order of first appearance) and merge each group's series.
 
@@ -623,17 +644,8 @@ def merge_runs(runs: Sequence[Run]) -> list[RecipeData]:
         series: dict[SeriesKey, Series] = {}
         dropped = 0
         for key, tagged in pieces.items():
-            arrs = [a for a, _ in tagged]
-            seeds, gens, values = (np.concatenate(a) for a in zip(*arrs)) if len(arrs) > 1 else arrs[0]
-            code = np.concatenate([np.full(len(a[0]), c) for a, c in tagged])
-            order = np.lexsort((gens, seeds, code))  # stable: the first occurrence of a row comes first
-            s, g, c = seeds[order], gens[order], code[order]
-            dup = np.zeros(len(order), dtype=bool)
-            dup[1:] = (s[1:] == s[:-1]) & (g[1:] == g[:-1]) & (c[1:] == c[:-1])
-            if dup.any():
-                keep = np.sort(order[~dup])
-                dropped += int(dup.sum())
-                seeds, gens, values = seeds[keep], gens[keep], values[keep]
+            seeds, gens, values, repeated = merge_tagged(tagged)
+            dropped += repeated
             series[key] = (seeds, gens, values)
         notes = []
         if split:
