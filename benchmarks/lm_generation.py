@@ -38,7 +38,7 @@ from collapse.hardware import retain_freed_memory
 from datamodules.story_corpus import STAND_IN_LABEL, generate_stories  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID, encode_stories, pad_vocab_to, train_bpe  # noqa: E402
 from lit_modules.causal_lm import PRESETS, CausalLMConfig, build_model, lr_factor, position_limit  # noqa: E402
-from lit_modules.lm_sampling import SamplingConfig, StorySampler, sample_stats  # noqa: E402
+from samplers.story_sampler import SamplingConfig, StorySampler, sample_stats  # noqa: E402
 
 BENCH_PRESETS = {
     # A Llama small enough to train for a few hundred steps in about a minute on 2 CPU cores (1.2M parameters,

@@ -27,7 +27,7 @@ import torch
 from rdkit import Chem
 
 from datamodules.mol_graph import MolGraph, collate_molecules
-from lit_modules.conformer_metrics import bond_length_distance, evaluate_conformers
+from evaluation.conformers import bond_length_distance, evaluate_conformers
 
 QUALITY_SEED = 4_000_037
 """Seed of the generator noise of the quality molecules: the same in every generation and run."""

@@ -21,31 +21,21 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
 from collapse.atomic import atomic_open
-from datamodules.store import GenerationStore
-from datamodules.synthetic import derive_seed
+from collapse.contract import SamplingModel
+from collapse.seeding import derive_seed
+from collapse.store import GenerationStore
 
 SAMPLING_FILE = "sampling.json"
 """The staging file that marks a generation's synthetic set as written."""
 CHUNK_DIR = "sample_chunks"
 """Staging subfolder of the finished chunks while the set is being drawn."""
-
-
-@runtime_checkable
-class SamplingModel(Protocol):
-    """A model that can draw synthetic data.
-
-    ``sample(n, generator)`` returns ``n`` samples as a dict name -> array with ``n`` rows (NumPy
-    arrays or tensors), drawing all its randomness from ``generator`` (on the model's device).
-    """
-
-    def sample(self, n: int, generator: torch.Generator) -> Mapping[str, Any]: ...
 
 
 def chunk_ranges(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int, int]]:
@@ -215,4 +205,4 @@ class SyntheticDataCallback(pl.Callback):
         return names
 
 
-__all__ = ["CHUNK_DIR", "SAMPLING_FILE", "SamplingModel", "SyntheticDataCallback", "chunk_ranges"]
+__all__ = ["CHUNK_DIR", "SAMPLING_FILE", "SyntheticDataCallback", "chunk_ranges"]

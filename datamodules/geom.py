@@ -112,17 +112,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from rdkit import Chem
 from rdkit.Chem import rdDetermineBonds
 from rdkit.Geometry import Point3D
 from rdkit.rdBase import BlockLogs
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from collapse.atomic import atomic_open, atomic_write_json
 from collapse.errors import ConfigError, UserError
+from datamodules.base import RealDataModuleBase, first_line
 from datamodules.mol_graph import (
     ATOM_FEATURES,
     BOND_CODES,
@@ -251,11 +251,6 @@ def default_cache_dir() -> Path:
     return root / "geom"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 # ---- featurisation ----------------------------------------------------------------------------------------------
 class UnusableMolecule(ValueError):
     """A record that cannot be an example; ``reason`` is one of :data:`SKIP_REASONS`."""
@@ -284,7 +279,7 @@ def checked_molecule(mol: Chem.Mol | None, conf_id: int = -1) -> Chem.Mol:
     try:
         conf = Chem.Conformer(mol.GetConformer(conf_id))
     except ValueError as exc:  # a conformer id the molecule does not have
-        raise UnusableMolecule("not_3d", _first_line(exc)) from None
+        raise UnusableMolecule("not_3d", first_line(exc)) from None
     out = Chem.Mol(mol)
     out.RemoveAllConformers()
     conf.SetId(0)
@@ -292,7 +287,7 @@ def checked_molecule(mol: Chem.Mol | None, conf_id: int = -1) -> Chem.Mol:
     try:
         Chem.SanitizeMol(out)
     except Exception as exc:  # RDKit raises several types (MolSanitizeException, KekulizeException, ...)
-        raise UnusableMolecule("unparsable", f"RDKit cannot sanitize it ({_first_line(exc)})") from None
+        raise UnusableMolecule("unparsable", f"RDKit cannot sanitize it ({first_line(exc)})") from None
     n = out.GetNumAtoms()
     if n == 0:
         raise UnusableMolecule("unparsable", "no atoms")
@@ -623,7 +618,7 @@ def _qm9_candidate(line: str, col: Mapping[str, int], where: str, counts: _Count
             n_atoms = int(record[col["N_atoms"]])
             smiles = record[col["SMILES"]]
         except (IndexError, ValueError) as exc:
-            raise UnusableMolecule("unparsable", f"{where}: {_first_line(exc)}") from None
+            raise UnusableMolecule("unparsable", f"{where}: {first_line(exc)}") from None
         if not (n_atoms == len(symbols) == len(xyz)):
             raise UnusableMolecule(
                 "atom_count_mismatch", f"{where}: N_atoms {n_atoms}, {len(symbols)} elements, {len(xyz)} positions"
@@ -652,7 +647,7 @@ def _read_summary(path: Path) -> dict[str, Any]:
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable JSON summary ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not a readable JSON summary ({first_line(exc)})") from None
     if not isinstance(summary, dict) or not summary:
         raise UserError(f"{path}: expected a JSON object mapping SMILES to entries with a pickle_path")
     return summary
@@ -676,7 +671,7 @@ def _geom_candidates(summary_path: Path, seed: int, counts: _Counts) -> Iterator
                 conformers = list(conformers)
             except Exception as exc:  # a damaged pickle can raise nearly anything
                 counts.records_read += 1
-                yield rel, _raise("missing_file", f"{rel}: cannot read it ({_first_line(exc)})")
+                yield rel, _raise("missing_file", f"{rel}: cannot read it ({first_line(exc)})")
                 return
             if not conformers:
                 counts.records_read += 1
@@ -777,7 +772,7 @@ def _load_geodiff(path: Path) -> list[Any]:
         with open(path, "rb") as fh:
             data = _PygUnpickler(fh).load()
     except Exception as exc:  # a damaged pickle can raise nearly anything
-        raise UserError(f"{path}: not a readable GeoDiff pickle ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not a readable GeoDiff pickle ({first_line(exc)})") from None
     if not isinstance(data, (list, tuple)):
         raise UserError(f"{path}: expected a pickled list of torch_geometric Data objects, got {type(data).__name__}")
     return list(data)
@@ -809,7 +804,7 @@ def _as_array(value: Any) -> np.ndarray:
     try:
         return np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise UnusableMolecule("unparsable", f"coordinates ({_first_line(exc)})") from None
+        raise UnusableMolecule("unparsable", f"coordinates ({first_line(exc)})") from None
 
 
 # grouped sources (geodiff, sdf): every record is read, then grouped by molecule ---------------------------------------
@@ -1080,12 +1075,15 @@ class SyntheticConformers(Dataset):
 
 
 # ---- the data module -------------------------------------------------------------------------------------------------
-class GeomDataModule(pl.LightningDataModule):
+class GeomDataModule(RealDataModuleBase[MolGraphSet]):
     """Molecules with conformations: real training set, optional validation set, test set (real data module).
 
     See the module docstring for the sources, the split policy, the bad-input rule and the cache.
     :meth:`prepare_data` parses and featurises the source into the cache (once per data identity);
-    :meth:`setup` loads the cache entry on any process after one prepared it.
+    :meth:`setup` loads the cache entry on any process after one prepared it. ``train_dataset`` holds
+    the conformers of the ``num_real`` training molecules, ``val_dataset`` is None when ``num_val`` is 0;
+    in every split an example's ``mol_id`` is its index in that split. The loaders batch with
+    :attr:`collate_fn` (:class:`~datamodules.base.RealDataModuleBase`).
 
     Args:
         config: the data settings (``--data.*``); default: 1,000 + 200 QM9 molecules from qm9pack.
@@ -1097,18 +1095,13 @@ class GeomDataModule(pl.LightningDataModule):
     """The collate function of every molecule loader: :func:`~datamodules.mol_graph.collate_molecules`."""
 
     def __init__(self, config: GeomDataConfig | None = None, batch_size: int = 32, num_workers: int = 0):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.config = config if config is not None else GeomDataConfig()
-        if not (_is_int(batch_size) and batch_size > 0):
-            raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.data_stats: dict[str, Any] = {}
         """Counts for the recipe to log and write: records read, skips per reason, molecules and examples per split."""
         self._files: list[Path] | None = None
         self._entry: Path | None = None
         self._identity: dict[str, Any] = {}
-        self._datasets: dict[str, MolGraphSet | None] | None = None
 
     # ---- identity and cache ----------------------------------------------------------------------------------------
     @property
@@ -1218,10 +1211,8 @@ class GeomDataModule(pl.LightningDataModule):
             )
         self.data_stats = json.loads((entry / STATS_FILE).read_text())
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load the prepared splits (once; later calls, for any stage, do nothing)."""
-        if self._datasets is not None:
-            return
+    def _load_datasets(self) -> dict[str, MolGraphSet | None]:
+        """Load the prepared splits and their counts (:attr:`data_stats`) from the cache entry."""
         entry = self.cache_entry
         if not (entry / STATS_FILE).is_file():
             raise UserError(f"{entry}: the data is not prepared; call prepare_data() first (on one process)")
@@ -1230,9 +1221,9 @@ class GeomDataModule(pl.LightningDataModule):
                 arrays = pickle.load(fh)
             datasets = {s: MolGraphSet(arrays[s]) for s in SPLITS}
         except Exception as exc:  # a truncated or foreign file can raise nearly anything
-            raise UserError(f"{entry / DATA_FILE}: a damaged cache file ({_first_line(exc)}); delete {entry}") from None
+            raise UserError(f"{entry / DATA_FILE}: a damaged cache file ({first_line(exc)}); delete {entry}") from None
         self.data_stats = json.loads((entry / STATS_FILE).read_text())
-        self._datasets = {**datasets, "val": datasets["val"] if self.config.num_val else None}
+        return {**datasets, "val": datasets["val"] if self.config.num_val else None}
 
     # ---- preparation -------------------------------------------------------------------------------------------------
     def _pools(self, counts: _Counts) -> list[_Pool]:
@@ -1298,30 +1289,6 @@ class GeomDataModule(pl.LightningDataModule):
         return stats
 
     # ---- datasets ----------------------------------------------------------------------------------------------------
-    def _dataset(self, split: str) -> MolGraphSet | None:
-        self.setup()
-        assert self._datasets is not None
-        return self._datasets[split]
-
-    @property
-    def train_dataset(self) -> MolGraphSet:
-        """The real training examples (conformers of the ``num_real`` training molecules); ``mol_id`` = index."""
-        dataset = self._dataset("train")
-        assert dataset is not None
-        return dataset
-
-    @property
-    def val_dataset(self) -> MolGraphSet | None:
-        """The validation examples, or None when ``num_val`` is 0."""
-        return self._dataset("val")
-
-    @property
-    def test_dataset(self) -> MolGraphSet:
-        """The test examples; ``mol_id`` = index in the test set."""
-        dataset = self._dataset("test")
-        assert dataset is not None
-        return dataset
-
     def train_graphs(self) -> list[MolGraph]:
         """Every real training example as a :class:`MolGraph`, in order."""
         dataset = self.train_dataset
@@ -1377,29 +1344,6 @@ class GeomDataModule(pl.LightningDataModule):
         if n and counts.max() > pos.shape[1]:
             raise ValueError(f"synthetic pos has room for {pos.shape[1]} atoms, but num_atoms reaches {counts.max()}")
         return SyntheticConformers(train, mol_id, num_atoms, pos)
-
-    # ---- loaders -----------------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_molecules,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of the real training examples (standalone use; the loop has its own)."""
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches, or ``[]`` without a validation set (Lightning then skips validation)."""
-        dataset = self.val_dataset
-        return [] if dataset is None else self._loader(dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches, in order."""
-        return self._loader(self.test_dataset, shuffle=False)
 
 
 __all__ = [

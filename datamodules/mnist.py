@@ -51,12 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from collapse.errors import UserError
+from datamodules.base import RealDataModuleBase, first_line
 
 SOURCES = ("embedded", "hub", "idx", "torchvision")
 """Valid values of ``--data.source``."""
@@ -139,11 +139,6 @@ class DigitImages(Dataset):
 
 
 # ---- checks shared by every source ----------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _as_images(images: Any, where: str) -> np.ndarray:
     """``images`` as uint8 ``(N, 28, 28)``, or a UserError naming ``where`` (a file or flag)."""
     images = np.asarray(images)
@@ -265,7 +260,7 @@ def _load_embedded(cfg: MNISTDataConfig) -> dict[str, np.ndarray]:
             # Not all integers ("12.0"): parse floats, _as_images then checks they are whole numbers 0..255.
             table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
     except (ValueError, OSError, EOFError, zlib.error) as exc:
-        raise UserError(f"{where}: not a readable CSV of numbers ({_first_line(exc)})") from None
+        raise UserError(f"{where}: not a readable CSV of numbers ({first_line(exc)})") from None
     pixels = IMAGE_SIZE * IMAGE_SIZE
     if table.shape[1] != pixels + 1:
         raise UserError(
@@ -302,7 +297,7 @@ def read_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
         else:
             data = path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
-        raise UserError(f"{path}: cannot read the IDX file ({_first_line(exc)})") from None
+        raise UserError(f"{path}: cannot read the IDX file ({first_line(exc)})") from None
     if len(data) < 4:
         raise UserError(f"{path}: truncated IDX file: {len(data)} bytes, shorter than the 4-byte magic number")
     found = int.from_bytes(data[:4], "big")
@@ -396,7 +391,7 @@ def _decode_split(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
                     raise UserError(f"{where}: image {i} is {w}x{h} pixels, expected 28x28")
                 images[i] = np.asarray(image)
         except (UnidentifiedImageError, OSError, TypeError, ValueError) as exc:
-            raise UserError(f"{where}: image {i} is not a readable image ({_first_line(exc)})") from None
+            raise UserError(f"{where}: image {i} is not a readable image ({first_line(exc)})") from None
     return _pair(images, labels, where)
 
 
@@ -420,7 +415,7 @@ def _open_local_hub(folder: Path, where: str) -> dict[str, Any]:
         try:
             loaded = datasets.load_from_disk(str(folder))
         except Exception as exc:  # datasets/pyarrow raise many types for a damaged folder
-            raise UserError(f"{where}: cannot read the saved dataset ({_first_line(exc)})") from None
+            raise UserError(f"{where}: cannot read the saved dataset ({first_line(exc)})") from None
         return dict(loaded)
     if all((folder / split / "state.json").is_file() for split in ("train", "test")):
         splits = {}
@@ -428,7 +423,7 @@ def _open_local_hub(folder: Path, where: str) -> dict[str, Any]:
             try:
                 splits[split] = datasets.load_from_disk(str(folder / split))
             except Exception as exc:
-                raise UserError(f"{where}/{split}: cannot read the saved dataset ({_first_line(exc)})") from None
+                raise UserError(f"{where}/{split}: cannot read the saved dataset ({first_line(exc)})") from None
         return splits
     if (folder / "state.json").is_file():
         raise UserError(f"{where}: a single saved split; save a DatasetDict with train and test splits instead")
@@ -442,11 +437,11 @@ def _open_local_hub(folder: Path, where: str) -> dict[str, Any]:
         try:
             pq.read_schema(file)
         except Exception as exc:
-            raise UserError(f"{file}: not a readable parquet file ({_first_line(exc)})") from None
+            raise UserError(f"{file}: not a readable parquet file ({first_line(exc)})") from None
     try:
         loaded = datasets.load_dataset("parquet", data_files=files)
     except Exception as exc:
-        raise UserError(f"{where}: cannot read its parquet files ({_first_line(exc)})") from None
+        raise UserError(f"{where}: cannot read its parquet files ({first_line(exc)})") from None
     return dict(loaded)
 
 
@@ -467,7 +462,7 @@ def _load_hub(cfg: MNISTDataConfig) -> dict[str, np.ndarray]:
             splits = dict(datasets.load_dataset(spec))
         except Exception as exc:  # offline without a cached copy, unknown id, damaged cache, ...
             raise UserError(
-                f"{where}: cannot load it from the hub or its cache ({_first_line(exc)}); "
+                f"{where}: cannot load it from the hub or its cache ({first_line(exc)}); "
                 "pass --data.path to a local copy or use --data.source embedded"
             ) from None
     arrays: dict[str, np.ndarray] = {}
@@ -490,7 +485,7 @@ def _torchvision_mnist() -> Any:
         ) from None
     except Exception as exc:  # installed but built for another torch (e.g. missing C++ operators)
         raise UserError(
-            f"torchvision is installed but fails to import ({_first_line(exc)}); match it to torch"
+            f"torchvision is installed but fails to import ({first_line(exc)}); match it to torch"
         ) from None
     return MNIST
 
@@ -504,7 +499,7 @@ def _load_torchvision(cfg: MNISTDataConfig) -> dict[str, np.ndarray]:
             ds = mnist(root, train=split == "train", download=cfg.download)
         except Exception as exc:  # RuntimeError "Dataset not found", malformed files, network errors
             hint = "" if cfg.download else "; pass --data.download true to fetch it"
-            raise UserError(f"--data.path {root}: torchvision cannot load MNIST ({_first_line(exc)}){hint}") from None
+            raise UserError(f"--data.path {root}: torchvision cannot load MNIST ({first_line(exc)}){hint}") from None
         where = f"--data.path {root} (torchvision {split})"
         images, labels = _pair(ds.data.numpy(), ds.targets.numpy(), where)
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
@@ -526,13 +521,15 @@ def load_mnist_arrays(cfg: MNISTDataConfig) -> dict[str, np.ndarray]:
 
 
 # ---- the data module -------------------------------------------------------------------------------------
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(RealDataModuleBase[DigitImages]):
     """Real MNIST digits: a seeded real training set, optional validation set and the test set.
 
     See the module docstring for the sources and how the sets are drawn. After :meth:`setup`, the
     arrays ``train_images`` / ``val_images`` / ``test_images`` (uint8 ``(N, 28, 28)``) and
-    ``*_labels`` (int64 ``(N,)``) hold the sets; ``train_dataset``, ``val_dataset`` (None without
-    validation) and ``test_dataset`` wrap them as :class:`DigitImages`.
+    ``*_labels`` (int64 ``(N,)``) hold the sets; ``train_dataset`` (at most ``num_real`` images, in the
+    seeded order), ``val_dataset`` (None without validation) and ``test_dataset`` (at most ``num_test``)
+    wrap them as :class:`DigitImages`. Loaders give batches ``(B, 1, 28, 28)``
+    (:class:`~datamodules.base.RealDataModuleBase`).
 
     Args:
         config: the data settings (``--data.*``); default: the embedded digits, all of them.
@@ -541,20 +538,15 @@ class MNISTDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, config: MNISTDataConfig | None = None, batch_size: int = 256, num_workers: int = 0):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.config = config if config is not None else MNISTDataConfig()
         check_config(self.config)
-        if batch_size <= 0:
-            raise UserError(f"batch size must be positive, got {batch_size}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.train_images: np.ndarray | None = None
         self.train_labels: np.ndarray | None = None
         self.val_images: np.ndarray | None = None
         self.val_labels: np.ndarray | None = None
         self.test_images: np.ndarray | None = None
         self.test_labels: np.ndarray | None = None
-        self._datasets: dict[str, DigitImages | None] | None = None
 
     def prepare_data(self) -> None:
         """Download MNIST with torchvision when ``--data.download true`` asks for it; nothing for other sources."""
@@ -566,12 +558,10 @@ class MNISTDataModule(pl.LightningDataModule):
                 for train in (True, False):
                     mnist(root, train=train, download=True)
             except Exception as exc:
-                raise UserError(f"--data.path {root}: torchvision cannot download MNIST ({_first_line(exc)})") from None
+                raise UserError(f"--data.path {root}: torchvision cannot download MNIST ({first_line(exc)})") from None
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load the data and draw the sets (once; later calls, for any stage, do nothing)."""
-        if self._datasets is not None:
-            return
+    def _load_datasets(self) -> dict[str, DigitImages | None]:
+        """Load the data and draw the sets, keeping their arrays as ``*_images`` / ``*_labels``."""
         cfg = self.config
         arrays = load_mnist_arrays(cfg)
         n = arrays["train_images"].shape[0]
@@ -601,35 +591,11 @@ class MNISTDataModule(pl.LightningDataModule):
         self.val_images, self.val_labels = arrays["train_images"][val_rows], arrays["train_labels"][val_rows]
         self.test_images = arrays["test_images"][:test_stop]
         self.test_labels = arrays["test_labels"][:test_stop]
-        self._datasets = {
+        return {
             "train": DigitImages(self.train_images, self.train_labels),
             "val": DigitImages(self.val_images, self.val_labels) if cfg.num_val else None,
             "test": DigitImages(self.test_images, self.test_labels),
         }
-
-    def _dataset(self, split: str) -> DigitImages | None:
-        self.setup()
-        assert self._datasets is not None
-        return self._datasets[split]
-
-    @property
-    def train_dataset(self) -> DigitImages:
-        """The real training images (at most ``num_real``), in the seeded order."""
-        dataset = self._dataset("train")
-        assert dataset is not None
-        return dataset
-
-    @property
-    def val_dataset(self) -> DigitImages | None:
-        """The validation images, or None when ``num_val`` is 0."""
-        return self._dataset("val")
-
-    @property
-    def test_dataset(self) -> DigitImages:
-        """The test images (at most ``num_test``)."""
-        dataset = self._dataset("test")
-        assert dataset is not None
-        return dataset
 
     def synthetic_dataset(self, arrays: Mapping[str, np.ndarray]) -> DigitImages:
         """A stored synthetic set (``{"images": uint8 (n, 28, 28)}``, memory-mapped) as items like the real ones.
@@ -644,22 +610,6 @@ class MNISTDataModule(pl.LightningDataModule):
                 f"synthetic MNIST images must be uint8 of shape (n, 28, 28), got {images.dtype} {tuple(images.shape)}"
             )
         return DigitImages(images)
-
-    def _loader(self, dataset: DigitImages, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches ``(B, 1, 28, 28)`` of the real training set (standalone use; the loop has its own)."""
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches, or ``[]`` without a validation set (Lightning then skips validation)."""
-        dataset = self.val_dataset
-        return [] if dataset is None else self._loader(dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches ``(B, 1, 28, 28)`` in order."""
-        return self._loader(self.test_dataset, shuffle=False)
 
 
 __all__ = [

@@ -3,83 +3,29 @@
 :class:`SyntheticAccumulatingDataModule` wraps a modality's *real* data module. Its training set is
 the :class:`~datamodules.workflows.TrainingSet` of the workflow at that generation: ranges of the
 real training set and of the synthetic sets that earlier generations wrote to the
-:class:`~datamodules.store.GenerationStore`, optionally subsampled. Nothing is concatenated or
+:class:`~collapse.store.GenerationStore`, optionally subsampled. Nothing is concatenated or
 copied: synthetic rows are read lazily from the store's memory-mapped ``.npy`` files, one batch at a
 time. Validation and test data are the real module's held-out *real* data only, so every
 generation is scored against the true distribution.
 
-The real data module contract
------------------------------
-Every modality (the toy Gaussian points, MNIST for the VAE, TinyStories for the language model,
-molecules for the diffusion model) provides a real data module with:
-
-``prepare_data()`` / ``setup(stage)``
-    As in Lightning. ``setup`` must be idempotent: it is called once per generation and stage.
-``train_dataset``
-    The real training examples, a map-style dataset (``len`` and integer indexing), available after
-    ``setup("fit")``. The workflow uses its *first* ``real_needed`` examples, so any shuffling of the
-    raw data and any cap on the real-set size (``num_real``) is the real module's job and must be
-    seeded: the same configuration gives the same real set in every generation and every resumed run.
-``val_dataset`` / ``test_dataset`` (preferred), or ``val_dataloader()`` / ``test_dataloader()``
-    Held-out real data. Datasets are wrapped in loaders with this module's batch size and workers;
-    without them the real module's own loaders are used as they are.
-``synthetic_dataset(arrays)``
-    Turns a stored synthetic set (``dict`` name -> ``np.ndarray``, read-only memory maps, one row per
-    sample: whatever the model's ``sample`` returned) into a map-style dataset whose items look
-    exactly like real training items, so one collate function and one ``training_step`` handle both.
-    It must index the arrays lazily (row by row or batch by batch), never load them whole.
-``collate_fn`` (optional attribute)
-    The collate function of the training loader; default: PyTorch's default collate.
-
-Datasets may implement ``__getitems__(indices) -> list of items`` to read a batch of rows at once
-(one fancy-indexed read from a memory map instead of ``batch_size`` small ones); the training set
-forwards each batch to its sources this way when they support it.
-
-Loader workers (``num_workers > 0``) started by ``fork`` (the Linux default) share the memory maps.
-Under ``spawn`` or ``forkserver`` the datasets are pickled, and pickling an ``np.memmap`` copies its
-data: a modality that needs those start methods should keep file paths and reopen them lazily.
+The real module implements :class:`collapse.contract.RealDataModule` (the modality contract, one page:
+``collapse/contract.py``).
 """
 
 from __future__ import annotations
 
 import bisect
-import zlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from datamodules.store import GenerationStore
+from collapse.contract import RealDataModule
+from collapse.seeding import derive_seed
+from collapse.store import GenerationStore
 from datamodules.workflows import REAL, TrainingSet, Workflow, WorkflowError
-
-
-def derive_seed(seed: int, generation: int, purpose: str) -> int:
-    """A 32-bit seed that depends only on ``(seed, generation, purpose)``.
-
-    Every random step of a generation (initialisation, shuffling, fitting, sampling) gets its own
-    stream, so skipping a finished step on resume leaves the later steps' randomness unchanged.
-    """
-    if seed < 0 or generation < 0:
-        raise ValueError(f"seed and generation must be >= 0, got {seed} and {generation}")
-    tag = zlib.crc32(purpose.encode())
-    return int(np.random.SeedSequence([seed, generation, tag]).generate_state(1)[0])
-
-
-@runtime_checkable
-class RealDataModule(Protocol):
-    """What a modality's real data module provides; see the module docstring for the full contract."""
-
-    @property
-    def train_dataset(self) -> Any: ...
-
-    def prepare_data(self) -> None: ...
-
-    def setup(self, stage: str) -> None: ...
-
-    def synthetic_dataset(self, arrays: Mapping[str, np.ndarray]) -> Any: ...
 
 
 class WorkflowDataset(Dataset):
@@ -342,4 +288,4 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
 
-__all__ = ["DisjointSampler", "RealDataModule", "SyntheticAccumulatingDataModule", "WorkflowDataset", "derive_seed"]
+__all__ = ["DisjointSampler", "SyntheticAccumulatingDataModule", "WorkflowDataset"]

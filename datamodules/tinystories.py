@@ -105,15 +105,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import datamodules.tokenizer as tok
 from collapse.atomic import atomic_open, atomic_write_json
 from collapse.errors import ConfigError, UserError
+from datamodules.base import RealDataModuleBase, first_line
 from datamodules.story_corpus import EOT_SEPARATOR, STAND_IN_LABEL, iter_stories
 from datamodules.tokenizer import PAD_ID, TOKENIZER_FILE
 
@@ -244,11 +244,6 @@ def default_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "model-collapse"
     return root / "tinystories"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # ---- where the data is ----------------------------------------------------------------------------------------
@@ -393,7 +388,7 @@ def _iter_txt(path: Path, strict: bool, counts: dict[str, int]) -> Iterator[str]
     try:
         fh = open(path, "rb")
     except OSError as exc:
-        raise UserError(f"{path}: cannot read the file ({_first_line(exc)})") from None
+        raise UserError(f"{path}: cannot read the file ({first_line(exc)})") from None
     with fh:
         carry, pending, base, separators, content = "", b"", 0, 0, False
         while True:
@@ -426,7 +421,7 @@ def _iter_jsonl(path: Path, text_field: str, strict: bool, counts: dict[str, int
     try:
         fh = open(path, "rb")
     except OSError as exc:
-        raise UserError(f"{path}: cannot read the file ({_first_line(exc)})") from None
+        raise UserError(f"{path}: cannot read the file ({first_line(exc)})") from None
     with fh:
         offset = 0
         for number, raw in enumerate(fh, 1):
@@ -483,7 +478,7 @@ def _iter_parquet(files: Sequence[Path], text_field: str, where: str) -> Iterato
         try:
             pf = pq.ParquetFile(file)
         except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise UserError(f"{file}: not a readable parquet file ({_first_line(exc)})") from None
+            raise UserError(f"{file}: not a readable parquet file ({first_line(exc)})") from None
         schema = pf.schema_arrow
         if text_field not in schema.names:
             raise UserError(f"{file}: no {text_field!r} column (--data.text_field; columns: {', '.join(schema.names)})")
@@ -495,7 +490,7 @@ def _iter_parquet(files: Sequence[Path], text_field: str, where: str) -> Iterato
             except StopIteration:
                 break
             except Exception as exc:
-                raise UserError(f"{file}: cannot read its rows ({_first_line(exc)})") from None
+                raise UserError(f"{file}: cannot read its rows ({first_line(exc)})") from None
             for value in batch.column(0).to_pylist():
                 yield value if value is not None else ""
 
@@ -521,7 +516,7 @@ def _load_from_disk(folder: Path, where: str) -> Any:
     try:
         return datasets.load_from_disk(str(folder))
     except Exception as exc:  # datasets / pyarrow raise many types for a damaged folder
-        raise UserError(f"{where}: cannot read the saved dataset ({_first_line(exc)})") from None
+        raise UserError(f"{where}: cannot read the saved dataset ({first_line(exc)})") from None
 
 
 def _parquet_layout(folder: Path) -> tuple[Path, list[Path], list[Path]] | None:
@@ -586,7 +581,7 @@ def _open_source(cfg: TinyStoriesDataConfig, loc: _Location, counts: dict[str, i
                 files[role] = Path(huggingface_hub.hf_hub_download(loc.spec, name, repo_type="dataset"))
             except Exception as exc:  # offline without a cached copy, unknown repo, ...
                 raise UserError(
-                    f"{loc.where}: cannot fetch {name} ({_first_line(exc)}); pass --data.source txt with --data.path "
+                    f"{loc.where}: cannot fetch {name} ({first_line(exc)}); pass --data.source txt with --data.path "
                     "to local copies, or use --data.source stand_in"
                 ) from None
         return (
@@ -599,7 +594,7 @@ def _open_source(cfg: TinyStoriesDataConfig, loc: _Location, counts: dict[str, i
         try:
             ds = datasets.Dataset.from_file(loc.spec)
         except Exception as exc:
-            raise UserError(f"{loc.where}: not a readable .arrow file ({_first_line(exc)})") from None
+            raise UserError(f"{loc.where}: not a readable .arrow file ({first_line(exc)})") from None
         return _dataset_splits({"train": ds}, loc.where, cfg.text_field)
     if loc.kind == "local_dataset":
         return _open_local_dataset(Path(loc.spec), loc.where, cfg.text_field, parquet=cfg.source == "hub")
@@ -610,7 +605,7 @@ def _open_source(cfg: TinyStoriesDataConfig, loc: _Location, counts: dict[str, i
         splits = dict(datasets.load_dataset(loc.spec))
     except Exception as exc:  # offline without a cached copy, unknown id, damaged cache, ...
         raise UserError(
-            f"{loc.where}: cannot load it from the hub or its cache ({_first_line(exc)}); "
+            f"{loc.where}: cannot load it from the hub or its cache ({first_line(exc)}); "
             "pass --data.path to a local copy or use --data.source stand_in"
         ) from None
     return _dataset_splits(splits, loc.where, cfg.text_field)
@@ -789,6 +784,13 @@ def _write_texts(cfg: TinyStoriesDataConfig, loc: _Location, folder: Path) -> di
 
 
 # ---- datasets and batches ------------------------------------------------------------------------------------
+def _checked_row(index: int, n: int, item: str, container: str) -> int:
+    """``index`` of a set of ``n`` stories as a row in ``0..n-1`` (negative counts from the end), else IndexError."""
+    if not -n <= index < n:
+        raise IndexError(f"{item} {index} out of range for {container} of {n} stories")
+    return index % n
+
+
 class TokenStories(Dataset):
     """The stories of one cached split as 1-D int64 tensors ``[EOT] + ids + [EOT]`` (truncated to max_seq_len).
 
@@ -802,25 +804,21 @@ class TokenStories(Dataset):
         self._tokens: np.ndarray | None = None
         self._offsets: np.ndarray | None = None
 
-    def _open(self) -> None:
-        self._tokens = np.load(self.tokens_file, mmap_mode="r")
-        self._offsets = np.load(self.offsets_file, mmap_mode="r")
+    def _mapped(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._tokens is None or self._offsets is None:
+            self._tokens = np.load(self.tokens_file, mmap_mode="r")
+            self._offsets = np.load(self.offsets_file, mmap_mode="r")
+        return self._tokens, self._offsets
 
     @property
     def tokens(self) -> np.ndarray:
         """All token ids of the split, story after story (uint16, memory-mapped)."""
-        if self._tokens is None:
-            self._open()
-        assert self._tokens is not None
-        return self._tokens
+        return self._mapped()[0]
 
     @property
     def offsets(self) -> np.ndarray:
         """Story ``i`` is ``tokens[offsets[i]:offsets[i + 1]]`` (int64 ``(n + 1,)``, memory-mapped)."""
-        if self._offsets is None:
-            self._open()
-        assert self._offsets is not None
-        return self._offsets
+        return self._mapped()[1]
 
     def lengths(self) -> np.ndarray:
         """Tokens per story, int64 ``(n,)``."""
@@ -835,10 +833,7 @@ class TokenStories(Dataset):
         return int(self.offsets.shape[0]) - 1
 
     def _row(self, index: int) -> int:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"story {index} out of range for a split of {n} stories")
-        return index % n
+        return _checked_row(index, len(self), "story", "a split")
 
     def __getitem__(self, index: int) -> torch.Tensor:
         row = self._row(int(index))
@@ -871,10 +866,7 @@ class SyntheticStories(Dataset):
         return int(self.tokens.shape[0])
 
     def _row(self, index: int) -> int:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"sample {index} out of range for a synthetic set of {n} stories")
-        return index % n
+        return _checked_row(index, len(self), "sample", "a synthetic set")
 
     def __getitem__(self, index: int) -> torch.Tensor:
         row = self._row(int(index))
@@ -914,14 +906,16 @@ def _never_train() -> list[str]:
 
 
 # ---- the data module ---------------------------------------------------------------------------------------------
-class TinyStoriesDataModule(pl.LightningDataModule):
+class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
     """Stories for the causal LM: real training set, optional validation set, test set, frozen tokenizer.
 
     See the module docstring for the sources, the split policy, the tokenizer rule and the cache.
     :meth:`prepare_data` reads and tokenises the data into the cache (once per data identity);
     :meth:`setup` memory-maps it, on any process, after one process prepared it. After either,
     :attr:`tokenizer` (a ``tokenizers.Tokenizer``), :attr:`tokenizer_hash`, :attr:`tokenizer_file`
-    and :attr:`data_stats` are set.
+    and :attr:`data_stats` are set. ``train_dataset`` holds the first ``num_real`` stories of the training
+    split, ``val_dataset`` is None when ``num_val`` is 0; the loaders batch with :attr:`collate_fn`
+    (:class:`~datamodules.base.RealDataModuleBase`).
 
     Args:
         config: the data settings (``--data.*``); default: the stand-in corpus.
@@ -940,13 +934,9 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.config = config if config is not None else TinyStoriesDataConfig()
-        if not (_is_int(batch_size) and batch_size > 0):
-            raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.tokenizer: Tokenizer | None = None
         """The frozen tokenizer (after prepare_data or setup)."""
         self.tokenizer_hash: str | None = None
@@ -960,7 +950,6 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         self._location: _Location | None = None
         self._identity: dict[str, Any] = {}
         self._entry: Path | None = None
-        self._datasets: dict[str, TokenStories | None] | None = None
 
     # ---- identity and cache -------------------------------------------------------------------------------------
     @property
@@ -1031,14 +1020,12 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             self._write_tokens(tokens)
         self._load_stats()
 
-    def setup(self, stage: str | None = None) -> None:
-        """Memory-map the prepared splits (once; later calls, for any stage, do nothing).
+    def _load_datasets(self) -> dict[str, TokenStories | None]:
+        """Memory-map the prepared splits (:meth:`setup` calls it once).
 
         Works on any process once one of them ran :meth:`prepare_data` with the same config (DDP ranks
         > 0): the tokenizer is resolved the same way, but never trained here.
         """
-        if self._datasets is not None:
-            return
         entry = self.cache_entry
         if not (entry / "texts" / STATS_FILE).is_file():
             raise UserError(f"{entry}: the data is not prepared; call prepare_data() first (on one process)")
@@ -1053,7 +1040,7 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             if split == "train" and len(dataset) == 0:
                 raise UserError(f"{tokens}: an empty training split; delete {entry} to rebuild the cache")
         self._load_stats()
-        self._datasets = {**datasets, "val": datasets["val"] if self.config.num_val else None}
+        return {**datasets, "val": datasets["val"] if self.config.num_val else None}
 
     # ---- preparation steps ------------------------------------------------------------------------------------------
     def _resolve_tokenizer(self, train: bool) -> None:
@@ -1183,30 +1170,6 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         return list(self._iter_texts("test"))
 
     # ---- datasets ----------------------------------------------------------------------------------------------
-    def _dataset(self, split: str) -> TokenStories | None:
-        self.setup()
-        assert self._datasets is not None
-        return self._datasets[split]
-
-    @property
-    def train_dataset(self) -> TokenStories:
-        """The real training stories (the first ``num_real`` of the training split)."""
-        dataset = self._dataset("train")
-        assert dataset is not None
-        return dataset
-
-    @property
-    def val_dataset(self) -> TokenStories | None:
-        """The validation stories, or None when ``num_val`` is 0."""
-        return self._dataset("val")
-
-    @property
-    def test_dataset(self) -> TokenStories:
-        """The test stories."""
-        dataset = self._dataset("test")
-        assert dataset is not None
-        return dataset
-
     def first_tokens(self) -> np.ndarray:
         """Token 1 (the first after ``EOT``) of every real training story, int64 ``(n,)``."""
         dataset = self.train_dataset
@@ -1239,29 +1202,6 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             if low < 1 or high > width:
                 raise UserError(f"synthetic story lengths must be in 1..{width} (the row width), got {low}..{high}")
         return SyntheticStories(tokens, lengths, self.config.max_seq_len)
-
-    # ---- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_stories,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of the real training stories (standalone use; the loop has its own)."""
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches, or ``[]`` without a validation set (Lightning then skips validation)."""
-        dataset = self.val_dataset
-        return [] if dataset is None else self._loader(dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches, in order."""
-        return self._loader(self.test_dataset, shuffle=False)
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """A tiny in-memory modality: points from a fixed 2-D Gaussian.
 
-It is the smallest real data module that follows the contract of :mod:`datamodules.synthetic`
+It is the smallest real data module that follows the contract of :mod:`collapse.contract`
 and the reference for the larger modalities: a seeded real set with train/val/test splits, a
 ``num_real`` cap, and :meth:`GaussianPointsDataModule.synthetic_dataset` turning stored samples
 (``{"samples": (n, 2) float32}``) into items shaped like real ones (float32 tensors of shape ``(2,)``).
@@ -9,16 +9,51 @@ and the reference for the larger modalities: a seeded real set with train/val/te
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from collapse.errors import ConfigError
+from datamodules.base import RealDataModuleBase
 
 TRUE_MEAN = (1.0, -2.0)
 """Mean of the real distribution."""
 TRUE_COV = ((2.0, 0.6), (0.6, 0.5))
 """Covariance of the real distribution (positive definite)."""
+
+
+@dataclass
+class GaussianPointsConfig:
+    """The real points of the toy modality (``--data.*``)."""
+
+    num_train: int = 4096
+    """Real training points available (the workflow uses the first ones)."""
+    num_real: int | None = None
+    """Cap on the real training set."""
+    num_val: int = 256
+    """Real validation points."""
+    num_test: int = 1024
+    """Real test points."""
+    seed: int = 0
+    """Seed of the real data (fixed across run seeds, so every run sees the same real set)."""
+    mean: tuple[float, ...] = TRUE_MEAN
+    """Mean of the real distribution."""
+    cov: tuple[tuple[float, ...], ...] = TRUE_COV
+    """Covariance of the real distribution (symmetric positive definite, D x D for a mean of length D)."""
+
+    def __post_init__(self) -> None:
+        for flag in ("num_train", "num_val", "num_test") + (("num_real",) if self.num_real is not None else ()):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--data.{flag} must be an integer >= 1, got {value!r}")
+        dim = len(self.mean)
+        cov = np.asarray(self.cov, dtype=np.float64)
+        if dim < 1 or cov.shape != (dim, dim):
+            raise ConfigError(f"--data.cov must be {dim} x {dim} for a mean of length {dim}, got shape {cov.shape}")
+        if not np.allclose(cov, cov.T) or np.linalg.eigvalsh(cov).min() <= 0:
+            raise ConfigError(f"--data.cov must be symmetric positive definite, got {self.cov!r}")
 
 
 class PointsDataset(Dataset):
@@ -51,11 +86,12 @@ def gaussian_points(n: int, rng: np.random.Generator, mean=TRUE_MEAN, cov=TRUE_C
     return (mean + z @ chol.T).astype(np.float32)
 
 
-class GaussianPointsDataModule(pl.LightningDataModule):
+class GaussianPointsDataModule(RealDataModuleBase[PointsDataset]):
     """Real points from N(``mean``, ``cov``), split into independent seeded train/val/test sets.
 
     Each split has its own random stream spawned from ``seed``, so changing one split's size leaves
-    the others unchanged. ``num_real`` caps the training set to its first ``num_real`` points.
+    the others unchanged. ``num_real`` caps the training set to its first ``num_real`` points. The
+    loaders and the ``*_dataset`` properties come from :class:`~datamodules.base.RealDataModuleBase`.
     """
 
     def __init__(
@@ -68,8 +104,9 @@ class GaussianPointsDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         mean: Sequence[float] = TRUE_MEAN,
         cov: Sequence[Sequence[float]] = TRUE_COV,
+        num_workers: int = 0,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -78,45 +115,21 @@ class GaussianPointsDataModule(pl.LightningDataModule):
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
         self.num_real = num_real
         self.seed = seed
-        self.batch_size = batch_size
         self.mean = tuple(float(m) for m in mean)
         self.cov = tuple(tuple(float(c) for c in row) for row in cov)
         self.dim = len(self.mean)
-        self._splits: dict[str, PointsDataset] | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        """Draw the three splits (once; later calls are no-ops)."""
-        if self._splits is not None:
-            return
+    def _load_datasets(self) -> dict[str, PointsDataset]:
+        """Draw the three splits, each from its own stream of ``seed``."""
         train_ss, val_ss, test_ss = np.random.SeedSequence(self.seed).spawn(3)
         train = gaussian_points(self.num_train, np.random.default_rng(train_ss), self.mean, self.cov)
         if self.num_real is not None:
             train = train[: self.num_real]
-        self._splits = {
+        return {
             "train": PointsDataset(train),
             "val": PointsDataset(gaussian_points(self.num_val, np.random.default_rng(val_ss), self.mean, self.cov)),
             "test": PointsDataset(gaussian_points(self.num_test, np.random.default_rng(test_ss), self.mean, self.cov)),
         }
-
-    def _split(self, name: str) -> PointsDataset:
-        self.setup()
-        assert self._splits is not None
-        return self._splits[name]
-
-    @property
-    def train_dataset(self) -> PointsDataset:
-        """The real training points (at most ``num_real``)."""
-        return self._split("train")
-
-    @property
-    def val_dataset(self) -> PointsDataset:
-        """The real validation points."""
-        return self._split("val")
-
-    @property
-    def test_dataset(self) -> PointsDataset:
-        """The real test points."""
-        return self._split("test")
 
     def synthetic_dataset(self, arrays: Mapping[str, np.ndarray]) -> PointsDataset:
         """A stored synthetic set (``{"samples": (n, D)}``, memory-mapped) as a dataset of real-like items."""
@@ -127,14 +140,12 @@ class GaussianPointsDataModule(pl.LightningDataModule):
             raise ValueError(f"synthetic samples must have shape (n, {self.dim}), got {samples.shape}")
         return PointsDataset(samples)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_dataset, batch_size=self.batch_size)
-
-
-__all__ = ["TRUE_COV", "TRUE_MEAN", "GaussianPointsDataModule", "PointsDataset", "gaussian_points"]
+__all__ = [
+    "TRUE_COV",
+    "TRUE_MEAN",
+    "GaussianPointsConfig",
+    "GaussianPointsDataModule",
+    "PointsDataset",
+    "gaussian_points",
+]

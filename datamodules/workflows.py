@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 
@@ -45,16 +46,47 @@ class WorkflowError(UserError, ValueError):
     """A workflow specification that cannot be used; the message says what to fix."""
 
 
-# name -> (allowed keys, defaults)
-_SPECS: dict[str, dict[str, float | int | None]] = {
-    "replace": {"multiplier": 1.0},
-    "replace_multiple": {"multiplier": 2.0},
-    "accumulate": {"multiplier": 1.0},
-    "accumulate_subsample": {"multiplier": 1.0, "size": None},
-    "mix": {"real": None, "synthetic": None},
-    "fresh_real": {"multiplier": 1.0, "per_generation": None},
+class _Real(Enum):
+    """Which real examples generation t > 0 trains on."""
+
+    NONE = "none: only generation 0 trains on real data"
+    KEPT = "the real examples of generation 0, every generation"
+    GROWING = "those of generation 0 plus per_generation new ones each generation"
+
+
+class _Synthetic(Enum):
+    """Which synthetic sets generation t > 0 trains on."""
+
+    NEWEST = "synthetic set t-1 only"
+    ALL = "synthetic sets 0 .. t-1"
+
+
+@dataclass(frozen=True)
+class _Definition:
+    """What one workflow is made of: its training sets and every answer :class:`Workflow` gives derive from it.
+
+    Generation 0 trains on the ``real`` parameter's count of real examples when the workflow has one, else on
+    ``real_size``; each synthetic set holds the ``synthetic`` parameter's count when the workflow has one, else
+    ``multiplier`` times ``real_size``.
+    """
+
+    defaults: dict[str, float | int | None]
+    """The workflow's parameters and their defaults (``None``: derived from the real size, or required)."""
+    real: _Real
+    synthetic: _Synthetic
+    subsample: bool = False
+    """Train on a fresh uniform random subset of ``size`` examples of the pool rather than the whole pool."""
+
+
+_DEFINITIONS: dict[str, _Definition] = {
+    "replace": _Definition({"multiplier": 1.0}, _Real.NONE, _Synthetic.NEWEST),
+    "replace_multiple": _Definition({"multiplier": 2.0}, _Real.NONE, _Synthetic.NEWEST),
+    "accumulate": _Definition({"multiplier": 1.0}, _Real.KEPT, _Synthetic.ALL),
+    "accumulate_subsample": _Definition({"multiplier": 1.0, "size": None}, _Real.KEPT, _Synthetic.ALL, subsample=True),
+    "mix": _Definition({"real": None, "synthetic": None}, _Real.KEPT, _Synthetic.NEWEST),
+    "fresh_real": _Definition({"multiplier": 1.0, "per_generation": None}, _Real.GROWING, _Synthetic.ALL),
 }
-WORKFLOW_NAMES: tuple[str, ...] = tuple(_SPECS)
+WORKFLOW_NAMES: tuple[str, ...] = tuple(_DEFINITIONS)
 _INT_KEYS = {"size", "real", "synthetic", "per_generation"}
 _SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\((.*)\))?\s*$")
 
@@ -121,13 +153,13 @@ class Workflow:
     params: dict[str, float | int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in _SPECS:
+        if self.name not in _DEFINITIONS:
             raise WorkflowError(f"unknown workflow {self.name!r}; valid workflows: {_valid_names()}")
-        unknown = set(self.params) - set(_SPECS[self.name])
+        unknown = set(self.params) - set(_DEFINITIONS[self.name].defaults)
         if unknown:
             raise WorkflowError(f"workflow {self.name!r} has no parameter {sorted(unknown)[0]!r}")
         # Fill in defaults so Workflow("accumulate") and Workflow.parse("accumulate") are the same.
-        object.__setattr__(self, "params", {**_SPECS[self.name], **self.params})
+        object.__setattr__(self, "params", {**_DEFINITIONS[self.name].defaults, **self.params})
         self._validate()
 
     # ---- construction -------------------------------------------------------------------------
@@ -142,9 +174,9 @@ class Workflow:
         if not m:
             raise WorkflowError(f"cannot parse workflow {spec!r}: write name or name(key=value, ...)")
         name, args = m.group(1), m.group(2)
-        if name not in _SPECS:
+        if name not in _DEFINITIONS:
             raise WorkflowError(f"unknown workflow {name!r}; valid workflows: {_valid_names()}")
-        params = dict(_SPECS[name])
+        params = dict(_DEFINITIONS[name].defaults)
         given: set[str] = set()
         if args and args.strip():
             for item in args.split(","):
@@ -177,40 +209,92 @@ class Workflow:
     @property
     def label(self) -> str:
         """Canonical text form, used as the ``workflow`` column of metrics.csv."""
-        defaults = _SPECS[self.name]
+        defaults = self._definition.defaults
         changed = [f"{k}={_fmt(v)}" for k, v in self.params.items() if v != defaults[k]]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
 
     def __str__(self) -> str:
         return self.label
 
+    @property
+    def _definition(self) -> _Definition:
+        return _DEFINITIONS[self.name]
+
+    # ---- questions about the workflow ----------------------------------------------------------
+    @property
+    def keeps_earlier_sets(self) -> bool:
+        """Whether generation t trains on synthetic sets older than t-1 too, so a run must keep every set it draws.
+
+        When false, a set is of no use once the next one is drawn.
+        """
+        return self._definition.synthetic is _Synthetic.ALL
+
+    @property
+    def fixed_counts(self) -> tuple[int, int] | None:
+        """``(real, synthetic)`` examples per training set when the workflow fixes both counts (a real x synthetic
+        cardinality cell, e.g. ``mix(real=256, synthetic=1024)``), else None (counts follow the real size)."""
+        real, synthetic = self.params.get("real"), self.params.get("synthetic")
+        return None if real is None or synthetic is None else (int(real), int(synthetic))
+
+    @property
+    def trains_on_whole_sets(self) -> bool:
+        """Whether every training set takes whole sources rather than a random subsample of their rows.
+
+        When true, a synthetic set may be summarised by its sufficient statistics instead of its rows.
+        """
+        return not self._definition.subsample
+
+    @property
+    def adds_real_data(self) -> bool:
+        """Whether later generations train on real examples generation 0 does not use.
+
+        Such a workflow needs more real examples than generation 0 trains on (see :meth:`real_needed`).
+        """
+        return self._definition.real is _Real.GROWING
+
+    def smallest_training_set(self, real_size: int) -> tuple[str, int] | None:
+        """The training sets that may be smaller than the ``real_size`` real examples: ``(what, size)``, or ``None``.
+
+        ``what`` names what they consist of: ``"subsample"`` (every generation trains on that many drawn
+        examples), ``"synthetic sets"`` (generations t > 0 train on one synthetic set alone) or ``"real set"``
+        (generation 0 trains on a fixed count of real examples alone, later ones add synthetic examples).
+        ``None`` means every generation trains on all ``real_size`` real examples, and perhaps more.
+        """
+        _check_size("real_size", real_size)
+        if self._definition.subsample:
+            return "subsample", self._subsample_size(real_size)
+        if self._definition.real is _Real.NONE:
+            return "synthetic sets", self.synthetic_size(real_size)
+        if "real" in self.params:
+            return "real set", self._real_rows(0, real_size)
+        return None
+
     # ---- sizes ---------------------------------------------------------------------------------
     def synthetic_size(self, real_size: int) -> int:
         """Number of examples to sample from each trained model (size of every synthetic set)."""
         _check_size("real_size", real_size)
-        if self.name == "mix":
+        if "synthetic" in self.params:
             return int(self.params["synthetic"])
         return max(1, int(round(float(self.params["multiplier"]) * real_size)))
 
     def real_needed(self, real_size: int, generations: int) -> int:
-        """Real examples the run needs in total (more than ``real_size`` only for ``fresh_real``)."""
+        """Real examples the run needs in total (more than generation 0 trains on only when :attr:`adds_real_data`)."""
         _check_size("real_size", real_size)
-        if self.name == "mix":
-            return int(self.params["real"])
-        if self.name == "fresh_real":
-            return real_size + (generations - 1) * self._per_generation(real_size)
-        return real_size
+        needed = self._real_rows(0, real_size)
+        if self.adds_real_data:  # the last generation sees the most
+            needed += (generations - 1) * self._per_generation(real_size)
+        return needed
 
     def check(self, real_size: int, generations: int, real_available: int | None = None) -> None:
         """Raise :class:`WorkflowError` when this workflow cannot run with these sizes."""
         _check_size("real_size", real_size)
         _check_size("generations", generations)
-        if self.name == "accumulate_subsample":
-            size = self._subsample_size(real_size)
-            if size > real_size:
+        if self._definition.subsample:
+            size, pool = self._subsample_size(real_size), self._real_rows(0, real_size)
+            if size > pool:
                 raise WorkflowError(
-                    f"accumulate_subsample size={size} is larger than its pool at generation 0 "
-                    f"({real_size} real examples); use size <= {real_size}"
+                    f"{self.name} size={size} is larger than its pool at generation 0 "
+                    f"({pool} real examples); use size <= {pool}"
                 )
         needed = self.real_needed(real_size, generations)
         if real_available is not None and needed > real_available:
@@ -218,6 +302,14 @@ class Workflow:
                 f"workflow {self.label} over {generations} generations needs {needed} real examples, "
                 f"but only {real_available} are available"
             )
+
+    def _real_rows(self, generation: int, real_size: int) -> int:
+        """Length of the prefix of the real set that ``generation`` trains on (0: none)."""
+        real = self._definition.real
+        if real is _Real.NONE and generation > 0:
+            return 0
+        first = int(self.params["real"]) if "real" in self.params else real_size
+        return first + generation * self._per_generation(real_size) if real is _Real.GROWING else first
 
     def _per_generation(self, real_size: int) -> int:
         value = self.params.get("per_generation")
@@ -246,20 +338,14 @@ class Workflow:
             raise WorkflowError(f"generation must be >= 0, got {generation}")
         self.check(real_size, generation + 1)
         syn = self.synthetic_size(real_size)
-        name, t = self.name, generation
-
-        if name == "mix":
-            sources = [(REAL, 0, int(self.params["real"]))]
-            if t > 0 and syn > 0:
-                sources.append((t - 1, 0, syn))
-            return TrainingSet(t, tuple(sources))
-        if name in ("replace", "replace_multiple"):
-            return TrainingSet(t, ((REAL, 0, real_size),) if t == 0 else ((t - 1, 0, syn),))
-
-        real_stop = real_size + (t * self._per_generation(real_size) if name == "fresh_real" else 0)
-        sources = ((REAL, 0, real_stop),) + tuple((k, 0, syn) for k in range(t))
+        t = generation
+        real_stop = self._real_rows(t, real_size)
+        first_set = 0 if self.keeps_earlier_sets else max(t - 1, 0)
+        sources = ((REAL, 0, real_stop),) if real_stop else ()
+        if syn > 0:  # mix(synthetic=0) trains on its real examples alone
+            sources += tuple((k, 0, syn) for k in range(first_set, t))
         ts = TrainingSet(t, sources)
-        if name != "accumulate_subsample":
+        if self.trains_on_whole_sets:
             return ts
         size = self._subsample_size(real_size)
         if size == ts.pool_size:

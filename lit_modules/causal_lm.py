@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from collapse.contract import SamplingModule
 from collapse.errors import ConfigError
 from lit_modules import config_with_overrides
 
@@ -341,7 +341,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: float, final_ratio: flo
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class CausalLMModule(pl.LightningModule):
+class CausalLMModule(SamplingModule):
     """Lightning wrapper of a transformers causal LM: token cross-entropy training and per-token logging.
 
     Build it from a :class:`CausalLMConfig`, keyword overrides of its fields, or both:
@@ -397,12 +397,12 @@ class CausalLMModule(pl.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def configure_sampling(self, cfg: Any, max_len: int | None = None, first_tokens: Any = None) -> None:
-        """Set how :meth:`sample` draws stories: a :class:`lit_modules.lm_sampling.SamplingConfig`.
+        """Set how :meth:`sample` draws stories: a :class:`samplers.story_sampler.SamplingConfig`.
 
         ``max_len``: longest story in tokens (default: the config's ``max_len``, else :attr:`max_seq_len`);
         ``first_tokens``: the pool of real first tokens for the ``first_token_inclusive`` strategy.
         """
-        from lit_modules.lm_sampling import SamplingConfig
+        from samplers.story_sampler import SamplingConfig
 
         if not isinstance(cfg, SamplingConfig):
             raise TypeError(f"expected a SamplingConfig, got {type(cfg).__name__}")
@@ -413,11 +413,11 @@ class CausalLMModule(pl.LightningModule):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> dict[str, Any]:
-        """``n`` stories drawn with ``generator`` (see :class:`lit_modules.lm_sampling.StorySampler`).
+        """``n`` stories drawn with ``generator`` (see :class:`samplers.story_sampler.StorySampler`).
 
         Returns ``tokens`` (n, max_len) uint16 padded with the pad id, ``lengths`` and ``finished``.
         """
-        from lit_modules.lm_sampling import SamplingConfig, StorySampler
+        from samplers.story_sampler import SamplingConfig, StorySampler
 
         if self.sampling is None:
             self.configure_sampling(SamplingConfig())

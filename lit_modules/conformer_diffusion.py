@@ -57,11 +57,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
 
+from collapse.contract import SamplingModule
 from collapse.errors import ConfigError
 from datamodules.mol_graph import (
     ATOM_FEATURE_SIZES,
@@ -368,7 +368,7 @@ class EquivariantDenoiser(nn.Module):
 # ------------------------------------------------------------------------------------------ Lightning
 
 
-class ConformerDiffusionModule(pl.LightningModule):
+class ConformerDiffusionModule(SamplingModule):
     """Lightning wrapper of :class:`EquivariantDenoiser`: DDPM training, fixed-noise evaluation and sampling.
 
     Build it from a :class:`ConformerDiffusionConfig`, keyword overrides of its fields, or both. The

@@ -12,23 +12,21 @@ P^T (x - mu) = eps once per chunk, without gradients.
 
 It is the smallest model with every hook the generation loop uses (a shared ``model_step`` for
 train/val/test and ``sample(n, generator)``), and its collapse under ``replace`` is the textbook
-one: the fitted covariance shrinks and drifts generation after generation. :class:`GaussianModality`
-pairs it with :class:`~datamodules.toy.GaussianPointsDataModule` for :func:`collapse.loop.run_generations`.
+one: the fitted covariance shrinks and drifts generation after generation. ``recipes/toy_gaussian.py``
+pairs it with :class:`~datamodules.toy.GaussianPointsDataModule`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
 
-from collapse.loop import Modality
-from datamodules.toy import TRUE_COV, TRUE_MEAN, GaussianPointsDataModule
+from collapse.contract import SamplingModule
 
 
 @dataclass
@@ -41,7 +39,7 @@ class GaussianModelConfig:
     """Standard deviation of the random initial mean (the initial covariance is the identity)."""
 
 
-class GaussianDensity(pl.LightningModule):
+class GaussianDensity(SamplingModule):
     """A Gaussian N(mu, (P P^T)^{-1}) with learnable mean and precision Cholesky factor; see the module docstring."""
 
     def __init__(self, dim: int = 2, lr: float = 0.2, init_scale: float = 1.0):
@@ -109,50 +107,4 @@ class GaussianDensity(pl.LightningModule):
         return {"samples": x.to(torch.float32).cpu().numpy()}
 
 
-@dataclass
-class GaussianModality(Modality):
-    """The toy modality: real points from a fixed 2-D Gaussian, modelled by :class:`GaussianDensity`.
-
-    The reference implementation of :class:`collapse.loop.Modality`.
-    """
-
-    num_train: int = 4096
-    """Real training points available (the workflow uses the first ones)."""
-    num_real: int | None = None
-    """Cap on the real training set."""
-    num_val: int = 256
-    """Real validation points."""
-    num_test: int = 1024
-    """Real test points."""
-    data_seed: int = 0
-    """Seed of the real data (fixed across run seeds, so every run sees the same real set)."""
-    model: GaussianModelConfig = field(default_factory=GaussianModelConfig)
-    """Model settings."""
-    max_epochs: int = 40
-    """Training epochs per generation."""
-    mean: tuple[float, ...] = TRUE_MEAN
-    """Mean of the real distribution."""
-    cov: tuple[tuple[float, ...], ...] = TRUE_COV
-    """Covariance of the real distribution."""
-    name: str = "toy"
-    """Label in progress lines."""
-
-    def real_datamodule(self) -> GaussianPointsDataModule:
-        return GaussianPointsDataModule(
-            num_train=self.num_train,
-            num_val=self.num_val,
-            num_test=self.num_test,
-            num_real=self.num_real,
-            seed=self.data_seed,
-            mean=self.mean,
-            cov=self.cov,
-        )
-
-    def build_model(self, generation: int) -> GaussianDensity:
-        return GaussianDensity(dim=len(self.mean), lr=self.model.lr, init_scale=self.model.init_scale)
-
-    def trainer_kwargs(self, generation: int) -> dict[str, Any]:
-        return {"max_epochs": self.max_epochs, "accelerator": "cpu", "devices": 1, "num_sanity_val_steps": 0}
-
-
-__all__ = ["GaussianDensity", "GaussianModality", "GaussianModelConfig"]
+__all__ = ["GaussianDensity", "GaussianModelConfig"]

@@ -30,17 +30,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from collapse.atomic import atomic_open
+from collapse.contract import SamplingModule
 from collapse.errors import ConfigError
 from lit_modules import config_with_overrides
 
@@ -163,7 +160,7 @@ def batch_images(batch: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     return batch
 
 
-class VAEModule(pl.LightningModule):
+class VAEModule(SamplingModule):
     """Lightning wrapper of :class:`ConvVAE`: negative-ELBO training, logging and ``sample(n, generator)``.
 
     Build it from a :class:`VAEConfig`, keyword overrides of its fields, or both:
@@ -272,32 +269,6 @@ class VAEModule(pl.LightningModule):
             self.train(was_training)
 
 
-def image_grid(images: np.ndarray, path: str | Path, nrow: int = 8, padding: int = 2, pad_value: int = 128) -> Path:
-    """Write uint8 images (n, H, W) as one grayscale PNG grid, ``nrow`` images per row; returns the path.
-
-    Images are separated (and framed) by ``padding`` pixels of value ``pad_value``, so the PNG is
-    ``cols * (W + padding) + padding`` pixels wide and ``rows * (H + padding) + padding`` high, with
-    cols = min(nrow, n), rows = ceil(n / cols); unused cells of the last row are left as padding. The file
-    is written atomically, and the same images always give the same bytes (PNG without timestamps).
-    """
-    images = np.asarray(images)
-    if images.ndim != 3 or images.dtype != np.uint8 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty uint8 array (n, H, W), got {images.dtype} {images.shape}")
-    if nrow < 1 or padding < 0 or not 0 <= pad_value <= 255:
-        raise ValueError(f"need nrow >= 1, padding >= 0, 0 <= pad_value <= 255; got {nrow}, {padding}, {pad_value}")
-    n, h, w = images.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=np.uint8)
-    for k in range(n):
-        top = padding + (k // cols) * (h + padding)
-        left = padding + (k % cols) * (w + padding)
-        grid[top : top + h, left : left + w] = images[k]
-    with atomic_open(path, "wb") as fh:
-        Image.fromarray(grid).save(fh, format="PNG")
-    return Path(path)
-
-
 __all__ = [
     "EVAL_NOISE_SEED",
     "SAMPLE_MODES",
@@ -306,5 +277,4 @@ __all__ = [
     "VAEModule",
     "batch_images",
     "elbo_terms",
-    "image_grid",
 ]

@@ -11,7 +11,7 @@ N(0, sigma^2 I). Metrics per generation, each seed separately:
                        points every generation; ``inf`` when Sigma_hat is singular (n <= d).
 
 Expected under replace: E||mu_hat_g - mu||^2 = d sigma^2 (1 - ((n-1)/n)^(g+1)); under accumulate:
-d sigma^2 / n * sum_{k<=g} 1/(k+1)^2 (see ``collapse/theory.py``).
+d sigma^2 / n * sum_{k<=g} 1/(k+1)^2 (see ``tooling/theory.py``).
 
     python recipes/gaussian.py --workflow '[replace, accumulate, accumulate_subsample]' \
         --dim '[1, 10, 31]' --n_samples '[10, 100, 1000]' --generations 50 --num_seeds 40 --out_dir runs/g
@@ -25,9 +25,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from collapse.analytic import AnalyticConfig, Cell, PrefixCache, gather, launch
 from collapse.cli import positive_floats, positive_ints, run
 from datamodules.workflows import TrainingSet
+from engine.analytic import AnalyticConfig, Cell, PrefixCache, gather, launch
 
 LOG_2PI = float(np.log(2 * np.pi))
 

@@ -39,10 +39,12 @@ import numpy as np
 
 from collapse.atomic import atomic_write_json
 from collapse.cli import run
-from collapse.errors import ConfigError, UserError
-from collapse.loop import LoopConfig, LoopResult, Modality, run_generations
-from collapse.rundir import config_dict
+from collapse.contract import Modality
+from collapse.errors import UserError
 from datamodules.geom import GeomDataConfig, GeomDataModule
+from engine.loop import LoopConfig, LoopResult, run_generations
+from engine.trainer import TrainerConfig, resolve_trainer
+from evaluation.conformer_samples import ConformerQualityConfig, ConformerSampleEvaluator
 from lit_modules.conformer_diffusion import ConformerDiffusionConfig, ConformerDiffusionModule
 
 log = logging.getLogger(__name__)
@@ -51,170 +53,10 @@ CPU_EPOCHS = 50
 """Epochs per generation on CPU: 3 generations of accumulate on 1,000 QM9 molecules in about 4 minutes on 2 cores."""
 GPU_EPOCHS = 100
 """Epochs per generation on a GPU (GeoDiff trained for far longer on GEOM-Drugs; raise it for a faithful run)."""
+PRECISION = "32-true"
+"""Coordinates and noise are float32 by default, on every device (diffusion over coordinates is precision-sensitive)."""
 DATA_FILE = "data.json"
 """The real data's label and counts (molecules read, skipped per reason), in the run dir."""
-SAMPLES_PICTURE = "samples.png"
-
-
-@dataclass
-class DiffusionTrainerConfig:
-    """Lightning Trainer settings (``--trainer.*``); the rest of the Trainer is set by the loop."""
-
-    accelerator: str = "auto"
-    """cpu, gpu, mps or auto (a GPU when there is one)."""
-    devices: int | str = 1
-    """Devices per node: 2 with --trainer.strategy ddp trains on two GPUs (or two CPU processes)."""
-    strategy: str = "auto"
-    """auto, ddp, ...: how several devices share the work (ddp re-launches this command per device)."""
-    num_nodes: int = 1
-    """Machines (with torchrun or SLURM, which start the processes)."""
-    precision: str = "32-true"
-    """Coordinates and noise are float32 by default (diffusion over coordinates is precision-sensitive)."""
-    max_epochs: int | None = None
-    """Epochs per generation; default: 40 on CPU, 100 on a GPU."""
-    gradient_clip_val: float | None = 1.0
-    """Clip gradients to this norm (None: no clipping)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or self.num_nodes < 1:
-            raise ConfigError(f"--trainer.num_nodes must be an integer >= 1, got {self.num_nodes!r}")
-        if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
-            raise ConfigError(f"--trainer.max_epochs must be >= 1, got {self.max_epochs!r}")
-        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
-            raise ConfigError(f"--trainer.gradient_clip_val must be > 0 or None, got {self.gradient_clip_val!r}")
-
-
-@dataclass
-class QualityConfig:
-    """The conformer-quality scores of each generation."""
-
-    num_molecules: int = 50
-    """Test molecules scored by COV/MAT every generation (the first of the test split; 0: no COV/MAT)."""
-    gen_per_ref: int = 2
-    """Generated conformers per real conformer (GeoDiff: 2)."""
-    threshold: float | None = None
-    """COV-R threshold delta in Angstrom; default: GeoDiff's 0.5 for QM9 (qm9pack), 1.25 for the other sources."""
-    shown_molecules: int = 6
-    """Molecules drawn in each generation's samples.png."""
-
-    def __post_init__(self) -> None:
-        for flag in ("num_molecules", "shown_molecules"):
-            value = getattr(self, flag)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"--quality.{flag} must be an integer >= 0, got {value!r}")
-        if isinstance(self.gen_per_ref, bool) or not isinstance(self.gen_per_ref, int) or self.gen_per_ref < 1:
-            raise ConfigError(f"--quality.gen_per_ref must be an integer >= 1, got {self.gen_per_ref!r}")
-        if self.threshold is not None and not self.threshold > 0:
-            raise ConfigError(f"--quality.threshold must be > 0, got {self.threshold!r}")
-
-    def delta(self, source: str) -> float:
-        return self.threshold if self.threshold is not None else (0.5 if source == "qm9pack" else 1.25)
-
-
-@dataclass
-class ConformerModality(Modality):
-    """Molecules with 3-D conformations (real) modelled by a conformer diffusion model."""
-
-    data: GeomDataConfig = field(default_factory=GeomDataConfig)
-    model: ConformerDiffusionConfig = field(default_factory=ConformerDiffusionConfig)
-    trainer: DiffusionTrainerConfig = field(default_factory=DiffusionTrainerConfig)
-    quality: QualityConfig = field(default_factory=QualityConfig)
-    batch_size: int = 64
-    name: str = "geom"
-
-    def __post_init__(self) -> None:
-        self._real: GeomDataModule | None = None
-
-    def real_datamodule(self) -> GeomDataModule:
-        if self._real is None:
-            self._real = GeomDataModule(self.data, batch_size=self.batch_size)
-        return self._real
-
-    def check_real_data(self, real: Any, real_size: int, cfg: LoopConfig) -> None:
-        if real_size < cfg.batch_size:
-            raise UserError(
-                f"the real training set has {real_size} conformers, fewer than one batch (--batch_size "
-                f"{cfg.batch_size}); use more real molecules (--data.num_real) or a smaller --batch_size"
-            )
-        stats = real.data_stats or {}
-        counts = {k: v for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool)}
-        counts.update({f"skipped {reason}": n for reason, n in (stats.get("skipped") or {}).items() if n})
-        if counts:
-            log.info("real data (%s): %s", real.label, ", ".join(f"{k} {v}" for k, v in counts.items()))
-
-    def start_run(self, out_dir: Path) -> None:
-        real = self.real_datamodule()
-        atomic_write_json(Path(out_dir) / DATA_FILE, {"label": real.label, **(real.data_stats or {})})
-
-    def build_model(self, generation: int) -> ConformerDiffusionModule:
-        module = ConformerDiffusionModule(self.model)
-        module.configure_sampling(self.real_datamodule().train_graphs())
-        return module
-
-    def trainer_kwargs(self, generation: int) -> dict[str, Any]:
-        kwargs = {k: v for k, v in dataclasses.asdict(self.trainer).items() if v is not None}
-        callbacks = [self._quality_callback()] if self.quality.num_molecules else []
-        return {**kwargs, "num_sanity_val_steps": 0, "callbacks": callbacks}
-
-    def sampling_settings(self) -> dict[str, Any]:
-        m = self.model
-        return {"sample_steps": m.sample_steps or m.num_steps, "on_broken": m.on_broken, "max_resample": m.max_resample}
-
-    def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
-        if "pos" not in arrays:  # no synthetic set (a one-generation run draws none)
-            return {}
-        from lit_modules.conformer_metrics import bond_length_distance, draw_conformers
-
-        real = self.real_datamodule()
-        graphs = real.train_graphs()
-        mol_id, num_atoms, pos = np.asarray(arrays["mol_id"]), np.asarray(arrays["num_atoms"]), arrays["pos"]
-        chosen = [graphs[int(i)] for i in mol_id]
-        generated = [np.asarray(pos[k, : num_atoms[k]]) for k in range(len(mol_id))]
-        bonds = bond_length_distance(chosen, None, generated)
-        shown = list(range(min(self.quality.shown_molecules, len(chosen))))
-        if shown:
-            draw_conformers(
-                [chosen[k] for k in shown],
-                [[generated[k]] for k in shown],
-                stage / SAMPLES_PICTURE,
-                ref_pos=[chosen[k].pos.numpy() for k in shown],
-            )
-        n = max(1, len(mol_id))
-        metrics = {"sample/bond_w1": bonds["bond_w1/all"]}
-        resampled = np.asarray(arrays["resampled"]) if "resampled" in arrays else np.zeros(len(mol_id))
-        replaced = np.asarray(arrays["replaced_by_real"]) if "replaced_by_real" in arrays else np.zeros(len(mol_id))
-        metrics["sample/broken_first_draw"] = float((resampled > 0).sum() + (replaced & (resampled == 0)).sum()) / n
-        metrics["sample/resampled"] = float((resampled > 0).sum())
-        metrics["sample/replaced_by_real"] = float(replaced.sum())
-        if replaced.any():
-            log.warning(
-                "generation %d: %d of %d generated conformers stayed broken and were replaced by the real ones",
-                generation,
-                int(replaced.sum()),
-                len(mol_id),
-            )
-        return metrics
-
-    def _quality_callback(self) -> Any:
-        from callbacks.conformer_quality import ConformerQuality
-
-        return ConformerQuality(
-            self._quality_molecules,  # read at the first test run, when the data is prepared
-            threshold=self.quality.delta(self.data.source),
-            gen_per_ref=self.quality.gen_per_ref,
-            batch_size=self.model.sample_batch_size,
-        )
-
-    def _quality_molecules(self) -> list[Any]:
-        """The first ``quality.num_molecules`` test molecules: (RDKit molecule, its real conformers)."""
-        real = self.real_datamodule()
-        real.setup("test")
-        test = real.test_dataset
-        by_smiles: dict[str, list[int]] = {}
-        for index in range(len(test)):
-            by_smiles.setdefault(test[index].smiles, []).append(index)
-        chosen = list(by_smiles.values())[: self.quality.num_molecules]
-        return [(real.rdkit_molecule("test", rows[0]), [test[r] for r in rows]) for rows in chosen]
 
 
 @dataclass
@@ -233,41 +75,96 @@ class GeomDiffusionConfig(LoopConfig):
     """Real molecules: source (qm9pack, rdkit_folder, geodiff, sdf), sizes, split."""
     model: ConformerDiffusionConfig = field(default_factory=ConformerDiffusionConfig)
     """The diffusion model: denoiser size, diffusion steps and schedule, sampling, broken-conformer policy."""
-    trainer: DiffusionTrainerConfig = field(default_factory=DiffusionTrainerConfig)
-    """Lightning Trainer settings: devices, strategy, precision, epochs."""
-    quality: QualityConfig = field(default_factory=QualityConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(gradient_clip_val=1.0))
+    """Lightning Trainer settings: devices, strategy, precision (default: 32-true everywhere), epochs per generation
+    (default: 50 on CPU, 100 on a GPU), gradient clipping (default: 1.0)."""
+    quality: ConformerQualityConfig = field(default_factory=ConformerQualityConfig)
     """COV/MAT on fixed test molecules, the picture of each generation."""
 
 
-def resolve_hardware(cfg: GeomDiffusionConfig) -> GeomDiffusionConfig:
-    """Fill the hardware-dependent defaults (epochs) so that config.yaml records what ran."""
-    import torch
+class ConformerModality(Modality):
+    """Molecules with 3-D conformations (real) modelled by a conformer diffusion model, scored as conformers."""
 
-    accelerator = cfg.trainer.accelerator
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"--trainer.accelerator {accelerator}: no CUDA GPU is visible on this machine")
-    epochs = cfg.trainer.max_epochs or (GPU_EPOCHS if on_gpu else CPU_EPOCHS)
-    trainer = dataclasses.replace(
-        cfg.trainer,
-        accelerator="gpu" if on_gpu else ("cpu" if accelerator == "auto" else accelerator),
-        max_epochs=epochs,
+    name = "geom"
+
+    def __init__(self, cfg: GeomDiffusionConfig):
+        self.cfg = cfg
+        self.real = GeomDataModule(cfg.data, batch_size=cfg.batch_size)
+        self.evaluator = ConformerSampleEvaluator(cfg.quality, self.real)
+
+    def real_datamodule(self) -> GeomDataModule:
+        return self.real
+
+    def check_real_data(self, real: Any, real_size: int, cfg: LoopConfig) -> None:
+        if real_size < cfg.batch_size:
+            raise UserError(
+                f"the real training set has {real_size} conformers, fewer than one batch (--batch_size "
+                f"{cfg.batch_size}); use more real molecules (--data.num_real) or a smaller --batch_size"
+            )
+        stats = real.data_stats or {}
+        counts = {k: v for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool)}
+        counts.update({f"skipped {reason}": n for reason, n in (stats.get("skipped") or {}).items() if n})
+        if counts:
+            log.info("real data (%s): %s", real.label, ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    def start_run(self, out_dir: Path) -> None:
+        real = self.real_datamodule()
+        atomic_write_json(Path(out_dir) / DATA_FILE, {"label": real.label, **(real.data_stats or {})})
+
+    def build_model(self, generation: int) -> ConformerDiffusionModule:
+        module = ConformerDiffusionModule(self.cfg.model)
+        module.configure_sampling(self.real.train_graphs())
+        return module
+
+    def trainer_kwargs(self, generation: int) -> dict[str, Any]:
+        callbacks = [self._quality_callback()] if self.cfg.quality.num_molecules else []
+        return {**self.cfg.trainer.lightning_kwargs(), "callbacks": callbacks}
+
+    def sampling_settings(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {"sample_steps": m.sample_steps or m.num_steps, "on_broken": m.on_broken, "max_resample": m.max_resample}
+
+    def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
+        return self.evaluator(stage, arrays, generation)
+
+    def _quality_callback(self) -> Any:
+        from callbacks.conformer_quality import ConformerQuality
+
+        return ConformerQuality(
+            self._quality_molecules,  # read at the first test run, when the data is prepared
+            threshold=self.cfg.quality.delta(self.cfg.data.source),
+            gen_per_ref=self.cfg.quality.gen_per_ref,
+            batch_size=self.cfg.model.sample_batch_size,
+        )
+
+    def _quality_molecules(self) -> list[Any]:
+        """The first ``quality.num_molecules`` test molecules: (RDKit molecule, its real conformers)."""
+        real = self.real_datamodule()
+        real.setup("test")
+        test = real.test_dataset
+        by_smiles: dict[str, list[int]] = {}
+        for index in range(len(test)):
+            by_smiles.setdefault(test[index].smiles, []).append(index)
+        chosen = list(by_smiles.values())[: self.cfg.quality.num_molecules]
+        return [(real.rdkit_molecule("test", rows[0]), [test[r] for r in rows]) for rows in chosen]
+
+
+def resolve(cfg: GeomDiffusionConfig) -> GeomDiffusionConfig:
+    """Fill the hardware-dependent defaults (precision, epochs) so that config.yaml records what ran."""
+    trainer = resolve_trainer(
+        cfg.trainer, gpu_epochs=GPU_EPOCHS, cpu_epochs=CPU_EPOCHS, gpu_precision=PRECISION, cpu_precision=PRECISION
     )
     return dataclasses.replace(cfg, trainer=trainer)
 
 
 def main(cfg: GeomDiffusionConfig) -> LoopResult:
     """Run (or resume) the generations; return what the loop did."""
-    cfg = resolve_hardware(cfg)
-    modality = ConformerModality(
-        data=cfg.data, model=cfg.model, trainer=cfg.trainer, quality=cfg.quality, batch_size=cfg.batch_size
-    )
-    loop = LoopConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LoopConfig)})
-    return run_generations(modality, loop, recipe="geom_diffusion", config=config_dict(cfg))
+    cfg = resolve(cfg)
+    return run_generations(ConformerModality(cfg), cfg, recipe="geom_diffusion")
 
 
 if __name__ == "__main__":
     run(main, GeomDiffusionConfig)
 
 
-__all__ = ["ConformerModality", "DiffusionTrainerConfig", "GeomDiffusionConfig", "QualityConfig", "main"]
+__all__ = ["ConformerModality", "GeomDiffusionConfig", "main", "resolve"]

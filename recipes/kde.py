@@ -29,10 +29,10 @@ from functools import partial
 
 import numpy as np
 
-from collapse.analytic import AnalyticConfig, Cell, gather, launch
 from collapse.cli import as_list, positive_ints, run
 from collapse.errors import UserError
 from datamodules.workflows import TrainingSet
+from engine.analytic import AnalyticConfig, Cell, gather, launch
 
 DATASETS = ("blobs", "circles", "moons", "swiss_roll")
 RULES = ("scott", "silverman")

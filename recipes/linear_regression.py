@@ -28,10 +28,10 @@ from functools import partial
 
 import numpy as np
 
-from collapse.analytic import AnalyticConfig, Cell, PrefixCache, gather, launch
 from collapse.cli import as_list, positive_floats, positive_ints, run
 from collapse.errors import UserError
 from datamodules.workflows import TrainingSet, Workflow
+from engine.analytic import AnalyticConfig, Cell, PrefixCache, gather, launch
 
 
 @dataclass
@@ -119,14 +119,10 @@ class LinearRegressionProblem:
 
 def _check_training_sizes(wf: Workflow, d: int, T: int) -> None:
     """Refuse workflows whose training sets have fewer than d examples: OLS would be undetermined."""
-    if wf.name in ("replace", "replace_multiple"):
-        what, size = "synthetic sets", wf.synthetic_size(T)
-    elif wf.name == "mix":  # generation 0 trains on the real examples alone
-        what, size = "real set", int(wf.params["real"])
-    elif wf.name == "accumulate_subsample":
-        what, size = "subsample", int(wf.params["size"] or T)
-    else:
-        return  # the pool always holds the whole real set, T >= d + 2 rows
+    smallest = wf.smallest_training_set(T)
+    if smallest is None:
+        return  # every training set holds the whole real set, T >= d + 2 rows
+    what, size = smallest
     if size < d:
         raise UserError(f"workflow {wf.label}: its {what} ({size} examples) is smaller than --dim {d}; OLS needs >= d")
 

@@ -33,20 +33,22 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from collapse.atomic import atomic_write_json, atomic_write_text
 from collapse.cli import run
+from collapse.contract import Modality
 from collapse.errors import ConfigError, UserError
-from collapse.loop import LoopConfig, LoopResult, Modality, run_generations
 from collapse.rundir import config_dict, resolve_out_dir
-from datamodules.story_corpus import distinct_n, format_corpus, rare_words, tokenize_words
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule
-from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE, decode, tokenizer_hash
+from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE, tokenizer_hash
+from engine.loop import LoopConfig, LoopResult, run_generations
+from engine.trainer import TrainerConfig, resolve_trainer
+from evaluation.stories import DiversityConfig, StorySampleEvaluator
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, describe
-from lit_modules.lm_sampling import SamplingConfig
+from samplers.story_sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,101 +60,38 @@ training set)."""
 STAND_IN_EPOCHS = 2
 """Epochs per generation over the 1,000-story stand-in default: after one pass the laptop model's stories are
 too poor to say anything about collapse (test loss 4.8 nats against 3.7 after two)."""
-STORIES_FILE = "stories.txt"
-"""A generation's whole synthetic corpus as text, in the TinyStories ``.txt`` format."""
 DATA_FILE = "data.json"
 """The real data's label and counts (stories read, empty ones dropped, bytes replaced, truncated), in the run dir."""
-SAMPLES_FILE = "samples.txt"
-"""A few synthetic stories of a generation, for reading (and for W&B)."""
 
 
 @dataclass
-class LMTrainerConfig:
-    """Lightning Trainer settings (``--trainer.*``); the rest of the Trainer is set by the loop."""
+class LMTrainerConfig(TrainerConfig):
+    """Lightning Trainer settings (``--trainer.*``), and whether to compile the model."""
 
-    accelerator: str = "auto"
-    """cpu, gpu, mps or auto (a GPU when there is one)."""
-    devices: int | str = 1
-    """Devices per node: 2 with --trainer.strategy ddp trains on two GPUs (or two CPU processes)."""
-    strategy: str = "auto"
-    """auto, ddp, fsdp, ...: how several devices share the work (ddp re-launches this command per device)."""
-    num_nodes: int = 1
-    """Machines (with torchrun or SLURM, which start the processes)."""
-    precision: str | None = None
-    """32-true, bf16-mixed, ...; default: bf16-mixed on a GPU or a CPU with native bf16 (AVX512-BF16, AMX),
-    else 32-true."""
-    max_epochs: int | None = None
-    """Epochs per generation; default: 1 (the published setting) on a real corpus, 2 on the stand-in corpus."""
     gradient_clip_val: float | None = 1.0
     """Clip gradients to this norm (None: no clipping)."""
-    accumulate_grad_batches: int = 1
-    """Optimizer step every this many batches (effective batch = batch_size x devices x this)."""
     compile: bool = False
     """torch.compile the model for training (worth it on a GPU for the larger presets)."""
 
-    def __post_init__(self) -> None:
-        for flag in ("num_nodes", "accumulate_grad_batches"):
-            value = getattr(self, flag)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--trainer.{flag} must be an integer >= 1, got {value!r}")
-        if self.max_epochs is not None and (
-            isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int) or self.max_epochs < 1
-        ):
-            raise ConfigError(f"--trainer.max_epochs must be >= 1, got {self.max_epochs!r}")
-        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
-            raise ConfigError(f"--trainer.gradient_clip_val must be > 0 or None, got {self.gradient_clip_val!r}")
+    not_for_lightning: ClassVar[tuple[str, ...]] = ("compile",)
 
 
-@dataclass
-class DiversityConfig:
-    """How each synthetic corpus is scored and shown."""
-
-    rare_doc_freq: float = 0.005
-    """A real training word is rare when it occurs in fewer than this fraction of the real training stories."""
-    shown_stories: int = 8
-    """Synthetic stories written to samples.txt (and logged to W&B) per generation."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.rare_doc_freq <= 1:
-            raise ConfigError(f"--diversity.rare_doc_freq must be in (0, 1], got {self.rare_doc_freq!r}")
-        if isinstance(self.shown_stories, bool) or not isinstance(self.shown_stories, int) or self.shown_stories < 0:
-            raise ConfigError(f"--diversity.shown_stories must be an integer >= 0, got {self.shown_stories!r}")
-
-
-def corpus_diversity(stories: list[str], rare: set[str]) -> dict[str, float]:
-    """Distinct-1/2/3, word types and the coverage of ``rare`` (real rare words) of a list of stories."""
-    used: set[str] = set()
-    for story in stories:
-        used.update(tokenize_words(story))
-    return {
-        "distinct_1": distinct_n(stories, 1),
-        "distinct_2": distinct_n(stories, 2),
-        "distinct_3": distinct_n(stories, 3),
-        "word_types": float(len(used)),
-        "rare_word_coverage": len(rare & used) / len(rare) if rare else 1.0,
-    }
-
-
-@dataclass
 class LMModality(Modality):
-    """Stories (real) modelled by a causal transformer; see :mod:`lit_modules.causal_lm`."""
+    """Stories (real) modelled by a causal transformer (:mod:`lit_modules.causal_lm`), scored as stories.
 
-    data: TinyStoriesDataConfig = field(default_factory=TinyStoriesDataConfig)
-    model: CausalLMConfig = field(default_factory=CausalLMConfig)
-    trainer: LMTrainerConfig = field(default_factory=LMTrainerConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    diversity: DiversityConfig = field(default_factory=DiversityConfig)
-    run_dir: str | None = None
-    name: str = "lm"
+    ``run_dir``: the run directory whose frozen tokenizer the real data module reuses (None: never reuse one).
+    """
 
-    def __post_init__(self) -> None:
-        self._real: TinyStoriesDataModule | None = None
-        self._rare: set[str] | None = None
+    name = "lm"
+
+    def __init__(self, cfg: TinyStoriesConfig, run_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.data = cfg.data  # read by the real-data checks
+        self.real = TinyStoriesDataModule(cfg.data, run_dir=run_dir)
+        self.evaluator = StorySampleEvaluator(cfg.diversity, self.real)
 
     def real_datamodule(self) -> TinyStoriesDataModule:
-        if self._real is None:
-            self._real = TinyStoriesDataModule(self.data, run_dir=self.run_dir)
-        return self._real
+        return self.real
 
     def check_real_data(self, real: Any, real_size: int, cfg: LoopConfig) -> None:
         if real_size < cfg.batch_size:
@@ -187,50 +126,25 @@ class LMModality(Modality):
 
     def build_model(self, generation: int) -> CausalLMModule:
         real = self.real_datamodule()
-        module = CausalLMModule(self.model, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID)
-        first = real.first_tokens() if self.sampling.strategy == "first_token_inclusive" else None
-        module.configure_sampling(self.sampling, max_len=self.data.max_seq_len, first_tokens=first)
-        if self.trainer.compile:
+        module = CausalLMModule(self.cfg.model, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID)
+        first = real.first_tokens() if self.cfg.sampling.strategy == "first_token_inclusive" else None
+        module.configure_sampling(self.cfg.sampling, max_len=self.data.max_seq_len, first_tokens=first)
+        if self.cfg.trainer.compile:
             module.model.compile()  # in place: the state_dict keys (model.pt, checkpoints) stay the same
         return module
 
     def trainer_kwargs(self, generation: int) -> dict[str, Any]:
-        kwargs = {k: v for k, v in dataclasses.asdict(self.trainer).items() if v is not None and k != "compile"}
-        return {**kwargs, "num_sanity_val_steps": 0}
+        return self.cfg.trainer.lightning_kwargs()
 
     def sampling_settings(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.sampling), "max_len": self.data.max_seq_len}
+        return {**dataclasses.asdict(self.cfg.sampling), "max_len": self.data.max_seq_len}
 
     def derived_metrics(self, tested: Mapping[str, float]) -> dict[str, float]:
         loss = tested.get("test/loss")
         return {} if loss is None else {"test/perplexity": math.exp(min(loss, 700.0))}
 
     def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
-        if "tokens" not in arrays:  # no synthetic set (a one-generation run draws none)
-            return {}
-        real = self.real_datamodule()
-        tokens, lengths = arrays["tokens"], np.asarray(arrays["lengths"])
-        stories = [decode(real.tokenizer, tokens[i, : lengths[i]]) for i in range(len(lengths))]
-        blank = sum(1 for s in stories if not s.strip())
-        kept = [s.strip() for s in stories if s.strip()]
-        atomic_write_text(stage / STORIES_FILE, format_corpus(kept))
-        atomic_write_text(stage / SAMPLES_FILE, format_corpus(kept[: self.diversity.shown_stories]))
-        metrics = {f"sample/{k}": v for k, v in corpus_diversity(kept, self._rare_words()).items()}
-        finished = np.asarray(arrays["finished"]) if "finished" in arrays else None
-        metrics["sample/mean_tokens"] = float(lengths.mean()) if len(lengths) else 0.0
-        if finished is not None:
-            metrics["sample/finished_fraction"] = float(finished.mean()) if len(finished) else 0.0
-        metrics["sample/empty_stories"] = float(blank)
-        if blank:
-            log.warning("generation %d: %d of %d synthetic stories are empty text", generation, blank, len(stories))
-        return metrics
-
-    def _rare_words(self) -> set[str]:
-        if self._rare is None:
-            real = self.real_datamodule()
-            real.setup("fit")
-            self._rare = rare_words(real.train_texts(), max_doc_freq=self.diversity.rare_doc_freq)
-        return self._rare
+        return self.evaluator(stage, arrays, generation)
 
 
 @dataclass
@@ -253,7 +167,9 @@ class TinyStoriesConfig(LoopConfig):
     model: CausalLMConfig = field(default_factory=lambda: CausalLMConfig(preset=CPU_PRESET))
     """The transformer: preset (gpt2-9m, llama2-12m, llama2-42m, llama2-126m, ...) or init_from, optimiser."""
     trainer: LMTrainerConfig = field(default_factory=LMTrainerConfig)
-    """Lightning Trainer settings: devices, strategy, precision, epochs."""
+    """Lightning Trainer settings: devices, strategy, precision (default: bf16-mixed on a GPU or a CPU with native
+    bf16, AVX512-BF16 or AMX; else 32-true), epochs per generation (default: 1, the published setting, on a real
+    corpus; 2 on the stand-in corpus), compile."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How synthetic stories are drawn: strategy, temperature, top-k/top-p, concurrent sequences."""
     diversity: DiversityConfig = field(default_factory=DiversityConfig)
@@ -276,18 +192,9 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
     The model's context is the data's ``max_seq_len`` and its vocabulary the tokenizer's size, so
     config.yaml records what ran; conflicting explicit settings are a :class:`ConfigError`.
     """
-    import torch
-
-    accelerator = cfg.trainer.accelerator
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"--trainer.accelerator {accelerator}: no CUDA GPU is visible on this machine")
-    trainer = dataclasses.replace(
-        cfg.trainer,
-        accelerator="gpu" if on_gpu else ("cpu" if accelerator == "auto" else accelerator),
-        precision=cfg.trainer.precision or ("bf16-mixed" if on_gpu or cpu_has_bf16() else "32-true"),
-        max_epochs=cfg.trainer.max_epochs or (STAND_IN_EPOCHS if cfg.data.source == "stand_in" else EPOCHS),
-    )
+    epochs = STAND_IN_EPOCHS if cfg.data.source == "stand_in" else EPOCHS
+    cpu_precision = "bf16-mixed" if cpu_has_bf16() else "32-true"
+    trainer = resolve_trainer(cfg.trainer, gpu_epochs=epochs, cpu_epochs=epochs, cpu_precision=cpu_precision)
     if cfg.model.vocab_size != cfg.data.vocab_size:
         raise ConfigError(
             f"--model.vocab_size {cfg.model.vocab_size} and --data.vocab_size {cfg.data.vocab_size} differ; "
@@ -336,29 +243,13 @@ def main(cfg: TinyStoriesConfig) -> LoopResult | None:
     if cfg.dry_run:
         dry_run(cfg)
         return None
-    modality = LMModality(
-        data=cfg.data,
-        model=cfg.model,
-        trainer=cfg.trainer,
-        sampling=cfg.sampling,
-        diversity=cfg.diversity,
-        # With --overwrite the folder may hold another run's tokenizer, about to be deleted: never reuse it.
-        run_dir=None if cfg.overwrite else resolve_out_dir(cfg.out_dir, config_dict(cfg)),
-    )
-    loop = LoopConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LoopConfig)})
-    return run_generations(modality, loop, recipe="tinystories", config=config_dict(cfg))
+    # With --overwrite the folder may hold another run's tokenizer, about to be deleted: never reuse it.
+    run_dir = None if cfg.overwrite else resolve_out_dir(cfg.out_dir, config_dict(cfg))
+    return run_generations(LMModality(cfg, run_dir=run_dir), cfg, recipe="tinystories")
 
 
 if __name__ == "__main__":
     run(main, TinyStoriesConfig)
 
 
-__all__ = [
-    "DiversityConfig",
-    "LMModality",
-    "LMTrainerConfig",
-    "TinyStoriesConfig",
-    "corpus_diversity",
-    "main",
-    "resolve",
-]
+__all__ = ["LMModality", "LMTrainerConfig", "TinyStoriesConfig", "main", "resolve"]

@@ -30,7 +30,7 @@ done
 for wf in replace accumulate; do
   $py recipes/geom_diffusion.py --workflow "$wf" --out_dir "$out/geom_diffusion/$wf"
 done
-$py -m recipes.report "$out/linear_regression" "$out/gaussian" "$out/kde" "$out"/mnist_vae/* "$out"/tinystories/* \
+$py -m tooling.report "$out/linear_regression" "$out/gaussian" "$out/kde" "$out"/mnist_vae/* "$out"/tinystories/* \
   "$out"/geom_diffusion/* \
   --out "$out/report"
 echo "main job done: $out/report/report.md"

@@ -15,5 +15,5 @@ for seed in 0 1 2; do
     $py recipes/mnist_vae.py --workflow "$wf" --seed "$seed" --generations 6 --out_dir "$out/${wf}_s$seed" "$@"
   done
 done
-$py -m recipes.report "$out"/*_s* --out "$out/report"
+$py -m tooling.report "$out"/*_s* --out "$out/report"
 echo "figure done: $out/report/report.md"

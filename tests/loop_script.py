@@ -12,7 +12,6 @@ import argparse
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from collapse.loop import LoopConfig, run_generations  # noqa: E402
 from collapse.tracking import WandbConfig  # noqa: E402
-from lit_modules.toy import GaussianModality  # noqa: E402
+from datamodules.toy import GaussianPointsConfig  # noqa: E402
+from engine.loop import LoopConfig, run_generations  # noqa: E402
+from engine.trainer import TrainerConfig  # noqa: E402
+from recipes.toy_gaussian import GaussianModality, ToyGaussianConfig  # noqa: E402
 
 REAL_SIZE = 32
 GENERATIONS = 3
@@ -62,16 +63,24 @@ class KillAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass
-class TinyModality(GaussianModality):
-    """The toy modality, small and fast: 32 real points, 3 epochs, optional extra callbacks per generation."""
+def gaussian_modality(max_epochs: int, **data: Any) -> GaussianModality:
+    """The toy recipe's modality with these real-data sizes (``--data.*``) and epochs, on the CPU."""
+    cfg = ToyGaussianConfig(
+        out_dir="unused",  # the loop's settings come from tiny_config
+        data=GaussianPointsConfig(**data),
+        trainer=TrainerConfig(accelerator="cpu", max_epochs=max_epochs),
+    )
+    return GaussianModality(cfg)
 
-    num_train: int = 128
-    num_val: int = 32
-    num_test: int = 64
-    max_epochs: int = MAX_EPOCHS
-    log: dict[str, Any] = field(default_factory=dict)
-    kill: tuple[int, int | None] | None = None
+
+class TinyModality(GaussianModality):
+    """The toy modality, small and fast: 128 real points (32 used), 3 epochs, recording callbacks per generation."""
+
+    def __init__(self, *, max_epochs: int = MAX_EPOCHS, kill: tuple[int, int | None] | None = None, **data: Any):
+        sizes = {"num_train": 128, "num_val": 32, "num_test": 64, **data}
+        super().__init__(gaussian_modality(max_epochs, **sizes).cfg)
+        self.log: dict[str, Any] = {}
+        self.kill = kill
 
     def trainer_kwargs(self, generation: int) -> dict[str, Any]:
         callbacks: list[pl.Callback] = [Recorder(generation, self.log)]

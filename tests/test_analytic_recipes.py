@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collapse.theory import gaussian_cov_trace_ratio, gaussian_mean_sq_error, linear_regression_test_mse
 from collapse.tracking import WandbConfig
 from datamodules.workflows import Workflow
 from recipes import gaussian, kde, linear_regression
+from tooling.theory import gaussian_cov_trace_ratio, gaussian_mean_sq_error, linear_regression_test_mse
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(wandb=WandbConfig(mode="disabled"), report=False, log_every=1000, workers=1)
@@ -219,7 +219,7 @@ def test_analytic_recipes_do_not_import_torch_or_lightning(tmp_path):
     code = (
         "import sys\n"
         "from recipes import gaussian, kde, linear_regression\n"
-        "from recipes.report import make_report\n"
+        "from tooling.report import make_report\n"
         f"gaussian.run(gaussian.main, gaussian.GaussianConfig, ['--out_dir', r'{tmp_path}', '--dim', '2',"
         " '--n_samples', '8', '--generations', '3', '--num_seeds', '2', '--wandb.mode', 'disabled'])\n"
         "bad = [m for m in ('torch', 'lightning', 'pytorch_lightning') if m in sys.modules]\n"
@@ -297,7 +297,7 @@ def test_help_and_print_config_document_the_flags(tmp_path):
 
 
 def test_a_pool_over_the_memory_budget_is_memory_mapped_with_identical_results(tmp_path):
-    from collapse.analytic import simulate
+    from engine.analytic import simulate
 
     wf = Workflow.parse("accumulate_subsample")
     results = []
@@ -348,7 +348,7 @@ def test_summarised_synthetic_sets_match_drawn_points_in_distribution():
     class PointsOnly(gaussian.GaussianProblem):
         sample_summary = None
 
-    from collapse.analytic import simulate
+    from engine.analytic import simulate
 
     wf = Workflow.parse("replace")
     runs = [

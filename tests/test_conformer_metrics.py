@@ -11,7 +11,7 @@ from rdkit import Chem
 from rdkit.Chem import AllChem, rdMolAlign
 
 from datamodules.mol_graph import BOND_CODES, MolGraph
-from lit_modules.conformer_metrics import (
+from evaluation.conformers import (
     DEFAULT_THRESHOLDS,
     bond_length_distance,
     bond_lengths,

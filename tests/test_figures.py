@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from recipes.figures import (
+from tooling.figures import (
     BOUNDED,
     _Skip,
     cli,
@@ -24,7 +24,7 @@ from recipes.figures import (
     relative_level,
     shape_verdict,
 )
-from recipes.published import (
+from tooling.published import (
     PublishedError,
     load_published,
     published_first,
@@ -174,7 +174,7 @@ def test_published_series_have_their_own_expected_shapes():
     ],
 )
 def test_a_malformed_published_file_names_the_figure_and_field(tmp_path, edit, message):
-    data = yaml.safe_load((ROOT / "recipes" / "published_results.yaml").read_text())
+    data = yaml.safe_load((ROOT / "tooling" / "published_results.yaml").read_text())
     edit(data["figures"]["gerstgrasser_tinystories"])
     path = tmp_path / "published.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -481,7 +481,7 @@ def test_rows_pair_each_of_our_workflows_with_the_panel_workflow(tmp_path):
     figure = load_published()["gerstgrasser_tinystories"]
     runs = [load_figure_run(write_lm_run(tmp_path / wf, wf, 0, model__preset="llama2-42m"), figure)
             for wf in ("replace", "accumulate")]  # fmt: skip
-    from recipes.figures import build_curves
+    from tooling.figures import build_curves
 
     ours = build_curves(runs, figure)
     rows = comparison_rows(figure, ours, ours.cells)
@@ -499,3 +499,17 @@ def test_a_wandb_offline_folder_named_directly_is_read_with_its_run_dirs_config(
     assert fr.run.recipe == "tinystories" and fr.source.startswith("W&B copy")
     seeds, gens, values = fr.run.series[("test_loss", "replace", ())]
     assert list(gens) == [0, 1, 2, 3] and values[0] == pytest.approx(3.70)
+
+
+def test_figures_uses_only_the_public_names_of_the_report_module():
+    import ast
+
+    from tooling import figures, report
+
+    tree = ast.parse(Path(figures.__file__).read_text())
+    used = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "rp"
+    }
+    assert used and used <= set(report.__all__), sorted(used - set(report.__all__))

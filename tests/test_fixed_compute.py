@@ -24,12 +24,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 from collapse.cli import run as run_cli
 from collapse.errors import ConfigError
-from collapse.loop import FIT_FILE, _optimizer_steps_per_epoch, run_generations
 from collapse.rundir import RunDirError
-from datamodules.store import GenerationStore
+from collapse.store import GenerationStore
 from datamodules.synthetic import SyntheticAccumulatingDataModule
 from datamodules.toy import GaussianPointsDataModule
 from datamodules.workflows import Workflow
+from engine.loop import FIT_FILE, _optimizer_steps_per_epoch, run_generations
 from recipes.toy_gaussian import ToyGaussianConfig
 from recipes.toy_gaussian import main as toy_main
 

@@ -23,6 +23,7 @@ from rdkit.Chem import AllChem
 from torch.utils.data import DataLoader
 
 import datamodules.geom as geom
+from collapse.contract import RealDataModule
 from collapse.errors import ConfigError, UserError
 from datamodules.geom import (
     SKIP_REASONS,
@@ -33,7 +34,6 @@ from datamodules.geom import (
     molecule_key,
 )
 from datamodules.mol_graph import MoleculeBatch, MolGraph
-from datamodules.synthetic import RealDataModule
 
 SMALL = ["CCO", "CC(=O)O", "c1ccccc1", "CCN", "OCCO", "CC#N", "C1CC1", "CCOC", "NC=O", "CC(C)O"]
 """Small molecules (each a distinct graph) for the hand-written source files."""

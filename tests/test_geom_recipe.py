@@ -15,8 +15,8 @@ from callbacks.conformer_quality import ConformerQuality
 from collapse.cli import parse_config
 from datamodules.geom import GeomDataConfig, GeomDataModule
 from datamodules.mol_graph import collate_molecules
+from evaluation.conformers import evaluate_conformers
 from lit_modules.conformer_diffusion import ConformerDiffusionModule
-from lit_modules.conformer_metrics import evaluate_conformers
 from recipes.geom_diffusion import GeomDiffusionConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The local grid launcher (recipes/grid.py): expansion, commands, real runs, resume, failures, GPUs, Ctrl-C."""
+"""The local grid launcher (tooling/grid.py): expansion, commands, real runs, resume, failures, GPUs, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from collapse.cli import parse_config
-from recipes import grid
+from tooling import grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -39,7 +39,7 @@ def write_sweep(path: Path, parameters: dict, program: str = "recipes/linear_reg
 def launch(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the launcher as a user would, from the repository root."""
     return subprocess.run(
-        [sys.executable, "-m", "recipes.grid", *map(str, args)],
+        [sys.executable, "-m", "tooling.grid", *map(str, args)],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout,
     )  # fmt: skip
 
@@ -272,7 +272,7 @@ def test_ctrl_c_stops_the_running_cells_and_exits_130(tmp_path):
     path = fake_sweep(tmp_path, cells=2)
     env = dict(os.environ, FAKE_SLEEP="60")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "recipes.grid", str(path), "--jobs", "2", "--out_root", str(tmp_path / "out")],
+        [sys.executable, "-m", "tooling.grid", str(path), "--jobs", "2", "--out_root", str(tmp_path / "out")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     started = 0

@@ -1,4 +1,4 @@
-"""Story sampling from causal LMs (lit_modules.lm_sampling): the KV-cached decoder and the continuous batcher."""
+"""Story sampling from causal LMs (samplers.story_sampler): the KV-cached decoder and the continuous batcher."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from collapse.errors import ConfigError
-from lit_modules import lm_sampling
 from lit_modules.causal_lm import CausalLMConfig, build_model
-from lit_modules.lm_sampling import KVDecoder, SamplingConfig, StorySampler, sample_stats, sample_tokens
+from samplers import story_sampler as lm_sampling
+from samplers.story_sampler import KVDecoder, SamplingConfig, StorySampler, sample_stats, sample_tokens
 
 VOCAB = 96
 EOT, PAD = 0, 1

@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from loop_script import GENERATIONS, MAX_EPOCHS, REAL_SIZE, TinyModality, tiny_config
+from loop_script import GENERATIONS, MAX_EPOCHS, REAL_SIZE, TinyModality, gaussian_modality, tiny_config
 
-import collapse.loop as loop
+import engine.loop as loop
 from callbacks.synthetic_data import SAMPLING_FILE, SyntheticDataCallback, chunk_ranges
 from collapse.errors import UserError
-from collapse.loop import LoopConfig, run_generations
 from collapse.rundir import RunDirError
+from collapse.store import GenerationStore, StoreError
 from collapse.tracking import WandbConfig
-from datamodules.store import GenerationStore, StoreError
 from datamodules.workflows import REAL, Workflow, WorkflowError
-from lit_modules.toy import GaussianDensity, GaussianModality
+from engine.loop import LoopConfig, run_generations
+from lit_modules.toy import GaussianDensity
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("loop_script.py")
@@ -400,7 +400,7 @@ def test_metrics_are_logged_to_the_tracker(tmp_path, monkeypatch):
 
 
 def test_toy_model_fits_the_maximum_likelihood_gaussian(tmp_path):
-    modality = GaussianModality(num_train=512, num_val=32, num_test=64, max_epochs=25)
+    modality = gaussian_modality(25, num_train=512, num_val=32, num_test=64)
     result = run_generations(
         modality, tiny_config(tmp_path / "run", "replace", generations=1, batch_size=128, real_size=None)
     )
@@ -416,7 +416,7 @@ def test_toy_model_fits_the_maximum_likelihood_gaussian(tmp_path):
 
 def test_default_config_runs_the_toy_modality_quietly(tmp_path, capsys):
     cfg = LoopConfig(out_dir=str(tmp_path / "run"), generations=1, wandb=WandbConfig(mode="disabled"))
-    result = run_generations(GaussianModality(num_train=64, num_val=32, num_test=64, max_epochs=2), cfg)
+    result = run_generations(gaussian_modality(2, num_train=64, num_val=32, num_test=64), cfg)
     assert result.metrics[0]["train_size"] == 64
     captured = capsys.readouterr()
     assert captured.out.startswith("[toy] accumulate seed=0 gen 0/0 test_loss=")

@@ -17,7 +17,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from collapse.contract import RealDataModule
 from collapse.errors import UserError
+from collapse.store import GenerationStore
 from datamodules.mnist import (
     IDX_FILES,
     DigitImages,
@@ -27,8 +29,7 @@ from datamodules.mnist import (
     embedded_split,
     load_mnist_arrays,
 )
-from datamodules.store import GenerationStore
-from datamodules.synthetic import RealDataModule, SyntheticAccumulatingDataModule
+from datamodules.synthetic import SyntheticAccumulatingDataModule
 
 IMAGE_MAGIC = 0x00000803  # IDX: unsigned bytes, 3 dimensions
 LABEL_MAGIC = 0x00000801  # IDX: unsigned bytes, 1 dimension

@@ -17,7 +17,7 @@ import torch
 
 from callbacks.synthetic_data import SyntheticDataCallback
 from collapse.cli import parse_config
-from datamodules.store import GenerationStore
+from collapse.store import GenerationStore
 from recipes.mnist_vae import MNISTVAEConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +251,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, flags, needle)
 
 
 def test_wandb_gets_metrics_and_sample_grids_of_every_generation(tmp_path, monkeypatch):
-    import collapse.loop as loop
+    import engine.loop as loop
 
     calls = []
 

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from datamodules.workflows import Workflow
-from recipes.report import cli, fmt, make_report, read_metrics, t_quantile, workflow_colours
+from tooling import report
+from tooling.report import cli, fmt, make_report, read_metrics, t_quantile, workflow_colours
 
 T975_4DOF = 2.776445  # two-sided 95% Student t quantile, 4 degrees of freedom (5 seeds)
 MIX = "mix(real=256, synthetic=1024)"
@@ -284,7 +285,7 @@ def test_gaussian_theory_uses_sigma2_from_config(tmp_path):
     ],
 )
 def test_fast_and_general_readers_agree(tmp_path, text, fast_path):
-    from recipes.report import _header, _read_blocks, _read_rows
+    from tooling.report import _header, _read_blocks, _read_rows
 
     path = tmp_path / "metrics.csv"
     path.write_bytes(("workflow,dim,seed,generation,metric,value\n" + text).encode())
@@ -301,7 +302,7 @@ def test_fast_and_general_readers_agree(tmp_path, text, fast_path):
 
 
 def test_fast_reader_handles_the_recipes_format(tmp_path):
-    from recipes.report import _header, _read_blocks
+    from tooling.report import _header, _read_blocks
 
     run = write_run(tmp_path / "r", "linear_regression", ["dim", "n_samples", "noise_var"], lr_rows(lr_values()))
     path = run / "metrics.csv"
@@ -483,3 +484,31 @@ def test_runs_without_pictures_get_no_samples_figure(tmp_path, capsys):
         "linear_regression_test_mse.png",
         "vae_mnist_val_loss.png",
     }
+
+
+def test_the_public_helpers_exist_are_documented_and_behave_as_documented(tmp_path):
+    for name in report.__all__:
+        obj = getattr(report, name)
+        if callable(obj) and getattr(obj, "__module__", None) == report.__name__:
+            assert obj.__doc__, name
+    assert report.same_value("10", "10.0") and not report.same_value("10", "ten")
+    grid, cell = ("dim", "n_samples"), ("10", "")
+    assert report.cell_title(grid, cell) == "dim=10, n_samples=-" and report.cell_title(grid, cell, [0]) == "dim=10"
+    assert report.cell_matches_filters(grid, cell, []) and report.cell_matches_filters(grid, cell, [{"dim": "10.0"}])
+    assert not report.cell_matches_filters(grid, cell, [{"dim": "1"}, {"width": "10"}])
+    assert sorted([("b",), ("",), ("10",), ("9",)], key=report.cell_sort_key) == [("9",), ("10",), ("b",), ("",)]
+    labels = ["mix(real=10, synthetic=0)", "accumulate", "mix(real=2, synthetic=0)", "replace", "other"]
+    ordered = sorted(labels, key=report.workflow_sort_key)
+    assert ordered.index("replace") < ordered.index("accumulate") < ordered.index("other")
+    assert ordered.index("mix(real=2, synthetic=0)") < ordered.index("mix(real=10, synthetic=0)")
+    assert report.md_escape("a|b") == "a\\|b" and report.md_escape(3) == "3"
+    assert report.single_value([4]) == 4 and report.single_value([1, 2]) is None and report.single_value(5) == 5
+    assert report.describe_contents(tmp_path) == "it is empty"
+    (tmp_path / "gen_000").mkdir()
+    (tmp_path / "gen_000" / report.SAMPLES_PICTURE).write_bytes(b"")
+    (tmp_path / "gen_001").mkdir()
+    assert report.describe_contents(tmp_path) == "it holds gen_000/, gen_001/"
+    assert report.finished_generations(tmp_path) == {0: tmp_path / "gen_000" / report.SAMPLES_PICTURE, 1: None}
+    assert report.read_run_config(tmp_path) == ({}, ["no config.yaml, so the recipe is unknown"])
+    gens = np.arange(3)
+    assert report.safe_theory_curve("no_such_recipe", "test_mse", "replace", {}, gens) is None

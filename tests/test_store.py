@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from collapse.errors import UserError
-from datamodules.store import FORMAT, MANIFEST, GenerationStore, StoreError
+from collapse.store import FORMAT, MANIFEST, GenerationStore, StoreError
 from datamodules.workflows import REAL, Workflow
 
 SAMPLING = {"temperature": 0.7, "top_p": 0.9, "seed": 3}

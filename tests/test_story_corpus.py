@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -169,6 +170,29 @@ def test_word_lists_are_clean():
                 assert text and text.isascii() and text == text.strip(), (name, item)
     assert not set(sc.GIRL_NAMES) & set(sc.BOY_NAMES)
     assert not set(sc.PET_NAMES) & (set(sc.GIRL_NAMES) | set(sc.BOY_NAMES))
+
+
+def test_words_file_loads_into_the_module_lists(tmp_path: Path):
+    """The data file next to the module: every list non-empty and without duplicates, loaded as is, in order."""
+    path = Path(sc.__file__).with_name("story_corpus_words.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    lists = {name: value for name, value in data.items() if not name.startswith("_") and name != "TEMPLATES"}
+    groups = {f"TEMPLATES[{key!r}]": value for key, value in data["TEMPLATES"].items()}
+    assert len(lists) >= 40 and len(groups) >= 100
+    for name, items in {**lists, **groups}.items():
+        entries = [tuple(x) if isinstance(x, list) else x for x in items]
+        assert entries, name
+        assert len(set(entries)) == len(entries), name
+        assert all(isinstance(x, str) or all(isinstance(f, str) for f in x) for x in entries), name
+        if name in lists:
+            assert getattr(sc, name) == tuple(entries), name  # same names, types and order (the Zipf rank)
+    assert sc.TEMPLATES == {key: tuple(value) for key, value in data["TEMPLATES"].items()}
+    assert list(sc.TEMPLATES) == list(data["TEMPLATES"])
+    # A repeated entry would silently hold two Zipf ranks, so loading refuses it.
+    bad = tmp_path / "words.json"
+    bad.write_text(json.dumps({"_comment": ["x"], "COLORS": ["red", "blue", "red"]}), encoding="utf-8")
+    with pytest.raises(ValueError, match="COLORS"):
+        sc._load_words(bad)
 
 
 def test_tokenizer():

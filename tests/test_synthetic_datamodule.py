@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.store import GenerationStore, StoreError
-from datamodules.synthetic import SyntheticAccumulatingDataModule, WorkflowDataset, derive_seed
+from collapse.contract import RealDataModule
+from collapse.errors import UserError
+from collapse.seeding import derive_seed
+from collapse.store import GenerationStore, StoreError
+from datamodules.base import RealDataModuleBase
+from datamodules.synthetic import SyntheticAccumulatingDataModule, WorkflowDataset
 from datamodules.toy import GaussianPointsDataModule, PointsDataset
 from datamodules.workflows import REAL, Workflow, WorkflowError
 
@@ -256,3 +260,34 @@ def test_toy_real_data_is_seeded_and_split_independently():
     np.testing.assert_allclose(np.cov(big.T), [[2.0, 0.6], [0.6, 0.5]], atol=0.08)
     with pytest.raises(ValueError, match="shape"):
         a.synthetic_dataset({"samples": np.zeros((4, 3), np.float32)})
+
+
+class PointsWithoutValidation(RealDataModuleBase[PointsDataset]):
+    """A minimal subclass of the base: ten training points, four test points, no validation set."""
+
+    collate_fn = staticmethod(torch.stack)
+    loads = 0
+
+    def _load_datasets(self):
+        self.loads += 1
+        points = np.arange(28, dtype=np.float32).reshape(14, 2)
+        return {"train": PointsDataset(points[:10]), "val": None, "test": PointsDataset(points[10:])}
+
+    def synthetic_dataset(self, arrays):
+        return PointsDataset(arrays["samples"])
+
+
+def test_real_data_module_base_gives_the_datasets_and_loaders():
+    dm = PointsWithoutValidation(batch_size=4)
+    assert isinstance(dm, RealDataModule) and isinstance(GaussianPointsDataModule(), RealDataModule)
+    assert dm.val_dataset is None and dm.val_dataloader() == []
+    assert len(dm.train_dataset) == 10 and len(dm.test_dataset) == 4
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.loads == 1  # built once, whatever the stage
+    assert sorted(torch.cat(list(dm.train_dataloader()))[:, 0].tolist()) == list(range(0, 20, 2))
+    (batch,) = list(dm.test_dataloader())
+    np.testing.assert_array_equal(batch.numpy(), np.arange(20, 28, dtype=np.float32).reshape(4, 2))
+    for bad in ({"batch_size": 0}, {"batch_size": 2.5}, {"batch_size": 4, "num_workers": -1}):
+        with pytest.raises(UserError, match="batch size|num_workers"):
+            PointsWithoutValidation(**bad)

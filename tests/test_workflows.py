@@ -160,6 +160,70 @@ def test_label_is_canonical():
     )
 
 
+# ---- what a workflow says about itself ---------------------------------------------------------
+
+# name -> (a spec of it, keeps_earlier_sets, trains_on_whole_sets, adds_real_data, smallest_training_set(10),
+# fixed_counts). Every workflow must appear here, so a new one has to state each answer.
+ANSWERS: dict[str, tuple[str, bool, bool, bool, tuple[str, int] | None, tuple[int, int] | None]] = {
+    "replace": ("replace(multiplier=0.5)", False, True, False, ("synthetic sets", 5), None),
+    "replace_multiple": ("replace_multiple", False, True, False, ("synthetic sets", 20), None),
+    "accumulate": ("accumulate(multiplier=0.3)", True, True, False, None, None),
+    "accumulate_subsample": ("accumulate_subsample(size=4)", True, False, False, ("subsample", 4), None),
+    "mix": ("mix(real=6, synthetic=3)", False, True, False, ("real set", 6), (6, 3)),
+    "fresh_real": ("fresh_real(per_generation=2)", True, True, True, None, None),
+}
+
+
+def test_every_workflow_states_its_answers():
+    assert set(ANSWERS) == set(WORKFLOW_NAMES)
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_answers_of_each_workflow(name):
+    spec, keeps_earlier_sets, trains_on_whole_sets, adds_real_data, smallest, fixed_counts = ANSWERS[name]
+    wf = Workflow.parse(spec)
+    assert wf.name == name
+    assert wf.keeps_earlier_sets is keeps_earlier_sets
+    assert wf.trains_on_whole_sets is trains_on_whole_sets
+    assert wf.adds_real_data is adds_real_data
+    assert wf.smallest_training_set(10) == smallest
+    assert wf.fixed_counts == fixed_counts
+
+
+def test_smallest_training_set_defaults_follow_the_real_size():
+    assert Workflow.parse("replace").smallest_training_set(7) == ("synthetic sets", 7)
+    assert Workflow.parse("accumulate_subsample").smallest_training_set(7) == ("subsample", 7)
+    assert Workflow.parse("mix(real=3, synthetic=0)").smallest_training_set(7) == ("real set", 3)
+    assert Workflow.parse("fresh_real").smallest_training_set(7) is None
+    with pytest.raises(WorkflowError, match="real_size must be a positive integer"):
+        Workflow.parse("replace").smallest_training_set(0)
+
+
+@PROPERTY
+@given(workflow_cases(), st.integers(min_value=3, max_value=8), seeds)
+def test_answers_agree_with_the_training_sets(case, num_generations, seed):
+    wf, n = case
+    sets = [wf.training_set(t, n, seed=seed) for t in range(num_generations)]
+    older = any(src != REAL and src < ts.generation - 1 for ts in sets for src, _, _ in ts.sources)
+    assert wf.keeps_earlier_sets == older  # generation 2 on would train on synthetic set 0
+    if wf.trains_on_whole_sets:
+        assert all(ts.subset is None for ts in sets)
+    else:  # generation 1's pool holds the real set and synthetic set 0, more than any subsample
+        assert sets[1].subset is not None
+    first_real = sets[0].pool_size
+    assert wf.adds_real_data == (wf.real_needed(n, num_generations) > first_real)
+
+    smallest = wf.smallest_training_set(n)
+    if smallest is None:
+        assert all(ts.sources[0][0] == REAL and ts.sources[0][2] >= n for ts in sets), "all hold the whole real set"
+        return
+    what, size = smallest
+    if what == "real set":
+        assert sets[0].size == size == min(ts.size for ts in sets)
+    else:  # synthetic sets or subsample: every later generation trains on exactly that many examples
+        assert {ts.size for ts in sets[1:]} == {size}
+
+
 # ---- one workflow at a time --------------------------------------------------------------------
 
 

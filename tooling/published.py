@@ -1,6 +1,6 @@
-"""The published values the recipes reproduce, as data: ``recipes/published_results.yaml``, loaded and validated.
+"""The published values the recipes reproduce, as data: ``tooling/published_results.yaml``, loaded and validated.
 
-    from recipes.published import load_published
+    from tooling.published import load_published
     figures = load_published()            # {figure id: Figure}
     fig = figures["gerstgrasser_tinystories"]
     fig.panels[0].series["replace"]       # (Point(iteration 1: 1.82), ...)
@@ -27,9 +27,9 @@ from collapse.errors import UserError
 from datamodules.workflows import WORKFLOW_NAMES, Workflow, WorkflowError
 
 PUBLISHED_PATH = Path(__file__).with_name("published_results.yaml")
-RECIPES_DIR = Path(__file__).parent
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SHAPES = ("rising", "flat", "bounded", "between")
-"""Expected shapes of a workflow's curve; the rules that check them are in :mod:`recipes.figures`."""
+"""Expected shapes of a workflow's curve; the rules that check them are in :mod:`tooling.figures`."""
 _SPAN = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 _FIGURE_KEYS = {
     "title", "source", "recipe", "metric", "iteration_offset", "index_convention", "setting", "select",
@@ -391,7 +391,7 @@ def _figure(fid: str, raw: Any, where: str) -> Figure:
 
 
 def load_published(path: str | Path | None = None) -> dict[str, Figure]:
-    """Read and validate the published-results file (default: ``recipes/published_results.yaml``)."""
+    """Read and validate the published-results file (default: ``tooling/published_results.yaml``)."""
     path = Path(path) if path is not None else PUBLISHED_PATH
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

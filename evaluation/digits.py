@@ -28,15 +28,19 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
-from collapse.atomic import atomic_open
+from collapse.atomic import atomic_open, atomic_write_json
+from collapse.errors import ConfigError
 
 NUM_CLASSES = 10
 """Digit classes."""
@@ -209,6 +213,8 @@ class SampleQuality:
         # A custom feature network gets the images exactly as passed to update() (float in [0, 1] here;
         # torchmetrics neither resizes nor converts them to uint8). reset() keeps the real statistics.
         # No syncing on compute: the images of one process are the whole set, also inside a DDP run.
+        from torchmetrics.image.fid import FrechetInceptionDistance  # imported here: slow to import, needed per run
+
         self.fid = FrechetInceptionDistance(
             feature=_Features(self.classifier), reset_real_features=False, normalize=True, sync_on_compute=False
         ).to(self.device)
@@ -250,13 +256,105 @@ class SampleQuality:
         return self.evaluate(other_real_images)["fid"]
 
 
+@dataclass
+class DigitQualityConfig:
+    """The classifier-based quality signal of each synthetic set of digits (``--quality.*``)."""
+
+    enabled: bool = True
+    """Score each synthetic set with the digit classifier (sample_fid, sample_class_entropy, sample_confidence)."""
+    classifier_epochs: int = 3
+    """Epochs of the classifier, trained once on the real training digits and cached."""
+    cache_dir: str | None = None
+    """Where the trained classifier is cached; default: $MODEL_COLLAPSE_CACHE or ~/.cache/model-collapse."""
+    grid_size: int = 64
+    """Synthetic digits in each generation's samples.png."""
+
+    def __post_init__(self) -> None:
+        for flag in ("classifier_epochs", "grid_size"):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--quality.{flag} must be an integer >= 1, got {value!r}")
+
+
+class DigitSampleEvaluator:
+    """Scores a generation's synthetic digits, for any model of MNIST: the ``evaluate_samples`` of a digit modality.
+
+    Writes ``samples.png`` (the first ``grid_size`` digits) and ``class_histogram.json`` (predicted-class
+    counts) into the generation's staging folder and returns ``sample/fid``, ``sample/class_entropy`` and
+    ``sample/confidence`` (see the module docstring). The classifier is trained on the real training digits
+    the first time it is needed (then read from the cache), and the real test digits are the reference set.
+
+    Args:
+        config: the ``--quality.*`` settings.
+        real: the real data, read lazily: anything with ``setup("fit")`` and uint8 ``train_images``
+            (N, 28, 28), int64 ``train_labels`` and uint8 ``test_images`` (an MNIST real data module).
+    """
+
+    def __init__(self, config: DigitQualityConfig, real: Any):
+        self.config = config
+        self.real = real
+        self._quality: SampleQuality | None = None
+
+    def __call__(self, stage: Path, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Pictures and metrics of the synthetic set ``arrays["images"]`` (uint8 (n, 28, 28), memory-mapped)."""
+        images = arrays.get("images")
+        if images is None or len(images) == 0:  # no synthetic set (a one-generation run draws none)
+            return {}
+        image_grid(np.asarray(images[: self.config.grid_size]), Path(stage) / "samples.png")
+        if not self.config.enabled:
+            return {}
+        metrics, histogram = self.quality().evaluate_with_histogram(np.asarray(images))
+        atomic_write_json(Path(stage) / "class_histogram.json", {"counts": [int(c) for c in histogram]})
+        return {f"sample/{k}": v for k, v in metrics.items()}
+
+    def quality(self) -> SampleQuality:
+        """The scorer: the classifier (trained once, cached) and the real test digits' features."""
+        if self._quality is None:
+            self.real.setup("fit")
+            cache = self.config.cache_dir or default_cache_dir()
+            classifier = load_or_train_classifier(
+                self.real.train_images, self.real.train_labels, cache, epochs=self.config.classifier_epochs
+            )
+            self._quality = SampleQuality(classifier, self.real.test_images)
+        return self._quality
+
+
+def image_grid(images: np.ndarray, path: str | Path, nrow: int = 8, padding: int = 2, pad_value: int = 128) -> Path:
+    """Write uint8 images (n, H, W) as one grayscale PNG grid, ``nrow`` images per row; returns the path.
+
+    Images are separated (and framed) by ``padding`` pixels of value ``pad_value``, so the PNG is
+    ``cols * (W + padding) + padding`` pixels wide and ``rows * (H + padding) + padding`` high, with
+    cols = min(nrow, n), rows = ceil(n / cols); unused cells of the last row are left as padding. The file
+    is written atomically, and the same images always give the same bytes (PNG without timestamps).
+    """
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty uint8 array (n, H, W), got {images.dtype} {images.shape}")
+    if nrow < 1 or padding < 0 or not 0 <= pad_value <= 255:
+        raise ValueError(f"need nrow >= 1, padding >= 0, 0 <= pad_value <= 255; got {nrow}, {padding}, {pad_value}")
+    n, h, w = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=np.uint8)
+    for k in range(n):
+        top = padding + (k // cols) * (h + padding)
+        left = padding + (k % cols) * (w + padding)
+        grid[top : top + h, left : left + w] = images[k]
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(grid).save(fh, format="PNG")
+    return Path(path)
+
+
 __all__ = [
     "ARCH_VERSION",
     "CACHE_ENV",
     "DigitClassifier",
+    "DigitQualityConfig",
+    "DigitSampleEvaluator",
     "SampleQuality",
     "classifier_key",
     "default_cache_dir",
+    "image_grid",
     "load_or_train_classifier",
     "to_tensor",
     "train_classifier",

@@ -1,6 +1,6 @@
 """Plots and tables of one or many recipe runs: ``<run_dir>/config.yaml`` + ``<run_dir>/metrics.csv``.
 
-    python -m recipes.report RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--metrics m1,m2] [--log_y auto|true|false]
+    python -m tooling.report RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--metrics m1,m2] [--log_y auto|true|false]
         [--cells 'dim=10,n_samples=100'] [--max_panels 25]
 
 Runs of the same recipe are merged (more seeds, more cells, more workflows); different recipes get
@@ -8,7 +8,7 @@ separate sections. For every recipe and metric the report holds
 
 * ``<out>/<recipe>_<metric>.png``: one panel per grid cell, x = generation, one line per workflow
   (the mean over seeds, shaded 95% confidence interval), the closed-form expectation of
-  :func:`collapse.theory.theory_curve` dashed in the same colour where one is known;
+  :func:`tooling.theory.theory_curve` dashed in the same colour where one is known;
 * a table in ``<out>/report.md``: one row per (cell, workflow), the value at generation 0 and at the
   last generation (and the theory there) as mean ± half-width of the 95% confidence interval.
 
@@ -49,8 +49,52 @@ from numpy.lib.stride_tricks import sliding_window_view
 from collapse.atomic import atomic_write_text
 from collapse.errors import UserError
 from collapse.rundir import CONFIG, EXECUTION_KEYS, METRICS, TAIL_COLUMNS
-from collapse.theory import theory_curve
 from datamodules.workflows import WORKFLOW_NAMES
+from tooling.theory import theory_curve
+
+__all__ = [
+    "CONFIDENCE",
+    "DEFAULT_MAX_PANELS",
+    "HIDDEN_CONFIG_KEYS",
+    "POOLED_CONFIG_KEYS",
+    "REQUIRED_COLUMNS",
+    "SAMPLES_PICTURE",
+    "THEORY_CONFIG_KEYS",
+    "RecipeData",
+    "ReportError",
+    "Run",
+    "Series",
+    "SeriesKey",
+    "Summary",
+    "build_parser",
+    "cell_matches_filters",
+    "cell_sort_key",
+    "cell_title",
+    "cli",
+    "describe_contents",
+    "finished_generations",
+    "fmt",
+    "format_value_cell",
+    "load_run",
+    "make_report",
+    "md_escape",
+    "merge_runs",
+    "merge_tagged",
+    "param_value",
+    "parse_cell_filters",
+    "read_metrics",
+    "read_run_config",
+    "run_seed",
+    "run_workflow",
+    "safe_theory_curve",
+    "same_value",
+    "samples_section",
+    "single_value",
+    "summarize",
+    "t_quantile",
+    "workflow_colours",
+    "workflow_sort_key",
+]
 
 CONFIDENCE = 0.95
 DEFAULT_MAX_PANELS = 25
@@ -58,10 +102,10 @@ REQUIRED_COLUMNS = ("workflow", *TAIL_COLUMNS)
 
 # Config keys that the closed forms need but that are not grid columns of metrics.csv.
 THEORY_CONFIG_KEYS: dict[str, tuple[str, ...]] = {"gaussian": ("sigma2",)}
-# Config keys left out of a run's one-line summary: they say where and how a run was executed.
-_HIDDEN_CONFIG_KEYS = EXECUTION_KEYS | {"recipe", "out_dir", "report"}
-# Config keys in which runs of one experiment may differ and still be pooled (more seeds, more workflows).
-_POOLED_CONFIG_KEYS = frozenset({"seed", "num_seeds", "workflow", "generations"})
+HIDDEN_CONFIG_KEYS = EXECUTION_KEYS | {"recipe", "out_dir", "report"}
+"""Config keys that say where and how a run was executed: left out of its summary, never a grid column."""
+POOLED_CONFIG_KEYS = frozenset({"seed", "num_seeds", "workflow", "generations"})
+"""Config keys in which runs of one experiment may differ and still be pooled (more seeds, more workflows)."""
 
 _CHUNK_ROWS = 200_000
 SAMPLES_PICTURE = "samples.png"
@@ -204,7 +248,12 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-def _listing(path: Path, limit: int = 8) -> str:
+def describe_contents(path: Path, limit: int = 8) -> str:
+    """A folder's entries for an error message: ``"it is empty"`` or ``"it holds a, b/, ... (+n more)"``.
+
+    Shows at most ``limit`` names, hidden ones last, folders with a trailing ``/``; raises ``OSError`` when
+    the folder cannot be listed.
+    """
     entries = sorted(path.iterdir(), key=lambda p: (p.name.startswith("."), p.name))
     if not entries:
         return "it is empty"
@@ -213,7 +262,12 @@ def _listing(path: Path, limit: int = 8) -> str:
     return "it holds " + ", ".join(names) + more
 
 
-def _read_config(path: Path) -> tuple[dict[str, Any], list[str]]:
+def read_run_config(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """A run dir's ``config.yaml`` as ``(mapping, notes)``; never raises.
+
+    A missing, unreadable or non-mapping file gives ``{}`` and a note saying why the recipe is unknown;
+    a mapping without a ``recipe`` key is returned with a note saying so.
+    """
     cfg_path = path / CONFIG
     if not cfg_path.is_file():
         return {}, [f"no {CONFIG}, so the recipe is unknown"]
@@ -543,11 +597,11 @@ def load_run(run_dir: str | Path) -> Run:
         raise ReportError(f"{path}: not a directory")
     if not (path / METRICS).is_file():
         try:
-            held = _listing(path)
+            held = describe_contents(path)
         except OSError as exc:
             held = f"its contents cannot be listed ({exc.strerror or exc})"
         raise ReportError(f"{path}: no {METRICS} (unfinished run?); {held}")
-    config, notes = _read_config(path)
+    config, notes = read_run_config(path)
     try:
         grid, series, rows = read_metrics(path / METRICS)
     except ReportError as exc:
@@ -571,7 +625,8 @@ class RecipeData:
     notes: list[str] = field(default_factory=list)
 
 
-def _scalar(value: Any) -> Any:
+def single_value(value: Any) -> Any:
+    """A config value as one value: a one-item list or tuple gives its item, a longer (or empty) one None."""
     if isinstance(value, (list, tuple)):
         return value[0] if len(value) == 1 else None
     return value
@@ -620,12 +675,12 @@ def merge_runs(runs: Sequence[Run]) -> list[RecipeData]:
         split: list[str] = []
         keys = list(dict.fromkeys(k for run in group for k in run.config))
         for key in keys:
-            if key in _HIDDEN_CONFIG_KEYS or key in _POOLED_CONFIG_KEYS or key in grid:
+            if key in HIDDEN_CONFIG_KEYS or key in POOLED_CONFIG_KEYS or key in grid:
                 continue
             vals = [run.config.get(key) for run in group]
             if all(v == vals[0] for v in vals):
-                if key in THEORY_CONFIG_KEYS.get(recipe, ()) and _scalar(vals[0]) is not None:
-                    common[key] = _scalar(vals[0])  # the closed forms need it, e.g. the Gaussian's sigma2
+                if key in THEORY_CONFIG_KEYS.get(recipe, ()) and single_value(vals[0]) is not None:
+                    common[key] = single_value(vals[0])  # the closed forms need it, e.g. the Gaussian's sigma2
                 continue
             grid.append(key)
             split.append(key)
@@ -671,7 +726,8 @@ def _sort_value(text: str) -> tuple:
         return (1, 0.0, text)
 
 
-def _cell_key(cell: tuple[str, ...]) -> tuple:
+def cell_sort_key(cell: tuple[str, ...]) -> tuple:
+    """Sort key of a grid cell: numbers by value before text, empty values last, column by column."""
     return tuple(_sort_value(v) for v in cell)
 
 
@@ -683,7 +739,9 @@ def _workflow_name(label: str) -> str:
     return label.split("(", 1)[0].strip()
 
 
-def _workflow_key(label: str) -> tuple:
+def workflow_sort_key(label: str) -> tuple:
+    """Sort key of a workflow label: the order of ``WORKFLOW_NAMES``, then the plain name before its
+    parametrised labels, which sort with their numbers by value (``mix(real=2)`` before ``mix(real=10)``)."""
     name = _workflow_name(label)
     rank = WORKFLOW_NAMES.index(name) if name in WORKFLOW_NAMES else len(WORKFLOW_NAMES)
     return (rank, name, label != name, _natural(label))
@@ -694,7 +752,7 @@ def workflow_colours(labels: Iterable[str]) -> dict[str, str]:
     colours: dict[str, str] = {}
     used = {name: 0 for name in _FAMILY_COLOURS}
     rest = 0
-    for label in sorted(set(labels), key=_workflow_key):
+    for label in sorted(set(labels), key=workflow_sort_key):
         name = _workflow_name(label)
         family = _FAMILY_COLOURS.get(name, ())
         if used.get(name, len(family)) < len(family):
@@ -734,7 +792,8 @@ def fmt(x: float, digits: int = 4) -> str:
     return f"{mant}e{int(exp)}"
 
 
-def _cell_title(grid: Sequence[str], cell: Sequence[str], only: Sequence[int] | None = None) -> str:
+def cell_title(grid: Sequence[str], cell: Sequence[str], only: Sequence[int] | None = None) -> str:
+    """``"dim=10, n_samples=100"`` for a cell of ``grid`` (``-`` for an empty value); ``only`` picks the columns."""
     idx = range(len(grid)) if only is None else only
     return ", ".join(f"{grid[i]}={cell[i] or '-'}" for i in idx)
 
@@ -743,7 +802,8 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "metric"
 
 
-def _md(text: str) -> str:
+def md_escape(text: str) -> str:
+    """``text`` (any value, as ``str``) safe inside a markdown table cell: ``|`` escaped."""
     return str(text).replace("|", "\\|")
 
 
@@ -777,7 +837,8 @@ def parse_cell_filters(specs: Sequence[str] | str | None) -> list[dict[str, str]
     return filters
 
 
-def _same(a: str, b: str) -> bool:
+def same_value(a: str, b: str) -> bool:
+    """Whether two grid values are equal as text or as numbers (``"10"`` and ``"10.0"`` are the same)."""
     if a == b:
         return True
     try:
@@ -786,11 +847,15 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def _cell_matches(grid: Sequence[str], cell: Sequence[str], filters: list[dict[str, str]]) -> bool:
+def cell_matches_filters(grid: Sequence[str], cell: Sequence[str], filters: list[dict[str, str]]) -> bool:
+    """Whether a cell of ``grid`` matches any of ``filters`` (from :func:`parse_cell_filters`); True without filters.
+
+    A filter matches when the cell has every parameter it names with the same value (see :func:`same_value`).
+    """
     if not filters:
         return True
     values = dict(zip(grid, cell))
-    return any(all(k in values and _same(values[k], v) for k, v in f.items()) for f in filters)
+    return any(all(k in values and same_value(values[k], v) for k, v in f.items()) for f in filters)
 
 
 def _metric_list(metrics: Sequence[str] | str | None) -> list[str] | None:
@@ -820,7 +885,14 @@ class _Line:
     theory: np.ndarray | None
 
 
-def _theory(recipe: str, metric: str, workflow: str, params: dict[str, Any], gens: np.ndarray) -> np.ndarray | None:
+def safe_theory_curve(
+    recipe: str, metric: str, workflow: str, params: dict[str, Any], gens: np.ndarray
+) -> np.ndarray | None:
+    """The closed form of :func:`tooling.theory.theory_curve` at generations ``gens``, as floats of ``gens``' shape.
+
+    None where there is none: no closed form for the (recipe, metric, workflow), parameters the cell
+    lacks, or no finite value at all.
+    """
     try:
         curve = theory_curve(recipe, metric, workflow, params, gens)
     except (UserError, KeyError, ValueError, TypeError, ZeroDivisionError, OverflowError):
@@ -842,7 +914,7 @@ def _layout(grid: Sequence[str], cells: Sequence[tuple[str, ...]]) -> tuple[int,
     if len(varying) >= 2:
         r, rest = varying[0], varying[1:]
         row_vals = sorted({c[r] for c in cells}, key=_sort_value)
-        col_vals = sorted({tuple(c[i] for i in rest) for c in cells}, key=_cell_key)
+        col_vals = sorted({tuple(c[i] for i in rest) for c in cells}, key=cell_sort_key)
         if len(row_vals) <= 8 and len(col_vals) <= 8 and len(row_vals) * len(col_vals) <= 2 * n:
             pos = [(row_vals.index(c[r]), col_vals.index(tuple(c[i] for i in rest))) for c in cells]
             return len(row_vals), len(col_vals), pos, varying
@@ -885,7 +957,7 @@ def _plot(
 
     rows, cols, pos, varying = _layout(grid, cells)
     use_log = log_y == "true" or (log_y == "auto" and _want_log(panels))
-    workflows = sorted({ln.workflow for lines in panels for ln in lines}, key=_workflow_key)
+    workflows = sorted({ln.workflow for lines in panels for ln in lines}, key=workflow_sort_key)
     any_theory = any(ln.theory is not None for lines in panels for ln in lines)
     handles = [Line2D([], [], color=colours[wf], lw=1.6, label=wf) for wf in workflows]
     handles.append(Patch(color="0.5", alpha=0.3, label=f"{CONFIDENCE:.0%} CI"))
@@ -935,7 +1007,7 @@ def _plot(
             ax.set_yscale("log")
         ax.set_xlim(g_min - 0.02 * max(1, g_max - g_min), g_max + 0.02 * max(1, g_max - g_min))
         # An explicit y skips the per-draw search for a title position clear of the tick labels.
-        ax.set_title(_cell_title(grid, cell, varying) if varying else "", fontsize=9, y=1.0, pad=4)
+        ax.set_title(cell_title(grid, cell, varying) if varying else "", fontsize=9, y=1.0, pad=4)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3, lw=0.5)
@@ -946,7 +1018,7 @@ def _plot(
     constant = [i for i in range(len(grid)) if i not in varying]
     heading = f"{recipe}: {metric}"
     if constant and cells:
-        heading += f" ({_cell_title(grid, cells[0], constant)})"
+        heading += f" ({cell_title(grid, cells[0], constant)})"
     if use_log:
         heading += ", log scale"
     if note:
@@ -966,7 +1038,7 @@ def _plot(
 def _config_summary(config: dict[str, Any], limit: int = 6) -> str:
     parts = []
     for key, value in config.items():
-        if key in _HIDDEN_CONFIG_KEYS or isinstance(value, dict):
+        if key in HIDDEN_CONFIG_KEYS or isinstance(value, dict):
             continue
         if isinstance(value, (list, tuple)):
             shown = ", ".join(str(v) for v in value[:limit])
@@ -978,7 +1050,7 @@ def _config_summary(config: dict[str, Any], limit: int = 6) -> str:
     return "; ".join(parts) or "no config"
 
 
-def _value_cell(s: Summary, i: int) -> str:
+def format_value_cell(s: Summary, i: int) -> str:
     """``mean ± half-width`` at generation index i, noting values left out and a seed count below the row's."""
     n, bad = int(s.n[i]), int(s.nonfinite[i])
     if n == 0:
@@ -1008,20 +1080,20 @@ def _table(grid: Sequence[str], rows: Sequence[tuple[tuple[str, ...], _Line]]) -
         head.append(f"theory ({last_label})")
     head.append("seeds")
     align = ["---"] * (len(grid) + 1) + ["---:"] * (len(head) - len(grid) - 1)
-    out = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "|".join(align) + "|"]
+    out = ["| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join(align) + "|"]
     for cell, line in rows:
         s = line.summary
         vals = [*(v or "-" for v in cell), line.workflow]
-        vals.append(_value_cell(s, 0) + (f" @{int(s.generations[0])}" if len(firsts) > 1 else ""))
+        vals.append(format_value_cell(s, 0) + (f" @{int(s.generations[0])}" if len(firsts) > 1 else ""))
         if not one_gen:
             vals.append(
-                _value_cell(s, len(s.generations) - 1) + (f" @{int(s.generations[-1])}" if len(lasts) > 1 else "")
+                format_value_cell(s, len(s.generations) - 1) + (f" @{int(s.generations[-1])}" if len(lasts) > 1 else "")
             )
         if has_theory:
             t = float(line.theory[-1]) if line.theory is not None else math.nan
             vals.append(fmt(t) if math.isfinite(t) else "")
         vals.append(str(s.n_seeds))
-        out.append("| " + " | ".join(_md(v) for v in vals) + " |")
+        out.append("| " + " | ".join(md_escape(v) for v in vals) + " |")
     return out
 
 
@@ -1037,17 +1109,17 @@ def _section(
 ) -> list[str]:
     """Markdown lines of one recipe's section; writes its figures into ``out_dir``.
 
-    ``samples`` are the lines of the recipe's "Samples" subsection (see :func:`_samples_section`),
+    ``samples`` are the lines of the recipe's "Samples" subsection (see :func:`samples_section`),
     placed before the metrics.
     """
-    lines = [f"## {_md(data.recipe)}", "", "Run dirs:", ""]
+    lines = [f"## {md_escape(data.recipe)}", "", "Run dirs:", ""]
     for run in data.runs:
-        lines.append(f"- `{run.path}` ({run.rows:,} rows): {_md(_config_summary(run.config))}")
+        lines.append(f"- `{run.path}` ({run.rows:,} rows): {md_escape(_config_summary(run.config))}")
     notes = [f"`{run.path}`: {n}" for run in data.runs for n in run.notes] + data.notes
     if data.common:
         notes.append("theory uses " + ", ".join(f"{k}={v}" for k, v in data.common.items()) + " from config.yaml")
     lines.append("")
-    lines += [f"Note: {_md(n)}" for n in notes] + ([""] if notes else [])
+    lines += [f"Note: {md_escape(n)}" for n in notes] + ([""] if notes else [])
     lines += samples
 
     present = list(dict.fromkeys(m for m, _, _ in data.series))
@@ -1059,10 +1131,10 @@ def _section(
         if absent:
             lines += [f"Not in these runs: {', '.join(absent)} (available: {', '.join(present)}).", ""]
     grid = data.grid
-    all_cells = sorted({c for _, _, c in data.series}, key=_cell_key)
-    cells = [c for c in all_cells if _cell_matches(grid, c, filters)]
+    all_cells = sorted({c for _, _, c in data.series}, key=cell_sort_key)
+    cells = [c for c in all_cells if cell_matches_filters(grid, c, filters)]
     if not cells:
-        lines += [f"No cell matches --cells (cells look like: {_cell_title(grid, all_cells[0])}).", ""]
+        lines += [f"No cell matches --cells (cells look like: {cell_title(grid, all_cells[0])}).", ""]
         return lines
     colours = workflow_colours(w for _, w, _ in data.series)
     index: dict[tuple[str, tuple[str, ...]], list[tuple[str, Series]]] = {}
@@ -1077,8 +1149,8 @@ def _section(
             row = []
             for wf, (seeds, gens, values) in index.get((metric, cell), []):
                 s = summarize(seeds, gens, values)
-                row.append(_Line(wf, s, _theory(data.recipe, metric, wf, params, s.generations)))
-            per_cell.append(sorted(row, key=lambda ln: _workflow_key(ln.workflow)))
+                row.append(_Line(wf, s, safe_theory_curve(data.recipe, metric, wf, params, s.generations)))
+            per_cell.append(sorted(row, key=lambda ln: workflow_sort_key(ln.workflow)))
         kept = [(c, p) for c, p in zip(cells, per_cell) if p]
         if not kept:
             continue
@@ -1088,7 +1160,7 @@ def _section(
             note = f"showing {len(shown)} of {len(kept)} cells; choose others with --cells"
         png = out_dir / f"{_unique_name(_safe_name(f'{data.recipe}_{metric}'), used_names)}.png"
         _plot(png, data.recipe, metric, grid, [c for c, _ in shown], [p for _, p in shown], colours, log_y, note)
-        lines += [f"### {_md(metric)}", "", f"![{_md(data.recipe)} {_md(metric)}]({png.name})", ""]
+        lines += [f"### {md_escape(metric)}", "", f"![{md_escape(data.recipe)} {md_escape(metric)}]({png.name})", ""]
         if note:
             lines += [f"The figure is {note}; the table lists every cell.", ""]
         lines += _table(grid, [(c, ln) for c, p in kept for ln in p]) + [""]
@@ -1116,8 +1188,12 @@ class _SampleRow:
         return ", ".join([self.workflow, *(f"{k}={v or '-'}" for k, v in self.setting)])
 
 
-def _finished_pictures(path: Path) -> dict[int, Path | None]:
-    """The finished generations of a run dir (``gen_XXX`` folders, sorted) and their sample pictures."""
+def finished_generations(path: Path) -> dict[int, Path | None]:
+    """The finished generations of a run dir (``gen_XXX`` folders, sorted), each with its ``samples.png``.
+
+    The picture is None where the generation's folder holds none; a run dir that cannot be listed has no
+    finished generations.
+    """
     found: dict[int, Path | None] = {}
     try:
         entries = list(path.iterdir())
@@ -1137,9 +1213,9 @@ def _finished_pictures(path: Path) -> dict[int, Path | None]:
     return dict(sorted(found.items()))
 
 
-def _run_workflow(run: Run) -> str:
+def run_workflow(run: Run) -> str:
     """The workflow label of a one-workflow run, as the metrics (and so the plots) spell it."""
-    labels = sorted({wf for _, wf, _ in run.series}, key=_workflow_key)
+    labels = sorted({wf for _, wf, _ in run.series}, key=workflow_sort_key)
     if len(labels) == 1:
         return labels[0]
     configured = run.config.get("workflow")
@@ -1148,7 +1224,7 @@ def _run_workflow(run: Run) -> str:
     return ", ".join(labels) or "unknown"
 
 
-def _run_seed(run: Run) -> int | None:
+def run_seed(run: Run) -> int | None:
     """The seed of a one-seed run: the metrics' seed column, else config.yaml's ``seed``."""
     seeds = np.unique(np.concatenate([s for s, _, _ in run.series.values()])) if run.series else np.empty(0)
     if seeds.size == 1:
@@ -1167,7 +1243,7 @@ def _sample_rows(data: RecipeData) -> list[_SampleRow]:
     config value (another experiment, e.g. another ``latent_dim``) get rows of their own, as they get
     cells of their own in the metric figures.
     """
-    found = [(run, _finished_pictures(run.path)) for run in data.runs]
+    found = [(run, finished_generations(run.path)) for run in data.runs]
     if not any(p is not None for _, pictures in found for p in pictures.values()):
         return []
     # merge_runs adds a grid column per config key in which the runs differ; metrics.csv columns stay.
@@ -1176,12 +1252,13 @@ def _sample_rows(data: RecipeData) -> list[_SampleRow]:
     for run, pictures in found:
         if pictures:
             setting = tuple((k, "" if run.config.get(k) is None else str(run.config.get(k))) for k in split)
-            by_key.setdefault((_run_workflow(run), setting), []).append((run, pictures))
+            by_key.setdefault((run_workflow(run), setting), []).append((run, pictures))
     rows = []
-    for workflow, setting in sorted(by_key, key=lambda k: (_workflow_key(k[0]), _cell_key(tuple(v for _, v in k[1])))):
+    order = sorted(by_key, key=lambda k: (workflow_sort_key(k[0]), cell_sort_key(tuple(v for _, v in k[1]))))
+    for workflow, setting in order:
         candidates = by_key[(workflow, setting)]
         candidates = [c for c in candidates if any(p is not None for p in c[1].values())] or candidates
-        seeded = [(_run_seed(run), i, run, pictures) for i, (run, pictures) in enumerate(candidates)]
+        seeded = [(run_seed(run), i, run, pictures) for i, (run, pictures) in enumerate(candidates)]
         seed, _, run, pictures = min(seeded, key=lambda t: (t[0] is None, t[0] or 0, t[1]))
         rows.append(_SampleRow(workflow, setting, seed, run.path, pictures))
     return rows
@@ -1287,7 +1364,7 @@ def _plot_samples(
     fig.savefig(path, format="png")
 
 
-def _samples_section(data: RecipeData, out_dir: Path, used_names: set[str], warn: Callable[[str], None]) -> list[str]:
+def samples_section(data: RecipeData, out_dir: Path, used_names: set[str], warn: Callable[[str], None]) -> list[str]:
     """Lines of a recipe's "Samples" subsection; writes ``samples_<recipe>.png``. Empty without pictures."""
     rows = _sample_rows(data)
     if not rows:
@@ -1326,10 +1403,10 @@ def _samples_section(data: RecipeData, out_dir: Path, used_names: set[str], warn
         which = f"generations {shown} (evenly spaced over the {len(finished)} finished, {finished[0]}–{finished[-1]})"
     else:
         which = f"generation{'s' if len(gens) != 1 else ''} {shown}"
-    lines = ["### Samples", "", f"![{_md(data.recipe)} samples]({png.name})", ""]
-    lines += [f"Synthetic samples of each workflow's run with the smallest seed ({_md(seeds)}) at {which}.", ""]
+    lines = ["### Samples", "", f"![{md_escape(data.recipe)} samples]({png.name})", ""]
+    lines += [f"Synthetic samples of each workflow's run with the smallest seed ({md_escape(seeds)}) at {which}.", ""]
     if missing:
-        lines += [f"Shown as missing: {_md('; '.join(missing))}.", ""]
+        lines += [f"Shown as missing: {md_escape('; '.join(missing))}.", ""]
     return lines
 
 
@@ -1396,8 +1473,8 @@ def make_report(
             raise ReportError(
                 f"none of --metrics {','.join(wanted)} is in the runs; available: {', '.join(sorted(present))}"
             )
-    if filters and not any(_cell_matches(g.grid, c, filters) for g in groups for _, _, c in g.series):
-        examples = "; ".join(f"{g.recipe}: {_cell_title(g.grid, next(iter(g.series))[2]) or 'no grid'}" for g in groups)
+    if filters and not any(cell_matches_filters(g.grid, c, filters) for g in groups for _, _, c in g.series):
+        examples = "; ".join(f"{g.recipe}: {cell_title(g.grid, next(iter(g.series))[2]) or 'no grid'}" for g in groups)
         raise ReportError(f"--cells matches no cell (cells look like {examples})")
 
     out = Path(out_dir)
@@ -1418,12 +1495,12 @@ def make_report(
         "",
     ]
     if skipped:
-        md += ["Skipped run dirs:", ""] + [f"- {_md(s)}" for s in skipped] + [""]
+        md += ["Skipped run dirs:", ""] + [f"- {md_escape(s)}" for s in skipped] + [""]
     used: set[str] = set()
     report = out / "report.md"
     try:
         for data in groups:
-            samples = _samples_section(data, out, used, warn)
+            samples = samples_section(data, out, used, warn)
             md += _section(data, out, wanted, filters, mode, max_panels, used, samples)
         atomic_write_text(report, "\n".join(md).rstrip() + "\n")
     except OSError as exc:
@@ -1441,9 +1518,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m recipes.report``."""
+    """The argument parser of ``python -m tooling.report``."""
     p = _Parser(
-        prog="python -m recipes.report",
+        prog="python -m tooling.report",
         description="Plots and tables (report.md) of one or many recipe run dirs.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run dirs holding config.yaml and metrics.csv.")

@@ -1,6 +1,6 @@
 """Run the grid of a W&B sweep file locally, without W&B: one process per cell, resumable.
 
-    python -m recipes.grid sweeps/mnist_vae.yaml [--jobs N] [--gpus 0,1 | --gpus auto] [--dry_run]
+    python -m tooling.grid sweeps/mnist_vae.yaml [--jobs N] [--gpus 0,1 | --gpus auto] [--dry_run]
         [--only 'workflow=replace,seed=0'] [--set generations=2 ...] [--out_root runs/grid]
         [--wandb offline|disabled|online] [--log_dir DIR]
 
@@ -536,8 +536,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m recipes.grid``."""
-    p = _Parser(prog="python -m recipes.grid", description="Run a W&B grid sweep file locally, one process per cell.")
+    """The argument parser of ``python -m tooling.grid``."""
+    p = _Parser(prog="python -m tooling.grid", description="Run a W&B grid sweep file locally, one process per cell.")
     p.add_argument("sweep", metavar="SWEEP_YAML", help="A sweep file, e.g. sweeps/mnist_vae.yaml (method: grid).")
     p.add_argument("--jobs", type=int, default=None, help="Cells at once (default 1; at most the CPU cores).")
     p.add_argument(

@@ -1,16 +1,16 @@
 """One command per paper figure: our finished runs next to the published values.
 
-    python -m recipes.figures --list
-    python -m recipes.figures FIGURE_ID RUN_DIR [RUN_DIR ...] --out DIR [--cells 'dim=10,n_samples=100']
+    python -m tooling.figures --list
+    python -m tooling.figures FIGURE_ID RUN_DIR [RUN_DIR ...] --out DIR [--cells 'dim=10,n_samples=100']
         [--max_rows 4] [--published FILE]
 
-For a figure of ``recipes/published_results.yaml`` (see :mod:`recipes.published`) the command picks the
+For a figure of ``tooling/published_results.yaml`` (see :mod:`tooling.published`) the command picks the
 runs of the figure's recipe among the given run dirs (a folder holding run dirs counts as its run dirs;
 a run dir without ``metrics.csv`` is read from its W&B offline copy ``wandb/offline-run-*/files/metrics.csv``,
 its finished ``gen_XXX/metrics.json`` or its finished grid cells ``cells/*.csv``) and writes into ``--out``:
 
 * ``<figure>.png``: a row per setting of our runs (cell), three panels: ours (mean over seeds, shaded 95%
-  interval, closed form dashed where :func:`recipes.report._theory` knows it), the published values of the
+  interval, closed form dashed where :func:`tooling.report.safe_theory_curve` knows it), the published values of the
   matching panel (on our generation axis: generation = the paper's iteration - ``iteration_offset``), and
   both relative to generation 0, ``1 + (v - v_0) / |v_0|`` (= v / v_0 for positive values), the shapes side
   by side. Our CPU runs are stand-ins: the published *level* is often not comparable, the shape is.
@@ -48,8 +48,8 @@ from collapse.atomic import atomic_write_text
 from collapse.errors import UserError
 from collapse.rundir import CONFIG, METRICS
 from datamodules.workflows import Workflow, WorkflowError
-from recipes import report as rp
-from recipes.published import (
+from tooling import report as rp
+from tooling.published import (
     Figure,
     Panel,
     Point,
@@ -253,7 +253,7 @@ def _is_wandb_run(path: Path) -> bool:
 def _read_config(path: Path, caveats: list[str]) -> dict[str, Any]:
     if _is_wandb_run(path) and (path.parent.parent / CONFIG).is_file():
         path = path.parent.parent  # the run dir the W&B folder belongs to
-    config, notes = rp._read_config(path)
+    config, notes = rp.read_run_config(path)
     if not (path / CONFIG).is_file():
         for folder in [path] if _is_wandb_run(path) else _wandb_dirs(path):
             wb = _wandb_config(folder)
@@ -447,7 +447,7 @@ def _check_select(figure: Figure, config: dict[str, Any]) -> str | None:
             return f"{key} is {value!r}, this figure needs it unset"
         if want == "<set>" and unset:
             return f"{key} is unset ({'absent from' if not found else 'null in'} {CONFIG}), this figure needs it set"
-        if want not in (None, "<set>") and (unset or not rp._same(str(value), str(want))):
+        if want not in (None, "<set>") and (unset or not rp.same_value(str(value), str(want))):
             return f"{key} is {value!r}, this figure needs {want!r}"
     return None
 
@@ -492,7 +492,7 @@ def load_figure_run(path: str | Path, figure: Figure) -> FigureRun:
             grid, series, rows = _from_cells(path, cells, caveats)
             source = "cells/*.csv"
         else:
-            held = rp._listing(path)
+            held = rp.describe_contents(path)
             doing = f"; {partial[0]} is still being made" if partial else ""
             raise _Skip(f"no finished generation yet (no {METRICS}, no gen_XXX, no cells/){doing}; {held}")
     recipe = config.get("recipe")
@@ -578,7 +578,7 @@ def build_curves(runs: Sequence[FigureRun], figure: Figure) -> Ours:
     # Config values in which runs differ (another experiment) split cells; a key that older config.yaml
     # files lack is no difference.
     flat = [_flatten(fr.run.config) for fr in runs]
-    hidden = rp._HIDDEN_CONFIG_KEYS | rp._POOLED_CONFIG_KEYS
+    hidden = rp.HIDDEN_CONFIG_KEYS | rp.POOLED_CONFIG_KEYS
     lacking: set[str] = set()
     for key in dict.fromkeys(k for f in flat for k in f):
         if key.split(".", 1)[0] in hidden or key in keys or key in figure.select:
@@ -608,25 +608,24 @@ def build_curves(runs: Sequence[FigureRun], figure: Figure) -> Ours:
             pieces.setdefault((wf, full), []).append((arrays, stream))
     curves: dict[tuple[str, ...], list[Curve]] = {}
     dropped = 0
-    common = (
-        {k: rp._scalar(runs[0].run.config.get(k)) for k in rp.THEORY_CONFIG_KEYS.get(figure.recipe, ())} if runs else {}
-    )
+    theory_keys = rp.THEORY_CONFIG_KEYS.get(figure.recipe, ())
+    common = {k: rp.single_value(runs[0].run.config.get(k)) for k in theory_keys} if runs else {}
     for (wf, cell), tagged in pieces.items():
         seeds, gens, values, repeated = rp.merge_tagged(tagged)
         dropped += repeated
         summary = rp.summarize(seeds, gens, values)
         params = {k: v for k, v in common.items() if v is not None}
         params.update({k: rp.param_value(v) for k, v in zip(keys, cell) if v != ""})
-        theory = rp._theory(figure.recipe, figure.metric, wf, params, summary.generations)
+        theory = rp.safe_theory_curve(figure.recipe, figure.metric, wf, params, summary.generations)
         curves.setdefault(cell, []).append(Curve(wf, cell, summary, theory))
     for lines in curves.values():
-        lines.sort(key=lambda c: rp._workflow_key(c.workflow))
+        lines.sort(key=lambda c: rp.workflow_sort_key(c.workflow))
     if dropped:
         notes.append(
             f"{dropped} rows repeat a (setting, workflow, seed, generation) of a run with the same seed; "
             "only the first was kept"
         )
-    cells = sorted(curves, key=lambda c: (_panel_rank(figure, keys, c), rp._cell_key(c)))
+    cells = sorted(curves, key=lambda c: (_panel_rank(figure, keys, c), rp.cell_sort_key(c)))
     return Ours(tuple(keys), cells, curves, notes)
 
 
@@ -636,7 +635,7 @@ def matching_panels(figure: Figure, keys: Sequence[str], cell: Sequence[str]) ->
     return [
         p
         for p in figure.panels
-        if all(k in values and values[k] != "" and rp._same(values[k], str(v)) for k, v in p.setting.items())
+        if all(k in values and values[k] != "" and rp.same_value(values[k], str(v)) for k, v in p.setting.items())
     ]
 
 
@@ -705,7 +704,7 @@ def published_rows(figure: Figure) -> list[Row]:
         for r in panel_rows:
             r.verdict = Verdict(None, "no run of ours")
             r.pub_verdict = verdicts[r.workflow]
-        rows += sorted(panel_rows, key=lambda r: rp._workflow_key(r.workflow))
+        rows += sorted(panel_rows, key=lambda r: rp.workflow_sort_key(r.workflow))
     return rows
 
 
@@ -754,7 +753,7 @@ def comparison_rows(figure: Figure, ours: Ours, cells: Sequence[tuple[str, ...]]
                 row.pub_verdict = Verdict(None, "no published value")
             if row.curve is None:
                 row.verdict = Verdict(None, "not in our runs")
-        rows += sorted(cell_rows, key=lambda r: rp._workflow_key(r.workflow))
+        rows += sorted(cell_rows, key=lambda r: rp.workflow_sort_key(r.workflow))
     return rows
 
 
@@ -843,14 +842,120 @@ def _x_end(figure: Figure, panel: Panel | None, curves: Sequence[Curve]) -> floa
     return max(ends, default=1.0) or 1.0
 
 
+def _draw_ours(a_ours, a_rel, curves: Sequence[Curve], colours: dict[str, str]) -> bool:
+    """Our curves: mean, shaded interval and closed form on ``a_ours``, the same relative to generation 0 on
+    ``a_rel``. Returns whether a closed form was drawn."""
+    any_theory = False
+    for c in curves:
+        s, colour = c.summary, colours[c.workflow]
+        a_ours.plot(s.generations, s.mean, color=colour, lw=1.4, marker="." if len(s.generations) <= 30 else None)
+        a_ours.fill_between(s.generations, s.mean - s.half_width, s.mean + s.half_width, color=colour, alpha=0.18, lw=0)
+        if c.theory is not None:
+            any_theory = True
+            a_ours.plot(s.generations, c.theory, color=colour, lw=1.1, ls=":")
+        first = c.first()
+        if first is not None and first[1] != 0:
+            rel = 1.0 + (s.mean - first[1]) / abs(first[1])
+            band = s.half_width / abs(first[1])
+            a_rel.plot(s.generations, rel, color=colour, lw=1.4)
+            a_rel.fill_between(s.generations, rel - band, rel + band, color=colour, alpha=0.15, lw=0)
+    if not curves:
+        a_ours.text(0.5, 0.5, "no usable run", ha="center", va="center", transform=a_ours.transAxes, fontsize=9)
+    return any_theory
+
+
+def _draw_published_column(
+    a_pub,
+    figure: Figure,
+    panel: Panel | None,
+    why: str,
+    curves: Sequence[Curve],
+    colours: dict[str, str],
+    x_end: float,
+) -> None:
+    """The middle column: the published panel, our means under it where the levels compare, else why it is empty."""
+    a_pub.set_title(f"published: {panel.label}" if panel else "published", fontsize=9)
+    drawn = panel is not None and _draw_published(a_pub, figure, panel, colours, False, x_end)
+    if drawn and figure.levels_comparable and why == "same setting":
+        # The levels compare (same model, same setting): our means, thin, under the published values.
+        for c in curves:
+            if _published_workflow(panel, c.workflow) is not None:  # only what the panel can be read against
+                a_pub.plot(c.summary.generations, c.summary.mean, color=colours[c.workflow], lw=0.9, alpha=0.45)
+        a_pub.set_title(f"published: {panel.label} (thin: ours)", fontsize=9)
+    if not drawn:
+        text = why if panel is None else (figure.shape_notes or "no published values")
+        a_pub.text(
+            0.5,
+            0.5,
+            "\n".join(_wrap(text, 40)),
+            ha="center",
+            va="center",
+            transform=a_pub.transAxes,
+            fontsize=8,
+            color="0.3",
+        )
+
+
+def _draw_figure_row(
+    axes_row,
+    figure: Figure,
+    ours: Ours,
+    cell: tuple[str, ...] | None,
+    varying: Sequence[int],
+    colours: dict[str, str],
+    last_row: bool,
+) -> bool:
+    """One row of the comparison figure (ours, published, relative); returns whether a closed form was drawn.
+
+    Without a cell (no usable run) the row shows the figure's headline panel.
+    """
+    a_ours, a_pub, a_rel = axes_row
+    curves = ours.curves.get(cell, []) if cell is not None else []
+    panel, why = (
+        compared_panel(figure, ours.keys, cell) if cell is not None else (figure.panel(figure.compare_panel), "")
+    )
+    x_end = _x_end(figure, panel, curves)
+    title = rp.cell_title(ours.keys, cell, varying) if cell is not None and varying else ""
+    a_ours.set_title(("ours: " + title) if title else "ours", fontsize=9)
+    any_theory = _draw_ours(a_ours, a_rel, curves, colours)
+    _draw_published_column(a_pub, figure, panel, why, curves, colours, x_end)
+    if panel is not None:
+        _draw_published(a_rel, figure, panel, colours, True, x_end)
+    a_rel.axhline(1.0, color="0.5", lw=0.8)
+    a_rel.set_title("relative to generation 0", fontsize=9)
+    for ax, label in (
+        (a_ours, figure.metric),
+        (a_pub, f"{figure.metric} (published)"),
+        (a_rel, "1 + (v - v0)/|v0|"),
+    ):
+        _finish_axis(ax, label, last_row)
+        _auto_log(ax)
+        ax.set_xlim(-0.3, x_end + 0.3)
+    return any_theory
+
+
+def _figure_legend(colours: dict[str, str], any_theory: bool) -> list:
+    """Legend handles of the comparison figure: a line per workflow, then what ours, published and theory look like."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    labels = sorted(colours, key=rp.workflow_sort_key)
+    handles = [Line2D([], [], color=colours[w], lw=1.6, label=w) for w in labels]
+    handles += [
+        Patch(color="0.5", alpha=0.3, label="ours: mean, 95% CI"),
+        Line2D([], [], color="0.3", ls="--", marker="s", mfc="white", label="published"),
+    ]
+    if any_theory:
+        handles.append(Line2D([], [], color="0.3", ls=":", label="closed form"))
+    return handles
+
+
 def plot_figure(
     path: Path, figure: Figure, ours: Ours, cells: Sequence[tuple[str, ...]], colours: dict[str, str]
 ) -> None:
     """The comparison figure: a row per cell; ours, the published panel, both relative to generation 0."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     rows = max(1, len(cells))
     top, bottom, left, right = 0.75, 1.0, 0.75, 0.2
@@ -869,72 +974,9 @@ def plot_figure(
     varying = [i for i in range(len(ours.keys)) if len({c[i] for c in cells}) > 1]
     any_theory = False
     for r in range(rows):
-        a_ours, a_pub, a_rel = axes[r]
         cell = cells[r] if cells else None
-        curves = ours.curves.get(cell, []) if cell is not None else []
-        panel, why = (
-            compared_panel(figure, ours.keys, cell) if cell is not None else (figure.panel(figure.compare_panel), "")
-        )
-        x_end = _x_end(figure, panel, curves)
-        title = rp._cell_title(ours.keys, cell, varying) if cell is not None and varying else ""
-        a_ours.set_title(("ours: " + title) if title else "ours", fontsize=9)
-        for c in curves:
-            s, colour = c.summary, colours[c.workflow]
-            a_ours.plot(s.generations, s.mean, color=colour, lw=1.4, marker="." if len(s.generations) <= 30 else None)
-            a_ours.fill_between(
-                s.generations, s.mean - s.half_width, s.mean + s.half_width, color=colour, alpha=0.18, lw=0
-            )
-            if c.theory is not None:
-                any_theory = True
-                a_ours.plot(s.generations, c.theory, color=colour, lw=1.1, ls=":")
-            first = c.first()
-            if first is not None and first[1] != 0:
-                rel = 1.0 + (s.mean - first[1]) / abs(first[1])
-                band = s.half_width / abs(first[1])
-                a_rel.plot(s.generations, rel, color=colour, lw=1.4)
-                a_rel.fill_between(s.generations, rel - band, rel + band, color=colour, alpha=0.15, lw=0)
-        if not curves:
-            a_ours.text(0.5, 0.5, "no usable run", ha="center", va="center", transform=a_ours.transAxes, fontsize=9)
-        a_pub.set_title(f"published: {panel.label}" if panel else "published", fontsize=9)
-        drawn = panel is not None and _draw_published(a_pub, figure, panel, colours, False, x_end)
-        if drawn and figure.levels_comparable and why == "same setting":
-            # The levels compare (same model, same setting): our means, thin, under the published values.
-            for c in curves:
-                if _published_workflow(panel, c.workflow) is not None:  # only what the panel can be read against
-                    a_pub.plot(c.summary.generations, c.summary.mean, color=colours[c.workflow], lw=0.9, alpha=0.45)
-            a_pub.set_title(f"published: {panel.label} (thin: ours)", fontsize=9)
-        if not drawn:
-            text = why if panel is None else (figure.shape_notes or "no published values")
-            a_pub.text(
-                0.5,
-                0.5,
-                "\n".join(_wrap(text, 40)),
-                ha="center",
-                va="center",
-                transform=a_pub.transAxes,
-                fontsize=8,
-                color="0.3",
-            )
-        if panel is not None:
-            _draw_published(a_rel, figure, panel, colours, True, x_end)
-        a_rel.axhline(1.0, color="0.5", lw=0.8)
-        a_rel.set_title("relative to generation 0", fontsize=9)
-        for ax, label in (
-            (a_ours, figure.metric),
-            (a_pub, f"{figure.metric} (published)"),
-            (a_rel, "1 + (v - v0)/|v0|"),
-        ):
-            _finish_axis(ax, label, r == rows - 1)
-            _auto_log(ax)
-            ax.set_xlim(-0.3, x_end + 0.3)
-    labels = sorted(colours, key=rp._workflow_key)
-    handles = [Line2D([], [], color=colours[w], lw=1.6, label=w) for w in labels]
-    handles += [
-        Patch(color="0.5", alpha=0.3, label="ours: mean, 95% CI"),
-        Line2D([], [], color="0.3", ls="--", marker="s", mfc="white", label="published"),
-    ]
-    if any_theory:
-        handles.append(Line2D([], [], color="0.3", ls=":", label="closed form"))
+        any_theory |= _draw_figure_row(axes[r], figure, ours, cell, varying, colours, r == rows - 1)
+    handles = _figure_legend(colours, any_theory)
     fig.legend(
         handles=handles,
         loc="lower center",
@@ -977,7 +1019,7 @@ def plot_published(path: Path, figure: Figure, colours: dict[str, str]) -> bool:
         ax.set_title(panel.label, fontsize=9)
         _finish_axis(ax, figure.metric, i // cols == rows - 1)
         _auto_log(ax)
-    wfs = sorted({w for p in panels for w in p.workflows()}, key=rp._workflow_key)
+    wfs = sorted({w for p in panels for w in p.workflows()}, key=rp.workflow_sort_key)
     handles = [Line2D([], [], color=colours.get(w, "0.3"), ls="--", marker="s", mfc="white", label=w) for w in wfs]
     fig.legend(handles=handles, loc="lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"{figure.id}: published values ({figure.source})"[:150], fontsize=10, y=1 - 0.1 / height, va="top")
@@ -1009,8 +1051,8 @@ def _pub(p: Published | None) -> str:
 
 
 def _table(head: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
-    out = ["| " + " | ".join(rp._md(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(rp._md(v) for v in row) + " |" for row in body]
+    out = ["| " + " | ".join(rp.md_escape(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(rp.md_escape(v) for v in row) + " |" for row in body]
     return out
 
 
@@ -1045,7 +1087,7 @@ def _comparison_table(figure: Figure, ours: Ours, rows: Sequence[Row], shown: Se
             if point is None or s is None:
                 return "—"
             i = int(np.flatnonzero(s.generations == point[0])[0])
-            return f"{rp._value_cell(s, i)} @{point[0]}"
+            return f"{rp.format_value_cell(s, i)} @{point[0]}"
 
         body.append(
             [
@@ -1138,17 +1180,17 @@ def _text_sample_lines(runs: Sequence[FigureRun]) -> list[str]:
         run = fr.run
         gens = sorted(
             g
-            for g, _ in rp._finished_pictures(run.path).items()
+            for g, _ in rp.finished_generations(run.path).items()
             if (run.path / f"gen_{g:03d}" / SAMPLE_TEXTS).is_file()
         )
         if not gens:
             continue
-        wf, seed = rp._run_workflow(run), rp._run_seed(run)
+        wf, seed = rp.run_workflow(run), rp.run_seed(run)
         seed = seed if seed is not None else 1 << 30
         if wf not in best or seed < best[wf][0]:
             best[wf] = (seed, run.path, gens)
     lines = []
-    for wf in sorted(best, key=rp._workflow_key):
+    for wf in sorted(best, key=rp.workflow_sort_key):
         seed, path, gens = best[wf]
         for g in dict.fromkeys([gens[0], gens[-1]]):
             text = _first_text(path / f"gen_{g:03d}" / SAMPLE_TEXTS)
@@ -1177,8 +1219,8 @@ def _cardinality_lines(figure: Figure, ours: Ours) -> list[str]:
                 wf = Workflow.parse(c.workflow)
             except WorkflowError:
                 continue
-            if wf.name == "mix":
-                mine.setdefault((int(wf.params["real"]), int(wf.params["synthetic"])), []).append(
+            if wf.fixed_counts is not None:
+                mine.setdefault(wf.fixed_counts, []).append(
                     (_setting(ours.keys, cell, range(len(ours.keys))), c)
                 )
     base = {c.real: c.value for c in figure.cardinality if c.synthetic == 0}
@@ -1300,6 +1342,135 @@ def _produce_lines(figure: Figure) -> list[str]:
     return out
 
 
+def _collect_runs(
+    run_dirs: Sequence[str | Path], figure: Figure, out: Path, warn: Callable[[str], None]
+) -> tuple[list[FigureRun], list[str], int]:
+    """The figure's usable runs among ``run_dirs``, the skipped ones (a reason each) and how many distinct run
+    dirs were looked at. ``warn`` gets a line per skipped run, then a line per caveat of a usable one."""
+    used: list[FigureRun] = []
+    skipped: list[str] = []
+    seen: set[Path] = set()
+    for path in expand_run_dirs(run_dirs, skip=[out]):
+        key = path.resolve() if path.exists() else path
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            used.append(load_figure_run(path, figure))
+        except _Skip as exc:
+            skipped.append(f"{path}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one unreadable run dir must never stop the report
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            skipped.append(f"{path}: cannot be read ({type(exc).__name__}{': ' + text if text else ''})")
+    for reason in skipped:
+        warn(f"warning: skipped {reason}")
+    for fr in used:
+        for c in fr.caveats:
+            warn(f"warning: {fr.run.path}: {c}")
+    return used, skipped, len(seen)
+
+
+def _shown_keys(figure: Figure, ours: Ours, chosen: Sequence[tuple[str, ...]]) -> list[int]:
+    """The setting columns of the comparison table: keys that vary among the chosen cells or set a published panel."""
+    if not chosen:
+        return []
+    varying = {i for i in range(len(ours.keys)) if len({c[i] for c in chosen}) > 1}
+    panel_keys = {k for p in figure.panels for k in p.setting}
+    return sorted(varying | {i for i, k in enumerate(ours.keys) if k in panel_keys})
+
+
+def _intro_lines(figure: Figure) -> list[str]:
+    """The report's title, the figure's source, index convention, comparability and setting, and how runs are made."""
+    md = [f"# {figure.id}: {rp.md_escape(figure.title)}", ""]
+    md += [
+        f"- source: {figure.source}",
+        f"- recipe: `recipes/{figure.recipe}.py`, metric `{figure.metric}`",
+        f"- index: {figure.index_convention}",
+        f"- comparability: {figure.comparability}",
+    ]
+    setting = "; ".join(f"{k}: {_plain(v)}" for k, v in figure.setting.items())
+    md += [f"- published setting: {setting}"]
+    md += [f"- unconfirmed: {u}" for u in figure.unconfirmed]
+    md += ["", "Runs are made by:", ""] + _produce_lines(figure) + [""]
+    return md
+
+
+def _runs_lines(figure: Figure, used: Sequence[FigureRun], skipped: Sequence[str], ours: Ours) -> list[str]:
+    """The "Runs" and "Skipped runs" sections, and "Runs used with caveats" where there are any."""
+    md = ["## Runs", ""]
+    if used:
+        for fr in used:
+            run = fr.run
+            gens = sorted({int(g) for (m, _, _), (_, gs, _) in run.series.items() if m == figure.metric for g in gs})
+            wfs = sorted({w for m, w, _ in run.series if m == figure.metric}, key=rp.workflow_sort_key)
+            seeds = sorted({int(s) for (m, _, _), (ss, _, _) in run.series.items() if m == figure.metric for s in ss})
+            seed_text = ", ".join(map(str, seeds[:6])) + (f", … ({len(seeds)} seeds)" if len(seeds) > 6 else "")
+            md.append(
+                f"- `{run.path}`: {', '.join(wfs)}; seed {seed_text}; generations {gens[0]}–{gens[-1]}; "
+                f"from {fr.source}"
+            )
+    else:
+        md.append(f"No usable {figure.recipe} run: the figure shows the published values only.")
+    md.append("")
+    md += ["## Skipped runs", ""]
+    md += [f"- {s}" for s in skipped] if skipped else ["None."]
+    md.append("")
+    caveats = [f"`{fr.run.path}`: {c}" for fr in used for c in fr.caveats] + ours.notes
+    if caveats:
+        md += ["## Runs used with caveats", ""] + [f"- {c}" for c in caveats] + [""]
+    return md
+
+
+def _figure_lines(figure: Figure, png: Path, shown: int, chosen: int) -> list[str]:
+    """The "Figure" section: the comparison figure, what its columns show, and how many settings it leaves out."""
+    md = ["## Figure", "", f"![{figure.id}]({png.name})", ""]
+    md += [
+        "Left: ours, mean over seeds with the 95% interval (closed form dotted where known). Middle: the "
+        "published values on our generation axis (generation = iteration − "
+        f"{figure.iteration_offset if figure.iteration_offset is not None else 'none: no index'}; dashed squares; "
+        "bands are ranges, 'later' and 'limit' lines have no iteration). Right: both relative to generation 0, "
+        "1 + (v − v0)/|v0|: the shapes side by side.",
+        "",
+    ]
+    if chosen > shown:
+        md += [
+            f"The figure shows {shown} of {chosen} settings (--max_rows, --cells); the table lists all.",
+            "",
+        ]
+    return md
+
+
+def _comparison_lines(figure: Figure, ours: Ours, rows: Sequence[Row], shown_keys: Sequence[int]) -> list[str]:
+    """The "Ours vs published" section: the table and how many of our curves have their expected shape."""
+    md = ["## Ours vs published", ""]
+    if not rows:
+        return md + ["No published values and no curves of ours to compare.", ""]
+    md += _comparison_table(figure, ours, rows, shown_keys) + [""]
+    ours_rows = [r for r in rows if r.curve is not None and r.verdict.ok is not None]
+    ok = sum(r.verdict.ok for r in ours_rows)
+    verdict = (
+        f"Shape verdict: {ok} of {len(ours_rows)} of our curves with an expected shape have it"
+        if ours_rows
+        else "Shape verdict: no curve of ours with an expected shape and two finite generations"
+    )
+    md += [
+        f"{verdict} (rules, on last/first: rising > {RISING:g}; flat within ±{FLAT:.0%}; "
+        f"bounded <= {BOUNDED:.3g}; between: within accumulate's and replace's in the same setting).",
+        "",
+    ]
+    return md
+
+
+def _sample_lines(used: Sequence[FigureRun], out: Path, taken: set[str], warn: Callable[[str], None]) -> list[str]:
+    """The "Samples" sections (pictures written into ``out`` under names not in ``taken``) and "Sample texts"."""
+    md = [
+        line.replace("### Samples", "## Samples", 1)
+        for d in rp.merge_runs([fr.run for fr in used])
+        for line in rp.samples_section(d, out, taken, warn)
+    ]
+    return md + _text_sample_lines(used)
+
+
 def make_figure(
     figure_id: str,
     run_dirs: Sequence[str | Path],
@@ -1327,34 +1498,14 @@ def make_figure(
     if out.exists() and not out.is_dir():
         raise FigureError(f"--out {out} is a file, not a folder")
 
-    used: list[FigureRun] = []
-    skipped: list[str] = []
-    seen: set[Path] = set()
-    for path in expand_run_dirs(run_dirs, skip=[out]):
-        key = path.resolve() if path.exists() else path
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            used.append(load_figure_run(path, figure))
-        except _Skip as exc:
-            skipped.append(f"{path}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - one unreadable run dir must never stop the report
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            skipped.append(f"{path}: cannot be read ({type(exc).__name__}{': ' + text if text else ''})")
-    for reason in skipped:
-        warn(f"warning: skipped {reason}")
-    for fr in used:
-        for c in fr.caveats:
-            warn(f"warning: {fr.run.path}: {c}")
-
+    used, skipped, looked_at = _collect_runs(run_dirs, figure, out, warn)
     ours = build_curves(used, figure) if used else Ours((), [], {}, [])
-    chosen = [c for c in ours.cells if rp._cell_matches(ours.keys, c, filters)]
+    chosen = [c for c in ours.cells if rp.cell_matches_filters(ours.keys, c, filters)]
     if filters and ours.cells and not chosen:
-        raise FigureError(f"--cells matches no setting (they look like {rp._cell_title(ours.keys, ours.cells[0])})")
+        raise FigureError(f"--cells matches no setting (they look like {rp.cell_title(ours.keys, ours.cells[0])})")
     if not used:
         warn(
-            f"warning: no usable {figure.recipe} run among the {len(seen)} run dir(s); "
+            f"warning: no usable {figure.recipe} run among the {looked_at} run dir(s); "
             "the report shows the published values only"
         )
     try:
@@ -1368,91 +1519,18 @@ def make_figure(
     png = out / f"{figure.id}.png"
     pub_png = out / f"{figure.id}_published.png"
     rows = comparison_rows(figure, ours, chosen) or published_rows(figure)
-    varying = [i for i in range(len(ours.keys)) if len({c[i] for c in chosen}) > 1]
-    panel_keys = {k for p in figure.panels for k in p.setting}
-    shown_keys = sorted(set(varying) | {i for i, k in enumerate(ours.keys) if k in panel_keys}) if chosen else []
-
-    md = [f"# {figure.id}: {rp._md(figure.title)}", ""]
-    md += [
-        f"- source: {figure.source}",
-        f"- recipe: `recipes/{figure.recipe}.py`, metric `{figure.metric}`",
-        f"- index: {figure.index_convention}",
-        f"- comparability: {figure.comparability}",
-    ]
-    setting = "; ".join(f"{k}: {_plain(v)}" for k, v in figure.setting.items())
-    md += [f"- published setting: {setting}"]
-    md += [f"- unconfirmed: {u}" for u in figure.unconfirmed]
-    md += ["", "Runs are made by:", ""] + _produce_lines(figure) + [""]
-
-    md += ["## Runs", ""]
-    if used:
-        for fr in used:
-            run = fr.run
-            gens = sorted({int(g) for (m, _, _), (_, gs, _) in run.series.items() if m == figure.metric for g in gs})
-            wfs = sorted({w for m, w, _ in run.series if m == figure.metric}, key=rp._workflow_key)
-            seeds = sorted({int(s) for (m, _, _), (ss, _, _) in run.series.items() if m == figure.metric for s in ss})
-            seed_text = ", ".join(map(str, seeds[:6])) + (f", … ({len(seeds)} seeds)" if len(seeds) > 6 else "")
-            md.append(
-                f"- `{run.path}`: {', '.join(wfs)}; seed {seed_text}; generations {gens[0]}–{gens[-1]}; "
-                f"from {fr.source}"
-            )
-    else:
-        md.append(f"No usable {figure.recipe} run: the figure shows the published values only.")
-    md.append("")
-    md += ["## Skipped runs", ""]
-    md += [f"- {s}" for s in skipped] if skipped else ["None."]
-    md.append("")
-    caveats = [f"`{fr.run.path}`: {c}" for fr in used for c in fr.caveats] + ours.notes
-    if caveats:
-        md += ["## Runs used with caveats", ""] + [f"- {c}" for c in caveats] + [""]
-
+    md = _intro_lines(figure) + _runs_lines(figure, used, skipped, ours)
     try:
         plot_figure(png, figure, ours, shown_cells, colours)
         has_pub_png = plot_published(pub_png, figure, colours)
-        md += ["## Figure", "", f"![{figure.id}]({png.name})", ""]
-        md += [
-            "Left: ours, mean over seeds with the 95% interval (closed form dotted where known). Middle: the "
-            "published values on our generation axis (generation = iteration − "
-            f"{figure.iteration_offset if figure.iteration_offset is not None else 'none: no index'}; dashed squares; "
-            "bands are ranges, 'later' and 'limit' lines have no iteration). Right: both relative to generation 0, "
-            "1 + (v − v0)/|v0|: the shapes side by side.",
-            "",
-        ]
-        if len(chosen) > len(shown_cells):
-            md += [
-                f"The figure shows {len(shown_cells)} of {len(chosen)} settings (--max_rows, --cells); "
-                "the table lists all.",
-                "",
-            ]
-        md += ["## Ours vs published", ""]
-        if rows:
-            md += _comparison_table(figure, ours, rows, shown_keys) + [""]
-            ours_rows = [r for r in rows if r.curve is not None and r.verdict.ok is not None]
-            ok = sum(r.verdict.ok for r in ours_rows)
-            verdict = (
-                f"Shape verdict: {ok} of {len(ours_rows)} of our curves with an expected shape have it"
-                if ours_rows
-                else "Shape verdict: no curve of ours with an expected shape and two finite generations"
-            )
-            md += [
-                f"{verdict} (rules, on last/first: rising > {RISING:g}; flat within ±{FLAT:.0%}; "
-                f"bounded <= {BOUNDED:.3g}; between: within accumulate's and replace's in the same setting).",
-                "",
-            ]
-        else:
-            md += ["No published values and no curves of ours to compare.", ""]
+        md += _figure_lines(figure, png, len(shown_cells), len(chosen))
+        md += _comparison_lines(figure, ours, rows, _shown_keys(figure, ours, chosen))
         md += ["## Published values", ""] + _published_table(figure) + [""]
         if has_pub_png:
             md += [f"![{figure.id} published]({pub_png.name})", ""]
         md += _cardinality_lines(figure, ours)
         if used:
-            data = rp.merge_runs([fr.run for fr in used])
-            md += [
-                line.replace("### Samples", "## Samples", 1)
-                for d in data
-                for line in rp._samples_section(d, out, {png.stem, pub_png.stem}, warn)
-            ]
-            md += _text_sample_lines(used)
+            md += _sample_lines(used, out, {png.stem, pub_png.stem}, warn)
         text = "\n".join(md).rstrip() + "\n"
         atomic_write_text(out / "report.md", text)
         atomic_write_text(out / "report.html", markdown_to_html(text.splitlines(), f"{figure.id}: {figure.title}"))
@@ -1471,7 +1549,7 @@ def list_figures(published: str | Path | None = None) -> str:
         lines.append("    runs: " + (" | ".join(m for m in made if m) or "no script or sweep yet; see 'one run'"))
         if p.get("command"):
             lines.append(f"    one run: {p['command']}")
-        lines.append(f"    then: python -m recipes.figures {fid} RUN_DIR... --out runs/figures/{fid}")
+        lines.append(f"    then: python -m tooling.figures {fid} RUN_DIR... --out runs/figures/{fid}")
     return "\n".join(lines)
 
 
@@ -1482,9 +1560,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m recipes.figures``."""
+    """The argument parser of ``python -m tooling.figures``."""
     p = _Parser(
-        prog="python -m recipes.figures", description="A paper figure from finished runs, next to the published values."
+        prog="python -m tooling.figures", description="A paper figure from finished runs, next to the published values."
     )
     p.add_argument("figure", nargs="?", help="Figure id (see --list).")
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="Run dirs, or folders of run dirs.")

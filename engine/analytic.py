@@ -173,7 +173,7 @@ def simulate(
     ``scratch`` (if given), so a large accumulate pool is never held in memory as a whole.
     """
     workflow.check(real_size, generations)
-    keep_all = workflow.name not in ("replace", "replace_multiple", "mix")
+    keep_all = workflow.keeps_earlier_sets
     real = problem.real(workflow.real_needed(real_size, generations))
     summarise = getattr(problem, "sample_summary", None)
     synthetic: dict[int, np.ndarray] = {}
@@ -191,7 +191,7 @@ def simulate(
         if t + 1 < generations:
             rng = np.random.default_rng([seed, stream, t, 1])
             count = workflow.synthetic_size(real_size)
-            if summarise is not None and workflow.name != "accumulate_subsample":
+            if summarise is not None and workflow.trains_on_whole_sets:
                 new = summarise(model, rng, count)  # whole sets only: their sufficient statistics will do
             else:
                 new = problem.sample(model, rng, count)
@@ -448,7 +448,7 @@ def launch(
     finally:
         tracker.finish()
     if cfg.report:
-        from recipes.report import make_report
+        from tooling.report import make_report
 
         print(f"[{recipe}] report -> {make_report([out], out / 'report')}", flush=True)
     return metrics

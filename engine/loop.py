@@ -34,17 +34,15 @@ resume a plain data loader mid-epoch exactly), so a fit shorter than one pass th
 
 A modality plugs in through :class:`Modality`: its real data module, its model and its trainer
 settings. This module imports torch and Lightning; the NumPy-only parts of the project
-(``datamodules.workflows``, ``datamodules.store``, the rest of ``collapse``) never import it.
+(``datamodules.workflows``, ``collapse.store``, the rest of ``collapse``) never import it.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import json
 import logging
 import math
-import random
 import re
 import shutil
 import time
@@ -60,15 +58,20 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from callbacks.fixed_steps import StopAtStep
+from callbacks.rng_state import RngStateCallback
 from callbacks.synthetic_data import SyntheticDataCallback
 from collapse.atomic import atomic_open, atomic_write_json
+from collapse.contract import Modality, RealDataModule
 from collapse.distributed import Dist, launch
 from collapse.errors import ConfigError, UserError
 from collapse.rundir import METRICS, config_dict, prepare_run_dir, resolve_out_dir, write_metrics
+from collapse.seeding import derive_seed
+from collapse.store import GenerationStore, StoreError
 from collapse.tracking import Tracker, WandbConfig, check_mode
-from datamodules.store import GenerationStore, StoreError
-from datamodules.synthetic import RealDataModule, SyntheticAccumulatingDataModule, derive_seed
+from datamodules.synthetic import SyntheticAccumulatingDataModule
 from datamodules.workflows import Workflow, WorkflowError
+from engine.trainer import FixedStepsTrainer
 
 MODEL_FILE = "model.pt"
 """Fitted weights (``state_dict``) of a generation, in its folder."""
@@ -93,83 +96,6 @@ _NOISE = (
     r".*Total length of .* across ranks is zero.*",  # no validation set: Lightning skips validation
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
-
-
-class Modality(abc.ABC):
-    """One kind of data and model: what :func:`run_generations` needs to know about it.
-
-    Subclass it (a dataclass works well) and implement :meth:`real_datamodule` and
-    :meth:`build_model`; override the other methods where the defaults do not fit.
-    """
-
-    name: str = "model"
-    """Short label of the modality in progress lines, e.g. ``toy``, ``vae``, ``lm``."""
-
-    @abc.abstractmethod
-    def real_datamodule(self) -> RealDataModule:
-        """The real data module (see :mod:`datamodules.synthetic` for its contract); called once per run."""
-
-    @abc.abstractmethod
-    def build_model(self, generation: int) -> pl.LightningModule:
-        """A freshly initialised model for ``generation``; it must implement ``sample(n, generator)``.
-
-        Called after the global RNGs are seeded from ``(seed, generation)``, so random initialisation
-        is reproducible.
-        """
-
-    def trainer_kwargs(self, generation: int) -> dict[str, Any]:
-        """Keyword arguments for ``lightning.Trainer`` (``max_epochs``, ``accelerator``, ``callbacks``, ...).
-
-        They override the loop's quiet defaults (no logger, progress bar or model summary;
-        ``default_root_dir`` is the generation's staging folder). ``accelerator``, ``devices``,
-        ``num_nodes`` and ``strategy`` must be the same for every generation: the loop starts the
-        run's processes once, from generation 0's settings (:mod:`collapse.distributed`). With several
-        processes, log test metrics with ``sync_dist=True``: each rank tests a disjoint part of the
-        real test set.
-        """
-        return {}
-
-    def checkpoint_kwargs(self, generation: int) -> dict[str, Any] | None:
-        """How often to write the mid-fit checkpoint (``ModelCheckpoint`` arguments); None: never."""
-        return {"every_n_epochs": 1}
-
-    def sampling_settings(self) -> dict[str, Any]:
-        """Settings of ``sample`` worth recording in each manifest (temperature, steps, ...)."""
-        return {}
-
-    def check_real_data(self, real: RealDataModule, real_size: int, cfg: LoopConfig) -> None:
-        """Refuse real data this modality cannot train on (raise a :class:`UserError`), before anything is written.
-
-        Called on every process after the real data module is set up for ``fit``, with the number of
-        real examples generation 0 uses. Default: accept.
-        """
-        return None
-
-    def start_run(self, out_dir: Path) -> None:
-        """Called once per run on global rank 0, right after the run directory is ready (config.yaml written).
-
-        The place to freeze run-level files, such as the TinyStories tokenizer, before generation 0.
-        Default: nothing.
-        """
-        return None
-
-    def derived_metrics(self, tested: Mapping[str, float]) -> dict[str, float]:
-        """Metrics computed from a generation's test metrics (e.g. perplexity from a mean cross-entropy).
-
-        Called on global rank 0 with the logged test metrics; the result joins them in metrics.json.
-        Default: nothing.
-        """
-        return {}
-
-    def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
-        """Quality metrics of a generation's synthetic set, and pictures of it.
-
-        Called on global rank 0 after the test, with the staged sample arrays (read-only memory
-        maps). Files written into ``stage`` (the generation's staging folder, e.g. ``samples.png``)
-        are published with the generation; the returned metrics (name them ``sample/...``) join its
-        test metrics in metrics.json and metrics.csv. Default: nothing.
-        """
-        return {}
 
 
 @dataclass
@@ -260,8 +186,8 @@ def run_generations(
     try:
         wf.check(real_size, cfg.generations, available)
     except WorkflowError as exc:
-        hint = " (fresh_real needs more real data than generation 0 uses: set --real_size)"
-        raise WorkflowError(str(exc) + (hint if cfg.real_size is None and wf.name == "fresh_real" else "")) from None
+        hint = f" ({wf.label} needs more real data than generation 0 uses: set --real_size)"
+        raise WorkflowError(str(exc) + (hint if cfg.real_size is None and wf.adds_real_data else "")) from None
     modality.check_real_data(real, real_size, cfg)
     needed = wf.synthetic_size(real_size) if cfg.generations > 1 else 0
     num_synthetic = needed if cfg.num_synthetic is None else cfg.num_synthetic
@@ -502,7 +428,7 @@ class _GenerationContext:
             kwargs["max_epochs"] = math.ceil(steps / per_epoch)
             kwargs["max_steps"] = -1
             callbacks.append(StopAtStep(steps))
-            trainer_cls = _FixedStepsTrainer
+            trainer_cls = FixedStepsTrainer
         ckpt_kwargs = self.modality.checkpoint_kwargs(g)
         if ckpt_kwargs is not None:
             callbacks.append(
@@ -516,7 +442,7 @@ class _GenerationContext:
             )
             kwargs["enable_checkpointing"] = True
         trainer = trainer_cls(callbacks=callbacks, **kwargs)
-        if isinstance(trainer, _FixedStepsTrainer):
+        if isinstance(trainer, FixedStepsTrainer):
             trainer.fixed_steps = steps
         return trainer
 
@@ -533,91 +459,6 @@ class _GenerationContext:
         )
         gens = f"gen {g}/{self.cfg.generations - 1}"
         return f"[{self.modality.name}] {self.wf.label} seed={self.cfg.seed} {gens} {tests}{train} {tail}"
-
-
-class StopAtStep(Callback):
-    """End the fit once ``trainer.global_step`` (optimizer steps, per process) reaches ``steps``.
-
-    Checked after every training batch, and at the start of training for a fit resumed from a checkpoint
-    written at exactly ``steps``. Every process steps together, so all of them stop at the same batch.
-    """
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def _check(self, trainer: pl.Trainer) -> None:
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._check(trainer)
-
-
-class _FixedStepsTrainer(pl.Trainer):
-    """A Trainer whose ``estimated_stepping_batches`` is at most ``fixed_steps`` (where :class:`StopAtStep` stops).
-
-    Without ``max_steps`` Lightning would count every batch of ``max_epochs`` full passes, and a schedule sized by
-    it (the LM's warmup + cosine decay) would not reach its end.
-    """
-
-    fixed_steps: int | None = None
-
-    @property
-    def estimated_stepping_batches(self) -> int | float:
-        estimate = super().estimated_stepping_batches
-        return estimate if self.fixed_steps is None else min(estimate, self.fixed_steps)
-
-
-class RngStateCallback(Callback):
-    """Store the global RNG states in every Lightning checkpoint and restore them on resume.
-
-    A fit resumed from a mid-fit checkpoint then continues the random streams (dropout, noise,
-    loader seeds) where the interrupted fit left them, as an unbroken fit would. In a multi-process
-    run each rank's states are gathered into the checkpoint and each rank gets its own back.
-    """
-
-    @staticmethod
-    def _local_state() -> dict[str, Any]:
-        # Plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True).
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state: dict[str, Any] = {
-            "python": random.getstate(),
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def state_dict(self) -> dict[str, Any]:
-        dist = Dist()
-        if not dist.active:
-            return self._local_state()
-        # Every rank dumps the checkpoint (rank 0 writes it), so this collective is reached by all.
-        states: list[Any] = [None] * dist.world_size
-        torch.distributed.all_gather_object(states, self._local_state())
-        return {"ranks": states}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "ranks" in state_dict:
-            ranks = state_dict["ranks"]
-            dist = Dist()
-            if len(ranks) != dist.world_size:
-                raise UserError(
-                    f"the checkpoint was written by {len(ranks)} processes, this run has {dist.world_size}; "
-                    "resume with the same --trainer.devices and --trainer.num_nodes"
-                )
-            state_dict = ranks[dist.rank]
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
-        name, keys, pos, has_gauss, cached = state_dict["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
 def write_metrics_csv(store: GenerationStore, workflow: str, seed: int) -> Path:
@@ -751,9 +592,6 @@ def _quiet_lightning(enabled: bool = True) -> Iterator[None]:
 __all__ = [
     "LoopConfig",
     "LoopResult",
-    "Modality",
-    "RngStateCallback",
-    "derive_seed",
     "run_generations",
     "write_metrics_csv",
 ]
