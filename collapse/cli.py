@@ -8,10 +8,15 @@ never a traceback.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -61,7 +66,10 @@ def parse_config(config_cls: type[C], argv: Sequence[str] | None = None, prog: s
 
 
 def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None):
-    """Parse the command line, call ``main(cfg)``, and turn a :class:`UserError` into one ``error:`` line."""
+    """Parse the command line, call ``main(cfg)``, and turn a :class:`UserError` into one ``error:`` line.
+
+    A Ctrl-C (KeyboardInterrupt) ends with one line saying how to resume and exit status 130.
+    """
     try:
         cfg = parse_config(config_cls, argv, prog=prog)
         retain_freed_memory()  # large training buffers are reused instead of re-zeroed by the kernel
@@ -71,7 +79,8 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
             sys.stderr.write(f"error: {_one_line(str(exc))}\n")
         sys.exit(2)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished work is kept; run the same command again to resume\n")
+        if not _secondary_process():  # a Ctrl-C reaches every rank of a multi-process run; one line is enough
+            sys.stderr.write("interrupted: finished work is kept; run the same command again to resume\n")
         sys.exit(130)
     finally:
         _close_process_group()
@@ -98,6 +107,67 @@ def _close_process_group() -> None:
 def _secondary_process() -> bool:
     """Whether the launcher (Lightning's ddp, torchrun, SLURM) says this is not the first process."""
     return any(os.environ.get(key, "0") not in ("", "0") for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (Linux only), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # the symbols already loaded, libc's among them
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def die_with_parent(parent: int) -> bool:
+    """Have the kernel SIGKILL this process as soon as its parent, process ``parent``, ends; False if it cannot.
+
+    A parent ended by ``kill -9`` has no chance to stop its children, and a child waiting for work from
+    it would wait for ever. Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere see :func:`watch_parent`.
+    A parent that ended before the request took effect ends this process at once. The kernel ties the
+    request to the parent *thread* that started this process, so start such children from a thread
+    that outlives them (the main thread).
+    """
+    prctl = _prctl()
+    ok = prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if os.getppid() != parent:
+        os._exit(1)
+    return ok
+
+
+def die_with_parent_hook() -> Callable[[], bool] | None:
+    """A ``preexec_fn`` for :class:`subprocess.Popen` that makes the child :func:`die_with_parent` of this process.
+
+    None where that is not possible. libc is looked up here, in the parent, so that between fork and exec
+    the child only makes the call.
+    """
+    if _prctl() is None:
+        return None
+    return functools.partial(die_with_parent, os.getpid())
+
+
+def watch_parent(parent: int, interval: float = 1.0) -> threading.Thread:
+    """Start a daemon thread that ends this process once its parent, process ``parent``, is gone.
+
+    The portable stand-in for :func:`die_with_parent`: an orphan is adopted by another process, so its
+    parent pid changes. Exits with ``os._exit``: with the parent gone, nothing waits for this process's work.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="parent-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def as_list(value: Any) -> list:

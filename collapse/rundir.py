@@ -1,4 +1,4 @@
-"""Run directories: the config guard, ``config.yaml`` and the tidy ``metrics.csv``.
+"""Run directories: the config guard, the run lock, ``config.yaml`` and the tidy ``metrics.csv``.
 
 ``metrics.csv`` is long format, one row per (workflow, grid cell, seed, generation, metric)::
 
@@ -9,10 +9,17 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
+import errno
+import json
+import os
+import re
 import shutil
+import socket
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +27,40 @@ import yaml
 
 from collapse.atomic import atomic_open, atomic_write_text
 from collapse.errors import UserError
+from collapse.store import GenerationStore
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
+LOCK = ".collapse-run.lock"
+"""The run directory's lock file (pid, host and start time of the run holding it)."""
 TAIL_COLUMNS = ("seed", "generation", "metric", "value")
+GENERATIONS = "generations"
+"""The config key that may grow on resume where the caller allows it (see :func:`prepare_run_dir`)."""
 
 # Flags that change how a run is executed or logged, not what it computes: they may differ on resume.
 EXECUTION_KEYS = frozenset(
     {"overwrite", "wandb", "log_every", "report", "workers", "num_workers", "config", "print_config", "dry_run"}
 )
+
+RUN_FILES: tuple[str, ...] = (
+    re.escape(CONFIG),
+    re.escape(METRICS),
+    r"metrics\.json",
+    r"data\.json",  # what a recipe read from its real data source (tinystories, geom_diffusion)
+    r"tokenizer\.json",  # tinystories: the run's frozen tokenizer
+    r"cells",  # analytic recipes: one file per finished grid cell
+    r"\.scratch",  # analytic recipes: memory-mapped pools of the cells being computed
+    r"gen_\d{3,}",  # Lightning recipes: a finished generation
+    r"\.gen_\d{3,}\.partial",  # Lightning recipes: a generation being made
+    r"report",  # analytic recipes: plots and report.md
+    r"wandb",  # the offline W&B run
+    re.escape(LOCK),
+)
+"""What the recipes write at the top of a run directory (regular expressions of names). ``--overwrite``
+deletes these, and the temporary names they are written under, and nothing else."""
+
+_RUN_FILE = re.compile("|".join(f"(?:{p})" for p in RUN_FILES))
+_TMP_FILE = re.compile(r"\.(.+)\.tmp-\d+")  # collapse.atomic's name for a file still being written
 
 
 class RunDirError(UserError):
@@ -58,14 +90,18 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
 def config_hash(config: dict[str, Any]) -> str:
     """A short, stable hash of what a config computes (execution-only flags left out)."""
     import hashlib
-    import json
 
     text = json.dumps(_identity(config), sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def resolve_out_dir(template: str, config: dict[str, Any]) -> str:
-    """Fill ``{hash}`` in an --out_dir (one folder per distinct config: W&B sweeps, grids of launches)."""
+    """Fill ``{hash}`` in an --out_dir (one folder per distinct config: W&B sweeps, grids of launches).
+
+    An empty --out_dir is refused: it would make the current folder the run directory.
+    """
+    if not str(template).strip():
+        raise RunDirError("--out_dir is empty; give the folder the run writes to, e.g. --out_dir runs/my_run")
     if "{" not in template:
         return template
     try:
@@ -74,49 +110,308 @@ def resolve_out_dir(template: str, config: dict[str, Any]) -> str:
         raise RunDirError(f"--out_dir {template!r}: the only placeholder allowed is {{hash}}") from None
 
 
-def _looks_like_run(out: Path) -> bool:
-    return any(p.name in (METRICS, CONFIG, "cells") or p.name.startswith(("gen_", ".gen_")) for p in out.iterdir())
+def is_run_file(name: str) -> bool:
+    """Whether ``name``, at the top of a run directory, is something the recipes write (:data:`RUN_FILES`)."""
+    tmp = _TMP_FILE.fullmatch(name)
+    return bool(_RUN_FILE.fullmatch(tmp.group(1) if tmp else name))
 
 
-def prepare_run_dir(out_dir: str | Path, recipe: str, config: dict[str, Any], overwrite: bool = False) -> Path:
-    """Make ``out_dir`` ready for this config and write its ``config.yaml``.
+def prepare_run_dir(
+    out_dir: str | Path,
+    recipe: str,
+    config: dict[str, Any],
+    overwrite: bool = False,
+    extendable: bool = False,
+) -> Path:
+    """Lock ``out_dir`` for this process, make it ready for this config and write its ``config.yaml``.
+
+    The lock (:func:`lock_run_dir`) is taken before anything is written and kept until
+    :func:`release_run_dir` or the end of the process; a folder another run holds is refused.
 
     Re-running the same config resumes. A folder that holds a run with a different config is
-    refused unless ``overwrite`` is true, in which case the old run is deleted.
+    refused unless ``overwrite`` is true; then the old run's outputs (:data:`RUN_FILES`) are deleted
+    and every other file in the folder is kept, with one line naming what was kept. Deleting the
+    outputs beside foreign files needs a readable ``config.yaml`` of a run: without one the folder
+    may be no run folder at all, and even ``overwrite`` is refused. A ``config.yaml`` that is not a
+    run's (unreadable, or no ``recipe`` key) is never deleted.
+
+    ``extendable`` (the Lightning loop, one ``gen_XXX`` folder per generation): ``generations`` may
+    differ from the run's. More continues the run (config.yaml records the new count); fewer is
+    accepted only while no generation at or past the new count is finished, since a run is never cut
+    short. A finished run whose last generation drew no synthetic set (a one-generation run draws
+    none) cannot be extended. Without ``extendable`` (the analytic recipes, whose grid cells are
+    computed for one count of generations) another count is a different config.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out_dir {out} is a file, not a folder")
     new = {"recipe": recipe, **config}
-    cfg_path = out / CONFIG
-    if out.is_dir() and _looks_like_run(out):
-        reason = None
-        if cfg_path.is_file():
-            try:
-                old = yaml.safe_load(cfg_path.read_text()) or {}
-            except yaml.YAMLError:
-                old = None
-            if not isinstance(old, dict):
-                reason = f"{cfg_path} is unreadable"
-            else:
-                diff = _first_difference(_identity(old), _identity(new))
-                if diff:
-                    reason = f"a run with a different config ({diff})"
-        else:
-            reason = f"run outputs but no {CONFIG}"
-        if reason:
-            if not overwrite:
-                raise RunDirError(
-                    f"--out_dir {out} holds {reason}; pass --overwrite true to replace it, or choose another --out_dir"
-                )
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg_path, yaml.safe_dump(new, sort_keys=False))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"--out_dir {out} cannot be created: {exc.strerror or exc}") from None
+    taken = lock_run_dir(out)
+    try:
+        _make_room(out, new, overwrite, extendable)
+        _remove_torn_files(out)
+        atomic_write_text(out / CONFIG, yaml.safe_dump(new, sort_keys=False))
+    except BaseException:
+        if taken:  # a refused run leaves the folder as it found it
+            release_run_dir(out)
+        raise
     return out
 
 
-def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    for key in sorted(set(old) | set(new)):
+def _remove_torn_files(out: Path) -> None:
+    """Delete the temporary files a killed run left mid-write (this run holds the lock: nobody else writes here).
+
+    They are never read (a file is published by renaming its temporary into place); the generation store
+    cleans its staging folders itself.
+    """
+    for folder in (out, out / "cells"):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if _TMP_FILE.fullmatch(path.name) and path.is_file():
+                    path.unlink(missing_ok=True)
+
+
+def _make_room(out: Path, new: dict[str, Any], overwrite: bool, extendable: bool) -> None:
+    """Check the run already in ``out`` against ``new``; delete its outputs if they must go (``overwrite``)."""
+    # Hidden names last: messages name the visible outputs first.
+    entries = sorted((p for p in out.iterdir() if p.name != LOCK), key=lambda p: (p.name.startswith("."), p.name))
+    ours = [p for p in entries if is_run_file(p.name)]
+    foreign = [p for p in entries if not is_run_file(p.name)]
+    if not ours:
+        return  # a new run, beside whatever else the folder holds
+    cfg_path = out / CONFIG
+    has_config = cfg_path.is_file()
+    if has_config:
+        try:
+            old = yaml.safe_load(cfg_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict) or "recipe" not in old:
+            what = "unreadable" if not isinstance(old, dict) else "no run's config (it has no recipe key)"
+            raise RunDirError(
+                f"--out_dir {out}: {cfg_path} is {what}, so it is left alone, even by --overwrite; "
+                "move it away or choose another --out_dir"
+            )
+        reason = _difference(out, old, new, extendable)
+    else:
+        reason = f"run outputs but no {CONFIG}"
+    if reason is None:
+        return
+    if foreign and not has_config:
+        raise RunDirError(
+            f"--out_dir {out} holds run outputs ({_names(ours)}) but no {CONFIG} beside other files "
+            f"({_names(foreign)}), so it may be no run folder and even --overwrite deletes nothing there; "
+            "choose another --out_dir"
+        )
+    if not overwrite:
+        raise RunDirError(
+            f"--out_dir {out} holds {reason}; choose another --out_dir, or pass --overwrite true to delete "
+            f"that run's outputs ({_names(ours)}; other files are kept)"
+        )
+    for p in ours:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()  # a link is removed, never what it points to
+    if foreign:
+        kept = _names(foreign)
+        print(f"--overwrite: deleted the old run's outputs in {out} and kept its other files: {kept}", flush=True)
+
+
+def _difference(out: Path, old: dict[str, Any], new: dict[str, Any], extendable: bool) -> str | None:
+    """Why the run in ``out`` (config ``old``) cannot go on under ``new``, or None when it can."""
+    grows = extendable and all(isinstance(c.get(GENERATIONS), int) for c in (old, new))
+    skip = {GENERATIONS} if grows else set()
+    diff = _first_difference(_identity(old), _identity(new), skip)
+    if diff:
+        reason = f"a run with a different config ({diff})"
+        if diff.startswith(f"{GENERATIONS}:") and not extendable:
+            reason += ", and this recipe's runs are never extended (each result is for one count of generations)"
+        return reason
+    if not grows or old[GENERATIONS] == new[GENERATIONS]:
+        return None
+    store = GenerationStore(out)
+    done = store.completed()
+    wanted = new[GENERATIONS]
+    if done and done[-1] >= wanted:
+        return (
+            f"a run with {len(done)} finished generations (the last gen_{done[-1]:03d}), more than --generations "
+            f"{wanted} (a run is never cut short: give --generations {done[-1] + 1} or more to keep it)"
+        )
+    if done and done[-1] < wanted - 1 and store.manifest(done[-1]).get("num_samples") == 0:
+        return (
+            f"a finished run of {done[-1] + 1} generation(s) whose last one drew no synthetic set (a one-generation "
+            f"run draws none), so it cannot be extended to --generations {wanted}"
+        )
+    return None
+
+
+def _names(paths: Sequence[Path], limit: int = 4) -> str:
+    shown = [p.name + ("/" if p.is_dir() else "") for p in paths[:limit]]
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(shown) + more
+
+
+# ---- the run lock -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Lock:
+    path: Path
+    fd: int
+
+
+_HELD: dict[Path, _Lock] = {}
+"""Run directories this process has locked: their lock file stays open (and so locked) while listed here."""
+
+# flock errors that mean "this file system cannot lock" (NFS without a lock daemon, some FUSE mounts).
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+
+
+def lock_run_dir(out_dir: str | Path) -> bool:
+    """Lock the existing folder ``out_dir`` for this process; True if taken now, False if already held here.
+
+    An advisory ``flock`` on ``<out_dir>/.collapse-run.lock`` (:data:`LOCK`), a file that also records
+    pid, host and start time to name the holder. The kernel drops it when the process ends in any way
+    (SIGKILL included), so a crash leaves no stale lock. Where the file system cannot ``flock``, the
+    file itself is the lock: it is created exclusively, and one left by a dead process of the same
+    host is taken over. A folder held by another process is refused at once. Release with
+    :func:`release_run_dir` (or process exit).
+    """
+    out = Path(out_dir).resolve()
+    if out in _HELD:
+        return False  # the same process running again in the same folder (tests, notebooks)
+    path = out / LOCK
+    try:
+        fd = _flock(out, path)
+        if fd is None:
+            fd = _pid_lock(out, path)
+    except OSError as exc:
+        raise RunDirError(f"--out_dir {out}: cannot lock {path}: {exc.strerror or exc}") from None
+    _HELD[out] = _Lock(path, fd)
+    return True
+
+
+def release_run_dir(out_dir: str | Path) -> None:
+    """Release this process's lock on ``out_dir`` and remove the lock file; a no-op if not held here."""
+    lock = _HELD.pop(Path(out_dir).resolve(), None)
+    if lock is None:
+        return
+    try:
+        lock.path.unlink(missing_ok=True)  # while still locked: a process that opened it re-checks after locking
+    except OSError:
+        pass
+    finally:
+        os.close(lock.fd)
+
+
+@atexit.register
+def _release_all() -> None:
+    for out in list(_HELD):
+        release_run_dir(out)
+
+
+def _flock(out: Path, path: Path) -> int | None:
+    """An open, flock-ed descriptor of ``path`` with this process's details, or None where flock is unsupported."""
+    try:
+        import fcntl
+    except ImportError:  # not on a POSIX system
+        return None
+    for _ in range(20):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirError(_busy(out, holder)) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _NO_FLOCK:
+                return None
+            raise
+        # The previous holder removes the file when it releases: if it did so after our open, this lock is on a
+        # file nobody else will see, so open the path again.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            _write_holder(fd)
+            return fd
+        os.close(fd)
+    raise RunDirError(f"--out_dir {out}: cannot lock {path}: it keeps being replaced by other processes")
+
+
+def _pid_lock(out: Path, path: Path) -> int:
+    """The lock without flock: create ``path`` exclusively, taking over one left by a dead process of this host."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            if _stale(holder):
+                path.unlink(missing_ok=True)
+                continue
+            hint = "" if holder.get("host") == socket.gethostname() else f" (if that run has ended, delete {path})"
+            raise RunDirError(_busy(out, holder) + hint) from None
+        _write_holder(fd)
+        return fd
+    raise RunDirError(f"--out_dir {out}: cannot lock {path}: it keeps being replaced by other processes")
+
+
+def _write_holder(fd: int) -> None:
+    since = datetime.now().astimezone().isoformat(timespec="seconds")
+    text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n"
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, text.encode())
+
+
+def _read_holder(source: int | Path) -> dict[str, Any]:
+    """The details in a lock file ({} when it holds none yet, or not ours)."""
+    try:
+        if isinstance(source, int):
+            os.lseek(source, 0, os.SEEK_SET)
+            raw = os.read(source, 4096)
+        else:
+            raw = Path(source).read_bytes()[:4096]
+        holder = json.loads(raw.decode())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    """Whether a lock file was left by a process of this host that no longer runs (this one included)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True  # not in _HELD, so this process no longer holds it (a pid reused after a crash)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def _busy(out: Path, holder: dict[str, Any]) -> str:
+    if holder.get("pid") is not None:
+        who = f"pid {holder.get('pid')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+    else:
+        who = "a process that is just starting"
+    return f"--out_dir {out} is in use by another run ({who}); wait for it to end or choose another --out_dir"
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any], skip: Iterable[str] = ()) -> str | None:
+    for key in sorted((set(old) | set(new)) - set(skip)):
         if old.get(key) != new.get(key):
             return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
     return None

@@ -101,6 +101,13 @@ class GenerationStore:
         """Create (or reopen, after a crash) the staging folder of ``generation``."""
         if self.is_complete(generation):
             raise StoreError(f"{self.path(generation)} is already complete; a finished generation is never rewritten")
+        if self.path(generation).exists():
+            # A commit renames a folder that holds its manifest: a gen_XXX without one was not made by a commit
+            # (damaged or put there by hand). Say so now, before the generation's work is done again for nothing.
+            raise StoreError(
+                f"{self.path(generation)} has no {MANIFEST}, so it is not a finished generation; "
+                "move it out of the run directory to make this generation again"
+            )
         stage = self.staging(generation)
         stage.mkdir(parents=True, exist_ok=True)
         return stage

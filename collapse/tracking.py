@@ -34,9 +34,29 @@ class WandbConfig:
 
 
 def check_mode(cfg: WandbConfig) -> None:
-    """Refuse an unknown --wandb.mode before anything is written."""
+    """Refuse an unknown --wandb.mode, or online mode without W&B credentials, before anything is written."""
     if cfg.mode not in MODES:
         raise UserError(f"--wandb.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.mode == "online" and not has_credentials():
+        raise UserError(
+            "--wandb.mode online needs W&B credentials: run 'wandb login' (or set WANDB_API_KEY), "
+            "or log offline (--wandb.mode offline, the default) and upload later with 'wandb sync'"
+        )
+
+
+def has_credentials() -> bool:
+    """Whether W&B can find an API key: ``WANDB_API_KEY``, or an entry for its host in the netrc file ``wandb login``
+    writes (``$NETRC`` or ``~/.netrc``; the host from ``WANDB_BASE_URL``, default api.wandb.ai)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 class Tracker:
@@ -51,7 +71,22 @@ class Tracker:
 
         out = Path(out_dir)
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(
+        try:
+            self.run = self._init(wandb, cfg, recipe, out, config)
+        except UserError:
+            raise
+        except Exception as exc:  # wandb raises its own types (network, auth, settings) as tracebacks
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(
+                f"W&B could not start a {cfg.mode} run ({type(exc).__name__}: {first}); "
+                "use --wandb.mode offline or disabled, or fix the W&B settings"
+            ) from None
+        self.run.define_metric("generation")
+        self.run.define_metric("*", step_metric="generation")
+
+    @staticmethod
+    def _init(wandb: Any, cfg: WandbConfig, recipe: str, out: Path, config: dict[str, Any]) -> Any:
+        return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
             group=cfg.group or recipe,
@@ -65,8 +100,6 @@ class Tracker:
             id=_run_id(out),
             reinit="finish_previous",
         )
-        self.run.define_metric("generation")
-        self.run.define_metric("*", step_metric="generation")
 
     def log(self, metrics: dict[str, float], generation: int) -> None:
         """Log scalar metrics of one generation."""

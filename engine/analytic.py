@@ -7,8 +7,9 @@ synthetic set, and the same :class:`~datamodules.workflows.Workflow` decides eve
 but runs all seeds at once and never imports torch or Lightning.
 
 Resume granularity is the grid cell: each finished cell is written atomically to
-``<out_dir>/cells/<cell>.csv`` and skipped when the command is run again; ``metrics.csv`` is the
-concatenation of the cells in grid order.
+``<out_dir>/cells/<cell>.csv``, then its record (row count, sha256) to ``<cell>.json``, and skipped when the
+command is run again if the two agree (a cut, edited or foreign cell file is recomputed, never half-read);
+``metrics.csv`` is the concatenation of the cells in grid order.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -29,8 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from collapse.atomic import atomic_open
-from collapse.cli import positive_ints
+from collapse.cells import cell_problem, write_cell
+from collapse.cli import die_with_parent, positive_ints, watch_parent
 from collapse.errors import UserError
 from collapse.rundir import (
     METRICS,
@@ -38,6 +40,7 @@ from collapse.rundir import (
     concat_csv,
     config_dict,
     prepare_run_dir,
+    release_run_dir,
     resolve_out_dir,
 )
 from collapse.tracking import Tracker, WandbConfig, check_mode
@@ -264,9 +267,7 @@ def _run_cell(job: _CellJob) -> dict[str, np.ndarray]:
         )  # fmt: skip
     finally:
         shutil.rmtree(job.scratch, ignore_errors=True)
-    with atomic_open(job.path, "w") as fh:
-        fh.write(",".join(job.columns) + "\n")
-        fh.write("\n".join(cell_rows(job.cell, values, job.seed)) + "\n")
+    write_cell(job.path, job.columns, cell_rows(job.cell, values, job.seed))
     return values
 
 
@@ -284,6 +285,61 @@ def _single_threaded_blas() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _worker_start(parent: int) -> None:
+    """Initializer of every worker process: it ends with the recipe and leaves Ctrl-C to it.
+
+    Without this a ``kill -9`` of the recipe left its workers (and the resource tracker, which waits for
+    them) alive for ever, waiting for cells from a queue that the workers themselves keep open. A
+    terminal's Ctrl-C reaches the whole process group; the recipe stops the pool, so the workers ignore it
+    rather than each print a traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held back since the start; now ignored
+    if not die_with_parent(parent):
+        watch_parent(parent)
+
+
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Block SIGINT in this thread while it starts worker processes.
+
+    A signal mask survives fork and exec, so a worker starts with SIGINT blocked until its initializer
+    ignores it: a Ctrl-C cannot kill it, traceback and all, while it is still importing. This process
+    still gets the Ctrl-C, through another thread or once the mask is restored.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's workers and shut it down, dropping the cells not finished.
+
+    For every way out of the grid but success (Ctrl-C, a failed cell): the pool's own shutdown would
+    wait for the running cells, and start the queued ones, before the recipe could exit. Finished cells
+    are on disk already; the others run again on resume.
+
+    A worker stopped while it sends a result leaves half a message in the result pipe, and the pool's
+    thread would wait for the rest for ever (this process holds the pipe's writing end too): once the
+    workers are gone, that end is closed, so the thread reads end-of-file instead and gives up.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=30)
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        writer.close()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def available_cores() -> int:
@@ -322,8 +378,11 @@ def run_grid(
     for i, cell in enumerate(cells, 1):
         path = cell_dir / f"{cell.key}.csv"
         if path.is_file():
-            print(f"[{recipe}] cell {i}/{len(cells)} {cell.describe()}: finished earlier, kept", flush=True)
-            continue
+            problem = cell_problem(path)
+            if problem is None:
+                print(f"[{recipe}] cell {i}/{len(cells)} {cell.describe()}: finished earlier, kept", flush=True)
+                continue
+            print(f"[{recipe}] cell {i}/{len(cells)} {cell.describe()}: {path} {problem}; recomputing", flush=True)
         jobs.append(
             _CellJob(
                 recipe,
@@ -348,10 +407,19 @@ def run_grid(
 
     if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked BLAS or W&B threads
-        with _single_threaded_blas(), ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-            futures = {pool.submit(_run_cell, job): job for job in jobs}
+        # The workers are started from this thread (by submit), which the kernel's parent-death signal is tied to.
+        pool = ProcessPoolExecutor(
+            min(workers, len(jobs)), mp_context=ctx, initializer=_worker_start, initargs=(os.getpid(),)
+        )
+        try:
+            with _single_threaded_blas(), _sigint_held():
+                futures = {pool.submit(_run_cell, job): job for job in jobs}
             for future in as_completed(futures):
                 record(futures[future], future.result())
+        except BaseException:
+            _stop_workers(pool)
+            raise
+        pool.shutdown()
     else:
         for job in jobs:
             record(job, _run_cell(job))
@@ -390,7 +458,8 @@ class AnalyticConfig:
     seed: int = 0
     """Base random seed; a run is reproducible from it."""
     overwrite: bool = False
-    """Replace an existing run in --out_dir that has a different config (otherwise refused)."""
+    """Replace a run with a different config in --out_dir instead of refusing: only its own outputs (config.yaml,
+    metrics, cells, ...) are deleted, other files in the folder are kept."""
     log_every: int = 10
     """Print a progress line every this many generations of each cell (1 = every generation)."""
     workers: int = 0
@@ -429,26 +498,30 @@ def launch(
         except UserError as exc:
             raise UserError(f"{exc} (cell {cell.describe()})") from None
     config = config_dict(cfg)
+    # Locked until the report is written; a changed --generations is refused (cells are computed for one count).
     out = prepare_run_dir(resolve_out_dir(cfg.out_dir, config), recipe, config, overwrite=cfg.overwrite)
-    tracker = Tracker(cfg.wandb, recipe, out, config)
     try:
-        metrics = run_grid(
-            recipe,
-            cells,
-            make_problem,
-            real_size_of,
-            out,
-            cfg.generations,
-            cfg.num_seeds,
-            cfg.seed,
-            tracker=tracker,
-            log_every=cfg.log_every,
-            workers=cfg.workers or available_cores(),
-        )
-    finally:
-        tracker.finish()
-    if cfg.report:
-        from tooling.report import make_report
+        tracker = Tracker(cfg.wandb, recipe, out, config)
+        try:
+            metrics = run_grid(
+                recipe,
+                cells,
+                make_problem,
+                real_size_of,
+                out,
+                cfg.generations,
+                cfg.num_seeds,
+                cfg.seed,
+                tracker=tracker,
+                log_every=cfg.log_every,
+                workers=cfg.workers or available_cores(),
+            )
+        finally:
+            tracker.finish()
+        if cfg.report:
+            from tooling.report import make_report
 
-        print(f"[{recipe}] report -> {make_report([out], out / 'report')}", flush=True)
+            print(f"[{recipe}] report -> {make_report([out], out / 'report')}", flush=True)
+    finally:
+        release_run_dir(out)
     return metrics

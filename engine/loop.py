@@ -45,6 +45,7 @@ import logging
 import math
 import re
 import shutil
+import signal
 import time
 import warnings
 import zipfile
@@ -65,7 +66,7 @@ from collapse.atomic import atomic_open, atomic_write_json
 from collapse.contract import Modality, RealDataModule
 from collapse.distributed import Dist, launch
 from collapse.errors import ConfigError, UserError
-from collapse.rundir import METRICS, config_dict, prepare_run_dir, resolve_out_dir, write_metrics
+from collapse.rundir import METRICS, config_dict, prepare_run_dir, release_run_dir, resolve_out_dir, write_metrics
 from collapse.seeding import derive_seed
 from collapse.store import GenerationStore, StoreError
 from collapse.tracking import Tracker, WandbConfig, check_mode
@@ -131,7 +132,8 @@ class LoopConfig:
     the last pass cut short: of a set larger than S batches it sees a random subset, each example at most once.
     Steps are optimizer steps per process, as Lightning counts them (global_step)."""
     overwrite: bool = False
-    """Delete an existing run with a different config in out_dir instead of refusing."""
+    """Replace a run with a different config in out_dir instead of refusing: only its own outputs (config.yaml,
+    metrics, gen_XXX, ...) are deleted, other files in the folder are kept."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""
 
@@ -195,9 +197,16 @@ def run_generations(
         raise UserError(f"--num_synthetic {num_synthetic} is less than the {needed} samples {wf.label} trains on")
 
     full_config = dict(config) if config is not None else config_dict(cfg)
+
     def _start() -> Path:
-        out = prepare_run_dir(resolve_out_dir(cfg.out_dir, full_config), recipe, full_config, cfg.overwrite)
-        modality.start_run(out)
+        # Locks the run directory for this whole call (rank 0 only); a larger --generations continues a run.
+        target = resolve_out_dir(cfg.out_dir, full_config)
+        out = prepare_run_dir(target, recipe, full_config, cfg.overwrite, extendable=True)
+        try:
+            modality.start_run(out)
+        except BaseException:
+            release_run_dir(out)
+            raise
         return out
 
     out = dist.on_zero(_start)
@@ -228,6 +237,7 @@ def run_generations(
             tracker.save_file(write_metrics_csv(store, wf.label, cfg.seed))
     finally:
         tracker.finish()
+        release_run_dir(out)
     return LoopResult(out, all_metrics, fitted, committed)
 
 
@@ -323,7 +333,8 @@ class _GenerationContext:
             # Different ranks draw different noise (dropout, latents); one process keeps the plain seed.
             purpose = "fit" if dist.world_size == 1 else f"fit-rank{dist.rank}"
             pl.seed_everything(derive_seed(cfg.seed, g, purpose), workers=True, verbose=False)
-            trainer.fit(model, datamodule=dm, ckpt_path=plan["checkpoint"])  # samples in on_fit_end
+            with _interrupt_passes_through():
+                trainer.fit(model, datamodule=dm, ckpt_path=plan["checkpoint"])  # samples in on_fit_end
             if trainer.interrupted:
                 raise KeyboardInterrupt
             if steps is not None and trainer.global_step != steps:
@@ -340,7 +351,8 @@ class _GenerationContext:
         metrics = plan["metrics"]
         if metrics is None:
             pl.seed_everything(derive_seed(cfg.seed, g, "test"), workers=True, verbose=False)
-            results = trainer.test(model, datamodule=dm, verbose=False)  # samples first, if the fit did not
+            with _interrupt_passes_through():
+                results = trainer.test(model, datamodule=dm, verbose=False)  # samples first, if the fit did not
             tested = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
             metrics = dist.on_zero(lambda: self._finish_metrics(g, stage, sampler, tested, dm))
         if not sampler.is_done():  # only when an earlier run staged the metrics by hand: draw on one process
@@ -567,6 +579,27 @@ def _validate(cfg: LoopConfig) -> None:
     for flag, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"--{flag} must be an integer >= {low}, got {value!r}")
+
+
+@contextlib.contextmanager
+def _interrupt_passes_through() -> Iterator[None]:
+    """Let a Ctrl-C inside ``trainer.fit`` or ``trainer.test`` reach the caller as a KeyboardInterrupt.
+
+    Lightning (2.6) catches it, tears the trainer down, ignores SIGINT from then on and calls
+    ``sys.exit(1)``: the recipe would end with status 1, without the line on how to resume, and the
+    rest of the loop would never know. That SystemExit is raised while the KeyboardInterrupt is being
+    handled, which tells it apart from any other exit. SIGINT gets back the handler it had before.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit as exc:
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        if handler is not None:  # None: a handler not set from Python, which cannot be put back
+            with contextlib.suppress(ValueError):  # not the main thread: the handler was never changed
+                signal.signal(signal.SIGINT, handler)
+        raise KeyboardInterrupt from None
 
 
 @contextlib.contextmanager

@@ -22,6 +22,12 @@ from collapse.errors import ConfigError, UserError
 
 T = TypeVar("T", bound="TrainerConfig")
 
+PRECISIONS = (
+    "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+    "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64",
+)  # fmt: skip
+"""The ``--trainer.precision`` values Lightning accepts (2.x names first, then its short aliases)."""
+
 
 @dataclass
 class TrainerConfig:
@@ -54,6 +60,22 @@ class TrainerConfig:
             _check_int("max_epochs", self.max_epochs)
         if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
             raise ConfigError(f"--trainer.gradient_clip_val must be > 0 or None, got {self.gradient_clip_val!r}")
+        # Checked here, before the run directory exists: Lightning would refuse them only when the Trainer is
+        # built, after config.yaml is written (and the corrected command would then be a different config).
+        if self.precision is not None and str(self.precision) not in PRECISIONS:
+            raise ConfigError(f"--trainer.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+        if self.accelerator not in accelerators:
+            choices = ", ".join(accelerators)
+            raise ConfigError(f"--trainer.accelerator must be one of {choices}; got {self.accelerator!r}")
+        strategies = ("auto", *sorted(StrategyRegistry.available_strategies()))
+        if self.strategy not in strategies:
+            raise ConfigError(
+                f"--trainer.strategy must be auto, ddp, fsdp or another Lightning strategy name; got {self.strategy!r}"
+            )
 
     def lightning_kwargs(self) -> dict[str, Any]:
         """``lightning.Trainer`` keyword arguments: the settings that are set, no sanity validation run.

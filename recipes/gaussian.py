@@ -19,6 +19,9 @@ d sigma^2 / n * sum_{k<=g} 1/(k+1)^2 (see ``tooling/theory.py``).
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as `python recipes/x.py`: check this python has the project before importing it
+    import _env_check  # noqa: F401  (next to this file; exits with one error line if the project is missing)
+
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple

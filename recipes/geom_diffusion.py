@@ -28,6 +28,9 @@ The default data is QM9 as shipped by the ``qm9pack`` package (offline, DFT-opti
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as `python recipes/x.py`: check this python has the project before importing it
+    import _env_check  # noqa: F401  (next to this file; exits with one error line if the project is missing)
+
 import dataclasses
 import logging
 from collections.abc import Mapping

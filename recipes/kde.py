@@ -24,6 +24,9 @@ each curve are uniform random, so each set is a proper distribution to draw fres
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as `python recipes/x.py`: check this python has the project before importing it
+    import _env_check  # noqa: F401  (next to this file; exits with one error line if the project is missing)
+
 from dataclasses import dataclass, field
 from functools import partial
 

@@ -23,6 +23,9 @@ Indexing: generation g here is the paper's iteration n = g + 1 (n = 1 is the fit
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as `python recipes/x.py`: check this python has the project before importing it
+    import _env_check  # noqa: F401  (next to this file; exits with one error line if the project is missing)
+
 from dataclasses import dataclass, field
 from functools import partial
 

@@ -15,6 +15,9 @@ synthetic digits is saved as ``gen_XXX/samples.png``.
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as `python recipes/x.py`: check this python has the project before importing it
+    import _env_check  # noqa: F401  (next to this file; exits with one error line if the project is missing)
+
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field

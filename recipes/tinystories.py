@@ -27,6 +27,9 @@ heavy-tailed vocabulary; :mod:`datamodules.story_corpus`), never to be reported 
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as `python recipes/x.py`: check this python has the project before importing it
+    import _env_check  # noqa: F401  (next to this file; exits with one error line if the project is missing)
+
 import dataclasses
 import logging
 import math

@@ -13,6 +13,9 @@ is scored on real held-out points (``test_loss``, mean NLL in nats), and samples
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as `python recipes/x.py`: check this python has the project before importing it
+    import _env_check  # noqa: F401  (next to this file; exits with one error line if the project is missing)
+
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +27,9 @@ from engine.loop import LoopConfig, LoopResult, run_generations
 from engine.trainer import TrainerConfig, resolve_trainer
 from lit_modules.toy import GaussianDensity, GaussianModelConfig
 
-EPOCHS = 40
-"""Epochs per generation (a 2-D Gaussian gains nothing from a GPU: the default accelerator is the CPU)."""
+EPOCHS = 20
+"""Epochs per generation: with the cosine-decayed learning rate the fit of 1,024 points settles at the maximum
+likelihood within 20 (a 2-D Gaussian gains nothing from a GPU: the default accelerator is the CPU)."""
 
 
 @dataclass
@@ -39,7 +43,7 @@ class ToyGaussianConfig(LoopConfig):
     model: GaussianModelConfig = field(default_factory=GaussianModelConfig)
     """The Gaussian density model: learning rate, initial mean scale."""
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(accelerator="cpu"))
-    """Lightning Trainer settings (default: on the CPU, 40 epochs per generation)."""
+    """Lightning Trainer settings (default: on the CPU, 20 epochs per generation)."""
 
 
 class GaussianModality(Modality):

@@ -181,9 +181,10 @@ def test_seeded_runs_are_reproducible_and_seeds_matter(tmp_path):
 def test_rerun_resumes_without_recomputing_finished_cells(tmp_path, capsys):
     out = tmp_path / "run"
     first = _run_gaussian(out).read_bytes()
-    cells = sorted((out / "cells").iterdir())
+    cells = sorted((out / "cells").glob("*.csv"))
     mtimes = {p: p.stat().st_mtime_ns for p in cells}
     cells[3].unlink()  # as if the run had been killed before that cell finished
+    cells[3].with_suffix(".json").unlink()
     capsys.readouterr()
     again = _run_gaussian(out).read_bytes()
     assert again == first
@@ -203,7 +204,9 @@ def test_sigkill_mid_run_then_rerun_gives_the_unbroken_result(tmp_path):
     proc = subprocess.Popen([sys.executable, "recipes/gaussian.py", "--out_dir", str(out), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / "cells").glob("*.csv"))) < 2:
+    # Two cells with their records (written last): the workers die with the run, so a cell whose record is
+    # not written yet when the run is killed is recomputed, and would not count as finished earlier.
+    while time.time() < deadline and len(list((out / "cells").glob("*.json"))) < 2:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -268,17 +271,34 @@ def test_out_dir_with_a_different_config_is_refused_unless_overwrite(tmp_path, c
     assert max(int(r["generation"]) for r in csv.DictReader(open(out / "metrics.csv"))) == 6
 
 
-def test_cell_files_that_were_tampered_with_are_named(tmp_path, capsys):
+def _cut_one_metric(lines: list[str]) -> list[str]:
+    last_metric = lines[-1].split(",")[-2]
+    return [line for line in lines if line.split(",")[-2] != last_metric]  # a cut at a block boundary
+
+
+DAMAGE = {
+    "cut at the end": lambda lines: lines[:-5],
+    "one metric cut off": _cut_one_metric,
+    "a value edited": lambda lines: [*lines[:-1], lines[-1].rsplit(",", 1)[0] + ",0.5"],
+}
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE, "binary", "no record"])
+def test_damaged_cell_files_are_named_and_recomputed_never_half_read(tmp_path, capsys, damage):
     out = tmp_path / "run"
-    _run_gaussian(out)
-    victim = sorted((out / "cells").iterdir())[0]
-    lines = victim.read_text().splitlines()
-    victim.write_text("\n".join(lines[:-5]) + "\n")
-    with pytest.raises(SystemExit):
-        gaussian.run(gaussian.main, gaussian.GaussianConfig, [
-            "--out_dir", str(out), "--dim", "[2, 4]", "--n_samples", "[8, 30]", "--generations", "6",
-            "--num_seeds", "9", "--wandb.mode", "disabled", "--report", "false"])  # fmt: skip
-    assert victim.name in capsys.readouterr().err
+    first = _run_gaussian(out).read_bytes()
+    victim = sorted((out / "cells").glob("*.csv"))[0]
+    if damage == "binary":
+        victim.write_bytes(bytes(range(256)) * 4)
+    elif damage == "no record":
+        victim.with_suffix(".json").unlink()
+    else:
+        victim.write_text("\n".join(DAMAGE[damage](victim.read_text().splitlines())) + "\n")
+    capsys.readouterr()
+    assert _run_gaussian(out).read_bytes() == first
+    printed = capsys.readouterr().out
+    assert f"{victim}" in printed and "recomputing" in printed
+    assert printed.count("finished earlier, kept") == len(list((out / "cells").glob("*.csv"))) - 1
 
 
 def test_help_and_print_config_document_the_flags(tmp_path):

@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -269,7 +268,6 @@ def test_two_processes_count_steps_per_process(tmp_path):
     assert [metrics[g]["train_size"] for g in range(3)] == [32, 64, 96]
 
 
-@dataclass
 class TwoProcesses(TinyModality):
     """The tiny toy modality on two CPU processes (ddp)."""
 

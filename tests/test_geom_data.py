@@ -8,9 +8,13 @@ package's CSVs (the row index of the 226 MB files is built once per process, und
 
 from __future__ import annotations
 
+import builtins
+import collections
 import csv
 import json
+import os
 import pickle
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -92,6 +96,29 @@ def write_sdf(path: Path, mols: list[Chem.Mol], extra_blocks: tuple[str, ...] = 
             for block in extra_blocks:
                 fh.write(block.rstrip("\n") + "\n$$$$\n")
     return path
+
+
+class Payload:
+    """Calls ``func(*args)`` when unpickled: what a hostile data file does to a reader that allows every class."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+HOSTILE = ("os.system", "builtins.exec", "subprocess.call")
+"""Callables a hostile pickle may name (the parameters of the refusal tests)."""
+
+
+def payload(kind: str, marker: Path) -> tuple[str, Payload]:
+    """``(module.name a pickle stores, payload)``: a pickled ``kind`` call (one of HOSTILE) creating ``marker``."""
+    if kind == "os.system":  # stored under the module that defines it: posix.system on Linux
+        return f"{os.system.__module__}.system", Payload(os.system, f"touch {marker}")
+    if kind == "builtins.exec":
+        return kind, Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()")
+    return kind, Payload(subprocess.call, ["touch", str(marker)])
 
 
 def bond_lengths(graph: MolGraph) -> np.ndarray:
@@ -311,6 +338,39 @@ def test_rdkit_folder_takes_top_conformers_by_weight(tmp_path):
     assert split_keys(dm2, "test") == split_keys(dm, "test")
 
 
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_rdkit_folder_pickle_naming_a_foreign_callable_is_refused_unrun(tmp_path, kind):
+    root = tmp_path / "rdkit_folder"
+    write_rdkit_folder(root, SMALL[:6])
+    marker = tmp_path / "marker"
+    name, hostile = payload(kind, marker)
+    with open(root / "drugs" / "3.pickle", "wb") as fh:  # a conformer whose rd_mol runs a command
+        pickle.dump({"conformers": [{"rd_mol": hostile, "boltzmannweight": 1.0}]}, fh)
+    with pytest.raises(UserError) as excinfo:  # all six molecules are needed: the file is read
+        prepared(config(tmp_path, source="rdkit_folder", path=str(root), num_real=4, num_test=2))
+    assert_one_line_user_error(excinfo, "3.pickle", f"refusing to unpickle {name} (", "trusted data")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "link"])
+def test_rdkit_folder_pickle_path_outside_the_folder_is_refused(tmp_path, where):
+    root = tmp_path / "rdkit_folder"
+    write_rdkit_folder(root, SMALL[:6])
+    outside = tmp_path / "outside.pickle"  # a well-formed pickle of a seventh molecule
+    mol = embed("CCCO", seed=7)
+    with open(outside, "wb") as fh:
+        pickle.dump({"conformers": [{"rd_mol": mol, "boltzmannweight": 1.0}]}, fh)
+    rel = {"parent": "../outside.pickle", "absolute": str(outside), "link": "drugs/link.pickle"}[where]
+    if where == "link":
+        (root / "drugs" / "link.pickle").symlink_to(outside)
+    summary = json.loads((root / "summary_drugs.json").read_text())
+    summary["CCCO"] = {"pickle_path": rel}
+    (root / "summary_drugs.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError) as excinfo:  # seven molecules: only the outside entry can give the seventh
+        prepared(config(tmp_path, source="rdkit_folder", path=str(root), num_real=5, num_test=2))
+    assert_one_line_user_error(excinfo, "'CCCO'", repr(rel), "outside", "--data.path")
+
+
 # ---- geodiff pickles -----------------------------------------------------------------------------------------
 class _FakePyg:
     """Registers a stand-in ``torch_geometric`` in sys.modules while GeoDiff-style pickles are written."""
@@ -415,6 +475,75 @@ def test_geodiff_folder_keeps_its_split_and_reads_both_layouts(tmp_path):
     with pytest.raises(UserError) as excinfo:
         prepared(config(tmp_path / "one", source="geodiff", path=str(folder / "test_data_1k.pkl"), num_real=4))
     assert_one_line_user_error(excinfo, "only 2 usable molecules", "--data.num_real")
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_geodiff_pickle_naming_a_foreign_callable_is_refused_unrun(tmp_path, kind):
+    marker = tmp_path / "marker"
+    name, hostile = payload(kind, marker)
+    path = tmp_path / "train_data_1k.pkl"
+    with _FakePyg() as pyg:
+        records = geodiff_records(pyg, SMALL[:3])
+        with open(path, "wb") as fh:
+            pickle.dump(records + [hostile], fh)
+    with pytest.raises(UserError) as excinfo:
+        prepared(config(tmp_path, source="geodiff", path=str(path), num_real=2, num_test=1))
+    assert_one_line_user_error(excinfo, str(path), f"refusing to unpickle {name} (", "trusted data")
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's weights-only loader on foreign bytes
+@pytest.mark.parametrize("inner", ["plain", "legacy", "legacy_weights_only"])
+def test_geodiff_tensor_storage_cannot_smuggle_a_pickle(tmp_path, monkeypatch, inner):
+    # torch's own storage helper unpickles the bytes it is given with every class allowed: a pickle can
+    # name that helper with a hostile pickle as its bytes. Bytes that start like torch's legacy format go
+    # through the allow-list, any others (and all under TORCH_FORCE_WEIGHTS_ONLY_LOAD) through torch's
+    # weights-only loader.
+    if inner == "legacy_weights_only":
+        monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "marker"
+    hostile = pickle.dumps(Payload(os.system, f"touch {marker}"), protocol=2)
+    if inner != "plain":
+        hostile = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2) + hostile
+    path = tmp_path / "data.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump([Payload(torch.storage._load_from_bytes, hostile)], fh)
+    with pytest.raises(UserError) as excinfo:
+        prepared(config(tmp_path, source="geodiff", path=str(path), num_real=2, num_test=1))
+    refused = f"{os.system.__module__}.system (" if inner == "legacy" else "a tensor storage"
+    assert_one_line_user_error(excinfo, str(path), f"refusing to unpickle {refused}")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_allow_list_reads_molecules_arrays_and_tensors_of_every_protocol(tmp_path, monkeypatch, protocol, weights_only):
+    if weights_only:  # tensor storages then go through torch's weights-only loader
+        monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    mol = embed("CCO", seed=8)
+    data = {
+        "rd_mol": mol,
+        "rw_mol": Chem.RWMol(mol),
+        "weights": [np.float64(0.25), np.float32(0.5), np.int64(3), np.bool_(True)],
+        "array": np.arange(6, dtype=np.float32).reshape(2, 3).T,  # non-contiguous
+        "record": np.zeros(2, dtype=[("a", "<f4"), ("b", "<i8")]),
+        "tensors": (torch.arange(4), torch.ones(2, 3)[:, 1:], torch.tensor([True, False])),
+        "ordered": collections.OrderedDict(a=1),
+        "other": [set([1]), frozenset([2]), b"bytes", b"", bytearray(b"xy"), 1 + 2j, "text", None, 1.5],
+    }
+    path = tmp_path / "mixed.pickle"
+    with open(path, "wb") as fh:
+        pickle.dump(data, fh, protocol=protocol)
+    back = geom._unpickle(path)
+    assert Chem.MolToSmiles(back["rd_mol"]) == Chem.MolToSmiles(mol)
+    np.testing.assert_allclose(back["rd_mol"].GetConformer().GetPositions(), mol.GetConformer().GetPositions())
+    assert isinstance(back["rw_mol"], Chem.RWMol)
+    assert back["weights"] == data["weights"] and back["other"] == data["other"]
+    np.testing.assert_array_equal(back["array"], data["array"])
+    assert back["record"].dtype == data["record"].dtype
+    for got, want in zip(back["tensors"], data["tensors"]):
+        assert torch.equal(got, want) and not got.requires_grad
+    assert back["ordered"] == data["ordered"]
 
 
 # ---- sdf ---------------------------------------------------------------------------------------------------
@@ -546,7 +675,38 @@ def test_second_run_reads_the_cache_and_a_damaged_cache_is_refused(tmp_path, mon
     again = prepared(cfg)
     assert again.data_stats == first.data_stats
     assert split_keys(again, "train") == split_keys(first, "train")
-    (first.cache_entry / "data.pkl").write_bytes(b"not a pickle")
+    (first.cache_entry / geom.DATA_FILE).write_bytes(b"not a pickle")
     with pytest.raises(UserError) as excinfo:
         prepared(cfg)
     assert_one_line_user_error(excinfo, "damaged cache", str(first.cache_entry))
+
+
+def test_cache_holds_no_pickle_and_a_planted_one_never_runs(tmp_path):
+    path = write_sdf(tmp_path / "m.sdf", [embed(s, seed=60 + i) for i, s in enumerate(SMALL[:4])])
+    cfg = config(tmp_path, source="sdf", path=str(path), num_real=3, num_test=1)
+    first = prepared(cfg)
+    entry = first.cache_entry
+    assert json.loads((entry / "identity.json").read_text())["version"] == geom.CACHE_VERSION
+    with np.load(entry / geom.DATA_FILE, allow_pickle=False) as npz:  # numeric arrays only
+        assert all(npz[name].dtype != object for name in npz.files)
+    marker = tmp_path / "marker"
+    # An old-style data.pkl planted in the entry is not read at all.
+    (entry / "data.pkl").write_bytes(pickle.dumps(Payload(os.system, f"touch {marker}")))
+    again = prepared(cfg)
+    assert split_keys(again, "train") == split_keys(first, "train")
+    assert again.rdkit_molecule("train", 0).GetNumAtoms() == first.train_dataset[0].num_atoms
+    # A pickle in place of data.npz, or an npz whose array needs unpickling, is refused, never run.
+    good = (entry / geom.DATA_FILE).read_bytes()
+    (entry / geom.DATA_FILE).write_bytes(pickle.dumps(Payload(os.system, f"touch {marker}")))
+    with pytest.raises(UserError) as excinfo:
+        prepared(cfg)
+    assert_one_line_user_error(excinfo, "damaged cache", str(entry))
+    (entry / geom.DATA_FILE).write_bytes(good)
+    with np.load(entry / geom.DATA_FILE) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["z"] = np.array([Payload(os.system, f"touch {marker}")], dtype=object)
+    np.savez(entry / geom.DATA_FILE, **arrays)
+    with pytest.raises(UserError) as excinfo:
+        prepared(cfg)
+    assert_one_line_user_error(excinfo, "damaged cache", str(entry))
+    assert not marker.exists()

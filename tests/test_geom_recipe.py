@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +128,33 @@ def test_bad_input_is_one_error_line(tmp_path, extra, message):
     assert run.returncode == 2, run.stderr[-2000:]
     lines = [line for line in run.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], run.stderr[-2000:]
+    assert not (tmp_path / "run" / "gen_000").exists()
+
+
+class _System:
+    """Runs ``os.system(command)`` when unpickled: a hostile GEOM pickle."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_hostile_pickle_is_one_error_line_and_never_runs(tmp_path):
+    folder, marker = tmp_path / "rdkit_folder", tmp_path / "marker"
+    (folder / "drugs").mkdir(parents=True)
+    with open(folder / "drugs" / "0.pickle", "wb") as fh:
+        pickle.dump({"conformers": [{"rd_mol": _System(f"touch {marker}"), "boltzmannweight": 1.0}]}, fh)
+    (folder / "summary_drugs.json").write_text(json.dumps({"CCO": {"pickle_path": "drugs/0.pickle"}}))
+    source = ["--data.source", "rdkit_folder", "--data.path", str(folder)]
+    args = [sys.executable, str(RECIPE), "--out_dir", str(tmp_path / "run"), "--generations", "1", *TINY, *source]
+    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = [line for line in run.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, run.stderr[-2000:]
+    assert "0.pickle" in lines[0] and f"refusing to unpickle {os.system.__module__}.system" in lines[0], lines[0]
+    assert not marker.exists()
     assert not (tmp_path / "run" / "gen_000").exists()
 
 

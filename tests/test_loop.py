@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -240,10 +239,10 @@ class NoisyDensity(GaussianDensity):
         return self.model_step(batch + 0.1 * torch.randn_like(batch), "train")
 
 
-@dataclass
 class NoisyModality(TinyModality):
     def build_model(self, generation: int) -> NoisyDensity:
-        return NoisyDensity(dim=len(self.mean), lr=self.model.lr, init_scale=self.model.init_scale)
+        model = self.cfg.model
+        return NoisyDensity(dim=len(self.cfg.data.mean), lr=model.lr, init_scale=model.init_scale)
 
 
 def test_mid_fit_resume_continues_the_global_random_streams(tmp_path):

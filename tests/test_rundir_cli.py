@@ -22,6 +22,7 @@ from collapse.rundir import (
     config_dict,
     prepare_run_dir,
     read_metrics,
+    release_run_dir,
     write_metrics,
 )
 from datamodules.workflows import parse_workflows
@@ -119,6 +120,7 @@ def test_overwrite_replaces_the_old_run(tmp_path):
     (out / "gen_000").mkdir()
     new = {**BASE, "dim": [2]}
     prepare_run_dir(out, "gaussian", new, overwrite=True)
+    release_run_dir(out)  # removes the lock file
     assert sorted(p.name for p in out.iterdir()) == [CONFIG]
     assert yaml.safe_load((out / CONFIG).read_text())["dim"] == [2]
 
@@ -152,6 +154,7 @@ def test_run_outputs_without_config_are_refused(tmp_path, output):
         prepare_run_dir(out, "gaussian", BASE)
     assert not (out / CONFIG).exists()
     prepare_run_dir(out, "gaussian", BASE, overwrite=True)
+    release_run_dir(out)  # removes the lock file
     assert sorted(p.name for p in out.iterdir()) == [CONFIG]
 
 

@@ -368,3 +368,13 @@ def test_many_generations_load_as_memory_maps(store):
     synthetic = source != REAL
     gathered = np.stack([loaded[s][r] for s, r in zip(source[synthetic], row[synthetic])])
     np.testing.assert_array_equal(gathered[:, 0], source[synthetic])
+
+
+def test_a_generation_folder_without_a_manifest_is_named_before_any_work(tmp_path):
+    store = GenerationStore(tmp_path)
+    (tmp_path / "gen_000").mkdir()  # not made by a commit (which renames a folder holding its manifest)
+    (tmp_path / "gen_000" / "model.pt").write_bytes(b"?")
+    assert store.completed() == []
+    with pytest.raises(StoreError, match=r"gen_000 has no manifest.json, so it is not a finished generation"):
+        store.begin(0)
+    assert not store.staging(0).exists()

@@ -45,6 +45,7 @@ import numpy as np
 import yaml
 
 from collapse.atomic import atomic_write_text
+from collapse.cells import cell_problem
 from collapse.errors import UserError
 from collapse.rundir import CONFIG, METRICS
 from datamodules.workflows import Workflow, WorkflowError
@@ -382,6 +383,10 @@ def _from_cells(path: Path, cells: list[Path], caveats: list[str]):
     parts: dict[rp.SeriesKey, list[rp.Series]] = {}
     bad = []
     for cell in cells:
+        problem = cell_problem(cell)
+        if problem is not None:  # cut, edited or not finished: never half-read
+            bad.append(f"{cell.name} ({problem})")
+            continue
         try:
             g, series, _ = rp.read_metrics(cell)
         except rp.ReportError as exc:

@@ -48,6 +48,7 @@ from typing import IO, Any
 import yaml
 
 from collapse.atomic import atomic_write_json
+from collapse.cli import die_with_parent_hook
 from collapse.errors import UserError
 
 DEFAULT_ROOT = "runs/grid"
@@ -477,9 +478,11 @@ def _start(job: Job, slot: str | None, env: dict[str, str]) -> _Running:
     if slot is not None:
         child_env["CUDA_VISIBLE_DEVICES"] = slot
     try:
+        # In its own session a cell is out of reach of the terminal, so it also dies with the launcher (Linux):
+        # a launcher killed with SIGKILL cannot stop it, and it would run on unwatched.
         proc = subprocess.Popen(
             job.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=child_env,
-            start_new_session=os.name == "posix",
+            start_new_session=os.name == "posix", preexec_fn=die_with_parent_hook(),
         )  # fmt: skip
     except OSError as exc:
         log.write(f"# cannot start: {exc}\n")

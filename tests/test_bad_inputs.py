@@ -1,0 +1,108 @@
+"""Bad settings of the Lightning recipes stop with one ``error:`` line (exit 2) before anything is written.
+
+Each case goes through the recipe's own command line (:func:`collapse.cli.run`), in process.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from collapse.cli import run
+from recipes import geom_diffusion, mnist_vae, tinystories, toy_gaussian
+
+RECIPES = {
+    "toy_gaussian": (toy_gaussian.main, toy_gaussian.ToyGaussianConfig),
+    "mnist_vae": (mnist_vae.main, mnist_vae.MNISTVAEConfig),
+    "tinystories": (tinystories.main, tinystories.TinyStoriesConfig),
+    "geom_diffusion": (geom_diffusion.main, geom_diffusion.GeomDiffusionConfig),
+}
+
+TRAINER_CASES = [
+    (["--trainer.precision", "13-bit"], "--trainer.precision must be one of"),
+    (["--trainer.accelerator", "gpux"], "--trainer.accelerator must be one of"),
+    (["--trainer.strategy", "dpp"], "--trainer.strategy must be auto, ddp, fsdp"),
+    (["--trainer.gradient_clip_val", "-1"], "--trainer.gradient_clip_val must be > 0"),
+    (["--trainer.max_epochs", "0"], "--trainer.max_epochs must be an integer >= 1"),
+    (["--trainer.num_nodes", "0"], "--trainer.num_nodes must be an integer >= 1"),
+    (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be an integer >= 1"),
+]
+
+TOY_CASES = [
+    (["--data.num_train", "0"], "--data.num_train must be an integer >= 1"),
+    (["--data.num_real", "-3"], "--data.num_real must be an integer >= 1"),
+    (["--data.cov", "[[1, 2], [2, 1]]"], "--data.cov must be symmetric positive definite"),
+    (["--data.cov", "[[1, 0, 0], [0, 1, 0], [0, 0, 1]]"], "--data.cov must be 2 x 2"),
+]
+
+
+def refused(recipe: str, argv: list[str], tmp_path, capsys) -> str:
+    """Run ``recipe`` with ``argv``; assert exit 2, one stderr line, no run directory; return that line."""
+    main, config_cls = RECIPES[recipe]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        run(main, config_cls, ["--out_dir", str(out), "--wandb.mode", "disabled", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("argv,message", TRAINER_CASES)
+def test_bad_trainer_settings_are_one_line(recipe, argv, message, tmp_path, capsys):
+    assert message in refused(recipe, argv, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv,message", TOY_CASES)
+def test_bad_toy_data_is_one_line(argv, message, tmp_path, capsys):
+    assert message in refused("toy_gaussian", argv, tmp_path, capsys)
+
+
+def test_wandb_online_without_credentials_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    main, config_cls = RECIPES["toy_gaussian"]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        run(main, config_cls, ["--out_dir", str(out), "--wandb.mode", "online"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "--wandb.mode online needs W&B credentials" in err and "wandb login" in err
+    assert not out.exists()
+
+
+def test_wandb_credentials_are_found_in_the_environment_or_netrc(tmp_path, monkeypatch):
+    from collapse.tracking import has_credentials
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc_file = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert not has_credentials()
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    netrc_file.chmod(0o600)
+    assert has_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert not has_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "abc")
+    assert has_credentials()
+
+
+@pytest.mark.parametrize("recipe", ["toy_gaussian", "gaussian"])
+@pytest.mark.parametrize("where", ["empty", "a file", "below a file"])
+def test_an_unusable_out_dir_is_one_line(recipe, where, tmp_path, capsys, monkeypatch):
+    from recipes import gaussian
+
+    monkeypatch.chdir(tmp_path)  # an empty --out_dir must not turn this folder into a run directory
+    (tmp_path / "afile").write_text("mine\n")
+    out = {"empty": "", "a file": str(tmp_path / "afile"), "below a file": str(tmp_path / "afile" / "sub")}[where]
+    main, config_cls = (gaussian.main, gaussian.GaussianConfig) if recipe == "gaussian" else RECIPES[recipe]
+    tiny = ["--dim", "1", "--n_samples", "10", "--num_seeds", "2", "--generations", "2"]
+    small = tiny if recipe == "gaussian" else []
+    with pytest.raises(SystemExit) as exc:
+        run(main, config_cls, ["--out_dir", out, "--wandb.mode", "disabled", *small])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: --out_dir") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == "mine\n"

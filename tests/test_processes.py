@@ -1,0 +1,343 @@
+"""No process outlives its run, and Ctrl-C says how to resume.
+
+A recipe killed with SIGKILL cannot stop its worker processes itself: they must end on their own
+(parent-death signal). A Ctrl-C, in any phase, must end the run with one line on how to resume and
+exit status 130, and leave no worker behind. Processes are read from /proc, so these tests need Linux.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESUME = "interrupted: finished work is kept; run the same command again to resume"
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+
+# An analytic grid of 8 cells of about a second each on two workers: still running when the test strikes.
+GAUSSIAN = ["recipes/gaussian.py", "--workflow", "[replace, accumulate]", "--dim", "[2, 6]", "--n_samples", "[10, 100]",
+            "--generations", "30", "--num_seeds", "1000", "--workers", "2", "--log_every", "1",
+            "--wandb.mode", "disabled", "--report", "false"]  # fmt: skip
+# A Lightning fit of 200 short epochs (32 batches each), one checkpoint per epoch: far from done when interrupted.
+TOY = ["recipes/toy_gaussian.py", "--generations", "3", "--data.num_train", "1024", "--trainer.max_epochs", "200",
+       "--batch_size", "32", "--wandb.mode", "disabled"]  # fmt: skip
+
+
+# ---- processes, from /proc ----------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a process, or None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every live descendant of ``root``: {pid: start time} (the start time tells a reused pid apart)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            children.setdefault(stat[1], []).append(int(entry.name))
+            starts[int(entry.name)] = stat[2]
+    found: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = starts[child]
+                todo.append(child)
+    return found
+
+
+def alive(pid: int, start: int) -> bool:
+    """Whether that process still runs: a zombie has ended, only its exit status waits to be read."""
+    stat = _stat(pid)
+    return stat is not None and stat[2] == start and stat[0] not in ("Z", "X")
+
+
+def still_alive(procs: dict[int, int], within: float = 10.0) -> list[int]:
+    """The processes of ``procs`` that are still alive after ``within`` seconds (as soon as none is: [])."""
+    deadline = time.monotonic() + within
+    while True:
+        left = [pid for pid, start in procs.items() if alive(pid, start)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _default_sigint() -> None:
+    # A shell runs background jobs with SIGINT ignored, and children inherit that; a recipe must see the Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator:
+    """Start a command (``python <args>`` from the repository root, output to files).
+
+    ``start.family(proc)`` lists the process's descendants and keeps them: whatever of them a failed
+    test leaves alive is killed at the end, so that a failure leaks nothing either.
+    """
+    started: list[tuple[subprocess.Popen, dict[int, int]]] = []
+
+    def _start(args: list[str], name: str, new_session: bool = False) -> subprocess.Popen:
+        out = open(tmp_path / f"{name}.out", "w")
+        err = open(tmp_path / f"{name}.err", "w")
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            preexec_fn=_default_sigint, start_new_session=new_session,
+        )  # fmt: skip
+        out.close()
+        err.close()
+        proc.out_path, proc.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"  # type: ignore[attr-defined]
+        started.append((proc, {}))
+        return proc
+
+    def family(proc: subprocess.Popen) -> dict[int, int]:
+        found = descendants(proc.pid)
+        next(known for p, known in started if p is proc).update(found)
+        return found
+
+    _start.family = family  # type: ignore[attr-defined]
+    yield _start
+    for proc, known in started:
+        if proc.poll() is None:
+            known.update(descendants(proc.pid))
+            proc.kill()
+        proc.wait()
+        for pid, begun in known.items():
+            if alive(pid, begun):
+                with contextlib.suppress(ProcessLookupError):  # it may end on its own meanwhile
+                    os.kill(pid, signal.SIGKILL)
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen, within: float = 90.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert proc.poll() is None, f"ended (exit {proc.returncode}) before {what}: {proc.err_path.read_text()}"
+        assert time.monotonic() < deadline, f"no {what} within {within:.0f}s"
+        time.sleep(0.02)
+
+
+def workers_running(proc: subprocess.Popen, count: int):
+    """A condition: ``count`` worker processes of ``proc`` have begun computing cells."""
+
+    def check() -> bool:
+        workers = [p for p in descendants(proc.pid) if b"spawn_main" in _cmdline(p)]
+        return len(workers) >= count and proc.out_path.read_text().count(" gen ") >= count
+
+    return check
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+# ---- the parent-death signal itself -------------------------------------------------------------------
+
+# A middle process starts a sleeping child that asked to die with it (or watches it), prints its pid, and sleeps.
+MIDDLE = textwrap.dedent(
+    """
+    import subprocess, sys
+    child = sys.argv[1]
+    code = {
+        "signal": "import os, time; from collapse.cli import die_with_parent; die_with_parent(os.getppid())",
+        "watch": "import os, time; from collapse.cli import watch_parent; watch_parent(os.getppid(), 0.05)",
+        "hook": "import time",
+    }[child] + "; print('ready', flush=True); time.sleep(60)"
+    hook = None
+    if child == "hook":
+        from collapse.cli import die_with_parent_hook
+        hook = die_with_parent_hook()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, preexec_fn=hook)
+    assert proc.stdout.readline() == "ready\\n"
+    print(proc.pid, flush=True)
+    proc.wait()
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["signal", "watch", "hook"])
+def test_a_child_dies_with_its_parent_killed_by_sigkill(how):
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, how], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    begun: dict[int, int] = {}
+    try:
+        child = int(middle.stdout.readline())
+        begun = descendants(middle.pid)
+        assert child in begun
+        middle.kill()
+        middle.wait()
+        assert still_alive(begun, within=5) == []
+    finally:
+        middle.kill()
+        middle.wait()
+        middle.stdout.close()
+        for pid, begun_at in begun.items():
+            if alive(pid, begun_at):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+# ---- analytic recipes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_of_an_analytic_recipe_leaves_no_process_behind(tmp_path, start):
+    proc = start([*GAUSSIAN, "--out_dir", str(tmp_path / "run")], "gaussian")
+    wait_for(workers_running(proc, 2), "two workers computing cells", proc)
+    begun = start.family(proc)  # the workers and multiprocessing's resource tracker
+    assert len(begun) >= 3, begun
+    proc.kill()
+    proc.wait()
+    assert still_alive(begun) == [], "processes of a run killed with SIGKILL are still alive"
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_an_analytic_recipe_stops_its_workers_exits_130_and_resumes(tmp_path, start):
+    out = tmp_path / "run"
+    # Its own session and a signal to the whole group, as a terminal's Ctrl-C: the workers get it too.
+    proc = start([*GAUSSIAN, "--out_dir", str(out)], "gaussian", new_session=True)
+    wait_for(workers_running(proc, 2), "two workers computing cells", proc)
+    # Three cell files from two workers: one worker has gone on from a cell it wrote completely (files and all).
+    wait_for(lambda: len(list((out / "cells").glob("*.csv"))) >= 3, "finished cells", proc)
+    begun = start.family(proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    err = proc.err_path.read_text()
+    assert err.count(RESUME) == 1 and "Traceback" not in err, err
+    assert still_alive(begun) == [], "worker processes outlived a Ctrl-C"
+    assert not (out / "metrics.csv").exists()
+
+    again = start([*GAUSSIAN, "--out_dir", str(out)], "again")
+    assert again.wait(timeout=120) == 0, again.err_path.read_text()
+    assert "finished earlier, kept" in again.out_path.read_text()
+    assert (out / "metrics.csv").is_file()
+
+
+# ---- Lightning recipes ----------------------------------------------------------------------------------
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_lightning_fit_exits_130_once_and_the_same_command_resumes(tmp_path, start):
+    out = tmp_path / "toy"
+    ckpt = out / ".gen_000.partial" / "checkpoints" / "last.ckpt"
+    proc = start([*TOY, "--out_dir", str(out)], "toy")
+    wait_for(ckpt.is_file, "a checkpoint of the fit", proc)
+    first = ckpt.stat().st_mtime_ns
+    # A second epoch done: a fresh start could not have got past the epoch the run stopped in.
+    wait_for(lambda: ckpt.stat().st_mtime_ns != first, "a second checkpoint", proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, proc.err_path.read_text()
+    err = proc.err_path.read_text()
+    assert err.count(RESUME) == 1 and "Traceback" not in err, err
+    stopped = _checkpoint_epoch(ckpt)
+    assert stopped >= 1
+
+    again = start([*TOY, "--out_dir", str(out)], "again")
+    before = ckpt.stat().st_mtime_ns
+    wait_for(lambda: ckpt.stat().st_mtime_ns != before, "a checkpoint of the resumed fit", again)
+    again.send_signal(signal.SIGINT)
+    assert again.wait(timeout=60) == 130, again.err_path.read_text()
+    assert again.err_path.read_text().count(RESUME) == 1
+    # The resumed fit went on from the checkpoint: its first new epoch follows the one the first run stopped after.
+    assert stopped < _checkpoint_epoch(ckpt) <= stopped + 2
+
+
+def test_lightning_s_exit_on_ctrl_c_reaches_the_loop_as_keyboard_interrupt(tmp_path):
+    import lightning.pytorch as pl
+    import torch
+
+    from engine.loop import _interrupt_passes_through
+
+    class Stop(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            raise KeyboardInterrupt
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[Stop()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupt_passes_through():
+            trainer.fit(Tiny(), train_dataloaders=data)
+    assert trainer.interrupted
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning ignored further Ctrl-Cs; not any more
+    with pytest.raises(SystemExit):  # any other exit is left alone
+        with _interrupt_passes_through():
+            sys.exit(3)
+
+
+# ---- the grid launcher ----------------------------------------------------------------------------------
+
+CELL = textwrap.dedent(
+    """
+    import os, sys, time
+    dest = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--dest="))
+    x = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--x="))
+    with open(os.path.join(dest, x + ".pid"), "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_grid_launcher_ends_its_cells(tmp_path, start):
+    program = tmp_path / "cell.py"
+    program.write_text(CELL)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    sweep = {
+        "program": str(program),
+        "method": "grid",
+        "metric": {"name": "generation", "goal": "maximize"},
+        "parameters": {"x": {"values": [0, 1]}, "dest": {"value": str(seen)}},
+        "command": ["${env}", "python", "${program}", "${args}"],
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    proc = start(["-m", "tooling.grid", str(tmp_path / "sweep.yaml"), "--jobs", "2", "--out_root",
+                  str(tmp_path / "out")], "grid")  # fmt: skip
+    wait_for(lambda: len(list(seen.glob("*.pid"))) == 2, "two running cells", proc)
+    begun = start.family(proc)
+    cells = {int(p.read_text()) for p in seen.glob("*.pid")}
+    assert cells <= set(begun)
+    proc.kill()
+    proc.wait()
+    assert still_alive(begun) == [], "cells outlived a grid launcher killed with SIGKILL"
