@@ -959,23 +959,10 @@ def plot_figure(
     path: Path, figure: Figure, ours: Ours, cells: Sequence[tuple[str, ...]], colours: dict[str, str]
 ) -> None:
     """The comparison figure: a row per cell; ours, the published panel, both relative to generation 0."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure as MplFigure
 
     rows = max(1, len(cells))
-    top, bottom, left, right = 0.75, 1.0, 0.75, 0.2
-    width, height = left + right + 3 * 3.5, top + bottom + 2.7 * rows
-    fig = MplFigure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 3, squeeze=False)
-    fig.subplots_adjust(
-        left=left / width,
-        right=1 - right / width,
-        bottom=bottom / height,
-        top=1 - top / height,
-        wspace=0.32,
-        hspace=0.55,
-    )
+    fig, axes = rp.axes_grid(rows, 3, (3.5, 2.7), (0.75, 1.0, 0.75, 0.2), wspace=0.32, hspace=0.55)
+    width, height = fig.get_size_inches()
     varying = [i for i in range(len(ours.keys)) if len({c[i] for c in cells}) > 1]
     any_theory = False
     for r in range(rows):
@@ -997,8 +984,6 @@ def plot_figure(
 def plot_published(path: Path, figure: Figure, colours: dict[str, str]) -> bool:
     """Every published panel of the figure, on our generation axis; False (nothing written) unless there are two
     or more panels with values (a single one is the middle column of the comparison figure)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure as MplFigure
     from matplotlib.lines import Line2D
 
     panels = [p for p in figure.panels if p.series or p.limits]
@@ -1006,13 +991,8 @@ def plot_published(path: Path, figure: Figure, colours: dict[str, str]) -> bool:
         return False
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    width, height = 0.9 + 3.4 * cols, 1.3 + 2.6 * rows
-    fig = MplFigure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    fig.subplots_adjust(
-        left=0.75 / width, right=1 - 0.2 / width, bottom=0.95 / height, top=1 - 0.6 / height, wspace=0.35, hspace=0.55
-    )
+    fig, axes = rp.axes_grid(rows, cols, (3.4, 2.6), (0.6, 0.95, 0.75, 0.2), wspace=0.35, hspace=0.55)
+    width, height = fig.get_size_inches()
     for i, ax in enumerate(axes.flat):
         if i >= len(panels):
             ax.set_visible(False)

@@ -53,6 +53,7 @@ from datamodules.workflows import WORKFLOW_NAMES
 from tooling.theory import theory_curve
 
 __all__ = [
+    "axes_grid",
     "CONFIDENCE",
     "DEFAULT_MAX_PANELS",
     "HIDDEN_CONFIG_KEYS",
@@ -937,6 +938,39 @@ def _want_log(panels: Sequence[Sequence[_Line]]) -> bool:
     return span >= _LOG_SPAN
 
 
+def axes_grid(
+    rows: int,
+    cols: int,
+    panel: tuple[float, float],
+    margins: tuple[float, float, float, float],
+    wspace: float,
+    hspace: float,
+) -> tuple[Any, Any]:
+    """A ``rows`` x ``cols`` grid of axes of ``panel`` (width, height) inches, ``margins`` (top, bottom, left,
+    right) in inches; returns ``(figure, axes)`` with ``axes`` shaped ``(rows, cols)``.
+
+    A bare Figure on the Agg canvas: no pyplot, so no global backend is switched and nothing is shown. The
+    margins are laid out by hand: a layout engine measures every tick label and costs seconds on a large grid.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    top, bottom, left, right = margins
+    width, height = left + right + panel[0] * cols, top + bottom + panel[1] * rows
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=wspace,
+        hspace=hspace,
+    )
+    return fig, axes
+
+
 def _plot(
     path: Path,
     recipe: str,
@@ -949,8 +983,6 @@ def _plot(
     note: str,
 ) -> None:
     """One figure: a panel per cell, a line per workflow, the CI shaded, theory dashed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
@@ -969,19 +1001,8 @@ def _plot(
     # Margins in inches, laid out by hand: a layout engine measures every tick label and costs
     # seconds on a 25-panel figure.
     top, bottom, left, right = 0.55 + (0.22 if note else 0.0), 0.5 + 0.22 * legend_rows, 0.8, 0.15
-    width, height = left + right + 3.0 * cols, top + bottom + 2.35 * rows
-    # A bare Figure on the Agg canvas: no pyplot, so no global backend is switched and nothing is shown.
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    fig.subplots_adjust(
-        left=left / width,
-        right=1 - right / width,
-        bottom=bottom / height,
-        top=1 - top / height,
-        wspace=0.38,
-        hspace=0.5,
-    )
+    fig, axes = axes_grid(rows, cols, (3.0, 2.35), (top, bottom, left, right), wspace=0.38, hspace=0.5)
+    width, height = fig.get_size_inches()
     used = set(pos)
     for r in range(rows):
         for c in range(cols):
