@@ -99,7 +99,8 @@ class SyntheticDataCallback(pl.Callback):
         self._sample_in(trainer, pl_module)  # the fit was finished by an earlier run
 
     def _sample_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.is_done():
+        # Every rank acts on rank 0's view of the staging folder, so all of them draw or none does.
+        if not trainer.strategy.broadcast(self.is_done(), src=0):
             self.sample_into_store(pl_module, trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
 
     def chunk_generator(self, chunk: int, device: torch.device) -> torch.Generator:

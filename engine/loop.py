@@ -355,7 +355,9 @@ class _GenerationContext:
                 results = trainer.test(model, datamodule=dm, verbose=False)  # samples first, if the fit did not
             tested = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
             metrics = dist.on_zero(lambda: self._finish_metrics(g, stage, sampler, tested, dm))
-        if not sampler.is_done():  # only when an earlier run staged the metrics by hand: draw on one process
+        # Rank 0's answer on every rank: rank 0 may already have committed (and moved) the staging folder, and a
+        # rank that looked for itself would then start drawing alone and wait for the others forever.
+        if not dist.on_zero(sampler.is_done):  # only when an earlier run staged the metrics by hand
             sampler.sample_into_store(model, dist.rank, dist.world_size, dist.barrier)
 
         dist.on_zero(lambda: self._commit(g, sampler))

@@ -548,3 +548,34 @@ def test_ranks_draw_disjoint_chunks_that_assemble_to_the_one_process_set(tmp_pat
     cb.sample_into_store(models[0], rank=0, world_size=2)
     assert [m.calls for m in models] == [2, 2]
     np.testing.assert_array_equal(np.load(two.staged(0, "x.npy")), np.load(one.staged(0, "x.npy")))
+
+
+def test_every_rank_follows_rank_0_on_whether_the_set_is_drawn(tmp_path):
+    # A rank that looked at the staging folder itself could find it already committed (moved) by rank 0,
+    # start drawing alone and wait at the barrier forever; it must act on rank 0's answer instead.
+    class Strategy:
+        def __init__(self, rank_0_says: bool):
+            self.rank_0_says, self.barriers = rank_0_says, 0
+
+        def broadcast(self, obj, src=0):
+            assert src == 0
+            return self.rank_0_says
+
+        def barrier(self, *args):
+            self.barriers += 1
+
+    class Trainer:
+        global_rank, world_size = 1, 2
+
+        def __init__(self, strategy):
+            self.strategy = strategy
+
+    cb = SyntheticDataCallback(GenerationStore(tmp_path), 0, num_samples=6, batch_size=3, seed=0)
+    model = CountingModel()
+    done_on_zero = Trainer(Strategy(rank_0_says=True))
+    cb.on_test_start(done_on_zero, model)  # this rank sees no sampling.json, rank 0 has committed it
+    assert model.calls == 0 and done_on_zero.strategy.barriers == 0
+    to_draw = Trainer(Strategy(rank_0_says=False))
+    with pytest.raises(FileNotFoundError):  # rank 1 draws its chunk, then reads the sampling.json rank 0 writes
+        cb.on_fit_end(to_draw, model)
+    assert model.calls == 1 and to_draw.strategy.barriers == 2
