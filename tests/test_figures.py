@@ -513,3 +513,54 @@ def test_figures_uses_only_the_public_names_of_the_report_module():
         if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "rp"
     }
     assert used and used <= set(report.__all__), sorted(used - set(report.__all__))
+
+
+# ---- verdicts over seeds, protocols and the accumulate bound ---------------------------------------
+
+
+def test_verdicts_use_the_interval_over_seeds_and_say_when_one_seed_decides():
+    from tooling.figures import Ratio
+
+    assert shape_verdict("rising", Ratio(1.3, 0.1, 3)).ok is True
+    straddles = shape_verdict("rising", Ratio(1.2, 0.3, 3))
+    assert straddles.ok is None and "straddles" in straddles.text and "over 3 seeds" in straddles.text
+    assert shape_verdict("rising", Ratio(1.0, 0.02, 3)).ok is False
+    assert shape_verdict("flat", Ratio(1.02, 0.05, 5)).ok is True
+    assert shape_verdict("flat", Ratio(1.02, 0.12, 5)).ok is None  # the interval reaches past +10%
+    assert shape_verdict("bounded", Ratio(1.9, 0.05, 3)).ok is False
+    one = shape_verdict("rising", Ratio(1.3, math.nan, 1))
+    assert one.ok is True and "the verdict is from one seed" in one.text
+    # A single published value is judged as before, without a word about seeds.
+    assert "seed" not in shape_verdict("rising", 1.3).text
+
+
+def test_protocols_get_rows_of_their_own_and_accumulate_is_checked_against_pi2_over_6(tmp_path):
+    rising = (3.70, 3.80, 3.90, 4.00)
+    real = (3.70, 3.69, 3.70, 3.71)
+    runs = [write_lm_run(tmp_path / f"acc_s{s}", "accumulate", s) for s in (0, 1, 2)]
+    runs += [write_lm_run(tmp_path / f"rep_s{s}", "replace", s, steps_per_generation=None) for s in (0, 1, 2)]
+    runs += [write_lm_run(tmp_path / f"fix_s{s}", "accumulate", s, rising, steps_per_generation="first")
+             for s in (0, 1, 2)]  # fmt: skip
+    runs += [write_lm_run(tmp_path / f"real_s{s}", "mix(real=100, synthetic=0)", s, real,
+                          steps_per_generation="first") for s in (0, 1, 2)]  # fmt: skip
+    md = make_figure("gerstgrasser_tinystories", runs, tmp_path / "out", warn=None).read_text()
+    rows = {
+        (r[0], r[1]): r
+        for r in (
+            [c.strip() for c in line.strip().strip("|").split(" | ")]
+            for line in section(md, "Ours vs published").splitlines()
+            if line.startswith("|") and not line.startswith("|--")
+        )
+    }
+    epochs = next(r for (s, w), r in rows.items() if "protocol=epochs per generation" in s and w == "accumulate")
+    fixed = next(
+        r for (s, w), r in rows.items() if "protocol=fixed compute (steps of gen 0)" in s and w == "accumulate"
+    )
+    assert epochs[11].startswith("as published: flat (-5.7%), 95% interval 0.943–0.944 over 3 seeds")
+    assert fixed[11].startswith("as published: flat")  # +8.1% is still within the flat band
+    assert fixed[-1].startswith("within π²/6") and "over 3 seeds" in fixed[-1]
+    real_row = next(r for (s, w), r in rows.items() if w == "mix(real=100, synthetic=0)")
+    assert "fixed compute" in real_row[0] and real_row[-1] == "—"  # not an accumulate curve
+    assert "Our verdicts use the 95% interval over seeds" in md and "Accumulate bound" in md
+    assert "Shape verdict: 3 of 3 of our curves" in md and "cannot be told" not in md
+    assert is_png(tmp_path / "out" / "gerstgrasser_tinystories.png")

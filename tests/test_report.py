@@ -512,3 +512,105 @@ def test_the_public_helpers_exist_are_documented_and_behave_as_documented(tmp_pa
     assert report.read_run_config(tmp_path) == ({}, ["no config.yaml, so the recipe is unknown"])
     gens = np.arange(3)
     assert report.safe_theory_curve("no_such_recipe", "test_mse", "replace", {}, gens) is None
+
+
+# ---- protocols, the real-only reference and the accumulate bound -----------------------------------
+
+
+REAL_ONLY = "mix(real=100, synthetic=0)"
+
+
+def vae_protocol_runs(tmp_path, seeds=3):
+    """Runs of one deep recipe: replace and accumulate for their epochs, accumulate and real data alone at
+    generation 0's step count. Losses (seed s, generation g): accumulate falls for its epochs and rises at fixed
+    compute; steps: accumulate's grow with its set for its epochs, stay at 10 otherwise."""
+    curves = {
+        ("replace", None): lambda s, g: 100 + 20 * g + s,
+        ("accumulate", None): lambda s, g: 100 - 5 * g + s,
+        ("accumulate", "first"): lambda s, g: 100 + 8 * g + s,
+        (REAL_ONLY, "first"): lambda s, g: 90 + s,
+    }
+    runs = []
+    for (wf, spg), loss in curves.items():
+        for s in range(seeds):
+            rows = []
+            for g in range(3):
+                rows.append((wf, s, g, "test_loss", repr(float(loss(s, g)))))
+                steps = 10 * (g + 1) if wf == "accumulate" and spg is None else 10
+                rows.append((wf, s, g, "train_steps", str(steps)))
+            name = f"{Workflow.parse(wf).name}_{spg or 'epochs'}_s{s}"
+            config = {"workflow": wf, "seed": s, "generations": 3, "real_size": 100}
+            if spg is not None or s % 2:  # older runs have no key; newer ones record null
+                config["steps_per_generation"] = spg
+            runs.append(write_run(tmp_path / name, "mnist_vae", [], rows, **config))
+    return runs
+
+
+def test_protocols_get_labelled_cells_and_the_real_only_run_is_a_reference_in_each(tmp_path):
+    md = make_report(vae_protocol_runs(tmp_path), tmp_path / "out", warn=None).read_text()
+    assert table_row(md, "protocol", "workflow")  # the protocol is a column of its own
+    epochs = table_row(md, report.EPOCHS_PROTOCOL, "accumulate")
+    fixed = table_row(md, report.FIXED_PROTOCOL, "accumulate")
+    assert mean_ci(epochs[3])[0] == pytest.approx(91.0) and mean_ci(fixed[3])[0] == pytest.approx(117.0)
+    assert table_row(md, report.EPOCHS_PROTOCOL, "replace")[-1] == "3"
+    # The real-only run is listed once, under its own protocol, and drawn in both panels.
+    assert table_row(md, report.FIXED_PROTOCOL, REAL_ONLY)
+    with pytest.raises(AssertionError):
+        table_row(md, report.EPOCHS_PROTOCOL, REAL_ONLY)
+    assert is_png(tmp_path / "out" / "mnist_vae_test_loss.png")
+    assert is_png(tmp_path / "out" / "mnist_vae_test_loss_vs_steps.png")
+    assert "cumulative optimizer steps" in md and "epochs per generation: solid" in md
+
+
+def test_accumulate_curves_are_checked_against_pi2_over_6_on_intervals(tmp_path):
+    md = make_report(vae_protocol_runs(tmp_path), tmp_path / "out", warn=None).read_text()
+    assert "### Accumulate bound (test_loss)" in md and "(mnist_vae_test_loss_ratio.png)" in md
+    assert is_png(tmp_path / "out" / "mnist_vae_test_loss_ratio.png")
+    bound = md.split("### Accumulate bound")[1]
+    fixed = table_row(bound, report.FIXED_PROTOCOL, "accumulate")
+    assert table_row(bound, report.EPOCHS_PROTOCOL, "accumulate")[5].startswith("within")
+    # Generation 2 over generation 0: (116 + 117 + 118) / (100 + 101 + 102), far below pi^2/6.
+    assert mean_ci(fixed[2])[0] == pytest.approx(351 / 303, rel=1e-3)
+    assert fixed[4] == fmt(math.pi**2 / 6)
+    assert fixed[5].startswith("within π²/6") and "95% intervals over 3 seeds" in fixed[5]
+    assert fixed[3].endswith("@2")  # the largest ratio after generation 0
+    # Replace and the real-only run are not accumulate curves.
+    for workflow in ("replace", REAL_ONLY):
+        assert f"| {workflow} |" not in bound.split("###")[0]
+
+
+def test_bound_verdict_uses_intervals_and_says_when_it_has_one_seed():
+    gens = np.repeat(np.arange(3), 4)
+    seeds = np.tile(np.arange(4), 3)
+    spread = np.tile([-0.01, 0.01, -0.02, 0.02], 3)
+    below = report.summarize(seeds, gens, np.array([1.0] * 4 + [1.3] * 4 + [1.5] * 4) + spread)
+    assert report.bound_verdict(below)[0] is True
+    above = report.summarize(seeds, gens, np.array([1.0] * 4 + [1.3] * 4 + [1.9] * 4) + spread)
+    ok, text = report.bound_verdict(above)
+    assert ok is False and "generation 2" in text
+    wide = report.summarize(seeds, gens, np.array([1.0] * 4 + [1.3] * 4 + [1.6] * 4) + 10 * spread)
+    ok, text = report.bound_verdict(wide)
+    assert ok is None and "straddles" in text
+    one = report.summarize(np.zeros(3), np.arange(3), np.array([1.0, 1.2, 1.4]))
+    ok, text = report.bound_verdict(one)
+    assert ok is True and "from one seed" in text
+    # The ratio of the means (5/6), not the mean of per-seed ratios (1.5 and 0.5), with the delta-method interval.
+    r = report.ratio_of_means(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), np.array([2.0, 3.0, 4.0, 2.0]))
+    assert r.mean.tolist() == pytest.approx([1.0, 5 / 6]) and r.n.tolist() == [2, 2]
+    resid = np.array([3.0, 2.0]) - 5 / 6 * np.array([2.0, 4.0])
+    assert r.half_width[1] == pytest.approx(report.t_quantile(1) * math.sqrt(resid.var(ddof=1) / 2) / 3.0)
+    assert r.half_width[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_protocol_labels_and_real_only_workflows():
+    assert report.protocol_label(None) == report.EPOCHS_PROTOCOL == "epochs per generation"
+    assert report.protocol_label("first") == report.FIXED_PROTOCOL == "fixed compute (steps of gen 0)"
+    assert report.protocol_label(500) == "fixed compute (500 steps)"
+    assert report.is_real_only(REAL_ONLY) and not report.is_real_only(MIX) and not report.is_real_only("accumulate")
+    assert not report.is_real_only("not a workflow(")
+    colours = workflow_colours(["accumulate", REAL_ONLY])
+    assert colours[REAL_ONLY] != colours["accumulate"]
+    from tooling.theory import ACCUMULATE_BOUND, risk_metric
+
+    assert ACCUMULATE_BOUND == pytest.approx(1.644934)
+    assert risk_metric("linear_regression") == ("test_mse", 0.0) and risk_metric("mnist_vae") == ("test_loss", None)

@@ -23,8 +23,20 @@ its finished ``gen_XXX/metrics.json`` or its finished grid cells ``cells/*.csv``
 Shape rules, on r = the relative level at the last generation (last / first for positive values):
 ``rising``: r > 1.05; ``flat``: |r - 1| <= 0.10; ``bounded``: r <= 1.1 pi^2/6 (accumulate's bound,
 pi^2/6 = 1.645 in the closed forms and Dey and Donoho's); ``between``: r between accumulate's and replace's
-in the same setting (0.02 slack). A run dir that cannot be used (missing, unfinished, truncated, another
-recipe or version) is one line in "Skipped runs" and one ``warning:`` line; it never stops the report.
+in the same setting (0.02 slack). Our curves are judged on the 95% interval over seeds of r (r per seed): a
+shape holds when the whole interval meets its rule, fails when none of it does, and cannot be told when the
+interval straddles the limit (the ratio of the means over seeds, with the ratio estimator's interval); with
+one seed the single value decides and the verdict says it is from one seed.
+The published values are single curves, judged on their values.
+
+Protocols: a run's ``steps_per_generation`` (config.yaml; absent or null: the epochs, as in older runs) gives
+it a ``protocol`` setting, "epochs per generation" or "fixed compute (steps of gen 0)", once any run trained
+at fixed compute, so each protocol gets a row of its own; a real-only run (``mix(real=N, synthetic=0)``) is
+drawn dash-dotted. Every accumulate curve's ratio to its first generation is checked against pi^2/6 (the
+"accumulate bound" column, on the intervals; a dashed line at pi^2/6 in the relative panel).
+
+A run dir that cannot be used (missing, unfinished, truncated, another recipe or version) is one line in
+"Skipped runs" and one ``warning:`` line; it never stops the report.
 """
 
 from __future__ import annotations
@@ -67,6 +79,7 @@ BOUNDED = 1.1 * math.pi**2 / 6
 BETWEEN_SLACK = 0.02
 DEFAULT_MAX_ROWS = 4
 _GEN_DIR = re.compile(r"^gen_(\d{3,})$")
+_BOUND_STYLE = (0, (8, 3))  # long dashes: the published curves are dashed in the workflows' colours
 _WANDB_RUN = re.compile(r"^(offline-run|run)-.+")
 # A recipe's config.yaml may be lost; its metrics then say which recipe wrote the run.
 _SIGNATURES = {
@@ -113,37 +126,106 @@ class Verdict:
         return {True: "as published", False: "differs", None: "cannot tell"}[self.ok]
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """A relative level over seeds: the mean of the per-seed values, the half-width of its 95% interval (nan
+    with one seed) and the seeds behind it."""
+
+    mean: float
+    half: float
+    n: int
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of the interval; the mean twice with one seed."""
+        h = self.half if self.n > 1 and math.isfinite(self.half) else 0.0
+        return self.mean - h, self.mean + h
+
+    def text(self) -> str:
+        """``95% interval 1.31–1.65 over 3 seeds`` or ``one seed``."""
+        if self.n <= 1 or not math.isfinite(self.half):
+            return "one seed"
+        lo, hi = self.bounds
+        return f"95% interval {lo:.3g}–{hi:.3g} over {self.n} seeds"
+
+
+def _judge(lo: float, hi: float, holds: Callable[[float], bool]) -> bool | None:
+    """True when the rule holds at both ends of an interval (the rules are intervals of r), False when it holds
+    at neither and the interval does not straddle the region, else None."""
+    a, b = holds(lo), holds(hi)
+    if a and b:
+        return True
+    return None if a or b else False
+
+
 def shape_verdict(
-    expected: str | None, r: float | None, replace_r: float | None = None, accumulate_r: float | None = None
+    expected: str | None,
+    r: float | Ratio | None,
+    replace_r: float | Ratio | None = None,
+    accumulate_r: float | Ratio | None = None,
 ) -> Verdict:
-    """Check a relative level ``r`` against an expected shape (see the module docstring for the rules)."""
+    """Check a relative level ``r`` against an expected shape (see the module docstring for the rules).
+
+    ``r`` is a single value (a published curve) or a :class:`Ratio` over seeds, judged on its 95% interval:
+    the shape holds when the whole interval meets the rule, fails when no part of it does, and cannot be told
+    when it straddles the limit. The text says which interval decided, or that one seed did.
+    """
     if expected is None:
         return Verdict(None, "no published shape")
     if r is None:
         return Verdict(None, "needs finite values at two generations")
+    ratio = r if isinstance(r, Ratio) else None
+    mean = ratio.mean if ratio else float(r)
+    lo, hi = ratio.bounds if ratio else (mean, mean)
+    basis = f", {ratio.text()}" if ratio else ""
+    if ratio is not None and ratio.n > 1 and math.isfinite(ratio.half):
+        judged = "the 95% interval over seeds"
+    elif ratio is not None:
+        judged = "one seed"
+    else:
+        judged = ""
+
+    def out(ok: bool | None, rule: str) -> Verdict:
+        text = f"{describe(mean)}{basis}; {rule}"
+        if ok is None:
+            text += f"; {judged} straddles the limit"
+        elif judged == "one seed":
+            text += "; the verdict is from one seed"
+        return Verdict(ok, text)
+
     if expected == "rising":
-        return Verdict(r > RISING, f"{describe(r)}; rising needs last/first > {RISING:g}")
+        return out(_judge(lo, hi, lambda x: x > RISING), f"rising needs last/first > {RISING:g}")
     if expected == "flat":
-        return Verdict(abs(r - 1) <= FLAT, f"{describe(r)}; flat needs last/first within ±{FLAT:.0%}")
+        return out(_judge(lo, hi, lambda x: abs(x - 1) <= FLAT), f"flat needs last/first within ±{FLAT:.0%}")
     if expected == "bounded":
-        return Verdict(r <= BOUNDED, f"{describe(r)}; bounded needs last/first <= {BOUNDED:.3g} (1.1 pi^2/6)")
+        return out(_judge(lo, hi, lambda x: x <= BOUNDED), f"bounded needs last/first <= {BOUNDED:.3g} (1.1 pi^2/6)")
     if expected == "between":
-        if replace_r is None or accumulate_r is None:
-            return Verdict(None, f"{describe(r)}; between needs replace and accumulate in the same setting")
-        lo, hi = sorted((replace_r, accumulate_r))
-        return Verdict(
-            lo - BETWEEN_SLACK <= r <= hi + BETWEEN_SLACK,
-            f"{describe(r)}; between needs last/first within accumulate's {accumulate_r:.3g} "
-            f"and replace's {replace_r:.3g}",
+        rep_m = replace_r.mean if isinstance(replace_r, Ratio) else replace_r
+        acc_m = accumulate_r.mean if isinstance(accumulate_r, Ratio) else accumulate_r
+        if rep_m is None or acc_m is None:
+            return Verdict(None, f"{describe(mean)}{basis}; between needs replace and accumulate in the same setting")
+        low, high = sorted((rep_m, acc_m))
+        return out(
+            _judge(lo, hi, lambda x: low - BETWEEN_SLACK <= x <= high + BETWEEN_SLACK),
+            f"between needs last/first within accumulate's {acc_m:.3g} and replace's {rep_m:.3g}",
         )
     raise ValueError(f"unknown shape {expected!r}")
 
 
-def curve_verdicts(expected: dict[str, str], ratios: dict[str, float | None]) -> dict[str, Verdict]:
-    """Verdicts of the curves of one setting: workflow label -> its relative level at the last generation."""
+def curve_verdicts(expected: dict[str, str], ratios: dict[str, float | Ratio | None]) -> dict[str, Verdict]:
+    """Verdicts of the curves of one setting: workflow label -> its relative level at the last generation
+    (a value, or a :class:`Ratio` over seeds)."""
     by_name = {_name(wf): r for wf, r in ratios.items() if wf == _name(wf)}
     rep, acc = by_name.get("replace"), by_name.get("accumulate")
     return {wf: shape_verdict(expected.get(_name(wf)), r, rep, acc) for wf, r in ratios.items()}
+
+
+def bound_check(curve: Curve) -> str:
+    """An accumulate curve against pi^2/6 (Dey & Donoho), judged on the 95% intervals of the per-seed ratios to
+    the first generation; ``—`` for the other workflows."""
+    if _name(curve.workflow) != "accumulate" or curve.series is None:
+        return "—"
+    return rp.bound_verdict(rp.ratio_of_means(*curve.series))[1]
 
 
 def _name(label: str) -> str:
@@ -532,6 +614,8 @@ class Curve:
     cell: tuple[str, ...]
     summary: rp.Summary
     theory: np.ndarray | None
+    series: rp.Series | None = None
+    """The per-seed values behind ``summary`` (seeds, generations, values)."""
 
     def level(self, generation: int | None = None) -> tuple[int, float] | None:
         """``(generation, mean)`` at ``generation`` (default: the last with a finite mean), or None."""
@@ -555,6 +639,26 @@ class Curve:
             return None
         return relative_level(a[1], b[1])
 
+    def ratio_over_seeds(self) -> Ratio | None:
+        """The relative level at the last generation (:meth:`ratio`) with its 95% interval over seeds: the ratio
+        of the means of the seeds that have both generations, and the ratio estimator's interval
+        (:func:`tooling.report.ratio_of_means`); one seed gives the value alone."""
+        a, b = self.first(), self.level()
+        if a is None or b is None or a[0] == b[0]:
+            return None
+        if self.series is None:
+            r = self.ratio()
+            return None if r is None else Ratio(r, math.nan, 1)
+        seeds, gens, values = self.series
+        both = (gens == a[0]) | (gens == b[0])
+        s = rp.ratio_of_means(seeds[both], gens[both], values[both])
+        i = int(np.flatnonzero(s.generations == b[0])[0])
+        if not math.isfinite(float(s.mean[i])):
+            return None
+        # last / first for positive values; 1 + (last - first) / |first| = 2 - last / first below zero
+        r = float(s.mean[i]) if a[1] > 0 else 2.0 - float(s.mean[i])
+        return Ratio(r, float(s.half_width[i]), int(s.n[i]))
+
 
 @dataclass
 class Ours:
@@ -569,6 +673,13 @@ class Ours:
 def _config_value(config: dict[str, Any], key: str) -> str:
     found, value = _dotted(config, key)
     return "" if not found or value is None else str(value)
+
+
+def _setting_value(config: dict[str, Any], key: str) -> str:
+    """A run's value of a setting key: the labelled protocol for the protocol key, else the config value."""
+    if key == rp.PROTOCOL_COLUMN and not _dotted(config, key)[0]:
+        return rp.protocol_label(config.get(rp.PROTOCOL_KEY))
+    return _config_value(config, key)
 
 
 def build_curves(runs: Sequence[FigureRun], figure: Figure) -> Ours:
@@ -586,13 +697,17 @@ def build_curves(runs: Sequence[FigureRun], figure: Figure) -> Ours:
     hidden = rp.HIDDEN_CONFIG_KEYS | rp.POOLED_CONFIG_KEYS
     lacking: set[str] = set()
     for key in dict.fromkeys(k for f in flat for k in f):
-        if key.split(".", 1)[0] in hidden or key in keys or key in figure.select:
+        if key.split(".", 1)[0] in hidden or key in keys or key in figure.select or key == rp.PROTOCOL_KEY:
             continue
         have = [f[key] for f in flat if key in f]
         if len(have) < len(flat):
             lacking.add(key)
         if any(v != have[0] for v in have):
             keys.append(key)
+    # The protocol (epochs per generation or fixed compute) splits settings, labelled, once any run trained
+    # at fixed compute; a run without the key (older versions) trained for its epochs.
+    if rp.PROTOCOL_COLUMN not in keys and any(fr.run.config.get(rp.PROTOCOL_KEY) is not None for fr in runs):
+        keys.append(rp.PROTOCOL_COLUMN)
     if lacking and len(runs) > 1:
         shown = sorted(lacking)
         notes.append(
@@ -609,7 +724,7 @@ def build_curves(runs: Sequence[FigureRun], figure: Figure) -> Ours:
         for (metric, wf, cell), arrays in run.series.items():
             if metric != figure.metric:
                 continue
-            full = tuple(cell[pos[k]] if k in pos else _config_value(run.config, k) for k in keys)
+            full = tuple(cell[pos[k]] if k in pos else _setting_value(run.config, k) for k in keys)
             pieces.setdefault((wf, full), []).append((arrays, stream))
     curves: dict[tuple[str, ...], list[Curve]] = {}
     dropped = 0
@@ -622,7 +737,7 @@ def build_curves(runs: Sequence[FigureRun], figure: Figure) -> Ours:
         params = {k: v for k, v in common.items() if v is not None}
         params.update({k: rp.param_value(v) for k, v in zip(keys, cell) if v != ""})
         theory = rp.safe_theory_curve(figure.recipe, figure.metric, wf, params, summary.generations)
-        curves.setdefault(cell, []).append(Curve(wf, cell, summary, theory))
+        curves.setdefault(cell, []).append(Curve(wf, cell, summary, theory, (seeds, gens, values)))
     for lines in curves.values():
         lines.sort(key=lambda c: rp.workflow_sort_key(c.workflow))
     if dropped:
@@ -719,7 +834,7 @@ def comparison_rows(figure: Figure, ours: Ours, cells: Sequence[tuple[str, ...]]
     for cell in cells:
         panel, why = compared_panel(figure, ours.keys, cell)
         curves = ours.curves.get(cell, [])
-        verdicts = curve_verdicts(figure.expected_shape, {c.workflow: c.ratio() for c in curves})
+        verdicts = curve_verdicts(figure.expected_shape, {c.workflow: c.ratio_over_seeds() for c in curves})
         pub_ratios: dict[str, float | None] = {}
         cell_rows = []
         for c in curves:
@@ -853,7 +968,10 @@ def _draw_ours(a_ours, a_rel, curves: Sequence[Curve], colours: dict[str, str]) 
     any_theory = False
     for c in curves:
         s, colour = c.summary, colours[c.workflow]
-        a_ours.plot(s.generations, s.mean, color=colour, lw=1.4, marker="." if len(s.generations) <= 30 else None)
+        ls = "-." if rp.is_real_only(c.workflow) else "-"
+        a_ours.plot(
+            s.generations, s.mean, color=colour, lw=1.4, ls=ls, marker="." if len(s.generations) <= 30 else None
+        )
         a_ours.fill_between(s.generations, s.mean - s.half_width, s.mean + s.half_width, color=colour, alpha=0.18, lw=0)
         if c.theory is not None:
             any_theory = True
@@ -862,7 +980,7 @@ def _draw_ours(a_ours, a_rel, curves: Sequence[Curve], colours: dict[str, str]) 
         if first is not None and first[1] != 0:
             rel = 1.0 + (s.mean - first[1]) / abs(first[1])
             band = s.half_width / abs(first[1])
-            a_rel.plot(s.generations, rel, color=colour, lw=1.4)
+            a_rel.plot(s.generations, rel, color=colour, lw=1.4, ls=ls)
             a_rel.fill_between(s.generations, rel - band, rel + band, color=colour, alpha=0.15, lw=0)
     if not curves:
         a_ours.text(0.5, 0.5, "no usable run", ha="center", va="center", transform=a_ours.transAxes, fontsize=9)
@@ -927,6 +1045,8 @@ def _draw_figure_row(
     if panel is not None:
         _draw_published(a_rel, figure, panel, colours, True, x_end)
     a_rel.axhline(1.0, color="0.5", lw=0.8)
+    if any(_name(c.workflow) == "accumulate" for c in curves):
+        a_rel.axhline(math.pi**2 / 6, color="0.15", lw=0.9, ls=_BOUND_STYLE)  # Dey & Donoho's bound for accumulate
     a_rel.set_title("relative to generation 0", fontsize=9)
     for ax, label in (
         (a_ours, figure.metric),
@@ -939,17 +1059,24 @@ def _draw_figure_row(
     return any_theory
 
 
+def _legend_name(workflow: str) -> str:
+    return f"{workflow}: real data only" if rp.is_real_only(workflow) else workflow
+
+
 def _figure_legend(colours: dict[str, str], any_theory: bool) -> list:
     """Legend handles of the comparison figure: a line per workflow, then what ours, published and theory look like."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     labels = sorted(colours, key=rp.workflow_sort_key)
-    handles = [Line2D([], [], color=colours[w], lw=1.6, label=w) for w in labels]
-    handles += [
-        Patch(color="0.5", alpha=0.3, label="ours: mean, 95% CI"),
-        Line2D([], [], color="0.3", ls="--", marker="s", mfc="white", label="published"),
+    handles = [
+        Line2D([], [], color=colours[w], lw=1.6, ls="-." if rp.is_real_only(w) else "-", label=_legend_name(w))
+        for w in labels
     ]
+    handles.append(Patch(color="0.5", alpha=0.3, label="ours: mean, 95% CI"))
+    if any(_name(w) == "accumulate" for w in labels):
+        handles.append(Line2D([], [], color="0.15", lw=0.9, ls=_BOUND_STYLE, label="π²/6 (accumulate bound)"))
+    handles.append(Line2D([], [], color="0.3", ls="--", marker="s", mfc="white", label="published"))
     if any_theory:
         handles.append(Line2D([], [], color="0.3", ls=":", label="closed form"))
     return handles
@@ -1061,6 +1188,7 @@ def _comparison_table(figure: Figure, ours: Ours, rows: Sequence[Row], shown: Se
         "expected shape",
         "ours: verdict",
         "published: verdict",
+        "accumulate bound (π²/6)",
     ]
     body = []
     for r in rows:
@@ -1090,6 +1218,7 @@ def _comparison_table(figure: Figure, ours: Ours, rows: Sequence[Row], shown: Se
                 figure.expected_shape.get(_name(r.workflow), "—"),
                 f"{r.verdict.word}: {r.verdict.text}" if r.curve else "—",
                 f"{r.pub_verdict.word}: {r.pub_verdict.text}" if r.panel else "—",
+                bound_check(r.curve) if r.curve else "—",
             ]
         )
     return _table(head, body)
@@ -1205,9 +1334,7 @@ def _cardinality_lines(figure: Figure, ours: Ours) -> list[str]:
             except WorkflowError:
                 continue
             if wf.fixed_counts is not None:
-                mine.setdefault(wf.fixed_counts, []).append(
-                    (_setting(ours.keys, cell, range(len(ours.keys))), c)
-                )
+                mine.setdefault(wf.fixed_counts, []).append((_setting(ours.keys, cell, range(len(ours.keys))), c))
     base = {c.real: c.value for c in figure.cardinality if c.synthetic == 0}
     body = []
     pairs = sorted({(c.real, c.synthetic) for c in figure.cardinality} | set(mine))
@@ -1433,17 +1560,40 @@ def _comparison_lines(figure: Figure, ours: Ours, rows: Sequence[Row], shown_key
     md += _comparison_table(figure, ours, rows, shown_keys) + [""]
     ours_rows = [r for r in rows if r.curve is not None and r.verdict.ok is not None]
     ok = sum(r.verdict.ok for r in ours_rows)
+    straddling = sum(r.curve is not None and r.verdict.ok is None and "straddles" in r.verdict.text for r in rows)
     verdict = (
         f"Shape verdict: {ok} of {len(ours_rows)} of our curves with an expected shape have it"
         if ours_rows
         else "Shape verdict: no curve of ours with an expected shape and two finite generations"
     )
+    if straddling:
+        verdict += f"; {straddling} more cannot be told (the 95% interval straddles the limit)"
     md += [
         f"{verdict} (rules, on last/first: rising > {RISING:g}; flat within ±{FLAT:.0%}; "
-        f"bounded <= {BOUNDED:.3g}; between: within accumulate's and replace's in the same setting).",
+        f"bounded <= {BOUNDED:.3g}; between: within accumulate's and replace's in the same setting). "
+        + _basis_text(ours_rows),
+        "",
+        f"Accumulate bound: Dey & Donoho show accumulate's test risk stays within π²/6 ≈ {math.pi**2 / 6:.3f} of "
+        "generation 0's; the last column checks every accumulate curve of ours, each generation's mean over its "
+        "first generation's, judged on the 95% intervals (on the test loss where the floor is unknown, a weaker "
+        "check than on excess risk).",
         "",
     ]
     return md
+
+
+def _basis_text(rows: Sequence[Row]) -> str:
+    """What our verdicts were judged on: intervals over seeds, or single values of one seed."""
+    counts = {r.curve.summary.n_seeds for r in rows if r.curve is not None}
+    if not counts:
+        return ""
+    if counts == {1}:
+        return "The verdicts are from one seed: single values, no interval."
+    return (
+        "Our verdicts use the 95% interval over seeds of last/first (the ratio of the means): a shape holds when the "
+        "whole interval meets its rule"
+        + ("; curves with one seed are judged on their single value and say so." if 1 in counts else ".")
+    )
 
 
 def _sample_lines(used: Sequence[FigureRun], out: Path, taken: set[str], warn: Callable[[str], None]) -> list[str]:

@@ -12,6 +12,24 @@ separate sections. For every recipe and metric the report holds
 * a table in ``<out>/report.md``: one row per (cell, workflow), the value at generation 0 and at the
   last generation (and the theory there) as mean ± half-width of the 95% confidence interval.
 
+Training protocol: a run's ``config.yaml`` key ``steps_per_generation`` says how long each generation
+trained. Absent or null (older runs too): a fixed number of epochs, so a growing (accumulate) training set
+also gets more optimizer steps ("epochs per generation"); ``first``: every generation took generation 0's
+optimizer steps ("fixed compute (steps of gen 0)"). Once any run of a recipe trained at fixed compute, the
+recipe's cells get a ``protocol`` column, so the protocols are drawn in panels side by side. A run that trains
+on real data alone (``mix(real=N, synthetic=0)``) is the real-only reference: its training set never grows,
+so it is drawn (dash-dotted) in every protocol's panel of its setting, and listed once in the table.
+
+The accumulate bound: Dey & Donoho show that under accumulate the test risk stays within pi^2/6 (about
+1.645) of generation 0's. For the recipe's risk metric (:func:`tooling.theory.risk_metric`: the excess risk
+of the analytic recipes, the test loss of the others) every accumulate curve gets
+``<out>/<recipe>_<metric>_ratio.png``, the ratio of each generation's mean to generation 0's (over the
+seeds that have both, with the ratio estimator's 95% interval) with the bound as a horizontal line, and a
+table that says whether the curve stays within it, judged on the intervals (on single values, said so, with
+one seed). Where the
+runs record ``train_steps``, ``<out>/<recipe>_<metric>_vs_steps.png`` draws the metric against the
+cumulative optimizer steps, the protocols in line styles, so compute is on an axis.
+
 Recipes whose finished generations hold a picture of their synthetic samples (``gen_XXX/samples.png``,
 the image recipes) also get ``<out>/samples_<recipe>.png``: one row per workflow (its run with the
 smallest seed), one column per generation (at most 8, evenly spaced), and a "Samples" subsection
@@ -49,12 +67,20 @@ from numpy.lib.stride_tricks import sliding_window_view
 from collapse.atomic import atomic_write_text
 from collapse.errors import UserError
 from collapse.rundir import CONFIG, EXECUTION_KEYS, METRICS, TAIL_COLUMNS
-from datamodules.workflows import WORKFLOW_NAMES
-from tooling.theory import theory_curve
+from datamodules.workflows import WORKFLOW_NAMES, Workflow, WorkflowError
+from tooling.theory import ACCUMULATE_BOUND, risk_metric, theory_curve
 
 __all__ = [
     "axes_grid",
+    "bound_verdict",
     "CONFIDENCE",
+    "EPOCHS_PROTOCOL",
+    "FIXED_PROTOCOL",
+    "is_real_only",
+    "PROTOCOL_COLUMN",
+    "PROTOCOL_KEY",
+    "protocol_label",
+    "ratio_of_means",
     "DEFAULT_MAX_PANELS",
     "HIDDEN_CONFIG_KEYS",
     "POOLED_CONFIG_KEYS",
@@ -108,6 +134,13 @@ HIDDEN_CONFIG_KEYS = EXECUTION_KEYS | {"recipe", "out_dir", "report"}
 POOLED_CONFIG_KEYS = frozenset({"seed", "num_seeds", "workflow", "generations"})
 """Config keys in which runs of one experiment may differ and still be pooled (more seeds, more workflows)."""
 
+PROTOCOL_KEY = "steps_per_generation"
+"""The config.yaml key that says how long each generation trained (None or absent: its trainer's epochs)."""
+PROTOCOL_COLUMN = "protocol"
+"""The grid column that holds each run's protocol once any run of a recipe trained at fixed compute."""
+EPOCHS_PROTOCOL = "epochs per generation"
+FIXED_PROTOCOL = "fixed compute (steps of gen 0)"
+
 _CHUNK_ROWS = 200_000
 SAMPLES_PICTURE = "samples.png"
 """The picture of a generation's synthetic samples that image recipes write into each ``gen_XXX`` folder."""
@@ -119,6 +152,7 @@ _FAMILY_COLOURS = {
     "accumulate": ("#1f77b4", "#6baed6", "#08306b", "#9ecae1"),
     "accumulate_subsample": ("#2ca02c", "#74c476", "#00441b", "#a1d99b"),
 }
+_REAL_ONLY_COLOUR = "#252525"
 _PALETTE = (
     "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
     "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
@@ -610,6 +644,41 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path, str(config.get("recipe") or "unknown"), config, grid, series, rows, notes)
 
 
+# ---- training protocol and the real-only reference ----------------------------------------------
+
+
+def protocol_label(value: Any) -> str:
+    """The protocol a ``steps_per_generation`` value names: None (or absent) the epochs, ``first`` generation 0's
+    step count, an integer S that many steps every generation."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return EPOCHS_PROTOCOL
+    if isinstance(value, str) and value.strip().lower() == "first":
+        return FIXED_PROTOCOL
+    if isinstance(value, bool):
+        return f"{PROTOCOL_KEY}={value}"
+    try:
+        return f"fixed compute ({int(value)} steps)"
+    except (TypeError, ValueError):
+        return f"{PROTOCOL_KEY}={value}"
+
+
+def is_real_only(label: str) -> bool:
+    """Whether a workflow label trains on real data alone every generation (``mix(real=N, synthetic=0)``)."""
+    try:
+        wf = Workflow.parse(label)
+    except WorkflowError:
+        return False
+    return wf.name == "mix" and wf.params.get("synthetic") == 0
+
+
+def _config_text(config: dict[str, Any], key: str) -> str:
+    """A config value as a grid value: the protocol label for the protocol column, else the value as text."""
+    if key == PROTOCOL_COLUMN and PROTOCOL_COLUMN not in config:
+        return protocol_label(config.get(PROTOCOL_KEY))
+    value = config.get(key)
+    return "" if value is None else str(value)
+
+
 # ---- merging runs of one recipe ----------------------------------------------------------------
 
 
@@ -633,9 +702,9 @@ def single_value(value: Any) -> Any:
     return value
 
 
-def merge_tagged(tagged: Sequence[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Any]]) -> tuple[
-    np.ndarray, np.ndarray, np.ndarray, int
-]:
+def merge_tagged(
+    tagged: Sequence[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Any]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Concatenate ``((seeds, gens, values), code)`` pieces of one series, keeping one row per (code, seed, gen).
 
     ``code`` tags the runs whose rows may repeat (same seed settings); the first occurrence of a row is
@@ -676,7 +745,7 @@ def merge_runs(runs: Sequence[Run]) -> list[RecipeData]:
         split: list[str] = []
         keys = list(dict.fromkeys(k for run in group for k in run.config))
         for key in keys:
-            if key in HIDDEN_CONFIG_KEYS or key in POOLED_CONFIG_KEYS or key in grid:
+            if key in HIDDEN_CONFIG_KEYS or key in POOLED_CONFIG_KEYS or key in grid or key == PROTOCOL_KEY:
                 continue
             vals = [run.config.get(key) for run in group]
             if all(v == vals[0] for v in vals):
@@ -687,6 +756,13 @@ def merge_runs(runs: Sequence[Run]) -> list[RecipeData]:
             split.append(key)
             for e, v in zip(extra, vals):
                 e[key] = "" if v is None else str(v)
+        # The protocol is a column of its own, labelled, once any run trained at fixed compute; older runs
+        # (no key) and runs without the flag trained for their epochs.
+        if PROTOCOL_COLUMN not in grid and any(run.config.get(PROTOCOL_KEY) is not None for run in group):
+            grid.append(PROTOCOL_COLUMN)
+            split.append(PROTOCOL_COLUMN)
+            for run, e in zip(group, extra):
+                e[PROTOCOL_COLUMN] = protocol_label(run.config.get(PROTOCOL_KEY))
         # A seed label names a replicate only within one random stream: the analytic recipes draw all
         # seeds of a run from one stream set by (--seed, --num_seeds). Rows repeat only if that matches.
         streams: dict[tuple[str, str], int] = {}
@@ -749,11 +825,15 @@ def workflow_sort_key(label: str) -> tuple:
 
 
 def workflow_colours(labels: Iterable[str]) -> dict[str, str]:
-    """One colour per workflow label: replace reds, accumulate blues, accumulate_subsample greens, others a palette."""
+    """One colour per workflow label: replace reds, accumulate blues, accumulate_subsample greens, real data alone
+    (``mix(real=N, synthetic=0)``) near-black, others a palette."""
     colours: dict[str, str] = {}
     used = {name: 0 for name in _FAMILY_COLOURS}
     rest = 0
     for label in sorted(set(labels), key=workflow_sort_key):
+        if is_real_only(label):
+            colours[label] = _REAL_ONLY_COLOUR
+            continue
         name = _workflow_name(label)
         family = _FAMILY_COLOURS.get(name, ())
         if used.get(name, len(family)) < len(family):
@@ -884,6 +964,18 @@ class _Line:
     workflow: str
     summary: Summary
     theory: np.ndarray | None
+    reference: bool = False
+    """A real-only run drawn in another protocol's panel of its setting; left out of that panel's table rows."""
+    series: Series | None = None
+    """The per-seed values behind ``summary``."""
+
+
+def _line_style(workflow: str) -> str:
+    return "-." if is_real_only(workflow) else "-"
+
+
+def _legend_label(workflow: str) -> str:
+    return f"{workflow}: real data only" if is_real_only(workflow) else workflow
 
 
 def safe_theory_curve(
@@ -991,7 +1083,9 @@ def _plot(
     use_log = log_y == "true" or (log_y == "auto" and _want_log(panels))
     workflows = sorted({ln.workflow for lines in panels for ln in lines}, key=workflow_sort_key)
     any_theory = any(ln.theory is not None for lines in panels for ln in lines)
-    handles = [Line2D([], [], color=colours[wf], lw=1.6, label=wf) for wf in workflows]
+    handles = [
+        Line2D([], [], color=colours[wf], lw=1.6, ls=_line_style(wf), label=_legend_label(wf)) for wf in workflows
+    ]
     handles.append(Patch(color="0.5", alpha=0.3, label=f"{CONFIDENCE:.0%} CI"))
     if any_theory:
         handles.append(Line2D([], [], color="0.3", lw=1.2, ls="--", label="theory"))
@@ -1016,7 +1110,7 @@ def _plot(
             colour = colours[line.workflow]
             s = line.summary
             marker = "." if len(s.generations) <= 30 else None
-            ax.plot(s.generations, s.mean, color=colour, lw=1.4, marker=marker, ms=4)
+            ax.plot(s.generations, s.mean, color=colour, lw=1.4, ls=_line_style(line.workflow), marker=marker, ms=4)
             ax.fill_between(s.generations, s.mean - s.half_width, s.mean + s.half_width, color=colour, alpha=0.18, lw=0)
             if line.theory is not None:
                 ax.plot(s.generations, line.theory, color=colour, lw=1.2, ls="--")
@@ -1170,9 +1264,12 @@ def _section(
             row = []
             for wf, (seeds, gens, values) in index.get((metric, cell), []):
                 s = summarize(seeds, gens, values)
-                row.append(_Line(wf, s, safe_theory_curve(data.recipe, metric, wf, params, s.generations)))
-            per_cell.append(sorted(row, key=lambda ln: workflow_sort_key(ln.workflow)))
-        kept = [(c, p) for c, p in zip(cells, per_cell) if p]
+                theory = safe_theory_curve(data.recipe, metric, wf, params, s.generations)
+                row.append(_Line(wf, s, theory, series=(seeds, gens, values)))
+            per_cell.append(row)
+        _add_references(grid, cells, per_cell)
+        per_cell = [sorted(row, key=lambda ln: workflow_sort_key(ln.workflow)) for row in per_cell]
+        kept = [(c, p) for c, p in zip(cells, per_cell) if any(not ln.reference for ln in p)]
         if not kept:
             continue
         shown = kept[:max_panels]
@@ -1184,8 +1281,306 @@ def _section(
         lines += [f"### {md_escape(metric)}", "", f"![{md_escape(data.recipe)} {md_escape(metric)}]({png.name})", ""]
         if note:
             lines += [f"The figure is {note}; the table lists every cell.", ""]
-        lines += _table(grid, [(c, ln) for c, p in kept for ln in p]) + [""]
+        lines += _table(grid, [(c, ln) for c, p in kept for ln in p if not ln.reference]) + [""]
+        if metric == risk_metric(data.recipe)[0]:
+            lines += _bound_section(data, out_dir, metric, grid, kept, colours, used_names)
+            lines += _steps_section(data, out_dir, metric, grid, kept, index, colours, used_names)
     return lines
+
+
+def _add_references(grid: Sequence[str], cells: Sequence[tuple[str, ...]], per_cell: list[list[_Line]]) -> None:
+    """Draw each real-only run in every protocol's panel of its setting: its training set never grows, so
+    the protocols train it alike. Adds ``reference`` lines to ``per_cell`` in place."""
+    if PROTOCOL_COLUMN not in grid:
+        return
+    i = list(grid).index(PROTOCOL_COLUMN)
+    refs: dict[tuple[str, ...], list[_Line]] = {}
+    for cell, row in zip(cells, per_cell):
+        for line in row:
+            if is_real_only(line.workflow) and not line.reference:
+                refs.setdefault(cell[:i] + cell[i + 1 :], []).append(line)
+    for cell, row in zip(cells, per_cell):
+        have = {line.workflow for line in row}
+        for line in refs.get(cell[:i] + cell[i + 1 :], []):
+            if line.workflow not in have:
+                row.append(_Line(line.workflow, line.summary, None, reference=True, series=line.series))
+                have.add(line.workflow)
+
+
+# ---- the accumulate bound (Dey & Donoho) ---------------------------------------------------------
+
+
+def ratio_of_means(
+    seeds: np.ndarray,
+    generations: np.ndarray,
+    values: np.ndarray,
+    floor: float | None = None,
+    confidence: float = CONFIDENCE,
+) -> Summary:
+    """Each generation's mean ``value - floor`` over the mean at the first generation, over the seeds that have
+    finite values at both, with the ratio estimator's Student-t interval.
+
+    The ratio of the means, not the mean of per-seed ratios: the bound is on expected risks, and a seed whose
+    generation-0 risk happens to be small would inflate a per-seed ratio (E[X/Y] > E[X]/E[Y]). With R = sum
+    x_g / sum x_0 over the n paired seeds, Var(R) ~ Var(x_g - R x_0) / (n mean(x_0)^2) (the delta method).
+    The first generation is the series' smallest; ``floor`` None is 0 (the ratio of the values themselves).
+    """
+    seeds, gens = np.asarray(seeds), np.asarray(generations)
+    values = np.asarray(values, dtype=np.float64) - (0.0 if floor is None else float(floor))
+    if not gens.size:
+        empty = np.empty(0)
+        return Summary(gens, empty, empty, empty.astype(np.int64), empty.astype(np.int64), 0)
+    first = gens == gens.min()
+    base = {int(sd): float(v) for sd, v in zip(seeds[first], values[first]) if math.isfinite(v)}
+    out_gens = np.unique(gens)
+    mean, half = np.full(len(out_gens), np.nan), np.full(len(out_gens), np.nan)
+    n, bad = np.zeros(len(out_gens), dtype=np.int64), np.zeros(len(out_gens), dtype=np.int64)
+    for k, g in enumerate(out_gens):
+        at = gens == g
+        pairs = [(v, base[int(sd)]) for sd, v in zip(seeds[at], values[at]) if int(sd) in base]
+        x = np.array([p[0] for p in pairs], dtype=np.float64)
+        x0 = np.array([p[1] for p in pairs], dtype=np.float64)
+        ok = np.isfinite(x)
+        bad[k] = int(at.sum() - ok.sum())
+        x, x0 = x[ok], x0[ok]
+        n[k] = x.size
+        if not x.size or x0.mean() == 0:
+            continue
+        r = x.mean() / x0.mean()
+        mean[k] = r
+        if x.size >= 2:
+            resid = x - r * x0
+            half[k] = t_quantile(x.size - 1, confidence) * math.sqrt(resid.var(ddof=1) / x.size) / abs(x0.mean())
+    return Summary(out_gens, mean, half, n, bad, int(np.unique(seeds).size))
+
+
+def bound_verdict(s: Summary, bound: float = ACCUMULATE_BOUND) -> tuple[bool | None, str]:
+    """Whether a ratio curve (:func:`ratio_of_means`) stays within ``bound`` after its first generation.
+
+    Judged on the 95% intervals: ``True`` when every generation's interval lies at or below the bound, ``False``
+    when some generation's lies wholly above it, None when an interval straddles it or nothing can be told. A
+    generation with one value is judged on that value, and the text says the verdict is from one seed.
+    """
+    later = [i for i in range(1, len(s.generations)) if s.n[i] > 0 and math.isfinite(float(s.mean[i]))]
+    if not later:
+        return None, "cannot tell: no finite value after the first generation"
+    half = np.where(np.isfinite(s.half_width), s.half_width, 0.0)
+    lo, hi = s.mean - half, s.mean + half
+    single = all(int(s.n[i]) == 1 for i in later)
+    basis = "from one seed, no interval" if single else f"{CONFIDENCE:.0%} intervals over {s.n_seeds} seeds"
+    above = [i for i in later if lo[i] > bound]
+    if above:
+        g = int(s.generations[above[0]])
+        return False, f"exceeds π²/6 from generation {g} ({basis})"
+    straddle = [i for i in later if hi[i] > bound]
+    if straddle:
+        g = int(s.generations[straddle[0]])
+        return None, f"cannot tell: the interval at generation {g} straddles π²/6 ({basis})"
+    worst = max(later, key=lambda i: hi[i])
+    return True, f"within π²/6: at most {fmt(float(hi[worst]), 3)} (generation {int(s.generations[worst])}; {basis})"
+
+
+def _bound_section(
+    data: RecipeData,
+    out_dir: Path,
+    metric: str,
+    grid: Sequence[str],
+    kept: Sequence[tuple[tuple[str, ...], Sequence[_Line]]],
+    colours: dict[str, str],
+    used_names: set[str],
+) -> list[str]:
+    """The "Accumulate bound" subsection of a recipe's risk metric: a ratio figure and a table; empty without an
+    accumulate curve."""
+    floor = risk_metric(data.recipe)[1]
+    cells, panels = [], []
+    for cell, lines in kept:
+        ratios = []
+        for line in lines:
+            if line.reference or _workflow_name(line.workflow) != "accumulate" or line.series is None:
+                continue
+            ratios.append(_Line(line.workflow, ratio_of_means(*line.series, floor), None))
+        if ratios:
+            cells.append(cell)
+            panels.append(ratios)
+    if not cells:
+        return []
+    what = "excess risk" if floor is not None else f"{metric} (no known floor: a weaker check than on excess risk)"
+    png = out_dir / f"{_unique_name(_safe_name(f'{data.recipe}_{metric}_ratio'), used_names)}.png"
+    _plot_ratio(png, data.recipe, metric, grid, cells, panels, colours)
+    lines = [
+        f"### Accumulate bound ({md_escape(metric)})",
+        "",
+        f"![{md_escape(data.recipe)} {md_escape(metric)} ratio to generation 0]({png.name})",
+        "",
+        f"Dey & Donoho: under accumulate the test risk stays within π²/6 ≈ {ACCUMULATE_BOUND:.3f} of generation "
+        f"0's. Ratio of each generation's mean {what} to generation 0's over the seeds that have both, ± the "
+        f"half-width of its {CONFIDENCE:.0%} interval (the ratio estimator's, by the delta method); a curve is "
+        "within the bound when every interval lies at or below it.",
+        "",
+    ]
+    head = [*grid, "workflow", "ratio (last gen)", "largest ratio", "bound", "within π²/6?"]
+    align = ["---"] * (len(grid) + 1) + ["---:"] * 3 + ["---"]
+    lines += ["| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join(align) + "|"]
+    for cell, ratios in zip(cells, panels):
+        for line in ratios:
+            s = line.summary
+            if not len(s.generations):
+                continue
+            last = len(s.generations) - 1
+            ok = np.flatnonzero(np.isfinite(s.mean))
+            ok = ok[ok > 0] if (ok > 0).any() else ok  # the largest ratio after generation 0 (which is 1)
+            worst = int(ok[np.argmax(s.mean[ok])]) if ok.size else last
+            _, text = bound_verdict(s)
+            vals = [
+                *(v or "-" for v in cell),
+                line.workflow,
+                f"{format_value_cell(s, last)} @{int(s.generations[last])}",
+                f"{format_value_cell(s, worst)} @{int(s.generations[worst])}",
+                fmt(ACCUMULATE_BOUND),
+                text,
+            ]
+            lines.append("| " + " | ".join(md_escape(v) for v in vals) + " |")
+    return lines + [""]
+
+
+def _plot_ratio(
+    path: Path,
+    recipe: str,
+    metric: str,
+    grid: Sequence[str],
+    cells: Sequence[tuple[str, ...]],
+    panels: Sequence[Sequence[_Line]],
+    colours: dict[str, str],
+) -> None:
+    """A panel per cell: each accumulate curve's ratio to generation 0 with its interval, the bound pi^2/6 dashed."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    rows, cols, pos, varying = _layout(grid, cells)
+    fig, axes = axes_grid(rows, cols, (3.2, 2.35), (0.6, 0.95, 0.8, 0.15), wspace=0.38, hspace=0.5)
+    used = set(pos)
+    for r in range(rows):
+        for c in range(cols):
+            if (r, c) not in used:
+                axes[r][c].set_visible(False)
+    workflows = sorted({ln.workflow for lines in panels for ln in lines}, key=workflow_sort_key)
+    for cell, (r, c), lines in zip(cells, pos, panels):
+        ax = axes[r][c]
+        for line in lines:
+            s = line.summary
+            ax.plot(s.generations, s.mean, color=colours[line.workflow], lw=1.4, marker=".", ms=4)
+            ax.fill_between(
+                s.generations, s.mean - s.half_width, s.mean + s.half_width, color=colours[line.workflow], alpha=0.18
+            )
+        ax.axhline(ACCUMULATE_BOUND, color="#d62728", lw=1.2, ls="--")
+        ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+        top = max([ACCUMULATE_BOUND * 1.08] + [float(np.nanmax(ln.summary.mean + np.nan_to_num(ln.summary.half_width)))
+                                                for ln in lines if np.isfinite(ln.summary.mean).any()])  # fmt: skip
+        ax.set_ylim(0.0, top * 1.05)
+        ax.set_title(cell_title(grid, cell, varying) if varying else "", fontsize=9, y=1.0, pad=4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.set_xlabel("generation", fontsize=9)
+        ax.set_ylabel(f"{metric} / gen 0", fontsize=9)
+    handles = [Line2D([], [], color=colours[wf], lw=1.6, label=wf) for wf in workflows]
+    handles += [
+        Patch(color="0.5", alpha=0.3, label=f"{CONFIDENCE:.0%} CI"),
+        Line2D([], [], color="#d62728", lw=1.2, ls="--", label=f"π²/6 ≈ {ACCUMULATE_BOUND:.3f} (Dey & Donoho)"),
+    ]
+    height = fig.get_size_inches()[1]
+    fig.suptitle(
+        f"{recipe}: accumulate's {metric} relative to generation 0", fontsize=11, y=1 - 0.08 / height, va="top"
+    )
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.02 / height), ncols=2, fontsize=8,
+               frameon=False)  # fmt: skip
+    fig.savefig(path, format="png")
+
+
+# ---- the metric against cumulative optimizer steps ----------------------------------------------
+
+
+def _steps_section(
+    data: RecipeData,
+    out_dir: Path,
+    metric: str,
+    grid: Sequence[str],
+    kept: Sequence[tuple[tuple[str, ...], Sequence[_Line]]],
+    index: dict[tuple[str, tuple[str, ...]], list[tuple[str, Series]]],
+    colours: dict[str, str],
+    used_names: set[str],
+) -> list[str]:
+    """``metric`` against the cumulative optimizer steps (the sum of ``train_steps`` up to each generation):
+    a panel per setting, the protocols in line styles. Empty where no run records ``train_steps``."""
+    from matplotlib.lines import Line2D
+
+    pcol = list(grid).index(PROTOCOL_COLUMN) if PROTOCOL_COLUMN in grid else None
+    settings: dict[tuple[str, ...], list[tuple[str, _Line, np.ndarray]]] = {}
+    for cell, lines in kept:
+        steps = dict(index.get(("train_steps", cell), []))
+        protocol = cell[pcol] if pcol is not None else EPOCHS_PROTOCOL
+        other = cell[:pcol] + cell[pcol + 1 :] if pcol is not None else cell
+        for line in lines:
+            if line.reference or line.workflow not in steps:
+                continue
+            st = summarize(*steps[line.workflow])
+            by_gen = dict(zip(st.generations.tolist(), st.mean.tolist()))
+            per_gen = np.array([by_gen.get(int(g), math.nan) for g in line.summary.generations])
+            settings.setdefault(other, []).append((protocol, line, np.cumsum(per_gen)))
+    if not settings:
+        return []
+    other_grid = [g for i, g in enumerate(grid) if i != pcol]
+    cells = sorted(settings, key=cell_sort_key)
+    rows, cols, pos, varying = _layout(other_grid, cells)
+    protocols = sorted({p for v in settings.values() for p, _, _ in v}, key=lambda p: (p != EPOCHS_PROTOCOL, p))
+    styles = dict(zip(protocols, ("-", "--", ":", (0, (5, 1, 1, 1)))))
+    workflows = sorted({line.workflow for v in settings.values() for _, line, _ in v}, key=workflow_sort_key)
+    handles = [
+        Line2D([], [], color=colours[wf], lw=1.6, ls=_line_style(wf), label=_legend_label(wf)) for wf in workflows
+    ]
+    handles += [Line2D([], [], color="0.3", lw=1.4, ls=styles[p], label=p) for p in protocols]
+    legend_cols = 1 if cols == 1 else 2  # a label runs to 45 characters: about 3 inches at 8 pt
+    bottom = 0.55 + 0.17 * math.ceil(len(handles) / legend_cols)
+    fig, axes = axes_grid(rows, cols, (4.2, 2.6), (0.6, bottom, 0.8, 0.2), wspace=0.38, hspace=0.55)
+    used = set(pos)
+    for r in range(rows):
+        for c in range(cols):
+            if (r, c) not in used:
+                axes[r][c].set_visible(False)
+    for cell, (r, c) in zip(cells, pos):
+        ax = axes[r][c]
+        for protocol, line, x in settings[cell]:
+            ls = "-." if is_real_only(line.workflow) else styles.get(protocol, "-")
+            ax.plot(x, line.summary.mean, color=colours[line.workflow], ls=ls, lw=1.4, marker=".", ms=4)
+        ax.set_title(cell_title(other_grid, cell, varying) if varying else "", fontsize=9, y=1.0, pad=4)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.set_xlabel("cumulative optimizer steps", fontsize=9)
+        ax.set_ylabel(metric, fontsize=9)
+    height = fig.get_size_inches()[1]
+    fig.suptitle(f"{data.recipe}: {metric} against compute", fontsize=11, y=1 - 0.08 / height, va="top")
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.02 / height), ncols=legend_cols,
+               fontsize=8, frameon=False)  # fmt: skip
+    png = out_dir / f"{_unique_name(_safe_name(f'{data.recipe}_{metric}_vs_steps'), used_names)}.png"
+    fig.savefig(png, format="png")
+    return [
+        f"![{md_escape(data.recipe)} {md_escape(metric)} against cumulative optimizer steps]({png.name})",
+        "",
+        f"{md_escape(metric)} (mean over seeds) against the cumulative optimizer steps up to each generation (the "
+        "sum of `train_steps`); line styles: "
+        + "; ".join(f"{p}: {_style_name(styles[p])}" for p in protocols)
+        + "; the real-only reference dash-dotted.",
+        "",
+    ]
+
+
+def _style_name(style: Any) -> str:
+    return (
+        {"-": "solid", "--": "dashed", ":": "dotted"}.get(style, "dash-dot-dot")
+        if isinstance(style, str)
+        else "dash-dot-dot"
+    )
 
 
 # ---- sample pictures ---------------------------------------------------------------------------
@@ -1271,8 +1666,8 @@ def _sample_rows(data: RecipeData) -> list[_SampleRow]:
     split = [g for g in data.grid if not any(g in run.grid for run in data.runs)]
     by_key: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[Run, dict[int, Path | None]]]] = {}
     for run, pictures in found:
-        if pictures:
-            setting = tuple((k, "" if run.config.get(k) is None else str(run.config.get(k))) for k in split)
+        if pictures and not is_real_only(run_workflow(run)):  # real data alone draws no synthetic samples
+            setting = tuple((k, _config_text(run.config, k)) for k in split)
             by_key.setdefault((run_workflow(run), setting), []).append((run, pictures))
     rows = []
     order = sorted(by_key, key=lambda k: (workflow_sort_key(k[0]), cell_sort_key(tuple(v for _, v in k[1]))))

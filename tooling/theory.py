@@ -103,3 +103,28 @@ def theory_curve(recipe: str, metric: str, workflow: Workflow | str, params: Map
         if metric == "cov_det_ratio":
             return gaussian_cov_det_ratio(wf, d, n, generations)
     return None
+
+
+# ---- the accumulate bound ----------------------------------------------------------------------
+
+ACCUMULATE_BOUND = float(np.pi**2 / 6)
+"""Dey & Donoho: under accumulate the test risk stays within pi^2/6 (about 1.645) of generation 0's risk."""
+
+_RISK_METRICS: dict[str, tuple[str, float | None]] = {
+    "linear_regression": ("test_mse", 0.0),  # ||w_hat - w*||^2 is already the excess risk
+    "gaussian": ("mean_sq_error", 0.0),  # ||mu_hat - mu||^2 likewise
+    "mnist_vae": ("test_loss", None),
+    "tinystories": ("test_loss", None),
+    "geom_diffusion": ("test_loss", None),
+}
+
+
+def risk_metric(recipe: str) -> tuple[str, float | None]:
+    """``(metric, floor)`` the accumulate bound is checked on for ``recipe``.
+
+    ``floor`` is the risk of the best model, known in closed form for the analytic recipes (their metric
+    already measures the excess over it, so it is 0); None where it is unknown (the deep recipes' test
+    losses contain the data's own entropy), so the bound is checked on the loss itself, a weaker check.
+    Recipes not listed use ``test_loss`` without a floor.
+    """
+    return _RISK_METRICS.get(recipe, ("test_loss", None))
