@@ -6,8 +6,9 @@ rigid superposition, minimised over the molecule's symmetric atom relabellings:
 
     RMSD(C, C') = min_{pi in Aut(G)} min_{R in SO(3), t} sqrt( 1/n sum_i ||R c_pi(i) + t - c'_i||^2 )
 
-computed by RDKit (``rdMolAlign.GetBestRMS`` and its all-pairs variant) on heavy atoms only
-(``Chem.RemoveHs``), as GeoDiff does. From the RMSD matrix between generated conformers S_g and
+computed by RDKit (``rdMolAlign.GetBestRMS`` and its all-pairs variant) on the atoms ``Chem.RemoveHs`` keeps
+(heavy atoms, and the few hydrogens it keeps: isotopes, an imine H that fixes a C=N bond's stereo), as
+GeoDiff does. From the RMSD matrix between generated conformers S_g and
 reference conformers S_r of one molecule, with a threshold delta:
 
     COV-R = |{C in S_r : min_{C' in S_g} RMSD(C, C') <= delta}| / |S_r|     (recall coverage)
@@ -223,12 +224,14 @@ def _rmsd_matrix(
     prb_mol = _with_conformers(template, [gens[k][keep] for k in ok])
     ref_mol = _with_conformers(template, [r[keep] for r in refs])
     sub = None
-    if heavy_atoms_only and not capped and hasattr(rdMolAlign, "GetAllConformerBestRMSToRef"):
+    has_hydrogen = any(atom.GetAtomicNum() == 1 for atom in template.GetAtoms())
+    if not has_hydrogen and not capped and hasattr(rdMolAlign, "GetAllConformerBestRMSToRef"):
         # All pairs in C++, automorphisms enumerated once. Its ``params`` argument does not accept
         # ``rdMolAlign.BestAlignmentParams`` objects (a binding bug, RDKit 2026.09), so it runs with the
-        # defaults: ignoreHs (nothing to ignore: the template has no H left) and maxMatches = 1e6, which
-        # is safe here as the molecule has fewer than ``max_matches`` automorphisms. Flat, reference-major:
-        # [(ref 0, gen 0), (ref 0, gen 1), ...].
+        # defaults: maxMatches = 1e6, which is safe here as the molecule has fewer than ``max_matches``
+        # automorphisms, and ignoreHs, which would drop the hydrogens ``Chem.RemoveHs`` keeps (an
+        # isotope, an imine H that fixes a C=N bond's stereo) while ``GetBestRMS`` counts them: so only
+        # templates without any hydrogen come here. Flat, reference-major: [(ref 0, gen 0), (ref 0, gen 1), ...].
         try:
             vals = rdMolAlign.GetAllConformerBestRMSToRef(prb_mol, ref_mol)
             sub = np.asarray(vals, dtype=np.float64).reshape(len(refs), len(ok)).T
@@ -257,10 +260,12 @@ def rmsd_matrix(
 ) -> np.ndarray:
     """Symmetry-aware RMSD between every generated and every reference conformer: shape [G, R], Angstrom.
 
-    The numbers of :func:`conformer_rmsd` pair by pair (below the automorphism cap). Heavy-atom molecules
-    with fewer than ``max_matches`` automorphisms go through ``rdMolAlign.GetAllConformerBestRMSToRef``
-    (automorphisms enumerated once per molecule, about 2x faster on drug-sized molecules); the others
-    pair by pair through ``GetBestRMS``. Rows of generated conformers with a non-finite coordinate are ``inf``.
+    The numbers of :func:`conformer_rmsd` pair by pair (same atoms, same automorphisms, below the cap).
+    Molecules left with no hydrogen atom (after ``Chem.RemoveHs`` when ``heavy_atoms_only``) and fewer
+    than ``max_matches`` automorphisms go through ``rdMolAlign.GetAllConformerBestRMSToRef``
+    (automorphisms enumerated once per molecule, about 2x faster on drug-sized molecules); the others,
+    including those where ``RemoveHs`` keeps a hydrogen (that call would ignore it), pair by pair through
+    ``GetBestRMS``. Rows of generated conformers with a non-finite coordinate are ``inf``.
     """
     return _rmsd_matrix(mol, gen_pos_list, ref_pos_list, heavy_atoms_only, max_matches)[0]
 

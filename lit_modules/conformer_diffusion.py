@@ -9,9 +9,10 @@ GEOM) and its conditioning on the graph, with a simpler denoiser:
   graph field network and maps it to coordinates by the chain rule (an equivariant combination of
   relative vectors). Ours, :class:`EquivariantDenoiser`, is an EGNN-style (Satorras et al. 2021)
   coordinate-space noise predictor: message passing over the chemical bonds plus radius edges (all
-  pairs of one molecule closer than ``cutoff`` in the current noisy coordinates), messages built from
-  invariants only (distances, atom/bond/time embeddings), noise output a combination of relative
-  vectors x_i - x_j. The output is therefore E(3)-equivariant (rotations, reflections) and translation
+  pairs of one molecule closer than ``cutoff`` in the current noisy coordinates, their messages scaled
+  by a smooth envelope that vanishes at the cutoff, so the prediction is continuous in the coordinates),
+  messages built from invariants only (distances, atom/bond/time embeddings), noise output a combination
+  of relative vectors x_i - x_j. The output is therefore E(3)-equivariant (rotations, reflections) and translation
   invariant, like GeoDiff's, and it is trained with the plain DDPM noise-prediction loss in the
   zero-centre-of-mass subspace, as EDM (Hoogeboom et al. 2022) does.
 
@@ -93,8 +94,9 @@ class ConformerDiffusionConfig:
     """Message-passing layers of the denoiser."""
     cutoff: float = 5.0
     """Radius (Angstrom) of the non-bonded edges: atom pairs of one molecule closer than this in the noisy
-    coordinates exchange messages (bonded pairs always do). GeoDiff's global edges used 10; 5 keeps CPU
-    runs fast and still covers nearly every pair of a QM9 molecule."""
+    coordinates exchange messages, weighted by a cosine envelope that falls to 0 at the cutoff (bonded
+    pairs always do, at full weight). GeoDiff's global edges used 10; 5 keeps CPU runs fast and still
+    covers nearly every pair of a QM9 molecule."""
     num_rbf: int = 16
     """Gaussian radial basis functions of the distance (centres evenly spaced on [0, cutoff])."""
     num_steps: int = 100
@@ -137,8 +139,9 @@ class ConformerDiffusionConfig:
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
             if not ok:
-                raise ConfigError(f"--model.{name} must be a {'non-negative' if allow_zero else 'positive'} number, "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"--model.{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
+                )
 
         for name in ("hidden", "num_layers", "num_rbf", "num_steps", "eval_timesteps", "sample_batch_size"):
             positive_int(name)
@@ -148,8 +151,9 @@ class ConformerDiffusionConfig:
             positive_float(name)
         positive_float("weight_decay", allow_zero=True)
         if not self.beta_start < self.beta_end < 1:
-            raise ConfigError(f"need 0 < --model.beta_start < --model.beta_end < 1, got {self.beta_start}, "
-                              f"{self.beta_end}")
+            raise ConfigError(
+                f"need 0 < --model.beta_start < --model.beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--model.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.on_broken not in BROKEN_POLICIES:
@@ -157,18 +161,21 @@ class ConformerDiffusionConfig:
         if self.sample_steps is not None:
             positive_int("sample_steps")
             if self.sample_steps > self.num_steps:
-                raise ConfigError(f"--model.sample_steps ({self.sample_steps}) must be at most --model.num_steps "
-                                  f"({self.num_steps})")
+                raise ConfigError(
+                    f"--model.sample_steps ({self.sample_steps}) must be at most --model.num_steps ({self.num_steps})"
+                )
         if self.eval_timesteps > self.num_steps:
-            raise ConfigError(f"--model.eval_timesteps ({self.eval_timesteps}) must be at most --model.num_steps "
-                              f"({self.num_steps})")
+            raise ConfigError(
+                f"--model.eval_timesteps ({self.eval_timesteps}) must be at most --model.num_steps ({self.num_steps})"
+            )
 
 
 # ------------------------------------------------------------------------------------------ schedule
 
 
-def reference_betas(schedule: str = "sigmoid", beta_start: float = 1e-7, beta_end: float = 2e-3,
-                    steps: int = GEODIFF_STEPS) -> torch.Tensor:
+def reference_betas(
+    schedule: str = "sigmoid", beta_start: float = 1e-7, beta_end: float = 2e-3, steps: int = GEODIFF_STEPS
+) -> torch.Tensor:
     """The betas of GeoDiff's ``steps``-step chain, float64 ``(steps,)``.
 
     sigmoid: beta_k = sigmoid(linspace(-6, 6, steps))_k (beta_end - beta_start) + beta_start;
@@ -181,15 +188,20 @@ def reference_betas(schedule: str = "sigmoid", beta_start: float = 1e-7, beta_en
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
-def alpha_bar(num_steps: int, schedule: str = "sigmoid", beta_start: float = 1e-7,
-              beta_end: float = 2e-3) -> torch.Tensor:
+def alpha_bar(
+    num_steps: int, schedule: str = "sigmoid", beta_start: float = 1e-7, beta_end: float = 2e-3
+) -> torch.Tensor:
     """abar_t for t = 0..T (abar_0 = 1), float64 ``(T + 1,)``: the 5000-step reference chain at T evenly spaced times.
 
     abar_t = abar^(5000)(s_t), s_t = t 5000 / T, with log abar^(5000) interpolated linearly between its
     integer steps (exact subsampling when T divides 5000; the reference itself when T = 5000).
     """
-    log_ref = torch.cat([torch.zeros(1, dtype=torch.float64),
-                         torch.cumsum(torch.log1p(-reference_betas(schedule, beta_start, beta_end)), 0)])  # (5001,)
+    log_ref = torch.cat(
+        [
+            torch.zeros(1, dtype=torch.float64),
+            torch.cumsum(torch.log1p(-reference_betas(schedule, beta_start, beta_end)), 0),
+        ]
+    )  # (5001,)
     s = torch.arange(num_steps + 1, dtype=torch.float64) * (GEODIFF_STEPS / num_steps)  # (T + 1,) in [0, 5000]
     lo = s.floor().long().clamp(max=GEODIFF_STEPS - 1)
     frac = s - lo
@@ -268,15 +280,27 @@ def sinusoidal_embedding(s: torch.Tensor, dim: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ network
 
 
+def cutoff_envelope(dist: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Smooth cutoff weight of distances ``dist`` (any shape): 0.5 (cos(pi d / c) + 1) for d < c, else 0.
+
+    It is 1 at d = 0 and falls to 0 with zero slope at d = c (the cosine cutoff of SchNet-style models),
+    so messages scaled by it vanish continuously as a pair leaves the radius graph.
+    """
+    inside = dist < cutoff
+    return torch.where(inside, 0.5 * (torch.cos(dist * (math.pi / cutoff)) + 1.0), torch.zeros_like(dist))
+
+
 class InteractionLayer(nn.Module):
-    """One EGNN-style layer on fixed coordinates: h_i += phi_h(h_i, mean_j m_ij), m_ij = W_m silu(pre_ij) + b_m,
+    """One EGNN-style layer on fixed coordinates: h_i += phi_h(h_i, W_m mean_j u_ij + b_m), u_ij = silu(pre_ij),
 
-        pre_ij = W_r h_i + W_s h_j + e_ij,
+        pre_ij = W_r h_i + W_s h_j + e_ij,    mean_j u_ij = sum_j w_ij u_ij / max(1, sum_j w_ij),
 
-    with e_ij this layer's linear map of the invariant edge features (computed by the caller). Two
-    rewrites keep the per-pair work small, without changing the function class: the node terms W_r h,
-    W_s h are computed once per atom and gathered, and the message's last linear map W_m is applied
-    after the (linear) mean over neighbours: mean_j (W_m u_ij + b_m) = W_m mean_j u_ij + b_m.
+    with e_ij this layer's linear map of the invariant edge features and w_ij in [0, 1] the edge's
+    envelope weight (1 for bonds, :func:`cutoff_envelope` of the distance otherwise; both from the
+    caller). The weighted mean makes the layer continuous as a pair crosses the cutoff (its weight goes
+    to 0 there), where a plain mean over the neighbours would jump. Two rewrites keep the per-pair work
+    small, without changing the function class: the node terms W_r h, W_s h are computed once per atom
+    and gathered, and the message's last linear map W_m is applied after the (linear) mean.
     """
 
     def __init__(self, hidden: int):
@@ -287,12 +311,20 @@ class InteractionLayer(nn.Module):
         self.update = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.norm = nn.LayerNorm(hidden)
 
-    def forward(self, h: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, edge: torch.Tensor,
-                inv_degree: torch.Tensor) -> torch.Tensor:
-        """New atom features ``(sumN, H)`` from ``h`` (sumN, H), edges src <- dst and their edge terms ``(P', H)``."""
+    def forward(
+        self,
+        h: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        edge: torch.Tensor,
+        weight: torch.Tensor,
+        inv_degree: torch.Tensor,
+    ) -> torch.Tensor:
+        """New atom features ``(sumN, H)`` from ``h`` (sumN, H), edges src <- dst, their edge terms ``(P', H)``
+        and envelope weights ``(P',)``; ``inv_degree`` (sumN,) is 1 / max(1, sum of the weights at each atom)."""
         pre = self.receiver(h).index_select(0, src)  # (P', H); in-place adds below spare two (P', H) buffers
         pre = pre.add_(self.sender(h).index_select(0, dst)).add_(edge)
-        u = nn.functional.silu(pre).to(h.dtype)  # (P', H); same dtype as h also under autocast
+        u = nn.functional.silu(pre).to(h.dtype).mul_(weight.to(h.dtype)[:, None])  # (P', H) w_ij u_ij
         mean_u = h.new_zeros(h.shape).index_add_(0, src, u) * inv_degree[:, None]  # (sumN, H)
         return h + self.update(torch.cat([self.norm(h), self.message(mean_u)], dim=1))  # (sumN, H)
 
@@ -302,14 +334,17 @@ class EquivariantDenoiser(nn.Module):
 
     Atom features h_i^0 = emb(z_i) + sum_c emb_c(atom_feat_ic) + MLP(sinusoidal(t / T))[molecule of i].
     Edges: every bond (type 1..4) and every same-molecule pair within ``cutoff`` in x_t (type 0). Edge
-    features are invariant: RBF(d_ij), d_ij^2 / cutoff^2 (clipped at 4) and the one-hot edge type. After
-    ``num_layers`` :class:`InteractionLayer` updates, with a_ij = w^T silu(W_r h_i + W_s h_j + e_ij) a
-    scalar per edge (phi_x) and s(h_i) a scalar per atom,
+    features are invariant: RBF(d_ij), d_ij^2 / cutoff^2 (clipped at 4) and the one-hot edge type. Each
+    edge carries a weight w_ij: 1 for a bond, the smooth envelope :func:`cutoff_envelope` of d_ij for a
+    radius edge, which falls to 0 at the cutoff, so eps is continuous in x_t (a hard cutoff would make
+    it jump whenever a pair crosses it). After ``num_layers`` :class:`InteractionLayer` updates, with
+    a_ij = w^T silu(W_r h_i + W_s h_j + e_ij) a scalar per edge (phi_x) and s(h_i) a scalar per atom,
 
-        eps_i = s(h_i) (x_i - xbar) + 1/deg_i sum_j (x_i - x_j) / (d_ij + 1) a_ij,   then eps -= mean_i eps_i,
+        eps_i = s(h_i) (x_i - xbar) + 1/deg_i sum_j w_ij (x_i - x_j) / (d_ij + 1) a_ij,   then eps -= mean_i eps_i,
 
-    where xbar is the molecule's centroid (itself the mean of the relative vectors x_i - x_j). Relative
-    vectors times invariant scalars: rotating or reflecting x_t rotates eps, translating it changes nothing.
+    where deg_i = max(1, sum_j w_ij) and xbar is the molecule's centroid (itself the mean of the relative
+    vectors x_i - x_j). Relative vectors times invariant scalars: rotating or reflecting x_t rotates eps,
+    translating it changes nothing.
     """
 
     def __init__(self, hidden: int = 64, num_layers: int = 4, cutoff: float = 5.0, num_rbf: int = 16):
@@ -330,8 +365,9 @@ class EquivariantDenoiser(nn.Module):
         self.coord_out = nn.Linear(hidden, 1, bias=False)
         self.centre_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
 
-    def forward(self, x: torch.Tensor, batch: MoleculeBatch, t_frac: torch.Tensor,
-                pairs: AtomPairs | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: MoleculeBatch, t_frac: torch.Tensor, pairs: AtomPairs | None = None
+    ) -> torch.Tensor:
         """Predicted noise ``(sumN, 3)``, zero mean per molecule, of coordinates ``x`` (sumN, 3) at times
         ``t_frac`` = t / T (B,); ``pairs`` (from :func:`atom_pairs`) can be passed to reuse it across steps."""
         pairs = atom_pairs(batch) if pairs is None else pairs
@@ -343,23 +379,28 @@ class EquivariantDenoiser(nn.Module):
         src, dst = pairs.src[keep], pairs.dst[keep]
         rel, d2 = rel_all[keep], d2_all[keep]  # (P', 3), (P',)
         dist = d2.clamp_min(0).sqrt()  # (P',)
+        # w_ij: 1 on bonds, the cutoff envelope (-> 0 at the cutoff) on radius edges, so that a pair entering
+        # or leaving the radius graph changes nothing and eps is a continuous function of x.
+        weight = torch.where(pairs.bond[keep] > 0, torch.ones_like(dist), cutoff_envelope(dist, self.cutoff))  # (P',)
         rbf = torch.exp(-0.5 * ((dist[:, None] - self.rbf_centres.to(x)) / self.rbf_width).square())  # (P', R)
         bond = nn.functional.one_hot(pairs.bond[keep], NUM_BOND_TYPES).to(x)  # (P', 5)
         features = torch.cat([rbf, (d2 / self.cutoff**2).clamp(max=4.0)[:, None], bond], dim=1)  # (P', R + 6)
         edge_terms = self.edge_proj(features).split(self.hidden, dim=1)  # num_layers + 1 of (P', H)
-        inv_degree = 1.0 / torch.bincount(src, minlength=x.shape[0]).clamp_min(1).to(x)  # (sumN,)
+        # Soft degree sum_j w_ij, floored at 1: an atom whose only partners sit near the cutoff gets
+        # vanishing messages rather than the full weight of a plain mean over them.
+        inv_degree = 1.0 / x.new_zeros(x.shape[0]).index_add_(0, src, weight).clamp_min(1.0)  # (sumN,)
 
         h = self.atom_emb(batch.z) + sum(emb(batch.atom_feat[:, c]) for c, emb in enumerate(self.feat_emb))
         time = self.time_mlp(sinusoidal_embedding(t_frac.to(x), self.hidden))  # (B, H)
         h = h.to(x) + time.index_select(0, batch.batch)  # (sumN, H)
         for layer, edge in zip(self.layers, edge_terms):
-            h = layer(h, src, dst, edge, inv_degree)
+            h = layer(h, src, dst, edge, weight, inv_degree)
         # a_ij = w^T silu(W_r h_i + W_s h_j + e_ij): the invariant weight of the relative vector x_i - x_j.
         pre = self.coord_receiver(h).index_select(0, src)  # (P', H)
         pre = pre.add_(self.coord_sender(h).index_select(0, dst)).add_(edge_terms[-1])
-        weight = self.coord_out(nn.functional.silu(pre))  # (P', 1)
-        pair_term = rel * (weight / (dist + 1.0)[:, None])  # (P', 3)
-        # eps_i = s(h_i) (x_i - xbar) + mean_j (x_i - x_j) / (d_ij + 1) a_ij
+        coord_weight = self.coord_out(nn.functional.silu(pre))  # (P', 1)
+        pair_term = rel * (coord_weight * (weight / (dist + 1.0))[:, None])  # (P', 3)
+        # eps_i = s(h_i) (x_i - xbar) + sum_j w_ij (x_i - x_j) / (d_ij + 1) a_ij / max(1, sum_j w_ij)
         eps = x.new_zeros(x.shape).index_add_(0, src, pair_term) * inv_degree[:, None]
         eps = eps + self.centre_head(h) * remove_mean(x, batch.batch, num_graphs)  # (sumN, 3)
         return remove_mean(eps, batch.batch, num_graphs)  # (sumN, 3), zero CoM
@@ -399,8 +440,9 @@ class ConformerDiffusionModule(SamplingModule):
         """beta_t = 1 - abar_t / abar_{t-1} for t = 1..T, float64 ``(T,)``."""
         return 1 - self.abar64[1:] / self.abar64[:-1]
 
-    def forward(self, batch: MoleculeBatch, x_t: torch.Tensor, t: torch.Tensor,
-                pairs: AtomPairs | None = None) -> torch.Tensor:
+    def forward(
+        self, batch: MoleculeBatch, x_t: torch.Tensor, t: torch.Tensor, pairs: AtomPairs | None = None
+    ) -> torch.Tensor:
         """eps_theta(x_t, G, t): predicted noise ``(sumN, 3)`` of coordinates ``x_t`` at integer steps ``t`` (B,)."""
         return self.denoiser(x_t, batch, t.to(x_t) / self.config.num_steps, pairs)
 
@@ -492,8 +534,13 @@ class ConformerDiffusionModule(SamplingModule):
     # -- generation --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, batch: MoleculeBatch, generator: torch.Generator, sample_steps: int | None = None,
-                 callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        batch: MoleculeBatch,
+        generator: torch.Generator,
+        sample_steps: int | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """New conformations of the graphs of ``batch`` by ancestral sampling: ``(sumN, 3)`` float32, centred.
 
         ``batch.pos`` is not used. ``sample_steps`` (default: the config's, None = all T) respaces the chain
@@ -610,13 +657,17 @@ class ConformerDiffusionModule(SamplingModule):
                 elif todo:
                     failed.extend(todo)
                 break
-        self.last_sample_stats = {"broken_first_draw": broken_first, "resampled": int(resampled.sum()),
-                                  "replaced_by_real": int(replaced.sum())}
+        self.last_sample_stats = {
+            "broken_first_draw": broken_first,
+            "resampled": int(resampled.sum()),
+            "replaced_by_real": int(replaced.sum()),
+        }
         if failed:
             raise RuntimeError(
                 f"{len(failed)} of {n} generated conformers were broken (non-finite or beyond "
                 f"{cfg.broken_threshold} Angstrom) with on_broken={cfg.on_broken!r}"
-                + ("" if self.real_pos_fallback else " and real_pos_fallback=False"))
+                + ("" if self.real_pos_fallback else " and real_pos_fallback=False")
+            )
         ids = np.arange(n) % len(graphs)
         return {
             "mol_id": np.array([graphs[i].mol_id for i in ids], dtype=np.int64),
@@ -634,8 +685,10 @@ def graphs_from_sample(graphs: Sequence[MolGraph], arrays: dict[str, np.ndarray]
     for i, (mol_id, n) in enumerate(zip(arrays["mol_id"].tolist(), arrays["num_atoms"].tolist())):
         graph = graphs[i % len(graphs)]
         if graph.mol_id != mol_id or graph.num_atoms != n:
-            raise ValueError(f"sample row {i} (mol_id {mol_id}, {n} atoms) does not match graph {i % len(graphs)} "
-                             f"(mol_id {graph.mol_id}, {graph.num_atoms} atoms)")
+            raise ValueError(
+                f"sample row {i} (mol_id {mol_id}, {n} atoms) does not match graph {i % len(graphs)} "
+                f"(mol_id {graph.mol_id}, {graph.num_atoms} atoms)"
+            )
         out.append(graph.with_pos(arrays["pos"][i, :n]))
     return out
 
@@ -652,6 +705,7 @@ __all__ = [
     "InteractionLayer",
     "alpha_bar",
     "atom_pairs",
+    "cutoff_envelope",
     "graphs_from_sample",
     "reference_betas",
     "remove_mean",

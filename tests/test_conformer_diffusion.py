@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from collapse.errors import ConfigError
 from datamodules.mol_graph import BOND_CODES, HYBRID_CODES, MolGraph, collate_molecules
+from lit_modules import conformer_diffusion
 from lit_modules.conformer_diffusion import (
     GEODIFF_STEPS,
     ConformerDiffusionConfig,
@@ -37,8 +38,13 @@ def mol_graph(smiles: str, mol_id: int = 0, seed: int = 0) -> MolGraph:
     if AllChem.EmbedMolecule(mol, randomSeed=seed) != 0:
         raise ValueError(f"RDKit could not embed {smiles}")
     feats = [
-        [min(max(a.GetFormalCharge() + 2, 0), 4), HYBRID_CODES.get(str(a.GetHybridization()), 0),
-         int(a.GetIsAromatic()), min(a.GetTotalNumHs(), 4), int(a.IsInRing())]
+        [
+            min(max(a.GetFormalCharge() + 2, 0), 4),
+            HYBRID_CODES.get(str(a.GetHybridization()), 0),
+            int(a.GetIsAromatic()),
+            min(a.GetTotalNumHs(), 4),
+            int(a.IsInRing()),
+        ]
         for a in mol.GetAtoms()
     ]
     edges, types = [], []
@@ -85,9 +91,17 @@ def test_config_checks_and_overrides():
     model = ConformerDiffusionModule(hidden=8, num_layers=1)
     assert model.hparams["hidden"] == 8 and model.config.num_steps == 100
     assert ConformerDiffusionConfig().schedule == "sigmoid"
-    bad = [{"hidden": 0}, {"cutoff": -1.0}, {"schedule": "cosine"}, {"on_broken": "ignore"},
-           {"beta_start": 3e-3}, {"sample_steps": 101}, {"eval_timesteps": 0}, {"max_resample": -1},
-           {"weight_decay": float("nan")}]
+    bad = [
+        {"hidden": 0},
+        {"cutoff": -1.0},
+        {"schedule": "cosine"},
+        {"on_broken": "ignore"},
+        {"beta_start": 3e-3},
+        {"sample_steps": 101},
+        {"eval_timesteps": 0},
+        {"max_resample": -1},
+        {"weight_decay": float("nan")},
+    ]
     for kwargs in bad:
         with pytest.raises(ConfigError, match="--model."):
             ConformerDiffusionConfig(**kwargs)
@@ -120,14 +134,23 @@ def test_sigmoid_schedule_is_geodiffs_and_rescaled_keeps_total_noise():
 
 
 def test_atom_pairs_match_brute_force(graphs):
-    single = MolGraph(z=torch.tensor([17]), atom_feat=torch.zeros(1, 5, dtype=torch.long),
-                      edge_index=torch.zeros(2, 0, dtype=torch.long), bond_type=torch.zeros(0, dtype=torch.long),
-                      pos=torch.zeros(1, 3), mol_id=99)
+    single = MolGraph(
+        z=torch.tensor([17]),
+        atom_feat=torch.zeros(1, 5, dtype=torch.long),
+        edge_index=torch.zeros(2, 0, dtype=torch.long),
+        bond_type=torch.zeros(0, dtype=torch.long),
+        pos=torch.zeros(1, 3),
+        mol_id=99,
+    )
     batch = collate_molecules([graphs[0], single, graphs[1]])
     pairs = atom_pairs(batch)
     bonds = {(i, j): c for i, j, c in zip(*batch.edge_index.tolist(), batch.bond_type.tolist())}
-    expected = [(i, j) for i in range(len(batch.batch)) for j in range(len(batch.batch))
-                if i != j and batch.batch[i] == batch.batch[j]]
+    expected = [
+        (i, j)
+        for i in range(len(batch.batch))
+        for j in range(len(batch.batch))
+        if i != j and batch.batch[i] == batch.batch[j]
+    ]
     got = list(zip(pairs.src.tolist(), pairs.dst.tolist()))
     assert sorted(got) == expected and len(set(got)) == len(got)
     assert [bonds.get(p, 0) for p in got] == pairs.bond.tolist()
@@ -151,9 +174,50 @@ def test_predicted_noise_is_e3_equivariant(graphs, reflect):
     eps_moved = model(batch, x @ q.T + shift, t)  # x -> Q x + b
     torch.testing.assert_close(eps_moved, eps @ q.T, rtol=1e-9, atol=1e-9)  # eps -> Q eps
     torch.testing.assert_close(model(batch, x + shift, t), eps, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(per_molecule_com(eps, batch), torch.zeros(len(graphs), 3, dtype=torch.float64),
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        per_molecule_com(eps, batch), torch.zeros(len(graphs), 3, dtype=torch.float64), atol=1e-12, rtol=0
+    )
     assert eps.abs().sum() > 0
+
+
+def cutoff_crossing_change(model: ConformerDiffusionModule, graphs: list[MolGraph], delta: float) -> float:
+    """Largest change of the predicted noise, relative to its largest entry, when one non-bonded atom pair
+    of the phenol molecule goes from ``cutoff - delta`` to ``cutoff + delta`` apart (the other atoms fixed)."""
+    batch = collate_molecules(graphs)
+    pairs = atom_pairs(batch)
+    x = batch.pos.double()
+    cutoff = model.config.cutoff
+    atoms = batch.batch == 1  # c1ccccc1O: several non-bonded pairs, room to put one at the cutoff
+
+    def placed(i: int, j: int, distance: float) -> torch.Tensor:
+        moved = x.clone()
+        moved[i] = x[j] + distance * (x[i] - x[j]) / (x[i] - x[j]).norm()  # atom i slid along j -> i
+        return moved
+
+    def alone_at_cutoff(i: int, j: int) -> bool:
+        # Only the pair (i, j) may lie near the cutoff, so that it is the one edge that enters or leaves the graph.
+        gaps = ((placed(i, j, cutoff)[i] - x).norm(dim=1) - cutoff).abs()[atoms]
+        return int((gaps < 0.05).sum()) == 1
+
+    i, j = next(
+        (int(a), int(b))
+        for a, b, bond in zip(pairs.src, pairs.dst, pairs.bond)
+        if bond == 0 and atoms[a] and alone_at_cutoff(int(a), int(b))
+    )
+    t = torch.tensor([3, 7, 11, 15, 19])
+    with torch.no_grad():
+        inside, outside = (model(batch, placed(i, j, cutoff + sign * delta), t) for sign in (-1, 1))
+    return float((inside - outside).abs().max() / inside.abs().max())
+
+
+def test_predicted_noise_is_continuous_across_the_cutoff(graphs, monkeypatch):
+    torch.manual_seed(0)
+    model = ConformerDiffusionModule(cutoff=5.0, **TINY).double()
+    # The radius edge fades out: a pair 2e-4 Angstrom either side of the cutoff gives nearly the same noise.
+    assert cutoff_crossing_change(model, graphs, 2e-4) < 1e-3
+    # The same probe detects a hard cutoff (the edge switched on at full weight inside the radius).
+    monkeypatch.setattr(conformer_diffusion, "cutoff_envelope", lambda dist, cutoff: (dist < cutoff).to(dist))
+    assert cutoff_crossing_change(model, graphs, 2e-4) > 5e-3  # seen: 1.1e-4 smooth, 1.3e-2 hard
 
 
 def test_losses_are_invariant_under_rigid_motion_of_data_and_noise(graphs):
@@ -311,14 +375,20 @@ def test_broken_conformer_policies(graphs, monkeypatch, policy):
 def test_tiny_overfit_lowers_the_loss(graphs):
     pl.seed_everything(0, verbose=False)
     chosen = graphs[:3]
-    model = ConformerDiffusionModule(hidden=32, num_layers=2, num_steps=50, eval_timesteps=10, lr=5e-3,
-                                     warmup_steps=10)
+    model = ConformerDiffusionModule(hidden=32, num_layers=2, num_steps=50, eval_timesteps=10, lr=5e-3, warmup_steps=10)
     batch = collate_molecules(chosen)
     with torch.no_grad():
         before = float(model.eval_loss(batch).mean())
     loader = DataLoader(chosen * 4, batch_size=12, collate_fn=collate_molecules)  # 3 molecules, one step per epoch
-    trainer = pl.Trainer(accelerator="cpu", max_steps=100, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=100,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, loader)

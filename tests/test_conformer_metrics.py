@@ -151,6 +151,40 @@ def test_rmsd_matrix_matches_pairwise_get_best_rms(smiles):
     assert np.all(capped >= rmsd_matrix(mol, gen, ref) - 1e-6)
 
 
+def molecule_keeping_a_hydrogen(smiles: str) -> Chem.Mol:
+    """``smiles`` embedded (3 conformers) with stereo read from the 3-D coordinates, as molecules read from
+    GEOM's SDF records are: an imine C=N-H then keeps its H in ``Chem.RemoveHs`` (it fixes the bond's stereo)."""
+    mol = embed(smiles, 3)
+    Chem.AssignStereochemistryFrom3D(mol)
+    assert any(a.GetAtomicNum() == 1 for a in Chem.RemoveHs(mol).GetAtoms())
+    return mol
+
+
+@pytest.mark.parametrize("smiles", ["CC(=N)CO", "CC(=N)C(C)C", "[2H]OC(C)C"])
+def test_rmsd_matrix_counts_the_hydrogens_remove_hs_keeps(smiles):
+    mol = molecule_keeping_a_hydrogen(smiles)  # an imine H with stereo; a deuterium beside two symmetric methyls
+    rng = np.random.default_rng(3)
+    ref = positions(mol)
+    gen = [p + rng.normal(scale=0.2, size=p.shape) for p in ref] + ref[:1]
+
+    def placed(xyz: np.ndarray, strip=Chem.RemoveHs) -> Chem.Mol:
+        out = Chem.Mol(mol, confId=0)
+        out.GetConformer().SetPositions(np.ascontiguousarray(xyz))
+        return strip(out)
+
+    # The definition, computed independently: GetBestRMS on RemoveHs copies holding the two conformations.
+    expected = np.array([[rdMolAlign.GetBestRMS(placed(g), placed(r)) for r in ref] for g in gen])
+    np.testing.assert_allclose(rmsd_matrix(mol, gen, ref), expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        coverage_matching(mol, gen, ref, threshold=0.5)["mat_r"], expected.min(0).mean(), atol=1e-6, rtol=0
+    )
+    # The kept hydrogen matters: without it (every H removed) the numbers differ.
+    no_h = np.array(
+        [[rdMolAlign.GetBestRMS(placed(g, Chem.RemoveAllHs), placed(r, Chem.RemoveAllHs)) for r in ref] for g in gen]
+    )
+    assert np.abs(no_h - expected).max() > 1e-3
+
+
 def test_non_finite_probe_is_inf_and_counted(qm9_mol):
     ref = positions(qm9_mol)[0]
     for bad in (np.nan, np.inf):
