@@ -29,6 +29,7 @@ import torch
 
 from collapse.atomic import atomic_open
 from collapse.contract import SamplingModel
+from collapse.progress import Progress
 from collapse.seeding import derive_seed
 from collapse.store import GenerationStore
 
@@ -160,7 +161,15 @@ class SyntheticDataCallback(pl.Callback):
     def _draw(self, model: Any, rank: int, world_size: int) -> None:
         device = getattr(model, "device", torch.device("cpu"))
         self._chunk_dir().mkdir(parents=True, exist_ok=True)
-        for chunk, start, stop in chunk_ranges(self.num_samples, self.batch_size, rank, world_size):
+        chunks = chunk_ranges(self.num_samples, self.batch_size, rank, world_size)
+        # Rank 0 reports its own share (every rank draws about as many rows); chunks of a killed run count as done.
+        kept = sum(stop - start for chunk, start, stop in chunks if self._chunk_path(chunk).is_file())
+        share = f" (rank 0's share of {world_size})" if world_size > 1 else ""
+        progress = Progress(
+            sum(stop - start for _, start, stop in chunks), f"sampling gen {self.generation}{share}", "samples",
+            done=kept, rank=rank,
+        )  # fmt: skip
+        for chunk, start, stop in chunks:
             path = self._chunk_path(chunk)
             if path.is_file():  # drawn before a crash, by the same model (the fit resumes exactly)
                 continue
@@ -175,6 +184,8 @@ class SyntheticDataCallback(pl.Callback):
                 rows[name] = arr
             with atomic_open(path, "wb") as fh:
                 np.savez(fh, **rows)
+            progress.update(stop - start)
+        progress.close()
 
     def _assemble(self) -> list[str]:
         """Copy the chunk files, in order, into one memory-mapped ``.npy`` per array."""

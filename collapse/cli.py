@@ -4,6 +4,13 @@ Every field of the dataclass becomes a flag documented by the field's docstring 
 nested dataclasses become dotted flags (``--wandb.mode``); ``--config file.yaml`` and
 ``--print_config`` come for free. Bad input ends with one ``error:`` line and exit status 2,
 never a traceback.
+
+The habits of other command lines hold: a run's own ``config.yaml`` is a valid ``--config`` (its
+``recipe`` key is read past); flags are never abbreviated (``--generation`` is not ``--generations``);
+a boolean flag alone means true (``--dry_run``); ``None``, ``none`` and ``null`` are all null where a
+flag may be empty (``--real_size=None``, as ``wandb agent`` writes it). Objects described by
+``class_path``/``init_args`` (Trainer callbacks, loggers, ...) stay descriptions in the config, so
+config.yaml records them; the code that uses them builds them.
 """
 
 from __future__ import annotations
@@ -17,13 +24,21 @@ import signal
 import sys
 import threading
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from collapse.errors import UserError
 from collapse.hardware import retain_freed_memory
 
 C = TypeVar("C")
+
+RUN_ONLY_KEYS = ("recipe",)
+"""Keys a run's config.yaml holds beside the flags; read past when the file is given back with ``--config``."""
+NULLS = ("None", "none", "null", "Null", "NULL", "~")
+"""Values that mean null for a flag that may be empty."""
 
 
 def _one_line(message: str) -> str:
@@ -49,7 +64,12 @@ def build_parser(config_cls: type, prog: str | None = None, description: str | N
             sys.stderr.write(f"error: {_one_line(message)} (see --help)\n")
             sys.exit(2)
 
-    parser = _Parser(prog=prog, description=description or (config_cls.__doc__ or "").strip(), exit_on_error=True)
+    parser = _Parser(
+        prog=prog,
+        description=description or (config_cls.__doc__ or "").strip(),
+        exit_on_error=True,
+        allow_abbrev=False,  # --generation must not silently mean --generations
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of flags (as --print_config writes).")
     parser.add_class_arguments(config_cls, fail_untyped=True, sub_configs=True)
     return parser
@@ -58,11 +78,94 @@ def build_parser(config_cls: type, prog: str | None = None, description: str | N
 def parse_config(config_cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None) -> C:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of the dataclass ``config_cls``."""
     parser = build_parser(config_cls, prog=prog)
-    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    ns = instantiate(ns)
-    values = {f.name: ns[f.name] for f in dataclasses.fields(config_cls)}
-    return config_cls(**values)
+    argv = _habits(parser, list(sys.argv[1:] if argv is None else argv))
+    ns = parser.parse_args(argv)
+    return _instance(config_cls, ns.as_dict())
+
+
+def _instance(cls: type[C], values: dict[str, Any]) -> C:
+    """``cls`` built from parsed ``values``: nested dataclasses built in turn, ``class_path`` descriptions kept."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not f.init or f.name not in values:
+            continue
+        value = values[f.name]
+        hint = hints.get(f.name)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _instance(hint, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _habits(parser: Any, argv: list[str]) -> list[str]:
+    """``argv`` with the usual command-line habits made explicit for jsonargparse.
+
+    A bare boolean flag gets ``true``; ``None``/``none`` for a flag that may be empty becomes ``null``; a
+    ``--config`` file that is a run's config.yaml is passed without its :data:`RUN_ONLY_KEYS`.
+    """
+    hints = {}
+    for action in parser._actions:  # jsonargparse keeps each flag's type hint on its action
+        for option in action.option_strings:
+            hints[option] = getattr(action, "_typehint", None)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, value = token.partition("=")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if flag == "--config":
+            if eq:
+                out.append(f"--config={_config_text(value)}")
+            else:
+                out.append(token)
+                if following is not None:
+                    out.append(_config_text(following))
+                    i += 1
+            i += 1
+            continue
+        hint = hints.get(flag) if flag.startswith("--") else None
+        if hint is not None and not eq:
+            if following is None or (following.startswith("--") and following != "--"):
+                if _allows(hint, bool):
+                    out.extend([flag, "true"])
+                    i += 1
+                    continue
+            elif following in NULLS and _allows(hint, type(None)):
+                out.extend([flag, "null"])
+                i += 2
+                continue
+        elif hint is not None and value in NULLS and _allows(hint, type(None)):
+            token = f"{flag}=null"
+        out.append(token)
+        i += 1
+    return out
+
+
+def _allows(hint: Any, kind: type) -> bool:
+    """Whether the type hint ``hint`` admits values of type ``kind`` (bool, NoneType)."""
+    if hint is kind:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_allows(arg, kind) for arg in typing.get_args(hint))
+    return False
+
+
+def _config_text(value: str) -> str:
+    """A ``--config`` value: a run's config.yaml becomes its flags alone (YAML text); anything else is unchanged."""
+    path = Path(value)
+    if not path.is_file():
+        return value
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return value  # jsonargparse reports it, with the file's name
+    if not isinstance(data, dict) or not any(key in data for key in RUN_ONLY_KEYS):
+        return value
+    flags = {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
+    return yaml.safe_dump(flags, sort_keys=False)
 
 
 def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None):

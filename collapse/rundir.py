@@ -40,6 +40,7 @@ GENERATIONS = "generations"
 # Flags that change how a run is executed or logged, not what it computes: they may differ on resume.
 EXECUTION_KEYS = frozenset(
     {"overwrite", "wandb", "log_every", "report", "workers", "num_workers", "config", "print_config", "dry_run"}
+    | {"log_level", "progress_every"}  # console output only
 )
 
 RUN_FILES: tuple[str, ...] = (
@@ -410,10 +411,25 @@ def _busy(out: Path, holder: dict[str, Any]) -> str:
     return f"--out_dir {out} is in use by another run ({who}); wait for it to end or choose another --out_dir"
 
 
-def _first_difference(old: dict[str, Any], new: dict[str, Any], skip: Iterable[str] = ()) -> str | None:
+def _first_difference(
+    old: dict[str, Any], new: dict[str, Any], skip: Iterable[str] = (), prefix: str = ""
+) -> str | None:
+    """The first setting that differs between two configs, as ``key: old -> new``, or None.
+
+    Groups (``trainer``, ``model``, ...) are compared key by key. A key the old config does not
+    hold is an option added after that run was made: it ran with what the option's default does,
+    so it is no difference and the resumed run records the new key in its config.yaml.
+    """
     for key in sorted((set(old) | set(new)) - set(skip)):
-        if old.get(key) != new.get(key):
-            return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        if key not in old:
+            continue
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            diff = _first_difference(before, after, prefix=f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif before != after:
+            return f"{prefix}{key}: {before!r} -> {after!r}"
     return None
 
 

@@ -2,14 +2,22 @@
 
 One W&B run per recipe run, grouped by recipe (``--wandb.group`` to change it) with the workflow as
 the job type and ``workflow=...``/``seed=...`` tags, so that workflows and seeds compare in one view
-(group the runs table by job type, or filter by tag).
+(group the runs table by job type, or filter by tag). Each generation's metrics are one row on the
+``generation`` axis; the fits' training curves (loss, learning rate, throughput) go to the same run,
+on the ``trainer/step`` axis, with ``generation`` as a column (:meth:`Tracker.log_training`).
 ``mode``: ``offline`` (default; writes ``<out_dir>/wandb/offline-run-*``, upload later with
 ``wandb sync``), ``online`` (opt in; needs ``wandb login``) or ``disabled``.
+
+W&B's environment variables are honoured where the flag is not given: ``WANDB_MODE``, ``WANDB_PROJECT``,
+``WANDB_ENTITY``, ``WANDB_NAME``, ``WANDB_RUN_GROUP`` (or ``WANDB_GROUP``) and ``WANDB_TAGS``
+(comma-separated, added to the run's own tags); a flag, on the command line or in a config file, wins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,27 +25,72 @@ from typing import Any
 from collapse.errors import UserError
 
 MODES = ("offline", "online", "disabled")
+DEFAULT_MODE = "offline"
+DEFAULT_PROJECT = "model-collapse"
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+"""Older WANDB_MODE values that W&B still accepts."""
+TRAIN_STEP = "trainer/step"
+"""The x axis of the training curves: optimizer steps since the start of this process's first fit."""
 
 
 @dataclass
 class WandbConfig:
-    """W&B settings."""
+    """W&B settings (each flag left unset takes W&B's environment variable, e.g. WANDB_MODE, if it is set)."""
 
-    mode: str = "offline"
-    """offline (default: logs to <out_dir>/wandb, sync later), online (opt in), or disabled."""
-    project: str = "model-collapse"
-    """W&B project."""
+    mode: str | None = None
+    """offline (logs to <out_dir>/wandb, sync later), online (opt in), or disabled; default: $WANDB_MODE, else
+    offline."""
+    project: str | None = None
+    """W&B project; default: $WANDB_PROJECT, else model-collapse."""
     entity: str | None = None
-    """W&B entity (team or user); default: your default entity."""
+    """W&B entity (team or user); default: $WANDB_ENTITY, else your default entity."""
     group: str | None = None
-    """W&B group; default: the recipe name, so all runs of a recipe compare in one view."""
+    """W&B group; default: $WANDB_RUN_GROUP (or $WANDB_GROUP), else the recipe name, so all runs of a recipe
+    compare in one view."""
+    name: str | None = None
+    """W&B run name; default: $WANDB_NAME, else the run directory's name."""
+    tags: list[str] | None = None
+    """Extra W&B tags (besides the recipe, workflow=... and seed=...); default: $WANDB_TAGS (comma-separated)."""
+
+
+def resolve(cfg: WandbConfig, environ: Mapping[str, str] | None = None) -> WandbConfig:
+    """``cfg`` with every unset setting taken from W&B's environment variables, then from the defaults."""
+    env = os.environ if environ is None else environ
+
+    def pick(value: Any, *keys: str) -> Any:
+        if value is not None:
+            return value
+        for key in keys:
+            if env.get(key, "").strip():
+                return env[key].strip()
+        return None
+
+    mode = pick(cfg.mode, "WANDB_MODE") or DEFAULT_MODE
+    tags = cfg.tags
+    if tags is None and env.get("WANDB_TAGS", "").strip():
+        tags = [t.strip() for t in env["WANDB_TAGS"].split(",") if t.strip()]
+    return dataclasses.replace(
+        cfg,
+        mode=_MODE_ALIASES.get(mode, mode),
+        project=pick(cfg.project, "WANDB_PROJECT") or DEFAULT_PROJECT,
+        entity=pick(cfg.entity, "WANDB_ENTITY"),
+        group=pick(cfg.group, "WANDB_RUN_GROUP", "WANDB_GROUP"),
+        name=pick(cfg.name, "WANDB_NAME"),
+        tags=list(tags) if tags is not None else None,
+    )
 
 
 def check_mode(cfg: WandbConfig) -> None:
-    """Refuse an unknown --wandb.mode, or online mode without W&B credentials, before anything is written."""
-    if cfg.mode not in MODES:
-        raise UserError(f"--wandb.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-    if cfg.mode == "online" and not has_credentials():
+    """Refuse an unknown --wandb.mode, or online mode without W&B credentials, before anything is written.
+
+    Every process of a multi-process run checks for itself (they share the environment), so none starts on
+    settings that rank 0 would refuse.
+    """
+    mode = resolve(cfg).mode
+    if mode not in MODES:
+        source = "--wandb.mode" if cfg.mode is not None else "WANDB_MODE"
+        raise UserError(f"{source} must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "online" and not has_credentials():
         raise UserError(
             "--wandb.mode online needs W&B credentials: run 'wandb login' (or set WANDB_API_KEY), "
             "or log offline (--wandb.mode offline, the default) and upload later with 'wandb sync'"
@@ -64,7 +117,10 @@ class Tracker:
 
     def __init__(self, cfg: WandbConfig, recipe: str, out_dir: str | Path, config: dict[str, Any]):
         check_mode(cfg)
+        cfg = resolve(cfg)
         self.run = None
+        self._train_keys: set[str] = set()
+        self._step_base = 0  # trainer/step of this process's fits so far
         if cfg.mode == "disabled":
             return
         import wandb  # imported lazily: it is slow and optional at run time
@@ -82,6 +138,7 @@ class Tracker:
                 "use --wandb.mode offline or disabled, or fix the W&B settings"
             ) from None
         self.run.define_metric("generation")
+        self.run.define_metric(TRAIN_STEP)
         self.run.define_metric("*", step_metric="generation")
 
     @staticmethod
@@ -91,8 +148,12 @@ class Tracker:
             entity=cfg.entity,
             group=cfg.group or recipe,
             job_type=str(config.get("workflow", recipe)),
-            tags=[recipe, *(f"{key}={config[key]}" for key in ("workflow", "seed") if key in config)],
-            name=out.name,
+            tags=[
+                recipe,
+                *(f"{key}={config[key]}" for key in ("workflow", "seed") if key in config),
+                *(cfg.tags or []),
+            ],
+            name=cfg.name or out.name,
             dir=str(out),
             config=config,
             mode=cfg.mode,
@@ -105,6 +166,26 @@ class Tracker:
         """Log scalar metrics of one generation."""
         if self.run is not None:
             self.run.log({"generation": generation, **metrics})
+
+    def log_training(self, metrics: Mapping[str, float], generation: int, step: int) -> None:
+        """Log one row of a fit's curves (train loss, learning rate, ...) at optimizer step ``step`` of ``generation``.
+
+        Plotted against ``trainer/step``, which keeps counting across the generations of this process, so the
+        fits follow one another; ``trainer/global_step`` is the step within the generation.
+        """
+        if self.run is None:
+            return
+        for key in metrics:
+            if key not in self._train_keys:
+                self.run.define_metric(key, step_metric=TRAIN_STEP)
+                self._train_keys.add(key)
+        self.run.log(
+            {**metrics, "generation": generation, "trainer/global_step": step, TRAIN_STEP: self._step_base + step}
+        )
+
+    def end_fit(self, steps: int) -> None:
+        """A fit of ``steps`` optimizer steps ended: the next one's curves start after it on ``trainer/step``."""
+        self._step_base += max(0, int(steps))
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.run is not None:

@@ -93,6 +93,7 @@ missing or non-text column/field, a corpus with no non-empty story, fewer storie
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -113,6 +114,7 @@ from torch.utils.data import Dataset
 import datamodules.tokenizer as tok
 from collapse.atomic import atomic_open, atomic_write_json
 from collapse.errors import ConfigError, UserError
+from collapse.progress import Progress
 from datamodules.base import RealDataModuleBase, first_line
 from datamodules.story_corpus import EOT_SEPARATOR, STAND_IN_LABEL, iter_stories
 from datamodules.tokenizer import PAD_ID, TOKENIZER_FILE
@@ -157,6 +159,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+DEFAULT_MAX_SEQ_LEN = 256
+"""Tokens per story of a data module whose ``max_seq_len`` is not set (not tied to a model's context)."""
+
+
 @dataclass
 class TinyStoriesDataConfig:
     """Where the stories come from, how many of them the runs use and how they are tokenised (``--data.*``)."""
@@ -181,8 +187,10 @@ class TinyStoriesDataConfig:
     """stand_in: seed of the generated corpus."""
     vocab_size: int = tok.DEFAULT_VOCAB_SIZE
     """Tokenizer vocabulary size, 258..65536 (padded with reserved tokens when the corpus gives fewer)."""
-    max_seq_len: int = 256
-    """Tokens per story, both EOTs included; longer stories are truncated (and counted)."""
+    max_seq_len: int | None = None
+    """Tokens per story, both EOTs included; longer stories are truncated (and counted in data.json). None: the
+    model's context (the recipe ties them: 2,048 for the published presets, 256 for the laptop ones); a data module
+    built alone uses :data:`DEFAULT_MAX_SEQ_LEN`."""
     strict_utf8: bool = False
     """Refuse files with bytes that are not UTF-8 (default: replace each with U+FFFD and count them)."""
     cache_dir: str | None = None
@@ -213,9 +221,9 @@ class TinyStoriesDataConfig:
                 f"--data.vocab_size must be an integer in 258..65536 (256 bytes + EOT + PAD; uint16 ids), "
                 f"got {self.vocab_size!r}"
             )
-        if not (_is_int(self.max_seq_len) and self.max_seq_len >= 3):
+        if self.max_seq_len is not None and not (_is_int(self.max_seq_len) and self.max_seq_len >= 3):
             raise ConfigError(
-                f"--data.max_seq_len must be an integer >= 3 (EOT, a token, EOT), got {self.max_seq_len!r}"
+                f"--data.max_seq_len must be an integer >= 3 (EOT, a token, EOT) or None, got {self.max_seq_len!r}"
             )
         if not isinstance(self.strict_utf8, bool):
             raise ConfigError(f"--data.strict_utf8 must be true or false, got {self.strict_utf8!r}")
@@ -936,6 +944,8 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
     ):
         super().__init__(batch_size, num_workers)
         self.config = config if config is not None else TinyStoriesDataConfig()
+        if self.config.max_seq_len is None:  # not tied to a model: the short default context
+            self.config = dataclasses.replace(self.config, max_seq_len=DEFAULT_MAX_SEQ_LEN)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.tokenizer: Tokenizer | None = None
         """The frozen tokenizer (after prepare_data or setup)."""
@@ -1086,6 +1096,7 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
             ):
                 tokens, offsets = _NpyStream(tokens_fh, np.uint16), _NpyStream(offsets_fh, np.int64)
                 offsets.append([0])
+                progress = Progress(self._split_size(split), f"tokenising {split} split", "stories")
                 for chunk in self._text_chunks(split):
                     encoded = tok.encode_stories(self.tokenizer, chunk, batch_size=2048)
                     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
@@ -1099,6 +1110,8 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
                     offsets.append(n_tokens + np.cumsum(lengths))
                     n_stories += len(encoded)
                     n_tokens += size
+                    progress.update(len(encoded))
+                progress.close()
                 tokens.finish()
                 offsets.finish()
             if truncated:
@@ -1206,6 +1219,7 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
 
 __all__ = [
     "DEFAULT_HUB_ID",
+    "DEFAULT_MAX_SEQ_LEN",
     "DEFAULT_NUM_TEST",
     "DEFAULT_STAND_IN_TRAIN",
     "HELDOUT_SPLITS",

@@ -34,6 +34,14 @@ import numpy as np
 from collapse.cells import cell_problem, write_cell
 from collapse.cli import die_with_parent, positive_ints, watch_parent
 from collapse.errors import UserError
+from collapse.progress import (
+    DEFAULT_INTERVAL,
+    Progress,
+    check_interval,
+    check_log_level,
+    console,
+    progress_interval,
+)
 from collapse.rundir import (
     METRICS,
     TAIL_COLUMNS,
@@ -246,6 +254,7 @@ class _CellJob:
     path: Path
     scratch: Path
     columns: tuple[str, ...]
+    progress_every: float = DEFAULT_INTERVAL  # also a line whenever this many seconds passed since the last one
 
 
 def _run_cell(job: _CellJob) -> dict[str, np.ndarray]:
@@ -253,11 +262,14 @@ def _run_cell(job: _CellJob) -> dict[str, np.ndarray]:
     t0 = time.perf_counter()
     head = f"[{job.recipe}] {job.label} {job.cell.describe()}"
     last = job.generations - 1
+    printed = [t0]  # when the last line was printed: a slow cell also prints every progress_every seconds
 
     def progress(g: int, values: dict[str, np.ndarray]) -> None:
-        if g % max(1, job.log_every) == 0 or g == last:
+        now = time.perf_counter()
+        if g % max(1, job.log_every) == 0 or g == last or now - printed[0] >= job.progress_every:
             shown = " ".join(f"{k}={_mean(v):.4g}" for k, v in values.items())
-            print(f"{head} gen {g}/{last} {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
+            print(f"{head} gen {g}/{last} {shown} ({now - t0:.1f}s)", flush=True)
+            printed[0] = now
 
     problem = job.make_problem(job.cell, np.random.default_rng([job.seed, job.cell.stream, 0]))
     try:
@@ -397,10 +409,14 @@ def run_grid(
                 path,
                 out / ".scratch" / cell.key,
                 columns,
+                progress_interval(),
             )  # fmt: skip
         )
 
+    cells_done = Progress(len(jobs), "grid", "cells")  # a line every --progress_every seconds, however cells run
+
     def record(job: _CellJob, values: dict[str, np.ndarray]) -> None:
+        cells_done.update()
         if tracker is not None:
             for g in range(generations):
                 tracker.log({f"{job.cell.describe()}/{k}": _mean(v[g]) for k, v in values.items()}, generation=g)
@@ -423,6 +439,7 @@ def run_grid(
     else:
         for job in jobs:
             record(job, _run_cell(job))
+    cells_done.close()
     parts = [cell_dir / f"{c.key}.csv" for c in cells]
     metrics = out / METRICS
     concat_csv(metrics, parts, rows_multiple_of=generations * num_seeds)
@@ -469,6 +486,16 @@ class AnalyticConfig:
     """Write <out_dir>/report/ (plots and a markdown table) when the grid is done."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging (offline by default)."""
+    log_level: str = "INFO"
+    """Console messages shown (on stderr): DEBUG, INFO (progress lines), WARNING or ERROR."""
+    progress_every: float = DEFAULT_INTERVAL
+    """Seconds between the grid's progress lines (cells done, rate, ETA, on stderr); a cell also prints its line
+    (on stdout) whenever this long has passed since its last, whatever --log_every says. 0: every cell, every
+    generation."""
+
+    def __post_init__(self) -> None:
+        self.log_level = check_log_level(self.log_level)
+        self.progress_every = check_interval(self.progress_every)
 
 
 def launch(
@@ -478,7 +505,22 @@ def launch(
     make_problem: Callable[[Cell, np.random.Generator], Problem],
     real_size_of: Callable[[Cell], int],
 ) -> Path:
-    """Validate the shared flags, prepare the run directory, run the grid, write the report."""
+    """Validate the shared flags, prepare the run directory, run the grid, write the report.
+
+    For the length of the run the project's log messages (``--log_level``) and progress lines
+    (``--progress_every``) go to stderr as ``[recipe] message`` (see :func:`collapse.progress.console`).
+    """
+    with console(cfg.log_level, recipe, cfg.progress_every):
+        return _launch(recipe, cfg, axes, make_problem, real_size_of)
+
+
+def _launch(
+    recipe: str,
+    cfg: AnalyticConfig,
+    axes: dict[str, list[Any]],
+    make_problem: Callable[[Cell, np.random.Generator], Problem],
+    real_size_of: Callable[[Cell], int],
+) -> Path:
     positive_ints("generations", cfg.generations)
     positive_ints("num_seeds", cfg.num_seeds)
     if cfg.workers < 0:

@@ -60,19 +60,21 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks.fixed_steps import StopAtStep
+from callbacks.progress import LineProgress, progress_bar_wanted
 from callbacks.rng_state import RngStateCallback
 from callbacks.synthetic_data import SyntheticDataCallback
 from collapse.atomic import atomic_open, atomic_write_json
 from collapse.contract import Modality, RealDataModule
 from collapse.distributed import Dist, launch
 from collapse.errors import ConfigError, UserError
+from collapse.progress import DEFAULT_INTERVAL, check_interval, check_log_level, console
 from collapse.rundir import METRICS, config_dict, prepare_run_dir, release_run_dir, resolve_out_dir, write_metrics
 from collapse.seeding import derive_seed
 from collapse.store import GenerationStore, StoreError
 from collapse.tracking import Tracker, WandbConfig, check_mode
 from datamodules.synthetic import SyntheticAccumulatingDataModule
 from datamodules.workflows import Workflow, WorkflowError
-from engine.trainer import FixedStepsTrainer
+from engine.trainer import FixedStepsTrainer, check_loop_settings, tracker_logging
 
 MODEL_FILE = "model.pt"
 """Fitted weights (``state_dict``) of a generation, in its folder."""
@@ -136,9 +138,16 @@ class LoopConfig:
     metrics, gen_XXX, ...) are deleted, other files in the folder are kept."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""
+    log_level: str = "INFO"
+    """Console messages shown (on stderr): DEBUG, INFO (data counts, progress lines), WARNING or ERROR."""
+    progress_every: float = DEFAULT_INTERVAL
+    """Seconds between progress lines (training, test, sampling, scoring) when stdout is not a terminal (a log
+    file, CI, a W&B agent); on a terminal Lightning's progress bar shows the fit. 0: a line for every step."""
 
     def __post_init__(self) -> None:
         _check_steps_per_generation(self.steps_per_generation)
+        self.log_level = check_log_level(self.log_level)
+        self.progress_every = check_interval(self.progress_every)
 
 
 @dataclass
@@ -172,11 +181,27 @@ def run_generations(
         config: the full recipe config written to config.yaml and guarded on resume; default: ``cfg``.
         callbacks: extra Lightning callbacks for every generation's trainer.
         verbose: keep Lightning's own info messages and warnings.
+
+    For the length of the run the project's log messages (``--log_level``) and progress lines
+    (``--progress_every``) go to stderr as ``[recipe] message`` (see :func:`collapse.progress.console`).
     """
+    with console(cfg.log_level, recipe or modality.name, cfg.progress_every):
+        return _run_generations(modality, cfg, recipe, config, callbacks, verbose)
+
+
+def _run_generations(
+    modality: Modality,
+    cfg: LoopConfig,
+    recipe: str | None,
+    config: Mapping[str, Any] | None,
+    callbacks: Sequence[Callback],
+    verbose: bool,
+) -> LoopResult:
     wf = Workflow.parse(cfg.workflow)
     _validate(cfg)
     recipe = recipe or modality.name
     check_mode(cfg.wandb)
+    check_loop_settings(modality.trainer_kwargs(0), cfg.steps_per_generation)  # before anything is written
     with _quiet_lightning(enabled=not verbose):
         dist = launch(modality.trainer_kwargs(0))
 
@@ -214,6 +239,7 @@ def run_generations(
     ctx = _GenerationContext(modality, cfg, wf, store, real, real_size, num_synthetic, list(callbacks), dist)
     # One W&B run per recipe run, from rank 0 only.
     tracker = Tracker(cfg.wandb if dist.is_zero else WandbConfig(mode="disabled"), recipe, out, full_config)
+    ctx.tracker = tracker  # the fits' training curves go to the same W&B run
     fitted: list[int] = []
     committed: list[int] = []
     try:
@@ -264,6 +290,7 @@ class _GenerationContext:
         self.real, self.real_size, self.num_synthetic = real, real_size, num_synthetic
         self.callbacks = callbacks
         self.dist = dist
+        self.tracker: Tracker | None = None
         self._first_steps: int | None = None  # generation 0's optimizer steps, read once (steps_per_generation first)
 
     def fixed_steps(self, g: int) -> int | None:
@@ -382,7 +409,8 @@ class _GenerationContext:
         if fit.is_file():  # absent only for a fit staged by a version of the loop that did not count its steps
             metrics["train_steps"] = int(json.loads(fit.read_text())["train_steps"])
         arrays = {name: np.load(stage / f"{name}.npy", mmap_mode="r") for name in sampler.recorded_arrays()}
-        extra = self.modality.evaluate_samples(stage, arrays, g)
+        # A generation that drew no synthetic set (the only one of a one-generation run) has nothing to score.
+        extra = self.modality.evaluate_samples(stage, arrays, g) if self.num_synthetic > 0 else {}
         metrics.update({k: float(v) for k, v in sorted(extra.items())})
         self.store.save_json(g, METRICS_FILE, metrics)
         return metrics
@@ -421,13 +449,16 @@ class _GenerationContext:
         kwargs: dict[str, Any] = {
             "default_root_dir": str(stage),
             "logger": False,
-            "enable_progress_bar": False,
+            "enable_progress_bar": progress_bar_wanted(),  # on a terminal; else LineProgress writes lines
             "enable_model_summary": False,
         }
         user = dict(self.modality.trainer_kwargs(g))
         user_callbacks = list(user.pop("callbacks", None) or [])
         kwargs.update(user)
-        callbacks: list[Callback] = [*user_callbacks, *self.callbacks, sampler, RngStateCallback()]
+        kwargs["logger"], logging = tracker_logging(kwargs.get("logger"), self.tracker, g, user_callbacks)
+        callbacks: list[Callback] = [*user_callbacks, *logging, *self.callbacks, sampler, RngStateCallback()]
+        if not kwargs.get("enable_progress_bar"):
+            callbacks.append(LineProgress(f"gen {g}", self.cfg.progress_every, steps))
         trainer_cls: type[pl.Trainer] = pl.Trainer
         if steps is not None:
             per_epoch = _optimizer_steps_per_epoch(

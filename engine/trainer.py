@@ -1,22 +1,44 @@
 """The Trainer settings every Lightning recipe shares (``--trainer.*``), and their hardware-dependent defaults.
 
-A recipe holds a :class:`TrainerConfig` (recipes that need more, such as the language model's ``compile``,
-subclass it) and changes its defaults by value, e.g. ``TrainerConfig(gradient_clip_val=1.0)``. Before the
-run, :func:`resolve_trainer` fills what depends on the machine (accelerator, precision, epochs per
-generation), so config.yaml records what actually ran and a resumed run on other hardware is refused
-as a different config.
+Every argument of ``lightning.Trainer.__init__`` is a ``--trainer.NAME`` flag: :class:`TrainerConfig` is built on
+a dataclass made from the Trainer's own signature (:class:`LightningTrainerArgs`, every field None = Lightning's
+default), with typed, validated fields for the settings the recipes choose themselves (accelerator, precision,
+epochs, ...). A recipe holds a :class:`TrainerConfig` (recipes that need more, such as the language model's
+``compile``, subclass it) and changes its defaults by value, e.g. ``TrainerConfig(gradient_clip_val=1.0)``.
+Before the run, :func:`resolve_trainer` fills what depends on the machine (accelerator, precision, epochs per
+generation), so config.yaml records what actually ran and a resumed run on other hardware is refused as a
+different config.
 
-The loop adds the rest of the Trainer (staging folder, checkpoints, sampling and fixed-compute callbacks);
-:class:`FixedStepsTrainer` is the Trainer it uses under ``--steps_per_generation``.
+Objects (callbacks, loggers, a profiler, plugins, a strategy) are given the Lightning CLI way, as
+``class_path``/``init_args`` in a config file or ``--trainer.callbacks+=LearningRateMonitor`` on the command
+line. The config keeps them as that description (so config.yaml records and round-trips them) and
+:meth:`TrainerConfig.lightning_kwargs` builds fresh objects for every generation's Trainer.
+
+The loop adds the rest of the Trainer (staging folder, checkpoints, sampling and fixed-compute callbacks, the W&B
+logger) and owns those arguments (:data:`LOOP_OWNED`); :class:`FixedStepsTrainer` is the Trainer it uses under
+``--steps_per_generation``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import importlib
+import inspect
+import logging
+import re
+import time
+import typing
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import Strategy
 
 from collapse.errors import ConfigError, UserError
 
@@ -28,17 +50,72 @@ PRECISIONS = (
 )  # fmt: skip
 """The ``--trainer.precision`` values Lightning accepts (2.x names first, then its short aliases)."""
 
+LOOP_OWNED: Mapping[str, str] = {
+    "default_root_dir": "the loop gives each generation its own staging folder",
+    "enable_checkpointing": "the loop checkpoints each fit into its staging folder so that a killed fit resumes",
+    "num_sanity_val_steps": "sanity validation would draw from the global random streams before the fit and "
+    "change every later random number of a generation",
+}
+"""Trainer arguments the generation loop sets itself, and why (given as flags, they are refused)."""
+
+FIXED_STEPS_OWNED = ("max_steps", "min_steps", "max_time")
+"""Trainer arguments the loop sets under ``--steps_per_generation`` (refused with it: :func:`check_loop_settings`)."""
+
+_TYPES: Mapping[str, Any] = {
+    # No bool: True would write Lightning's default logger into the generation's folder, False is the default.
+    "logger": Logger | list[Logger] | None,
+}
+
+
+def _trainer_docs() -> dict[str, str]:
+    """Each Trainer argument's description, from ``Trainer.__init__``'s docstring (for ``--help``)."""
+    docs: dict[str, str] = {}
+    name = None
+    for line in (pl.Trainer.__init__.__doc__ or "").splitlines():
+        match = re.match(r"^\s{12}(\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            docs[name] = match.group(2).strip()
+        elif name and line.strip() and line.startswith(" " * 16):
+            docs[name] += " " + line.strip()
+        elif not line.strip():
+            name = None
+    return docs
+
+
+def _lightning_args() -> type:
+    """A dataclass with one field per ``lightning.Trainer.__init__`` argument, each ``Optional`` with default None."""
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    docs = _trainer_docs()
+    fields, lines = [], []
+    for name in inspect.signature(pl.Trainer.__init__).parameters:
+        if name == "self":
+            continue
+        hint = _TYPES.get(name, hints.get(name, Any))
+        fields.append((name, typing.Optional[hint], dataclasses.field(default=None)))  # noqa: UP045 - a runtime type
+        if name in LOOP_OWNED:
+            lines.append(f"    {name}: set by the loop, refused here: {LOOP_OWNED[name]}")
+        else:
+            lines.append(f"    {name}: {docs.get(name, 'see lightning.Trainer')} (None: Lightning's default)")
+    doc = "Every lightning.Trainer argument (None: Lightning's default).\n\nArgs:\n" + "\n".join(lines)
+    return dataclasses.make_dataclass("LightningTrainerArgs", fields, namespace={"__doc__": doc})
+
+
+LightningTrainerArgs = _lightning_args()
+"""One ``Optional`` field per ``lightning.Trainer.__init__`` argument, derived from its signature (default None)."""
+
 
 @dataclass
-class TrainerConfig:
-    """Lightning Trainer settings (``--trainer.*``); the rest of the Trainer is set by the loop."""
+class TrainerConfig(LightningTrainerArgs):
+    """Lightning Trainer settings (``--trainer.*``: every lightning.Trainer argument); the loop sets the rest."""
 
     accelerator: str = "auto"
     """cpu, gpu, mps or auto (a GPU when there is one)."""
     devices: int | str = 1
     """Devices per node: 2 with --trainer.strategy ddp trains on two GPUs (or two CPU processes)."""
-    strategy: str = "auto"
-    """auto, ddp, fsdp, ...: how several devices share the work (ddp re-launches this command per device)."""
+    strategy: str | Strategy = "auto"
+    """auto, ddp, fsdp, ... (or a class_path): how several devices share the work (ddp re-launches this command per
+    device)."""
     num_nodes: int = 1
     """Machines (with torchrun or SLURM, which start the processes)."""
     precision: str | None = None
@@ -55,9 +132,9 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for flag in ("num_nodes", "accumulate_grad_batches"):
-            _check_int(flag, getattr(self, flag))
+            _check_int(flag, getattr(self, flag), 1)
         if self.max_epochs is not None:
-            _check_int("max_epochs", self.max_epochs)
+            _check_int("max_epochs", self.max_epochs, 1)
         if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
             raise ConfigError(f"--trainer.gradient_clip_val must be > 0 or None, got {self.gradient_clip_val!r}")
         # Checked here, before the run directory exists: Lightning would refuse them only when the Trainer is
@@ -72,23 +149,205 @@ class TrainerConfig:
             choices = ", ".join(accelerators)
             raise ConfigError(f"--trainer.accelerator must be one of {choices}; got {self.accelerator!r}")
         strategies = ("auto", *sorted(StrategyRegistry.available_strategies()))
-        if self.strategy not in strategies:
+        if isinstance(self.strategy, str) and self.strategy not in strategies:
             raise ConfigError(
                 f"--trainer.strategy must be auto, ddp, fsdp or another Lightning strategy name; got {self.strategy!r}"
             )
+        for name, why in LOOP_OWNED.items():
+            if getattr(self, name) is not None:
+                raise ConfigError(f"--trainer.{name} cannot be set: {why}")
+        for name, low in _AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, low)
+        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+            _check_fraction_or_count(name, getattr(self, name))
+        callbacks = self.callbacks if isinstance(self.callbacks, list) else [self.callbacks]
+        if any(_is_a(c, ModelCheckpoint) for c in callbacks if c is not None):
+            raise ConfigError(
+                "--trainer.callbacks: a ModelCheckpoint cannot be added: the loop checkpoints each fit into its "
+                "staging folder so that a killed fit resumes"
+            )
+        if any(
+            getattr(self, f.name) is not None for f in dataclasses.fields(LightningTrainerArgs) if f.name not in _TYPED
+        ):
+            self._try_on_lightning()
 
     def lightning_kwargs(self) -> dict[str, Any]:
         """``lightning.Trainer`` keyword arguments: the settings that are set, no sanity validation run.
 
-        Sanity validation is off because it would draw from the global RNGs before the fit and so change
-        every later random number of a generation (and it checks nothing the first epoch does not).
+        Objects given as ``class_path``/``init_args`` are built afresh on every call (one set per generation's
+        Trainer). Sanity validation is off because it would draw from the global RNGs before the fit and so
+        change every later random number of a generation (and it checks nothing the first epoch does not).
         """
         kwargs = {
-            f.name: getattr(self, f.name)
+            f.name: _build(f.name, getattr(self, f.name))
             for f in dataclasses.fields(self)
             if f.name not in self.not_for_lightning and getattr(self, f.name) is not None
         }
         return {**kwargs, "num_sanity_val_steps": 0}
+
+    def _try_on_lightning(self) -> None:
+        """Build a throwaway CPU Trainer from these settings so that Lightning's own refusals come before the run.
+
+        The hardware settings are left out: they are checked above, and resolved for the machine later.
+        """
+        hardware = {"accelerator", "devices", "strategy", "num_nodes", "precision"}
+        kwargs = {k: v for k, v in self.lightning_kwargs().items() if k not in hardware}
+        kwargs.update(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
+        kwargs.setdefault("logger", False)
+        try:
+            with _quiet():
+                pl.Trainer(**kwargs)
+        except Exception as exc:  # Lightning raises MisconfigurationException, ValueError, TypeError, ...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"--trainer: Lightning refuses these settings: {first}") from None
+
+
+_AT_LEAST: Mapping[str, int] = {
+    "min_epochs": 0,
+    "min_steps": 0,
+    "max_steps": -1,
+    "log_every_n_steps": 1,
+    "check_val_every_n_epoch": 1,
+    "reload_dataloaders_every_n_epochs": 0,
+}
+"""Integer Trainer arguments and their smallest accepted value."""
+
+_TYPED = frozenset(name for name in TrainerConfig.__annotations__ if name != "not_for_lightning")
+"""The Trainer arguments with a typed field of :class:`TrainerConfig` (validated there, not by a throwaway Trainer)."""
+
+
+def _is_a(value: Any, cls: type) -> bool:
+    """Whether ``value`` (an object or a ``class_path`` description) is a ``cls``."""
+    if isinstance(value, Mapping) and isinstance(value.get("class_path"), str):
+        module, _, name = value["class_path"].rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return False
+        return isinstance(found, type) and issubclass(found, cls)
+    return isinstance(value, cls)
+
+
+def _has_class_path(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return "class_path" in value
+    if isinstance(value, list):
+        return any(_has_class_path(v) for v in value)
+    return False
+
+
+def _build(name: str, value: Any) -> Any:
+    """The Trainer argument ``name`` with its ``class_path`` descriptions made into objects (a fresh set per call)."""
+    if not _has_class_path(value):
+        return value
+    from jsonargparse import ArgumentParser
+
+    hint = typing.get_type_hints(TrainerConfig)[name]
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument(f"--{name}", type=hint)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    try:
+        with _quiet():
+            return instantiate(parser.parse_object({name: copy.deepcopy(value)}))[name]
+    except Exception as exc:  # noqa: BLE001 - an import, a type or the class's own __init__ can refuse
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--trainer.{name}: cannot be built ({first})") from None
+
+
+def check_loop_settings(trainer_kwargs: Mapping[str, Any], steps_per_generation: Any) -> None:
+    """Refuse the Trainer arguments the loop sets itself under ``--steps_per_generation`` (before the run starts)."""
+    if steps_per_generation is None:
+        return
+    for name in FIXED_STEPS_OWNED:
+        if trainer_kwargs.get(name) not in (None, -1):
+            raise ConfigError(
+                f"--trainer.{name} cannot be set with --steps_per_generation: the loop sizes every generation's fit "
+                "to the steps it asks for (drop one of the two)"
+            )
+
+
+class TrackerLogger(Logger):
+    """A Lightning logger that writes a fit's metrics to the run's open W&B run (the :class:`Tracker`).
+
+    Every row carries ``generation``, ``trainer/global_step`` (the generation's optimizer step) and
+    ``trainer/step`` (steps of the whole run, the x axis of the training curves), and
+    ``trainer/steps_per_s`` (throughput since the previous row). Test metrics are left to the loop, which logs
+    them once per generation.
+    """
+
+    def __init__(self, tracker: Any, generation: int):
+        super().__init__()
+        self.tracker = tracker
+        self.generation = generation
+        self._last: tuple[int, float] | None = None
+
+    @property
+    def name(self) -> str:
+        return "wandb"
+
+    @property
+    def version(self) -> str:
+        run = getattr(self.tracker, "run", None)
+        return str(getattr(run, "id", "offline"))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """The run's config is already on the W&B run (config.yaml's contents)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        row = {
+            ("trainer/epoch" if k == "epoch" else k): float(v) for k, v in metrics.items() if not k.startswith("test")
+        }
+        if step is None or set(row) <= {"trainer/epoch"}:  # nothing but the epoch (a test's rows)
+            return
+        now = time.perf_counter()
+        if self._last is not None and step > self._last[0] and now > self._last[1]:
+            row["trainer/steps_per_s"] = (step - self._last[0]) / (now - self._last[1])
+        if self._last is None or step > self._last[0]:
+            self._last = (step, now)
+        log = getattr(self.tracker, "log_training", None)
+        if log is not None:
+            log(row, generation=self.generation, step=step)
+
+    def finalize(self, status: str) -> None:
+        end = getattr(self.tracker, "end_fit", None)
+        if self._last is not None and end is not None:
+            end(self._last[0])
+        self._last = None
+
+
+def tracker_logging(
+    user_logger: Any, tracker: Any, generation: int, user_callbacks: Sequence[Callback] = ()
+) -> tuple[Any, list[Callback]]:
+    """The ``logger`` for generation ``generation``'s Trainer, and the callbacks it needs.
+
+    The fit's curves go to the run's W&B run (:class:`TrackerLogger`; a no-op where there is none: W&B disabled, or
+    not rank 0, so that every process has a logger and callbacks that need one, such as a user's
+    LearningRateMonitor, work everywhere). With an open W&B run the learning rate is monitored too, unless the
+    user's callbacks already do. Loggers given with ``--trainer.logger`` are kept beside it.
+    """
+    users = [] if user_logger in (None, False) else (user_logger if isinstance(user_logger, list) else [user_logger])
+    loggers = [TrackerLogger(tracker, generation), *users]
+    if getattr(tracker, "run", None) is None or any(isinstance(c, LearningRateMonitor) for c in user_callbacks):
+        return loggers, []
+    return loggers, [LearningRateMonitor()]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Lightning's info lines and warnings while building a throwaway Trainer or a described object."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def uses_gpu(accelerator: str) -> bool:
@@ -142,9 +401,32 @@ class FixedStepsTrainer(pl.Trainer):
         return estimate if self.fixed_steps is None else min(estimate, self.fixed_steps)
 
 
-def _check_int(flag: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"--trainer.{flag} must be an integer >= 1, got {value!r}")
+def _check_int(flag: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"--trainer.{flag} must be an integer >= {low}, got {value!r}")
 
 
-__all__ = ["FixedStepsTrainer", "TrainerConfig", "resolve_trainer", "uses_gpu"]
+def _check_fraction_or_count(flag: str, value: Any) -> None:
+    """A ``limit_*_batches``: None, a count of batches (an integer >= 0) or a fraction of them (0.0 to 1.0)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"--trainer.{flag} must be a number of batches or a fraction, got {value!r}")
+    if (isinstance(value, int) and value < 0) or (isinstance(value, float) and not 0.0 <= value <= 1.0):
+        raise ConfigError(
+            f"--trainer.{flag} must be an integer >= 0 (batches) or a fraction between 0.0 and 1.0, got {value!r}"
+        )
+
+
+__all__ = [
+    "FIXED_STEPS_OWNED",
+    "LOOP_OWNED",
+    "FixedStepsTrainer",
+    "LightningTrainerArgs",
+    "TrackerLogger",
+    "TrainerConfig",
+    "check_loop_settings",
+    "resolve_trainer",
+    "tracker_logging",
+    "uses_gpu",
+]

@@ -41,6 +41,7 @@ from torch import nn
 
 from collapse.atomic import atomic_open, atomic_write_json
 from collapse.errors import ConfigError
+from collapse.progress import Progress
 
 NUM_CLASSES = 10
 """Digit classes."""
@@ -125,6 +126,7 @@ def train_classifier(
     steps = epochs * math.ceil(x.shape[0] / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=TRAIN_LR, total_steps=max(steps, 1), pct_start=0.2)
     model.train()
+    progress = Progress(steps, "training the digit classifier", "steps")
     for _ in range(epochs):
         order = torch.randperm(x.shape[0], generator=shuffle)  # (N,)
         for start in range(0, x.shape[0], batch_size):
@@ -134,6 +136,8 @@ def train_classifier(
             loss.backward()
             optimizer.step()
             schedule.step()
+            progress.update()
+    progress.close()
     return model.eval()
 
 
@@ -233,11 +237,14 @@ class SampleQuality:
         self.fid.reset()  # drops the previous generated set only (reset_real_features=False)
         counts = torch.zeros(NUM_CLASSES, dtype=torch.long)
         max_prob_sum = 0.0
+        progress = Progress(len(images), "scoring samples", "images")
         for batch in self._batches(images):
             self.fid.update(batch, real=False)
             probs = self.classifier(batch).softmax(dim=1)  # (b, 10)
             counts += torch.bincount(probs.argmax(dim=1).cpu(), minlength=NUM_CLASSES)
             max_prob_sum += float(probs.max(dim=1).values.double().sum())
+            progress.update(batch.shape[0])
+        progress.close()
         freq = counts.double() / counts.sum()  # (10,)
         entropy = -(freq[freq > 0] * freq[freq > 0].log()).sum() + 0.0  # H = -sum_k p_k log p_k, 0 log 0 = 0
         metrics = {

@@ -27,6 +27,7 @@ import numpy as np
 
 from collapse.atomic import atomic_write_text
 from collapse.errors import ConfigError
+from collapse.progress import Progress
 from datamodules.story_corpus import distinct_n, format_corpus, rare_words, tokenize_words
 from datamodules.tokenizer import decode
 
@@ -87,7 +88,11 @@ class StorySampleEvaluator:
         if "tokens" not in arrays:  # no synthetic set (a one-generation run draws none)
             return {}
         tokens, lengths = arrays["tokens"], np.asarray(arrays["lengths"])
-        stories = [decode(self.real.tokenizer, tokens[i, : lengths[i]]) for i in range(len(lengths))]
+        stories = []
+        with Progress(len(lengths), f"decoding gen {generation}", "stories") as progress:
+            for i in range(len(lengths)):
+                stories.append(decode(self.real.tokenizer, tokens[i, : lengths[i]]))
+                progress.update()
         blank = sum(1 for s in stories if not s.strip())
         kept = [s.strip() for s in stories if s.strip()]
         atomic_write_text(Path(stage) / STORIES_FILE, format_corpus(kept))

@@ -79,10 +79,18 @@ class GeomDiffusionConfig(LoopConfig):
     model: ConformerDiffusionConfig = field(default_factory=ConformerDiffusionConfig)
     """The diffusion model: denoiser size, diffusion steps and schedule, sampling, broken-conformer policy."""
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(gradient_clip_val=1.0))
-    """Lightning Trainer settings: devices, strategy, precision (default: 32-true everywhere), epochs per generation
-    (default: 50 on CPU, 100 on a GPU), gradient clipping (default: 1.0)."""
+    """Lightning Trainer settings: devices, strategy, precision and epochs per generation (defaults: at the top of
+    --help), gradient clipping (default: 1.0)."""
     quality: ConformerQualityConfig = field(default_factory=ConformerQualityConfig)
     """COV/MAT on fixed test molecules, the picture of each generation."""
+
+
+# The hardware-dependent defaults join the description --help opens with, quoted from the constants that
+# resolve() applies (field docstrings are read from the source text, so they cannot quote them).
+GeomDiffusionConfig.__doc__ = (
+    f"{GeomDiffusionConfig.__doc__} Default epochs per generation: {CPU_EPOCHS} on CPU, {GPU_EPOCHS} on a GPU; "
+    f"default precision: {PRECISION} everywhere."
+)
 
 
 class ConformerModality(Modality):

@@ -50,8 +50,8 @@ from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE, tokenizer_hash
 from engine.loop import LoopConfig, LoopResult, run_generations
 from engine.trainer import TrainerConfig, resolve_trainer
 from evaluation.stories import DiversityConfig, StorySampleEvaluator
-from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, describe
-from samplers.story_sampler import SamplingConfig
+from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, default_context, describe, model_config
+from samplers.story_sampler import SamplingConfig, choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +203,27 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
             f"--model.vocab_size {cfg.model.vocab_size} and --data.vocab_size {cfg.data.vocab_size} differ; "
             "the model's vocabulary is the tokenizer's: set both"
         )
-    seq = cfg.data.max_seq_len
-    if cfg.model.max_seq_len is not None and cfg.model.max_seq_len != seq:
+    sampling_backend(cfg.model, cfg.sampling)  # refuse a model that cannot be sampled before anything is trained
+    data_seq, model_seq = cfg.data.max_seq_len, cfg.model.max_seq_len
+    if data_seq is not None and model_seq is not None and model_seq != data_seq:
         raise ConfigError(
-            f"--model.max_seq_len {cfg.model.max_seq_len} differs from --data.max_seq_len {seq}; "
+            f"--model.max_seq_len {model_seq} differs from --data.max_seq_len {data_seq}; "
             "set --data.max_seq_len (the model's context follows it)"
         )
+    # One context for the data, the model and the sampler: the one set, else the preset's (2,048 for the
+    # published presets, so no story is cut at a laptop length; 256 for the laptop presets).
+    seq = data_seq or default_context(cfg.model)
     model = dataclasses.replace(cfg.model, max_seq_len=seq)  # re-checks the position limit
+    data = dataclasses.replace(cfg.data, max_seq_len=seq)
     if cfg.sampling.max_len is not None and cfg.sampling.max_len > seq:
         raise ConfigError(f"--sampling.max_len must be at most --data.max_seq_len ({seq}), got {cfg.sampling.max_len}")
-    return dataclasses.replace(cfg, trainer=trainer, model=model)
+    model_config(model)  # a checkpoint's position limit bounds the context
+    return dataclasses.replace(cfg, trainer=trainer, model=model, data=data)
+
+
+def sampling_backend(model: CausalLMConfig, sampling: SamplingConfig) -> str:
+    """``native`` or ``hf``: how the run's stories will be sampled (ConfigError when the model cannot be)."""
+    return choose_backend(model_config(model), sampling.backend)
 
 
 def dry_run(cfg: TinyStoriesConfig) -> None:
@@ -238,6 +249,7 @@ def dry_run(cfg: TinyStoriesConfig) -> None:
     first = real.first_tokens() if cfg.sampling.strategy == "first_token_inclusive" else None
     module.configure_sampling(cfg.sampling, max_len=cfg.data.max_seq_len, first_tokens=first)
     print(f"lightning module: {type(module).__name__} (built on the meta device), sampling {cfg.sampling.strategy}")
+    print(f"sampling backend: {sampling_backend(cfg.model, cfg.sampling)}")
 
 
 def main(cfg: TinyStoriesConfig) -> LoopResult | None:

@@ -2,8 +2,10 @@
 
 Every generation of the TinyStories experiment replaces (or extends) its training corpus with stories
 sampled from the previous generation's model, so sampling throughput bounds how many generations fit
-in a run. :class:`StorySampler` turns a transformers GPT-2 (``GPT2LMHeadModel``) or Llama
-(``LlamaForCausalLM``) model into a corpus of ``n`` stories:
+in a run. :class:`StorySampler` turns a transformers causal LM into a corpus of ``n`` stories. Its
+``native`` backend, below, runs GPT-2 (``GPT2LMHeadModel``) and the Llama family (``LlamaForCausalLM``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM``: :data:`NATIVE_MODELS`); its ``hf`` backend runs any other
+causal LM through transformers' ``generate()`` (:func:`choose_backend`). The native backend:
 
 * **Its own KV-cached decoder** (:class:`KVDecoder`), written here against the model's weights and
   matching the transformers math (checked against the model's forward logits in the tests). The
@@ -73,6 +75,17 @@ COMPILE_MODES = ("auto", "off", "on")
 """Accepted values of :attr:`SamplingConfig.compile`."""
 DTYPES = ("auto", "float32", "bfloat16")
 """Accepted values of :attr:`SamplingConfig.dtype`."""
+BACKENDS = ("auto", "native", "hf")
+"""Accepted values of :attr:`SamplingConfig.backend`."""
+NATIVE_MODELS = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+"""The architectures of the native KV-cached decoder: transformers ``model_type`` -> causal LM class. Mistral and
+Qwen2 share Llama's layout (``model.layers[i].self_attn.{q,k,v,o}_proj``, SwiGLU ``mlp.{gate,up,down}_proj``,
+RMSNorms, RoPE); Qwen2 adds q/k/v biases and both may use a sliding attention window."""
 SYNC_EVERY = 8
 """Decode steps between two host syncs of the static (compiled) path: finished stories are queued on
 the device and copied to the host, and the stopping condition checked, every this many steps."""
@@ -116,6 +129,10 @@ class SamplingConfig:
     ``auto``: on for CUDA, off on CPU."""
     dtype: str = "auto"
     """Decoder precision: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 on CUDA, float32 on CPU)."""
+    backend: str = "auto"
+    """``native``: this module's KV-cached decoder (GPT-2 and the Llama family: Llama, Mistral, Qwen2);
+    ``hf``: transformers' ``generate()`` with a static cache (any causal LM; slower, float32); ``auto``:
+    native when the architecture is supported, else hf."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -140,6 +157,8 @@ class SamplingConfig:
             raise ConfigError(f"--sampling.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--sampling.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--sampling.backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -152,6 +171,69 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 def resolve_compile(setting: str, device: torch.device) -> bool:
     """Whether ``--sampling.compile`` compiles the decode step on ``device``: ``auto`` means on CUDA only."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+# -------------------------------------------------------------------------------------------- backends
+
+
+def _rope_type(config: Any) -> str:
+    """The RoPE type of a transformers config (``rope_parameters``, formerly ``rope_scaling``); ``default`` if none."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, Mapping):
+        return str(params.get("rope_type", params.get("type", "default")))
+    return "default"
+
+
+def native_unsupported(config: Any, model: torch.nn.Module | None = None) -> str | None:
+    """Why the native decoder cannot run a model of ``config`` (and class ``type(model)``, if given); None if it can."""
+    kind = getattr(config, "model_type", None)
+    if kind not in NATIVE_MODELS:
+        return f"the native decoder runs {', '.join(NATIVE_MODELS)} models, not {kind!r}"
+    if model is not None and type(model).__name__ != NATIVE_MODELS[kind]:
+        return f"the native decoder runs {NATIVE_MODELS[kind]} for {kind!r}, not {type(model).__name__}"
+    if kind == "gpt2" and getattr(config, "add_cross_attention", False):
+        return "the native decoder does not run GPT-2 models with cross-attention (add_cross_attention)"
+    if kind != "gpt2" and _rope_type(config) in _DYNAMIC_ROPE:
+        return f"the native decoder does not run models with rope_type {_rope_type(config)!r}"
+    return None
+
+
+def _generating_class(config: Any) -> type | None:
+    """The transformers causal LM class of ``config`` if it can ``generate()``; None if there is none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        return None
+    return cls if cls.can_generate() else None
+
+
+def choose_backend(config: Any, setting: str = "auto", model: torch.nn.Module | None = None) -> str:
+    """``native`` or ``hf``: how ``--sampling.backend setting`` samples a model of ``config`` (and ``model``'s class).
+
+    ``auto`` is native when :func:`native_unsupported` finds nothing, else hf. Raises :class:`ConfigError`
+    for ``native`` on an unsupported architecture, and for a model that has no causal LM with
+    ``generate()`` in transformers (it cannot be sampled at all), so a run refuses it before training.
+    """
+    if setting not in BACKENDS:
+        raise ConfigError(f"--sampling.backend must be one of {BACKENDS}, got {setting!r}")
+    reason = native_unsupported(config, model)
+    if setting != "hf" and reason is None:
+        return "native"
+    if setting == "native":
+        raise ConfigError(f"--sampling.backend native: {reason}; use --sampling.backend hf (or auto)")
+    if model is not None:
+        can = callable(getattr(model, "generate", None)) and type(model).can_generate()
+    else:
+        can = _generating_class(config) is not None
+    if not can:
+        kind = getattr(config, "model_type", type(config).__name__)
+        raise ConfigError(
+            f"a {kind!r} model cannot be sampled: transformers has no causal LM with generate() for it; "
+            "use a causal LM (--model.preset, or a causal LM checkpoint in --model.init_from)"
+        )
+    return "hf"
 
 
 # --------------------------------------------------------------------------------------------- decoder
@@ -173,19 +255,20 @@ class _Arch:
     scales: tuple[float, ...]  # softmax scale of each layer's attention scores
     positions: int  # position limit of the model
     attention: str  # "sdpa" | "matmul": how single-query attention is computed (see _attend)
+    windows: tuple[int | None, ...]  # each layer's sliding attention window (None: full causal attention)
 
 
 def _arch_of(model: torch.nn.Module, device: torch.device) -> _Arch:
-    """Read the architecture of a GPT-2 or Llama model; ConfigError for any other model."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    """Read the architecture of a GPT-2 or Llama-family model (:data:`NATIVE_MODELS`); ConfigError for any other."""
+    c = model.config
+    reason = native_unsupported(c, model)
+    if reason is not None:
+        raise ConfigError(f"{reason}; use --sampling.backend hf (or auto)")
 
     # SDPA is the fused kernel on CUDA. On CPU, for one query per slot, two plain batched matmuls measured
     # about as fast as SDPA, and they handle grouped-query attention without repeating the cache.
     attention = "sdpa" if device.type == "cuda" else "matmul"
-    c = model.config
-    if isinstance(model, GPT2LMHeadModel):
-        if getattr(c, "add_cross_attention", False):
-            raise ConfigError("sampling does not support GPT-2 models with cross-attention (add_cross_attention)")
+    if c.model_type == "gpt2":
         head_dim = c.n_embd // c.n_head
         # GPT-2 scores: q.k / sqrt(head_dim) (scale_attn_weights), further / (layer index + 1) with
         # scale_attn_by_inverse_layer_idx; reorder_and_upcast_attn only changes eager rounding.
@@ -193,23 +276,23 @@ def _arch_of(model: torch.nn.Module, device: torch.device) -> _Arch:
         scales = tuple(base / (i + 1) if c.scale_attn_by_inverse_layer_idx else base for i in range(c.n_layer))
         return _Arch(
             "gpt2", c.n_layer, c.n_head, c.n_head, head_dim, c.n_embd, c.vocab_size, float(c.layer_norm_epsilon),
-            c.activation_function, scales, int(c.n_positions), attention,
+            c.activation_function, scales, int(c.n_positions), attention, (None,) * c.n_layer,
         )  # fmt: skip
-    if isinstance(model, LlamaForCausalLM):
-        rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
-        if rope_type in _DYNAMIC_ROPE:
-            raise ConfigError(f"sampling does not support Llama models with rope_type {rope_type!r}")
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        n_kv = c.num_key_value_heads or c.num_attention_heads
-        scales = (head_dim**-0.5,) * c.num_hidden_layers
-        return _Arch(
-            "llama", c.num_hidden_layers, c.num_attention_heads, n_kv, head_dim, c.hidden_size, c.vocab_size,
-            float(c.rms_norm_eps), c.hidden_act, scales, int(c.max_position_embeddings), attention,
-        )  # fmt: skip
-    raise ConfigError(
-        f"sampling supports GPT-2 (GPT2LMHeadModel) and Llama (LlamaForCausalLM) models, got {type(model).__name__}; "
-        "use a --model.preset or a GPT-2/Llama --model.init_from checkpoint"
-    )
+    # Llama, Mistral, Qwen2: one layout (see NATIVE_MODELS).
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope_type in _DYNAMIC_ROPE:
+        raise ConfigError(f"the native decoder does not run models with rope_type {rope_type!r}")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    n_kv = c.num_key_value_heads or c.num_attention_heads
+    layers = model.model.layers
+    scales = tuple(float(getattr(layer.self_attn, "scaling", head_dim**-0.5)) for layer in layers)
+    # Qwen2 sets a window per layer (its layer_types); Mistral one for all layers in its config; Llama none.
+    windows = tuple(getattr(layer.self_attn, "sliding_window", getattr(c, "sliding_window", None)) for layer in layers)
+    return _Arch(
+        "llama", c.num_hidden_layers, c.num_attention_heads, n_kv, head_dim, c.hidden_size, c.vocab_size,
+        float(c.rms_norm_eps), c.hidden_act, scales, int(c.max_position_embeddings), attention,
+        tuple(None if w is None else int(w) for w in windows),
+    )  # fmt: skip
 
 
 def _read_weights(model: torch.nn.Module, arch: _Arch, dtype: torch.dtype, max_len: int) -> dict[str, Any]:
@@ -356,7 +439,11 @@ def _decode(
     """
     b = tokens.shape[0]
     n_head, n_kv, hd = arch.n_head, arch.n_kv_head, arch.head_dim
-    mask = positions[:length][None, :] <= pos[:, None]  # (B, T): True = visible
+    causal = positions[:length][None, :] <= pos[:, None]  # (B, T): True = visible
+    # A sliding window W keeps the positions t with pos - W < t <= pos (transformers' sliding-window mask).
+    masks = {
+        w: causal if w is None else causal & (positions[:length][None, :] > pos[:, None] - w) for w in arch.windows
+    }
     if arch.kind == "gpt2":
         # h_0 = wte[token] + wpe[pos] (learned absolute positions).
         x = F.embedding(tokens, w["wte"]) + F.embedding(pos, w["wpe"])
@@ -366,7 +453,9 @@ def _decode(
             q, k, v = qkv.unbind(1)
             k_cache[i, rows, :, pos] = k
             v_cache[i, rows, :, pos] = v
-            a = _attend(arch, arch.scales[i], q, k_cache[i, :, :, :length], v_cache[i, :, :, :length], mask)
+            a = _attend(
+                arch, arch.scales[i], q, k_cache[i, :, :, :length], v_cache[i, :, :, :length], masks[arch.windows[i]]
+            )
             x = x + torch.addmm(lw["o_b"], a, lw["o_w"])
             h = F.layer_norm(x, (arch.hidden,), lw["ln2_w"], lw["ln2_b"], arch.eps)
             h = _act(arch.act, torch.addmm(lw["fc_b"], h, lw["fc_w"]))
@@ -384,7 +473,9 @@ def _decode(
             v = qkv[:, n_qk:].view(b, n_kv, hd)
             k_cache[i, rows, :, pos] = k
             v_cache[i, rows, :, pos] = v
-            a = _attend(arch, arch.scales[i], q, k_cache[i, :, :, :length], v_cache[i, :, :, :length], mask)
+            a = _attend(
+                arch, arch.scales[i], q, k_cache[i, :, :, :length], v_cache[i, :, :, :length], masks[arch.windows[i]]
+            )
             x = x + F.linear(a, lw["o_w"], lw["o_b"])
             h = _rms_norm(x, lw["post_w"], arch.eps)
             gate, up = F.linear(h, lw["gu_w"], lw["gu_b"]).chunk(2, dim=-1)
@@ -577,7 +668,7 @@ def _compiled_step(plan: _Plan) -> Callable:
 
 
 class StorySampler:
-    """Sample a corpus of stories from a GPT-2 or Llama causal LM (see the module docstring).
+    """Sample a corpus of stories from a causal LM: natively (GPT-2, Llama family) or with generate() (see above).
 
     ``max_len`` is the model's context length, used when ``cfg.max_len`` is None; ``cfg.max_len`` may not
     exceed it. ``first_tokens``: the candidate first tokens (token 1 of each real training story, with
@@ -598,8 +689,11 @@ class StorySampler:
         self.model = model
         self.cfg = cfg
         device = next(model.parameters()).device
-        self.arch = _arch_of(model, device)  # ConfigError for unsupported models, before any sampling
-        vocab = self.arch.vocab
+        # ConfigError for a model that cannot be sampled (or not natively with --sampling.backend native).
+        self.backend = choose_backend(model.config, cfg.backend, model)
+        self.arch = _arch_of(model, device) if self.backend == "native" else None
+        vocab = self.vocab = self.arch.vocab if self.arch else int(model.get_output_embeddings().weight.shape[0])
+        positions = self.arch.positions if self.arch else _position_limit(model.config)
         if cfg.max_len is not None and cfg.max_len > max_len:
             raise ConfigError(f"--sampling.max_len must be at most {max_len} (the context length), got {cfg.max_len}")
         self.max_len = cfg.max_len if cfg.max_len is not None else max_len
@@ -609,10 +703,9 @@ class StorySampler:
                 f"--sampling.max_len must be at least {self.prompt_len + 1} (the prompt of {cfg.strategy} plus one "
                 f"token), got {self.max_len!r}"
             )
-        if self.max_len > self.arch.positions:
+        if positions is not None and self.max_len > positions:
             raise ConfigError(
-                f"--sampling.max_len must be at most {self.arch.positions} (the model's position limit), "
-                f"got {self.max_len}"
+                f"--sampling.max_len must be at most {positions} (the model's position limit), got {self.max_len}"
             )
         for name, value in (("eot_id", eot_id), ("pad_id", pad_id)):
             if not (_is_int(value) and 0 <= value < vocab):
@@ -654,7 +747,7 @@ class StorySampler:
         device = next(self.model.parameters()).device
         if generator.device.type != device.type:
             raise ValueError(f"the generator is on {generator.device}, the model on {device}; they must match")
-        out_dtype = np.uint16 if self.arch.vocab <= 1 << 16 else np.int32
+        out_dtype = np.uint16 if self.vocab <= 1 << 16 else np.int32
         tokens = np.full((n, self.max_len), self.pad_id, dtype=out_dtype)
         lengths = np.zeros(n, dtype=np.int32)
         finished = np.zeros(n, dtype=bool)
@@ -663,7 +756,10 @@ class StorySampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            self._run(n, generator, use_cache, device, tokens, lengths, finished)
+            if self.backend == "hf" and use_cache:
+                self._run_hf(n, generator, device, tokens, lengths, finished)
+            else:
+                self._run(n, generator, use_cache, device, tokens, lengths, finished)
         finally:
             self.model.train(was_training)
         return {"tokens": tokens, "lengths": lengths, "finished": finished}
@@ -743,6 +839,57 @@ class StorySampler:
                 self._flush(s, tokens, lengths, finished)
         self._flush(s, tokens, lengths, finished)
 
+    def _run_hf(
+        self,
+        n: int,
+        generator: torch.Generator,
+        device: torch.device,
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        finished: np.ndarray,
+    ) -> None:
+        """The hf backend: transformers' ``generate()`` on chunks of ``batch_size`` stories, with a static cache.
+
+        Per chunk the prompts' first tokens (``first_token_inclusive``) and then one seed are drawn from
+        ``generator``; ``generate()`` samples from the global RNG, forked and seeded with that seed, so the
+        output is still a function of the generator's state. The filters are transformers' (top-k, then
+        top-p, after the temperature), in the model's own dtype (float32 as trained).
+        """
+        from transformers import GenerationConfig
+
+        cfg = self.cfg
+        batch = min(cfg.batch_size, n)
+        # Models that compile with full graphs take a static cache; the others keep their dynamic one.
+        static = bool(getattr(self.model, "_can_compile_fullgraph", False))
+        settings = GenerationConfig(
+            do_sample=True, temperature=float(cfg.temperature), top_k=cfg.top_k or 0,
+            top_p=1.0 if cfg.top_p is None else float(cfg.top_p), max_length=self.max_len, min_length=0,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, num_return_sequences=1,
+            eos_token_id=self.eot_id, pad_token_id=self.pad_id, bos_token_id=self.eot_id,
+            cache_implementation="static" if static else None,
+        )  # fmt: skip
+        pool = None if self.first_tokens is None else self.first_tokens.to(device)
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            prompt = torch.full((b, self.prompt_len), self.eot_id, dtype=torch.long, device=device)
+            if pool is not None:
+                prompt[:, 1] = pool[torch.randint(len(pool), (b,), generator=generator, device=device)]
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out = self.model.generate(
+                    input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=settings
+                )
+            seq = out[:, : self.max_len].cpu()
+            eot = seq[:, self.prompt_len :] == self.eot_id  # (b, T - prompt): the first one ends the story
+            ended = eot.any(dim=1)
+            length = torch.where(ended, self.prompt_len + eot.int().argmax(dim=1) + 1, seq.shape[1])
+            keep = torch.arange(seq.shape[1])[None, :] < length[:, None]
+            rows = slice(start, start + b)
+            tokens[rows, : seq.shape[1]] = seq.masked_fill(~keep, self.pad_id).numpy()
+            lengths[rows] = length.numpy()
+            finished[rows] = ended.numpy()
+
     def _use_graphs(self, device: torch.device) -> bool:
         """Whether the static step is replayed as a CUDA graph (on CUDA; a method so tests can simulate it)."""
         return device.type == "cuda"
@@ -756,7 +903,7 @@ class StorySampler:
         def full(shape: tuple[int, ...], value: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.full(shape, value, dtype=dtype, device=device)
 
-        seq_dtype = torch.int32 if self.arch.vocab < 2**31 else torch.long
+        seq_dtype = torch.int32 if self.vocab < 2**31 else torch.long
         s = {
             "rows": torch.arange(batch, device=device),
             "positions": torch.arange(max_len, device=device),
@@ -873,6 +1020,15 @@ class StorySampler:
         self._flush(s, tokens, lengths, finished)
 
 
+def _position_limit(config: Any) -> int | None:
+    """``max_position_embeddings`` (``n_positions`` for GPT-2) of a transformers config; None if it has none."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
 def sample_stats(out: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Summary of a :meth:`StorySampler.sample` result: ``n``, ``finished_fraction``, ``mean_length``, ``max_length``.
 
@@ -891,13 +1047,17 @@ def sample_stats(out: Mapping[str, np.ndarray]) -> dict[str, float]:
 
 
 __all__ = [
+    "BACKENDS",
     "COMPILE_MODES",
     "DTYPES",
     "STRATEGIES",
     "SYNC_EVERY",
+    "NATIVE_MODELS",
     "KVDecoder",
     "SamplingConfig",
     "StorySampler",
+    "choose_backend",
+    "native_unsupported",
     "prompt_length",
     "resolve_compile",
     "resolve_dtype",

@@ -267,3 +267,58 @@ def test_test_loss_is_the_per_token_mean_over_batches():
     (result,) = quiet_trainer().test(module, DataLoader(batches, batch_size=None), verbose=False)
     assert result["test/loss"] == pytest.approx(total / count, rel=1e-5)
     assert result["test/loss"] != pytest.approx(sum(batch_means) / 2, rel=0.05)  # not the mean of batch means
+
+
+def padded_stories(lengths: list[int], vocab: int = 64, pad: int = 1) -> dict[str, torch.Tensor]:
+    """A right-padded batch of stories of the given lengths (ids >= 2, padding ``pad``), as the data module makes."""
+    gen = torch.Generator().manual_seed(sum(lengths))
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(2, vocab, (n,), generator=gen)
+        mask[i, :n] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_packed_rows_keep_each_story_to_itself():
+    from lit_modules.causal_lm import pack_stories
+
+    batch = padded_stories([6, 2, 3, 4])
+    packed = pack_stories(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert packed["input_ids"].shape == (3, 6)  # [6], [4, 2], [3]: first-fit by decreasing length
+    assert packed["position_ids"][1].tolist() == [0, 1, 2, 3, 0, 1]
+    assert packed["labels"][1, 4] == IGNORE_INDEX and packed["labels"][1, 5] == batch["input_ids"][1, 1]
+    mask = packed["attention_mask"][1, 0]
+    assert mask[5, 4] and mask[5, 5] and not mask[5, 3] and not mask[3, 4] and mask[3, 0]
+    assert packed["attention_mask"][2, 0, 5].tolist() == [False] * 5 + [True]  # padding sees only itself
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_loss_equals_the_one_story_per_row_loss(preset, attention):
+    torch.manual_seed(0)
+    cfg = {"preset": preset, "vocab_size": 64, "attn_implementation": attention}
+    plain = CausalLMModule(**cfg, pad_token_id=1).eval()  # eval: GPT-2's dropout off
+    packed = CausalLMModule(**cfg, pack=True, pad_token_id=1).eval()
+    packed.load_state_dict(plain.state_dict())
+    batch = padded_stories([17, 3, 9, 12, 5, 2, 20])
+    with torch.no_grad():
+        loss, n = plain.token_loss(batch)
+        loss_packed, n_packed = packed.token_loss(batch)
+        # The exact per-token mean over the real tokens, from each story alone (no padding at all).
+        total, count = 0.0, 0
+        for ids, m in zip(batch["input_ids"], batch["attention_mask"]):
+            story = ids[: int(m.sum())][None]
+            logits = plain(story)[0, :-1]
+            total += float(F.cross_entropy(logits, story[0, 1:], reduction="sum"))
+            count += story.shape[1] - 1
+    assert n == n_packed == count
+    torch.testing.assert_close(loss_packed, loss, atol=1e-5, rtol=1e-5)
+    assert float(loss_packed) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_packing_needs_an_explicit_mask_kernel():
+    with pytest.raises(ConfigError, match="--model.pack true needs --model.attn_implementation sdpa or eager"):
+        CausalLMConfig(preset="tiny", pack=True, attn_implementation="flash_attention_2")

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from collapse.errors import ConfigError
 from lit_modules.causal_lm import CausalLMConfig, build_model
@@ -55,18 +64,55 @@ def gqa_llama(seed: int = 0) -> nn.Module:
     return perturbed(LlamaForCausalLM(config), seed)
 
 
-MODELS = {"llama": lambda: preset_model("tiny"), "gpt2": lambda: preset_model("gpt2-tiny"), "llama-gqa": gqa_llama}
+def qwen2(seed: int = 0) -> nn.Module:
+    """Qwen2 (q/k/v biases, no o bias) with 2 kv heads, untied head, and a sliding window of 6 on its second layer."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=6,
+        max_window_layers=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    return perturbed(Qwen2ForCausalLM(config), seed)
+
+
+def mistral(seed: int = 0) -> nn.Module:
+    """Mistral with 1 kv head for 4 query heads and a sliding window of 5 on every layer."""
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=64, sliding_window=5,
+    )  # fmt: skip
+    return perturbed(MistralForCausalLM(config), seed)
+
+
+def neox(seed: int = 0) -> nn.Module:
+    """A GPT-NeoX: a causal LM the native decoder does not run (sampled with the hf backend)."""
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, eos_token_id=EOT, bos_token_id=EOT, pad_token_id=PAD,
+    )  # fmt: skip
+    return perturbed(GPTNeoXForCausalLM(config), seed)
+
+
+MODELS = {
+    "llama": lambda: preset_model("tiny"),
+    "gpt2": lambda: preset_model("gpt2-tiny"),
+    "llama-gqa": gqa_llama,
+    "qwen2-window": qwen2,
+    "mistral-window": mistral,
+}
 
 
 def with_eot_bias(model: nn.Module, bias: float) -> nn.Module:
     """Replace the output head by one with a bias that adds ``bias`` to the EOT logit (same weights)."""
-    old = model.lm_head
+    old = model.get_output_embeddings()
     head = nn.Linear(old.in_features, old.out_features, bias=True)
     with torch.no_grad():
         head.weight.copy_(old.weight)
         head.bias.zero_()
         head.bias[EOT] = bias
-    model.lm_head = head
+    model.set_output_embeddings(head)
     return model
 
 
@@ -198,6 +244,63 @@ def test_generation_respects_max_len_when_eot_never_comes():
     assert out["tokens"].shape == (9, 17)
     assert (out["lengths"] == 17).all() and not out["finished"].any()
     assert (out["tokens"][:, :2] == [EOT, 3]).all() and EOT not in out["tokens"][:, 1:]
+
+
+# ---------------------------------------------------------------------------------------- backends
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2-window", "mistral-window"])
+def test_hf_backend_greedy_stories_equal_the_native_ones(name):
+    # top_k = 1 makes both backends greedy, so their stories must agree token for token (windows included:
+    # stories of up to 20 tokens outgrow the windows of 5 and 6).
+    model = with_eot_bias(MODELS[name](), 0.5)
+    kwargs = {"max_len": 20, "batch_size": 4, "top_k": 1, "strategy": "first_token_inclusive"}
+    pool = [5, 9, 17, 23, 40, 61]
+    native = draw(sampler(model, first_tokens=pool, **kwargs), 24, seed=2)
+    hf = draw(sampler(model, first_tokens=pool, backend="hf", **kwargs), 24, seed=2)
+    assert sampler(model, backend="hf").backend == "hf" and sampler(model).backend == "native"
+    # The backends draw prompts from different streams: compare the greedy story of each first token.
+    stories = {}
+    for out in (native, hf):
+        for row, length, done in zip(out["tokens"], out["lengths"], out["finished"]):
+            stories.setdefault(int(row[1]), set()).add((tuple(row.tolist()), int(length), bool(done)))
+    assert len(stories) >= 4 and all(len(v) == 1 for v in stories.values()), stories
+    assert native["lengths"].max() > 7 and len(np.unique(native["lengths"])) > 2  # past the windows
+
+
+def test_hf_backend_samples_any_causal_lm_reproducibly_and_stops_at_eot():
+    model = with_eot_bias(neox(), 3.0)
+    s = sampler(model, max_len=30, batch_size=4, first_tokens=[7, 8], strategy="first_token_inclusive")
+    assert s.backend == "hf"  # auto: GPT-NeoX is not native
+    a, b, c = draw(s, 10, 4), draw(s, 10, 4), draw(s, 10, 5)
+    assert_same(a, b)
+    assert not np.array_equal(a["tokens"], c["tokens"])
+    assert a["tokens"].shape == (10, 30) and a["tokens"].dtype == np.uint16 and a["lengths"].dtype == np.int32
+    assert a["finished"].any() and len(np.unique(a["lengths"])) > 2
+    for row, length, done in zip(a["tokens"], a["lengths"], a["finished"]):
+        assert row[0] == EOT and row[1] in (7, 8)
+        assert EOT not in row[2 : length - 1] and (row[length:] == PAD).all()
+        assert (row[length - 1] == EOT) == done and (done or length == 30)
+    assert model.training is False  # perturbed() left it in eval mode; the sampler restores the mode
+    model.train()
+    draw(s, 2, 0)
+    assert model.training
+
+
+def test_backend_choice_by_architecture():
+    for name in ("llama", "gpt2", "qwen2-window", "mistral-window"):
+        model = MODELS[name]()
+        assert lm_sampling.choose_backend(model.config, "auto", model) == "native"
+        assert lm_sampling.choose_backend(model.config, "hf", model) == "hf"
+    other = neox()
+    assert lm_sampling.choose_backend(other.config, "auto", other) == "hf"
+    assert lm_sampling.choose_backend(other.config) == "hf"  # from the config alone, as before training
+    with pytest.raises(ConfigError, match="--sampling.backend native: the native decoder runs"):
+        lm_sampling.choose_backend(other.config, "native")
+    from transformers import T5Config
+
+    with pytest.raises(ConfigError, match="a 't5' model cannot be sampled"):
+        lm_sampling.choose_backend(T5Config(vocab_size=VOCAB), "auto")
 
 
 # ------------------------------------------------------------------------------------ the sampler
@@ -374,10 +477,7 @@ def test_bad_sampler_inputs_are_config_errors():
         sampler(model, max_len=1000)  # beyond the preset's position limit
     with pytest.raises(ValueError, match="first_tokens must be token ids"):
         sampler(model, strategy="first_token_inclusive", first_tokens=[VOCAB])
-    mistral = MistralForCausalLM(
-        MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    )
-    with pytest.raises(ConfigError, match="supports GPT-2 .* and Llama .* models, got MistralForCausalLM"):
-        sampler(mistral)
+    with pytest.raises(ConfigError, match="backend native: the native decoder runs gpt2, llama, mistral, qwen2 models"):
+        sampler(neox(), backend="native")
     with pytest.raises(ValueError, match="n must be a non-negative integer"):
         draw(sampler(model), -1, 0)

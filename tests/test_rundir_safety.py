@@ -328,3 +328,18 @@ def test_torn_temporary_files_of_a_killed_run_are_removed_on_start(tmp_path):
     release_run_dir(out)
     assert not any(p.exists() for p in torn)
     assert (out / "notes.tmp-1").read_text() == "the user's"
+
+
+def test_options_added_after_a_run_was_made_do_not_stop_its_resume(tmp_path):
+    old = {**BASE, "trainer": {"max_epochs": 3, "precision": "32-true"}}
+    out = prepare_run_dir(tmp_path / "run", "toy", old)
+    release_run_dir(out)
+    newer = {**BASE, "trainer": {"max_epochs": 3, "precision": "32-true", "accumulate_grad_batches": 1}}
+    prepare_run_dir(out, "toy", newer)  # the old run never recorded the new key: resumes
+    release_run_dir(out)
+    assert yaml.safe_load((out / CONFIG).read_text())["trainer"]["accumulate_grad_batches"] == 1
+    changed = {**BASE, "trainer": {"max_epochs": 4, "precision": "32-true", "accumulate_grad_batches": 1}}
+    with pytest.raises(RunDirError, match=r"different config \(trainer\.max_epochs: 3 -> 4\)"):
+        prepare_run_dir(out, "toy", changed)
+    with pytest.raises(RunDirError, match=r"trainer\.accumulate_grad_batches: 1 -> 2"):
+        prepare_run_dir(out, "toy", {**newer, "trainer": {**newer["trainer"], "accumulate_grad_batches": 2}})

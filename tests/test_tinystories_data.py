@@ -131,7 +131,8 @@ def test_bad_flags_are_one_line_config_errors(kwargs, flag):
 
 def test_stand_in_defaults_cover_the_splits():
     cfg = TinyStoriesDataConfig()
-    assert cfg.source == "stand_in" and cfg.vocab_size == 8000 and cfg.max_seq_len == 256
+    assert cfg.source == "stand_in" and cfg.vocab_size == 8000 and cfg.max_seq_len is None  # the model's context
+    assert ts.TinyStoriesDataModule(cfg).config.max_seq_len == ts.DEFAULT_MAX_SEQ_LEN == 256  # a module alone
     assert cfg.stand_in_total() == ts.DEFAULT_NUM_TEST + ts.DEFAULT_STAND_IN_TRAIN
     assert TinyStoriesDataConfig(num_real=50, num_val=5, num_test=10).stand_in_total() == 65
     assert TinyStoriesDataConfig(stand_in_stories=100, num_test=10).stand_in_total() == 100

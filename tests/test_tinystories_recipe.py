@@ -144,6 +144,46 @@ def test_dry_run_prints_the_parameter_count_and_writes_nothing(tmp_path, capsys)
     assert not out.exists()
 
 
+def test_published_presets_use_their_own_context_and_the_laptop_default_a_short_one(tmp_path, capsys):
+    from recipes.tinystories import resolve
+
+    def context(*flags: str) -> tuple[int, int]:
+        cfg = resolve(parse_config(TinyStoriesConfig, ["--out_dir", str(tmp_path / "run"), *flags]))
+        return cfg.data.max_seq_len, cfg.model.max_seq_len
+
+    assert context() == (256, 256)  # gpt2-2m, the CPU default
+    for preset in ("gpt2-9m", "llama2-12m", "llama2-42m", "llama2-126m"):
+        assert context("--model.preset", preset) == (2048, 2048)
+    assert context("--model.preset", "gpt2-9m", "--data.max_seq_len", "512") == (512, 512)
+    assert context("--model.preset", "llama2-42m", "--model.max_seq_len", "1024") == (1024, 1024)
+    with pytest.raises(Exception, match="at most 512"):
+        context("--data.max_seq_len", "1024")  # beyond gpt2-2m's position limit
+    out = tmp_path / "run"
+    main(parse_config(TinyStoriesConfig, ["--out_dir", str(out), "--dry_run", "true", "--model.preset", "llama2-42m"]))
+    printed = capsys.readouterr().out
+    assert "context: 2048" in printed and "max_seq_len: 2048" in printed and "truncated 0," in printed
+    assert "sampling backend: native" in printed
+    assert not out.exists()
+
+
+def test_stories_cut_at_the_context_are_counted_in_data_json(tmp_path):
+    from recipes.tinystories import LMModality, resolve
+
+    counts = {}
+    for seq in ("24", "2048"):
+        cfg = resolve(tiny(tmp_path / seq, "replace", "--data.max_seq_len", seq, "--model.preset", "gpt2-9m"))
+        modality = LMModality(cfg)
+        modality.real.prepare_data()
+        modality.real.setup("fit")
+        (tmp_path / seq).mkdir()
+        modality.start_run(tmp_path / seq)
+        counts[seq] = json.loads((tmp_path / seq / "data.json").read_text())
+    short, whole = counts["24"], counts["2048"]
+    assert short["max_seq_len"] == 24 and whole["max_seq_len"] == 2048
+    assert 0 < short["train_truncated"] <= REAL and short["truncated"] >= short["train_truncated"]
+    assert whole["truncated"] == 0 and whole["train_tokens"] > short["train_tokens"]
+
+
 def test_corpus_diversity_sees_repetition_and_lost_rare_words():
     rich = ["the cat sat on a mat", "a dog ran to the park", "an owl flew over the barn"]
     poor = ["the cat sat on a mat"] * 3

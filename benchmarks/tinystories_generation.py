@@ -1,0 +1,147 @@
+"""Time one TinyStories generation, phase by phase, and project it to the published corpus size.
+
+One generation of the recipe, on ``--stories`` stand-in stories at the preset's own context: train one
+epoch (the published setting), evaluate on the test stories, then sample as many stories as were trained
+on. Each phase prints its seconds and real (non-padding) tokens per second; the projection scales the
+measured rates to the published corpus (2.12M training stories, 21,990 validation stories used as the
+test set), at this run's mean tokens per story:
+
+    minutes = (S * t_train / r_train + S_test * t_train / r_test + S * t_sample / r_sample) / 60,
+
+with S the published stories, t_train / t_sample the mean tokens of a training / sampled story here and
+r the tokens per second of each phase. Stand-in stories are not TinyStories stories (their lengths
+differ), so the projection is a rough estimate; on a real corpus, pass ``--data.source``-like settings
+through the recipe instead.
+
+    python benchmarks/tinystories_generation.py --device cpu --preset gpt2-2m --stories 200
+    python benchmarks/tinystories_generation.py --device cuda --preset llama2-42m --stories 20000
+
+The last line is ``projected_minutes_per_generation_published: X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
+from datamodules.tokenizer import EOT_ID, PAD_ID  # noqa: E402
+from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, default_context  # noqa: E402
+from samplers.story_sampler import SamplingConfig  # noqa: E402
+
+PUBLISHED_TRAIN_STORIES = 2_120_000
+"""Training stories of TinyStories (about 2.12M), the size of a published generation."""
+PUBLISHED_TEST_STORIES = 21_990
+"""Validation stories of TinyStories, the published test set."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="gpt2-2m")
+    p.add_argument("--stories", type=int, default=200, help="stand-in training stories, and stories sampled")
+    p.add_argument("--test_stories", type=int, default=None, help="default: a quarter of --stories, at least 8")
+    p.add_argument("--batch_size", type=int, default=16, help="training batch size, in stories")
+    p.add_argument("--sampling_batch_size", type=int, default=64, help="stories decoded concurrently")
+    p.add_argument("--vocab_size", type=int, default=8000)
+    p.add_argument("--pack", action="store_true", help="train with --model.pack true")
+    p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
+    args = p.parse_args(argv)
+    if args.stories < 1 or args.batch_size < 1:
+        p.error("--stories and --batch_size must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    return args
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: str, fn) -> tuple[float, object]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    model_cfg = CausalLMConfig(preset=args.preset, vocab_size=args.vocab_size, pack=args.pack)
+    context = default_context(model_cfg)
+    test = args.test_stories or max(8, args.stories // 4)
+    data = TinyStoriesDataModule(
+        TinyStoriesDataConfig(num_real=args.stories, num_test=test, vocab_size=args.vocab_size, max_seq_len=context),
+        batch_size=args.batch_size,
+    )
+    data.prepare_data()
+    data.setup("fit")
+    torch.manual_seed(0)
+    module = CausalLMModule(
+        CausalLMConfig(**{**vars(model_cfg), "max_seq_len": context}),
+        bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID,
+    )  # fmt: skip
+    module.configure_sampling(SamplingConfig(batch_size=args.sampling_batch_size), max_len=context)
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
+        precision=args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true"), gradient_clip_val=1.0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    train_tokens = int(data.train_dataset.lengths().sum())
+    test_tokens = int(data.test_dataset.lengths().sum())
+    train_s, _ = timed(args.device, lambda: trainer.fit(module, train_dataloaders=data.train_dataloader()))
+    test_s, _ = timed(args.device, lambda: trainer.test(module, dataloaders=data.test_dataloader(), verbose=False))
+    module.to("cuda" if args.device == "cuda" else "cpu")
+    gen = torch.Generator(device="cuda" if args.device == "cuda" else "cpu").manual_seed(0)
+    sample_s, out = timed(args.device, lambda: module.sample(args.stories, gen))
+    sample_tokens = int(out["lengths"].sum())
+    rates = {
+        "train": train_tokens / train_s,
+        "test": test_tokens / test_s,
+        "sample": sample_tokens / sample_s,
+    }
+    per_story_train = train_tokens / args.stories
+    per_story_sample = sample_tokens / args.stories
+    projected = (
+        PUBLISHED_TRAIN_STORIES * per_story_train / rates["train"]
+        + PUBLISHED_TEST_STORIES * per_story_train / rates["test"]
+        + PUBLISHED_TRAIN_STORIES * per_story_sample / rates["sample"]
+    ) / 60
+    result = {
+        "context": context,
+        "stories": args.stories,
+        "train_seconds": train_s,
+        "train_tokens_per_s": rates["train"],
+        "test_seconds": test_s,
+        "test_tokens_per_s": rates["test"],
+        "sample_seconds": sample_s,
+        "sample_tokens_per_s": rates["sample"],
+        "sample_mean_tokens": per_story_sample,
+        "projected_minutes_per_generation_published": projected,
+    }
+    print(f"device: {args.device}  preset: {args.preset}  backend: {module_backend(module)}")
+    for key, value in result.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return result
+
+
+def module_backend(module: CausalLMModule) -> str:
+    from samplers.story_sampler import choose_backend
+
+    return choose_backend(module.model.config, module.sampling.backend, module.model)
+
+
+if __name__ == "__main__":
+    main()

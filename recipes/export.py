@@ -1,0 +1,465 @@
+"""Export one finished generation of a run in the formats other tools open.
+
+A run keeps each generation as arrays and a LightningModule ``state_dict`` (``gen_XXX/``, see
+:mod:`collapse.store`). This command writes generation G's synthetic set and model in the usual format
+of the run's modality, read from ``RUN_DIR/config.yaml`` (its ``recipe`` key):
+
+* ``tinystories``: ``stories/`` (a ``datasets`` folder, ``datasets.load_from_disk``), ``stories.jsonl``
+  (one ``{"text": ...}`` per line; one story per sample, in sample order, decoded with the run's frozen
+  tokenizer) and ``model/`` (``save_pretrained``: ``AutoModelForCausalLM.from_pretrained`` and
+  ``AutoTokenizer.from_pretrained`` open it, and the recipe takes it as ``--model.init_from``);
+* ``geom_diffusion``: ``molecules.sdf``, one molecule per sample with hydrogens: the real training graph
+  the sample was drawn for (its atoms in the graph's order, its bonds) with the generated 3-D coordinates;
+* ``mnist_vae``: ``digits/`` (one 28x28 8-bit grey PNG per sample) and ``digits.npz`` (``images``);
+* ``toy_gaussian``: ``samples.npy`` and ``samples.csv``.
+
+The other modalities' models stay a ``state_dict`` (``model.pt``, with the run's ``config.yaml`` beside
+it). Every export also writes ``export.json``: where it came from and the generation's sampling settings.
+
+The generation is read only after its files match the sha256 sums of its manifest. Everything is
+written into a hidden folder beside ``--out`` and renamed to ``--out`` at the end, so ``--out`` holds a
+whole export or nothing new. A non-empty ``--out`` is refused; ``--overwrite`` replaces an earlier export
+(a folder with ``export.json``), never a folder of other files.
+
+    python -m recipes.export runs/lm_replace --generation 2 --out exports/lm_gen2   # or: collapse-export ...
+"""
+
+from __future__ import annotations
+
+if __spec__ is None:  # run as `python recipes/x.py`: check this python has the project before importing it
+    import _env_check  # noqa: F401  (next to this file; exits with one error line if the project is missing)
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from collapse.atomic import atomic_write_json, fsync_dir
+from collapse.errors import UserError
+from collapse.rundir import CONFIG
+from collapse.store import Generation, GenerationStore
+
+MODEL_FILE = "model.pt"
+"""A generation's fitted weights (the generation loop's name for them)."""
+EXPORT_FILE = "export.json"
+"""What an export holds and where it came from."""
+
+
+class ExportError(UserError):
+    """A run, generation or output folder that cannot be exported as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One finished, verified generation of a run: what an exporter reads."""
+
+    run_dir: Path
+    recipe: str
+    config: dict[str, Any]
+    """The run's config.yaml (the recipe's full config, without the ``recipe`` key)."""
+    generation: Generation
+
+    def array(self, name: str) -> np.ndarray | None:
+        """A sample array of the generation, or None when it drew no synthetic set."""
+        arrays = self.generation.arrays
+        if name in arrays:
+            return arrays[name]
+        if self.generation.num_samples == 0:
+            return None
+        raise ExportError(f"{self.generation.path / (name + '.npy')}: missing; not a {self.recipe} generation")
+
+    def section(self, key: str) -> dict[str, Any]:
+        """A nested part of the run's config (``data``, ``model``), as a dict."""
+        value = self.config.get(key)
+        if not isinstance(value, dict):
+            raise ExportError(f"{self.run_dir / CONFIG}: no {key!r} settings; not a {self.recipe} run")
+        return value
+
+
+def settings(cls: type, source: Source, key: str) -> Any:
+    """The config dataclass ``cls`` built from the run's ``key`` settings (its checks run again)."""
+    path = source.run_dir / CONFIG
+    try:
+        return cls(**source.section(key))
+    except TypeError as exc:
+        raise ExportError(f"{path}: {key} settings this version cannot read ({exc})") from None
+    except UserError as exc:  # a setting that no longer holds, e.g. an init_from folder that is gone
+        raise ExportError(f"{path}: {exc}") from None
+
+
+# ---- the modalities ----------------------------------------------------------------------------------------------
+
+
+def story_texts(source: Source, tokenizer: Any) -> list[str]:
+    """Every sampled story as text, in sample order: its ``lengths[i]`` tokens decoded, specials skipped, stripped.
+
+    The same texts as the run's ``stories.txt``, except that a story that decodes to nothing stays (as ``""``),
+    so there is one text per sample.
+    """
+    from datamodules.tokenizer import decode
+
+    tokens, lengths = source.array("tokens"), source.array("lengths")
+    if tokens is None or lengths is None:
+        return []
+    return [decode(tokenizer, tokens[i, : int(lengths[i])]).strip() for i in range(len(lengths))]
+
+
+def run_tokenizer(source: Source) -> Any:
+    """The run's frozen tokenizer (``RUN_DIR/tokenizer.json``)."""
+    from tokenizers import Tokenizer
+
+    from datamodules.tokenizer import TOKENIZER_FILE
+
+    path = source.run_dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; the stories cannot be decoded without the run's tokenizer")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path}: cannot be read as a tokenizer ({first})") from None
+
+
+def load_module(source: Source, module: Any) -> Any:
+    """``module`` with the generation's fitted weights (``model.pt``, the LightningModule's ``state_dict``)."""
+    import torch
+
+    path = source.generation.path / MODEL_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+    except Exception as exc:  # a foreign file or other weights: torch raises several types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path}: not the weights of this run's model ({first})") from None
+    return module.eval()
+
+
+def lm_module(source: Source) -> Any:
+    """The run's causal LM module (built as the recipe builds it) with generation G's fitted weights."""
+    from datamodules.tokenizer import EOT_ID, PAD_ID
+    from lit_modules.causal_lm import CausalLMConfig, CausalLMModule
+
+    cfg = settings(CausalLMConfig, source, "model")
+    module = CausalLMModule(cfg, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID)
+    return load_module(source, module)
+
+
+def export_tinystories(source: Source, dest: Path) -> list[str]:
+    """Stories as a ``datasets`` folder and as jsonl; the model and its tokenizer as a ``save_pretrained`` folder."""
+    import datasets
+    import transformers
+
+    from datamodules.tokenizer import to_transformers
+
+    datasets.disable_progress_bars()  # a few hundred stories take a moment; the bars would be noise
+    transformers.utils.logging.disable_progress_bar()
+
+    tokenizer = run_tokenizer(source)
+    module = lm_module(source)
+    vocab = module.model.config.vocab_size
+    if tokenizer.get_vocab_size() != vocab:
+        raise ExportError(
+            f"{source.run_dir / 'tokenizer.json'}: {tokenizer.get_vocab_size()} tokens, but the model has {vocab}"
+        )
+    texts = story_texts(source, tokenizer)
+    with open(dest / "stories.jsonl", "w", encoding="utf-8") as fh:
+        for text in texts:
+            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    features = datasets.Features({"text": datasets.Value("string")})  # typed even when there are no stories
+    datasets.Dataset.from_dict({"text": texts}, features=features).save_to_disk(dest / "stories")
+    wrapped = to_transformers(tokenizer)
+    wrapped.model_max_length = module.max_seq_len  # the context the run trained and sampled with
+    module.model.save_pretrained(dest / "model")
+    wrapped.save_pretrained(dest / "model")
+    return ["stories", "stories.jsonl", "model"]
+
+
+def export_geom_diffusion(source: Source, dest: Path) -> list[str]:
+    """The generated conformers as one SDF: each sample's real training graph, with Hs, at its generated coordinates."""
+    from rdkit import Chem
+    from rdkit.Geometry import Point3D
+
+    from datamodules.geom import GeomDataConfig, GeomDataModule
+
+    mol_id, num_atoms, pos = source.array("mol_id"), source.array("num_atoms"), source.array("pos")
+    real = GeomDataModule(settings(GeomDataConfig, source, "data"))
+    real.prepare_data()  # the run's real data, from the cache (or parsed again, the same seeded split)
+    train = real.train_dataset
+    extra = {name: source.array(name) for name in ("resampled", "replaced_by_real") if name in source.generation.arrays}
+    writer = Chem.SDWriter(str(dest / "molecules.sdf"))
+    try:
+        graphs: dict[int, Chem.Mol] = {}
+        for i in range(0 if mol_id is None else len(mol_id)):
+            index, count = int(mol_id[i]), int(num_atoms[i])
+            if not 0 <= index < len(train):
+                raise ExportError(f"sample {i}: mol_id {index} is not a training molecule of this run's data")
+            if index not in graphs:
+                graphs[index] = real.rdkit_molecule("train", index)
+            mol = Chem.Mol(graphs[index])
+            if mol.GetNumAtoms() != count:
+                raise ExportError(
+                    f"sample {i}: {count} atoms, but training molecule {index} has {mol.GetNumAtoms()}; "
+                    "the run's real data is not what it was (data.* settings or data files changed)"
+                )
+            conformer = mol.GetConformer()
+            for atom, (x, y, z) in enumerate(np.asarray(pos[i, :count], dtype=np.float64)):
+                conformer.SetAtomPosition(atom, Point3D(x, y, z))
+            mol.SetProp("_Name", f"gen_{source.generation.index:03d} sample {i}")
+            mol.SetProp("smiles", train.molecule_smiles[int(train.molecule[index])])
+            mol.SetIntProp("sample", i)
+            mol.SetIntProp("mol_id", index)
+            mol.SetProp("source_id", str(train.source_ids[index]))
+            for name, values in extra.items():
+                mol.SetIntProp(name, int(values[i]))
+            writer.write(mol)
+    finally:
+        writer.close()
+    return ["molecules.sdf"]
+
+
+def export_mnist_vae(source: Source, dest: Path) -> list[str]:
+    """One 8-bit grey PNG per digit, and all of them in one ``.npz`` (``images``; ``labels`` where the set has some)."""
+    from PIL import Image
+
+    images = source.array("images")
+    images = np.zeros((0, 28, 28), dtype=np.uint8) if images is None else images
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ExportError(f"{source.generation.path / 'images.npy'}: {images.dtype} {images.shape}, not uint8 images")
+    folder = dest / "digits"
+    folder.mkdir()
+    width = max(5, len(str(max(len(images) - 1, 0))))
+    for i in range(len(images)):
+        Image.fromarray(np.ascontiguousarray(images[i])).save(folder / f"{i:0{width}d}.png")
+    arrays = {"images": np.asarray(images)}
+    if "labels" in source.generation.arrays:
+        arrays["labels"] = np.asarray(source.generation.arrays["labels"])
+    np.savez(dest / "digits.npz", **arrays)
+    return ["digits", "digits.npz"]
+
+
+def export_toy_gaussian(source: Source, dest: Path) -> list[str]:
+    """The points as ``.npy`` (exact) and ``.csv`` (columns x0, x1, ...; 9 significant digits: exact for float32)."""
+    points = source.array("samples")
+    if points is None:  # no synthetic set: no rows, as many columns as the real points have
+        points = np.zeros((0, len(source.section("data").get("mean") or [])), dtype=np.float32)
+    points = np.asarray(points)
+    if points.ndim != 2:
+        raise ExportError(f"{source.generation.path / 'samples.npy'}: shape {points.shape}, not (n, dim) points")
+    np.save(dest / "samples.npy", points, allow_pickle=False)
+    header = ",".join(f"x{j}" for j in range(points.shape[1]))
+    np.savetxt(dest / "samples.csv", points, fmt="%.9g", delimiter=",", header=header, comments="")
+    return ["samples.npy", "samples.csv"]
+
+
+EXPORTERS: dict[str, Callable[[Source, Path], list[str]]] = {
+    "tinystories": export_tinystories,
+    "geom_diffusion": export_geom_diffusion,
+    "mnist_vae": export_mnist_vae,
+    "toy_gaussian": export_toy_gaussian,
+}
+"""The exporter of each recipe that keeps generations (the analytic recipes keep metrics only)."""
+SAVE_PRETRAINED = frozenset({"tinystories"})
+"""Recipes whose exporter writes the model itself (the others get the generation's ``model.pt``)."""
+
+
+# ---- the run and the output folder -------------------------------------------------------------------------------
+
+
+def open_generation(run_dir: str | os.PathLike, generation: int | None = None) -> Source:
+    """Generation ``generation`` (default: the last finished one) of the run in ``run_dir``, checksums verified."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ExportError(f"{run}: no such run folder")
+    path = run / CONFIG
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing; {run} is not a run folder") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("recipe"), str):
+        raise ExportError(f"{path}: no recipe key; not a run's config")
+    recipe = config.pop("recipe")
+    if recipe not in EXPORTERS:
+        raise ExportError(
+            f"recipe {recipe!r} of {run} has no export (it keeps no generations to export); "
+            f"export knows {', '.join(EXPORTERS)}"
+        )
+    store = GenerationStore(run)
+    finished = store.completed()
+    if generation is None:
+        if not finished:
+            raise ExportError(f"{run}: no finished generation yet")
+        generation = finished[-1]
+    if not store.is_complete(generation):
+        have = f"finished: {', '.join(map(str, finished))}" if finished else "none is finished yet"
+        if store.staging(generation).is_dir():
+            raise ExportError(f"generation {generation} of {run} is not finished (it is still being made; {have})")
+        raise ExportError(f"{run} has no generation {generation} ({have})")
+    return Source(run, recipe, config, store.load(generation))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _check_out(out: Path, run: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, is or contains the run, or holds something other than an empty folder.
+
+    ``overwrite`` lets an earlier export (a folder with ``export.json``) be replaced, never any other folder.
+    """
+    target, source = out.resolve(), run.resolve()
+    if target == source or target in source.parents:
+        raise ExportError(f"--out {out} is or contains the run folder {run}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / EXPORT_FILE).is_file():
+        raise ExportError(
+            f"--out {out} holds files and no {EXPORT_FILE}, so it is no export (even --overwrite keeps it)"
+        )
+    if not overwrite:
+        raise ExportError(f"--out {out} holds an earlier export; choose another folder, or pass --overwrite")
+
+
+def export(
+    run_dir: str | os.PathLike, out: str | os.PathLike, generation: int | None = None, *, overwrite: bool = False
+):
+    """Export generation ``generation`` (default: the last) of ``run_dir`` into the folder ``out``; return its summary.
+
+    The summary is what ``export.json`` holds. Raises :class:`ExportError` (a :class:`UserError`) for a missing
+    or unfinished generation, a corrupt store file, an unknown recipe or an --out that cannot be used.
+    """
+    run = Path(run_dir)
+    source = open_generation(run, generation)
+    _check_out(Path(out), run, overwrite)
+    out = Path(out).resolve()  # a name to stage beside, also for "." or "exports/x/"
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".{out.name}.export-*"):  # left by a killed export
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        stage = parent / f".{out.name}.export-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot be written ({exc.strerror or exc})") from None
+    gen = source.generation
+    try:
+        files = EXPORTERS[source.recipe](source, stage)
+        if source.recipe not in SAVE_PRETRAINED:
+            shutil.copyfile(gen.path / MODEL_FILE, stage / MODEL_FILE)
+            files.append(MODEL_FILE)
+        shutil.copyfile(source.run_dir / CONFIG, stage / CONFIG)
+        summary = {
+            "recipe": source.recipe,
+            "run_dir": str(source.run_dir.resolve()),
+            "generation": gen.index,
+            "num_samples": gen.num_samples,
+            "sampling": gen.manifest.get("sampling", {}),
+            "workflow": gen.manifest.get("workflow"),
+            "seed": gen.manifest.get("seed"),
+            "generation_created": gen.manifest.get("created"),
+            "files": [*files, CONFIG, EXPORT_FILE],
+        }
+        atomic_write_json(stage / EXPORT_FILE, summary)
+        _publish(stage, out)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise ExportError(f"--out {out}: cannot be written ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return summary
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Rename the finished ``stage`` folder to ``out``, replacing what ``out`` held (checked by :func:`_check_out`)."""
+    old = None
+    if out.is_dir():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(stage, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like the recipes' own command lines
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _generation(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a generation number (0, 1, ...), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a generation number (0, 1, ...), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m recipes.export`` (``collapse-export``)."""
+    p = _Parser(
+        prog="python -m recipes.export",
+        description="Write one generation's synthetic set and model in the usual formats of the run's modality.",
+    )
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="A run folder of tinystories, geom_diffusion, mnist_vae or toy_gaussian."
+    )
+    p.add_argument(
+        "--generation",
+        type=_generation,
+        default=None,
+        metavar="G",
+        help="Generation to export (default: the last finished).",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="Folder to write (created; must be empty or missing).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an earlier export in --out.")
+    return p
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (``collapse-export``): export, or exit 2 with one ``error:`` line on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = export(args.run_dir, args.out, args.generation, overwrite=args.overwrite)
+    except UserError as exc:
+        sys.stderr.write("error: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) + "\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: nothing was exported; run the same command again\n")
+        sys.exit(130)
+    what = f"{summary['recipe']} generation {summary['generation']}: {summary['num_samples']} samples"
+    print(f"[export] {what} -> {args.out}")
+
+
+if __name__ == "__main__":
+    cli()
+
+
+__all__ = ["EXPORTERS", "ExportError", "Source", "cli", "export", "open_generation", "story_texts"]
