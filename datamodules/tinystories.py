@@ -722,12 +722,17 @@ def _no_stories(where: str, counts: dict[str, int], read_before: int, empty_befo
     return UserError(f"{where}: no non-empty stories ({detail})")
 
 
-def _fill(stories: Iterator[str], sink: _TextSink, n: int | None) -> int:
-    """Move up to ``n`` stories (all with None) into ``sink``; return how many were moved."""
+def _fill(stories: Iterator[str], sink: _TextSink, n: int | None, split: str) -> int:
+    """Move up to ``n`` stories (all with None) into ``sink``; return how many were moved.
+
+    Reading the published training split (2.1M stories) takes minutes: a progress line tells so.
+    """
     moved = 0
-    for story in stories if n is None else itertools.islice(stories, n):
-        sink.add(story)
-        moved += 1
+    with Progress(n, f"reading the {split} split", "stories") as progress:
+        for story in stories if n is None else itertools.islice(stories, n):
+            sink.add(story)
+            moved += 1
+            progress.update()
     return moved
 
 
@@ -746,9 +751,9 @@ def _write_texts(cfg: TinyStoriesDataConfig, loc: _Location, folder: Path) -> di
                 )
             read0, empty0 = counts["stories_read"], counts["empty_dropped"]
             stories = _stripped(train_split, counts)
-            got_test = _fill(stories, sinks["test"], num_test)
-            got_val = _fill(stories, sinks["val"], num_val)
-            got_train = _fill(stories, sinks["train"], num_real)
+            got_test = _fill(stories, sinks["test"], num_test, "test")
+            got_val = _fill(stories, sinks["val"], num_val, "val")
+            got_train = _fill(stories, sinks["train"], num_real, "train")
             stories.close()
             total = got_test + got_val + got_train
             if total == 0:
@@ -779,7 +784,7 @@ def _write_texts(cfg: TinyStoriesDataConfig, loc: _Location, folder: Path) -> di
             where = train_split[0]
             read0, empty0 = counts["stories_read"], counts["empty_dropped"]
             stories = _stripped(train_split, counts)
-            got_train = _fill(stories, sinks["train"], num_real)
+            got_train = _fill(stories, sinks["train"], num_real, "train")
             stories.close()
             if got_train == 0:
                 raise _no_stories(where, counts, read0, empty0)
@@ -1073,7 +1078,7 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
             n = self._split_size("train")
             log.info("training a %d-token BPE on the %d real training stories", vocab, n)
             # Trains on exactly the real training set and writes <entry>/tokenizer.json (atomically).
-            tokenizer = tok.load_or_train(entry, lambda: self._iter_texts("train"), vocab)
+            tokenizer = tok.load_or_train(entry, lambda: self._counted_texts("train", n), vocab)
             path, origin = entry / TOKENIZER_FILE, "trained"
         else:
             raise UserError(f"{entry}: no tokenizer yet; call prepare_data() first (on one process)")
@@ -1158,6 +1163,13 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
                 data = fh.read(int(bounds[-1] - bounds[0]))
                 cuts = (bounds - bounds[0]).tolist()
                 yield [data[a:b].decode("utf-8") for a, b in zip(cuts[:-1], cuts[1:])]
+
+    def _counted_texts(self, split: str, total: int) -> Iterator[str]:
+        """The split's stories, with progress lines while a consumer (the BPE trainer) reads them."""
+        with Progress(total, f"training the tokenizer on the {split} split", "stories") as progress:
+            for text in self._iter_texts(split):
+                yield text
+                progress.update()
 
     def _iter_texts(self, split: str, limit: int | None = None) -> Iterator[str]:
         for chunk in self._text_chunks(split, limit):

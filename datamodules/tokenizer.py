@@ -113,6 +113,16 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def encodes_alike(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether ``a`` and ``b`` turn text into the same ids: same normalizer, pre-tokenizer, model (vocabulary and
+    merges) and added tokens. Settings that do not change ids (padding, truncation, special-token flags that a
+    ``transformers`` wrapper sets when it saves) are not compared."""
+    parts = ("normalizer", "pre_tokenizer", "model")
+    ja, jb = json.loads(a.to_str()), json.loads(b.to_str())
+    same_parts = all(ja.get(key) == jb.get(key) for key in parts)
+    return same_parts and a.get_vocab(with_added_tokens=True) == b.get_vocab(with_added_tokens=True)
+
+
 def _check_specials(tokenizer: Tokenizer, path: Path) -> None:
     """Raise ``UserError`` unless ``EOT`` and ``PAD`` have ids 0 and 1 (every encoder here relies on it)."""
     for token, expected in ((EOT, EOT_ID), (PAD, PAD_ID)):

@@ -46,7 +46,7 @@ from collapse.contract import Modality
 from collapse.errors import ConfigError, UserError
 from collapse.rundir import config_dict, resolve_out_dir
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule
-from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE, tokenizer_hash
+from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE, encodes_alike, tokenizer_hash
 from engine.loop import LoopConfig, LoopResult, run_generations
 from engine.trainer import TrainerConfig, resolve_trainer
 from evaluation.stories import DiversityConfig, StorySampleEvaluator
@@ -113,6 +113,7 @@ class LMModality(Modality):
         real = self.real_datamodule()
         stats = {"label": getattr(real, "label", self.data.source), **(getattr(real, "data_stats", {}) or {})}
         atomic_write_json(Path(out_dir) / DATA_FILE, stats)  # what was read, dropped, replaced, truncated
+        check_checkpoint_tokenizer(self.cfg.model, real.tokenizer)
         path = Path(out_dir) / TOKENIZER_FILE
         ours = tokenizer_hash(real.tokenizer)
         if path.exists():
@@ -221,6 +222,38 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
     return dataclasses.replace(cfg, trainer=trainer, model=model, data=data)
 
 
+def check_checkpoint_tokenizer(model: CausalLMConfig, tokenizer: Any) -> None:
+    """Refuse an ``--model.init_from`` checkpoint whose ``tokenizer.json`` encodes text otherwise than ``tokenizer``.
+
+    The run tokenises its data with its own tokenizer (trained on the real training stories, or the run's
+    frozen one); a checkpoint trained on other ids would read every story as other words. A checkpoint
+    folder without a ``tokenizer.json`` cannot be checked: a warning says so.
+    """
+    if model.init_from is None:
+        return
+    path = Path(model.init_from) / TOKENIZER_FILE
+    if not path.is_file():
+        log.warning(
+            "--model.init_from %s has no %s: cannot check that the checkpoint was trained with this run's tokenizer",
+            model.init_from,
+            TOKENIZER_FILE,
+        )
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        theirs = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: cannot be read as a tokenizer ({first})") from None
+    if not encodes_alike(theirs, tokenizer):
+        raise UserError(
+            f"--model.init_from {model.init_from}: its {TOKENIZER_FILE} encodes text otherwise than this run's "
+            "tokenizer, so the checkpoint would read every story as other words; fine-tune a checkpoint made with "
+            "this data's tokenizer (e.g. one exported from a run on the same --data settings)"
+        )
+
+
 def sampling_backend(model: CausalLMConfig, sampling: SamplingConfig) -> str:
     """``native`` or ``hf``: how the run's stories will be sampled (ConfigError when the model cannot be)."""
     return choose_backend(model_config(model), sampling.backend)
@@ -242,6 +275,7 @@ def dry_run(cfg: TinyStoriesConfig) -> None:
     stats = real.data_stats
     counts = ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool))
     print(f"data read: {counts}")
+    check_checkpoint_tokenizer(cfg.model, real.tokenizer)
     import torch
 
     with torch.device("meta"):

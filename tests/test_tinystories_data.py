@@ -683,3 +683,15 @@ def test_too_few_stories_for_the_requested_sizes_are_errors(tmp_path, stories):
             TinyStoriesDataModule(config(tmp_path, source="txt", path=str(single), **kwargs)).prepare_data()
         assert_one_line_user_error(excinfo, str(single), fragment)
     assert not list((tmp_path / "cache").rglob("*.utf8"))  # a failed preparation leaves no cached texts
+
+
+def test_reading_and_tokenizer_training_show_progress_lines(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("collapse.progress._interval", 0.0)  # --progress_every 0: a line for every story
+    with caplog.at_level(logging.INFO, logger="collapse.progress"):
+        prepared(config(tmp_path, num_real=12, num_val=4, num_test=4))
+    lines = [r.getMessage() for r in caplog.records if r.name == "collapse.progress"]
+    reading = [m for m in lines if m.startswith("reading the train split")]
+    assert reading[0].startswith("reading the train split: 1/12 stories") and "ETA" in reading[0]
+    assert reading[-1].startswith("reading the train split: done, 12 stories")
+    training = [m for m in lines if m.startswith("training the tokenizer on the train split")]
+    assert training and training[-1].startswith("training the tokenizer on the train split: done, 12 stories")

@@ -209,3 +209,27 @@ def test_transformers_wrapper_matches_raw(tok, stories):
         assert hf.decode(tok.encode(text).ids) == text
     # Wrapping left the frozen tokenizer unchanged.
     assert tok.get_vocab_size() == VOCAB
+
+
+def test_a_saved_transformers_wrapper_encodes_alike_and_a_changed_merge_does_not(tmp_path, tok, stories):
+    import json
+    import types
+
+    from tokenizers import Tokenizer
+
+    from datamodules.tokenizer import encodes_alike, to_transformers
+    from recipes.tinystories import check_checkpoint_tokenizer
+
+    folder = tmp_path / "model"
+    to_transformers(tok).save_pretrained(folder)  # what a checkpoint exported from a run holds
+    saved = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert encodes_alike(saved, tok) and saved.encode(stories[0]).ids == tok.encode(stories[0]).ids
+    check_checkpoint_tokenizer(types.SimpleNamespace(init_from=str(folder)), tok)  # accepted
+
+    other = json.loads(tok.to_str())
+    other["model"]["merges"] = other["model"]["merges"][:-1]  # one merge fewer: another tokenizer
+    (folder / "tokenizer.json").write_text(json.dumps(other), encoding="utf-8")
+    assert not encodes_alike(Tokenizer.from_file(str(folder / "tokenizer.json")), tok)
+    with pytest.raises(UserError, match="encodes text otherwise than this run's tokenizer") as err:
+        check_checkpoint_tokenizer(types.SimpleNamespace(init_from=str(folder)), tok)
+    assert "\n" not in str(err.value)
