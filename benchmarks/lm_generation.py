@@ -133,7 +133,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's flags (``argv``: default, the command line)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stories", type=int, default=2000, help="stories sampled by each method")
     p.add_argument("--batch_size", type=int, default=64, help="concurrent stories (slots / generate batch)")
@@ -149,7 +150,11 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="--sampling.dtype")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     retain_freed_memory()  # as the recipe does; both methods run in this process
     if a.threads is not None:
         torch.set_num_threads(a.threads)

@@ -8,10 +8,15 @@ logging with ``sync_dist``, the recipe's callbacks apart from checkpoints). The 
 module's own loss function, so the two differ only in the training-loop machinery.
 
 Throughput is real (non-padding) tokens per second over the steps after ``--warmup`` (so start-up
-and the first, slower steps do not count), best of ``--repeats`` alternating runs of each.
+and the first, slower steps do not count), best of ``--repeats`` alternating runs of each. Each path's
+MFU (``plain_loop_mfu``, ``lightning_mfu``) is its best run's model FLOPs per second over the device's
+dense bf16 peak, counted as ``mfu_counting`` says (:mod:`benchmarks.mfu`: 6N + 12 n_layer d_attn T per
+real token, T the story's real length); the peak comes from a table of GPUs by name, or
+``--peak_tflops``; without one (a CPU, an unknown GPU) the MFU lines say ``n/a``.
 
     python benchmarks/lm_training.py                       # CPU, gpt2-2m, 40 timed steps
     python benchmarks/lm_training.py --device cuda --preset llama2-42m --batch_size 32 --steps 200
+    python benchmarks/lm_training.py --device cuda --peak_tflops 756    # a GPU not in the table (H100 PCIe)
 
 The last line is ``lightning_vs_plain_loop: X`` (Lightning tokens/s divided by the plain loop's).
 """
@@ -32,6 +37,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from benchmarks.mfu import FlopShape, counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
 from collapse.hardware import retain_freed_memory  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule  # noqa: E402
@@ -48,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
     p.add_argument("--max_seq_len", type=int, default=256)
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     return p.parse_args(argv)
 
 
@@ -76,13 +83,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class Timer(pl.Callback):
-    """Tokens per second of the training batches after the first ``warmup``."""
+def batch_flops(shape: FlopShape, batch: dict[str, torch.Tensor]) -> float:
+    """Model FLOPs of one training step on ``batch`` (its stories' real lengths from ``attention_mask``)."""
+    return training_flops(shape, batch["attention_mask"].sum(dim=1).tolist())
 
-    def __init__(self, warmup: int, device: str):
-        self.warmup, self.device = warmup, device
+
+class Timer(pl.Callback):
+    """Real tokens and model FLOPs per second of the training batches after the first ``warmup``."""
+
+    def __init__(self, warmup: int, device: str, shape: FlopShape):
+        self.warmup, self.device, self.shape = warmup, device, shape
         self.t0: float | None = None
         self.tokens = 0
+        self.flops = 0.0
         self.seconds = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -93,15 +106,17 @@ class Timer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.t0 is not None:
             self.tokens += int(batch["attention_mask"].sum())
+            self.flops += batch_flops(self.shape, batch)
 
     def on_train_end(self, trainer, pl_module):
         _sync(self.device)
         self.seconds = time.perf_counter() - self.t0
 
 
-def run_lightning(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> float:
+def run_lightning(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> tuple[float, float]:
+    """(real tokens per second, model FLOPs per second) of the Lightning path."""
     module = make_module(args, data.tokenizer.get_vocab_size())
-    timer = Timer(args.warmup, args.device)
+    timer = Timer(args.warmup, args.device, flop_shape(module.model))
     trainer = pl.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
         devices=1,
@@ -116,11 +131,13 @@ def run_lightning(args: argparse.Namespace, data: TinyStoriesDataModule, precisi
         callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=loader(data, args.batch_size))
-    return timer.tokens / timer.seconds
+    return timer.tokens / timer.seconds, timer.flops / timer.seconds
 
 
-def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> float:
+def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> tuple[float, float]:
+    """(real tokens per second, model FLOPs per second) of the plain loop."""
     module = make_module(args, data.tokenizer.get_vocab_size()).to(args.device)
+    shape = flop_shape(module.model)
     module.train()
     total = args.warmup + args.steps
     optimizer = torch.optim.AdamW(module.parameter_groups(), lr=module.config.lr)
@@ -129,7 +146,7 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
     warm = module.config.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, float(total)))
     autocast = precision.startswith("bf16")
-    tokens, t0, step = 0, None, 0
+    tokens, flops, t0, step = 0, 0.0, None, 0
     while step < total:
         for batch in loader(data, args.batch_size):
             if step == args.warmup:
@@ -145,11 +162,13 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
             schedule.step()
             if t0 is not None:
                 tokens += int(batch["attention_mask"].sum())
+                flops += batch_flops(shape, batch)
             step += 1
             if step >= total:
                 break
     _sync(args.device)
-    return tokens / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return tokens / seconds, flops / seconds
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -161,13 +180,20 @@ def main(argv: list[str] | None = None) -> float:
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'})")
     print(f"torch threads: {torch.get_num_threads()}, precision: {precision}, preset: {args.preset}")
     print(f"data: {len(data.train_dataset)} stories, {batches} batches of {args.batch_size} per epoch")
-    plain, lightning = [], []
+    peak, source = resolve_peak(args.device, args.peak_tflops)
+    with torch.device("meta"):  # the architecture only: no memory, no weights
+        shape = flop_shape(make_module(args, data.tokenizer.get_vocab_size()).model)
+    plain, lightning = [], []  # (tokens/s, FLOPs/s) of each run
     for _ in range(args.repeats):
         plain.append(run_plain(args, data, precision))
         lightning.append(run_lightning(args, data, precision))
-        print(f"plain loop: {plain[-1]:.0f} tokens/s   lightning: {lightning[-1]:.0f} tokens/s", flush=True)
-    ratio = max(lightning) / max(plain)
-    print(f"best: plain {max(plain):.0f} tokens/s, lightning {max(lightning):.0f} tokens/s")
+        print(f"plain loop: {plain[-1][0]:.0f} tokens/s   lightning: {lightning[-1][0]:.0f} tokens/s", flush=True)
+    best_plain, best_lightning = max(plain), max(lightning)  # the runs with the most tokens/s
+    ratio = best_lightning[0] / best_plain[0]
+    print(f"best: plain {best_plain[0]:.0f} tokens/s, lightning {best_lightning[0]:.0f} tokens/s")
+    print(f"mfu_counting: {counting_text(shape, peak, source)}")
+    print(f"plain_loop_mfu: {mfu_text(best_plain[1], peak)}")
+    print(f"lightning_mfu: {mfu_text(best_lightning[1], peak)}")
     print(f"lightning_vs_plain_loop: {ratio:.3f}")
     return ratio
 

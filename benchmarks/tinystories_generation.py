@@ -11,7 +11,10 @@ test set), at this run's mean tokens per story:
 with S the published stories, t_train / t_sample the mean tokens of a training / sampled story here and
 r the tokens per second of each phase. Stand-in stories are not TinyStories stories (their lengths
 differ), so the projection is a rough estimate; on a real corpus, pass ``--data.source``-like settings
-through the recipe instead.
+through the recipe instead. ``train_mfu`` is the training phase's model FLOPs per second over the
+device's dense bf16 peak, counted as ``mfu_counting`` says (:mod:`benchmarks.mfu`, as in
+``benchmarks/lm_training.py``; the whole ``fit`` is timed, start-up included); ``n/a`` without a known
+peak (a CPU, a GPU not in the table: pass ``--peak_tflops``).
 
     python benchmarks/tinystories_generation.py --device cpu --preset gpt2-2m --stories 200
     python benchmarks/tinystories_generation.py --device cuda --preset llama2-42m --stories 20000
@@ -33,6 +36,7 @@ if str(ROOT) not in sys.path:
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.mfu import counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, default_context  # noqa: E402
@@ -55,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab_size", type=int, default=8000)
     p.add_argument("--pack", action="store_true", help="train with --model.pack true")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     args = p.parse_args(argv)
     if args.stories < 1 or args.batch_size < 1:
         p.error("--stories and --batch_size must be positive")
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         num_sanity_val_steps=0,
     )  # fmt: skip
     train_tokens = int(data.train_dataset.lengths().sum())
+    shape = flop_shape(module.model)
+    train_flops = training_flops(shape, data.train_dataset.lengths().tolist())
+    peak, source = resolve_peak(args.device, args.peak_tflops)
     test_tokens = int(data.test_dataset.lengths().sum())
     train_s, _ = timed(args.device, lambda: trainer.fit(module, train_dataloaders=data.train_dataloader()))
     test_s, _ = timed(args.device, lambda: trainer.test(module, dataloaders=data.test_dataloader(), verbose=False))
@@ -132,8 +140,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "projected_minutes_per_generation_published": projected,
     }
     print(f"device: {args.device}  preset: {args.preset}  backend: {module_backend(module)}")
+    print(f"mfu_counting: {counting_text(shape, peak, source)}")
     for key, value in result.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+        if key == "train_tokens_per_s":
+            print(f"train_mfu: {mfu_text(train_flops / train_s, peak)}")
     return result
 
 

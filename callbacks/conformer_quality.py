@@ -2,7 +2,7 @@
 
 At the end of ``trainer.test`` the callback generates conformations for the same test molecules
 with the same noise every generation (a generator seeded by a constant), compares them with the
-molecules' real conformers and logs, under ``test/``:
+molecules' real conformers and logs, as ``test_<name>``:
 
 * ``cov_r`` and ``mat_r`` (means over molecules; also ``cov_r_median`` / ``mat_r_median``):
   coverage and matching of the real conformers (GeoDiff's recall metrics), with RDKit's symmetry-aware
@@ -99,12 +99,12 @@ class ConformerQuality(pl.Callback):
         bonds = bond_length_distance(flat_graphs, None, flat_gen)
         total = max(1, sum(len(gen) for gen in generated))
         metrics = {
-            "test/cov_r": scores["cov_r_mean"],
-            "test/cov_r_median": scores["cov_r_median"],
-            "test/mat_r": scores["mat_r_mean"],
-            "test/mat_r_median": scores["mat_r_median"],
-            "test/bond_w1": bonds["bond_w1/all"],
-            "test/broken_fraction": broken / total,
+            "test_cov_r": scores["cov_r_mean"],
+            "test_cov_r_median": scores["cov_r_median"],
+            "test_mat_r": scores["mat_r_mean"],
+            "test_mat_r_median": scores["mat_r_median"],
+            "test_bond_w1": bonds["bond_w1/all"],
+            "test_broken_fraction": broken / total,
         }
         for name, value in metrics.items():
             pl_module.log(name, float(value), sync_dist=False, rank_zero_only=True)

@@ -11,7 +11,7 @@ stories and a causal transformer, molecules and a conformer diffusion model). Th
     :class:`datamodules.base.RealDataModuleBase` implements the loader plumbing; a data source
     subclasses it and provides the datasets.
 :class:`SamplingModule`
-    The model: a LightningModule (``training_step``, ``test_step`` logging ``test/...`` metrics,
+    The model: a LightningModule (``training_step``, ``test_step`` logging ``test_...`` metrics,
     ``configure_optimizers``) that can also draw ``n`` synthetic examples, all of their randomness from
     a generator it is given (:meth:`SamplingModule.sample`). What ``sample`` returns is stored as the
     generation's synthetic set and handed back to :meth:`RealDataModule.synthetic_dataset`.
@@ -110,9 +110,10 @@ class SamplingModel(Protocol):
 class SamplingModule(pl.LightningModule, abc.ABC):
     """A LightningModule that can draw synthetic data: the model of a modality.
 
-    Implement Lightning's ``training_step``, ``test_step`` (log the real-data test metrics as ``test/...``;
-    with several processes use ``sync_dist=True``: each rank tests a disjoint part of the test set) and
-    ``configure_optimizers``, and :meth:`sample`.
+    Implement Lightning's ``training_step``, ``test_step`` (log the real-data test metrics as ``test_<name>``,
+    e.g. ``test_loss``: the name metrics.json, metrics.csv and W&B use; with several processes use
+    ``sync_dist=True``: each rank tests a disjoint part of the test set) and ``configure_optimizers``, and
+    :meth:`sample`.
     """
 
     @abc.abstractmethod
@@ -195,7 +196,7 @@ class Modality(abc.ABC):
 
         Called on global rank 0 after the test, with the staged sample arrays (read-only memory
         maps). Files written into ``stage`` (the generation's staging folder, e.g. ``samples.png``)
-        are published with the generation; the returned metrics (name them ``sample/...``) join its
+        are published with the generation; the returned metrics (name them ``sample_<name>``) join its
         test metrics in metrics.json and metrics.csv. Default: nothing.
         """
         return {}

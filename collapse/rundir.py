@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,7 @@ def prepare_run_dir(
     config: dict[str, Any],
     overwrite: bool = False,
     extendable: bool = False,
+    defaults: dict[str, Any] | None = None,
 ) -> Path:
     """Lock ``out_dir`` for this process, make it ready for this config and write its ``config.yaml``.
 
@@ -142,6 +143,9 @@ def prepare_run_dir(
     short. A finished run whose last generation drew no synthetic set (a one-generation run draws
     none) cannot be extended. Without ``extendable`` (the analytic recipes, whose grid cells are
     computed for one count of generations) another count is a different config.
+
+    ``defaults`` (:func:`config_defaults` of the recipe's config class): a key the run's config.yaml
+    lacks, an option added since the run was made, is no difference while it holds its default.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -153,7 +157,7 @@ def prepare_run_dir(
         raise RunDirError(f"--out_dir {out} cannot be created: {exc.strerror or exc}") from None
     taken = lock_run_dir(out)
     try:
-        _make_room(out, new, overwrite, extendable)
+        _make_room(out, new, overwrite, extendable, defaults)
         _remove_torn_files(out)
         atomic_write_text(out / CONFIG, yaml.safe_dump(new, sort_keys=False))
     except BaseException:
@@ -176,7 +180,9 @@ def _remove_torn_files(out: Path) -> None:
                     path.unlink(missing_ok=True)
 
 
-def _make_room(out: Path, new: dict[str, Any], overwrite: bool, extendable: bool) -> None:
+def _make_room(
+    out: Path, new: dict[str, Any], overwrite: bool, extendable: bool, defaults: dict[str, Any] | None = None
+) -> None:
     """Check the run already in ``out`` against ``new``; delete its outputs if they must go (``overwrite``)."""
     # Hidden names last: messages name the visible outputs first.
     entries = sorted((p for p in out.iterdir() if p.name != LOCK), key=lambda p: (p.name.startswith("."), p.name))
@@ -197,7 +203,7 @@ def _make_room(out: Path, new: dict[str, Any], overwrite: bool, extendable: bool
                 f"--out_dir {out}: {cfg_path} is {what}, so it is left alone, even by --overwrite; "
                 "move it away or choose another --out_dir"
             )
-        reason = _difference(out, old, new, extendable)
+        reason = _difference(out, old, new, extendable, defaults)
     else:
         reason = f"run outputs but no {CONFIG}"
     if reason is None:
@@ -223,11 +229,13 @@ def _make_room(out: Path, new: dict[str, Any], overwrite: bool, extendable: bool
         print(f"--overwrite: deleted the old run's outputs in {out} and kept its other files: {kept}", flush=True)
 
 
-def _difference(out: Path, old: dict[str, Any], new: dict[str, Any], extendable: bool) -> str | None:
+def _difference(
+    out: Path, old: dict[str, Any], new: dict[str, Any], extendable: bool, defaults: dict[str, Any] | None = None
+) -> str | None:
     """Why the run in ``out`` (config ``old``) cannot go on under ``new``, or None when it can."""
     grows = extendable and all(isinstance(c.get(GENERATIONS), int) for c in (old, new))
     skip = {GENERATIONS} if grows else set()
-    diff = _first_difference(_identity(old), _identity(new), skip)
+    diff = _first_difference(_identity(old), _identity(new), skip, defaults=defaults)
     if diff:
         reason = f"a run with a different config ({diff})"
         if diff.startswith(f"{GENERATIONS}:") and not extendable:
@@ -412,25 +420,77 @@ def _busy(out: Path, holder: dict[str, Any]) -> str:
 
 
 def _first_difference(
-    old: dict[str, Any], new: dict[str, Any], skip: Iterable[str] = (), prefix: str = ""
+    old: dict[str, Any],
+    new: dict[str, Any],
+    skip: Iterable[str] = (),
+    prefix: str = "",
+    defaults: dict[str, Any] | None = None,
 ) -> str | None:
     """The first setting that differs between two configs, as ``key: old -> new``, or None.
 
-    Groups (``trainer``, ``model``, ...) are compared key by key. A key the old config does not
-    hold is an option added after that run was made: it ran with what the option's default does,
-    so it is no difference and the resumed run records the new key in its config.yaml.
+    Groups (``trainer``, ``model``, ...) are compared key by key. A key the old config does not hold
+    belongs to an option added after that run was made: the run behaved as the option's default does,
+    so the key is no difference while its new value is that default (``defaults``, same nesting).
     """
+    defaults = defaults or {}
     for key in sorted((set(old) | set(new)) - set(skip)):
+        after = new.get(key)
         if key not in old:
-            continue
-        before, after = old.get(key), new.get(key)
+            if key in defaults and key in new and defaults[key] == after:
+                continue
+            return f"{prefix}{key}: None -> {after!r}"
+        before = old[key]
         if isinstance(before, dict) and isinstance(after, dict):
-            diff = _first_difference(before, after, prefix=f"{prefix}{key}.")
+            below = defaults.get(key) if isinstance(defaults.get(key), dict) else None
+            diff = _first_difference(before, after, prefix=f"{prefix}{key}.", defaults=below)
             if diff:
                 return diff
         elif before != after:
             return f"{prefix}{key}: {before!r} -> {after!r}"
     return None
+
+
+def config_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a config dataclass as :func:`config_dict` writes them (fields without one left out)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            try:
+                value = f.default_factory()
+            except Exception:  # a default that needs the run's context: no default to compare with
+                continue
+        else:
+            continue
+        out[f.name] = config_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
+    return out
+
+
+def metric_name(name: str) -> str:
+    """The one spelling of a metric name, used in metrics.json, metrics.csv, W&B and on the console.
+
+    Metric names join their words with underscores: ``test_loss``, ``train_loss``, ``val_loss``,
+    ``test_perplexity``, ``sample_fid``. Runs made by earlier versions of the recipes hold a slash instead in
+    their ``gen_XXX/metrics.json`` (``test/loss``, ``test/recon``, ``test/kl``, ``test/perplexity``,
+    ``test/cov_r``, ``sample/fid``, ``sample/distinct_2``, ...; metrics.csv always had the underscore form):
+    every ``/`` becomes ``_``. Names already in the current spelling are returned unchanged.
+    """
+    return name.replace("/", "_")
+
+
+def upgrade_metric_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics.json's contents with every key in its current spelling (:func:`metric_name`).
+
+    Every reader of a generation's metrics.json goes through this, so a run directory made before the names were
+    unified still resumes, writes the same metrics.csv and is read by the report and the figures.
+    """
+    out: dict[str, Any] = {}
+    for name, value in metrics.items():
+        new = metric_name(name)
+        if new == name or new not in metrics:  # a key in both spellings: the current one wins
+            out[new] = value
+    return out
 
 
 def write_metrics(path: str | Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

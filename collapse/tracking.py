@@ -3,8 +3,13 @@
 One W&B run per recipe run, grouped by recipe (``--wandb.group`` to change it) with the workflow as
 the job type and ``workflow=...``/``seed=...`` tags, so that workflows and seeds compare in one view
 (group the runs table by job type, or filter by tag). Each generation's metrics are one row on the
-``generation`` axis; the fits' training curves (loss, learning rate, throughput) go to the same run,
-on the ``trainer/step`` axis, with ``generation`` as a column (:meth:`Tracker.log_training`).
+``generation`` axis, under the names metrics.json and metrics.csv use (``test_loss``, ``mean_sq_error``);
+the fits' training curves (``train_loss``, learning rate, throughput) go to the same run, on the
+``trainer/step`` axis, with ``generation`` as a column (:meth:`Tracker.log_training`).
+
+A recipe run made of parts that each log the same metrics (the cells of an analytic recipe's grid) opens one
+W&B run per part instead (``Tracker(..., part=...)``): named by the part, grouped by the run directory's name,
+so that the parts of one experiment overlay metric by metric.
 ``mode``: ``offline`` (default; writes ``<out_dir>/wandb/offline-run-*``, upload later with
 ``wandb sync``), ``online`` (opt in; needs ``wandb login``) or ``disabled``.
 
@@ -113,9 +118,17 @@ def has_credentials() -> bool:
 
 
 class Tracker:
-    """A thin wrapper around one ``wandb`` run; every method is a no-op when disabled."""
+    """A thin wrapper around one ``wandb`` run; every method is a no-op when disabled.
 
-    def __init__(self, cfg: WandbConfig, recipe: str, out_dir: str | Path, config: dict[str, Any]):
+    ``config`` is the run's config (config.yaml's contents). ``part`` names one part of the recipe run that has a
+    W&B run of its own, e.g. the grid cell ``replace dim=1 n_samples=10``: that W&B run is named by it (after
+    ``--wandb.name`` if given), grouped by ``--wandb.group``, else by the run directory's name (the parts of one
+    run side by side), and has an id of its own (stable, so a resumed run continues it).
+    """
+
+    def __init__(
+        self, cfg: WandbConfig, recipe: str, out_dir: str | Path, config: dict[str, Any], part: str | None = None
+    ):
         check_mode(cfg)
         cfg = resolve(cfg)
         self.run = None
@@ -128,7 +141,7 @@ class Tracker:
         out = Path(out_dir)
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
-            self.run = self._init(wandb, cfg, recipe, out, config)
+            self.run = self._init(wandb, cfg, recipe, out, config, part)
         except UserError:
             raise
         except Exception as exc:  # wandb raises its own types (network, auth, settings) as tracebacks
@@ -142,23 +155,27 @@ class Tracker:
         self.run.define_metric("*", step_metric="generation")
 
     @staticmethod
-    def _init(wandb: Any, cfg: WandbConfig, recipe: str, out: Path, config: dict[str, Any]) -> Any:
+    def _init(wandb: Any, cfg: WandbConfig, recipe: str, out: Path, config: dict[str, Any], part: str | None) -> Any:
+        if part is None:
+            group, name = cfg.group or recipe, cfg.name or out.name
+        else:
+            group, name = cfg.group or out.name, f"{cfg.name} {part}" if cfg.name else part
         return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            group=cfg.group or recipe,
+            group=group,
             job_type=str(config.get("workflow", recipe)),
             tags=[
                 recipe,
                 *(f"{key}={config[key]}" for key in ("workflow", "seed") if key in config),
                 *(cfg.tags or []),
             ],
-            name=cfg.name or out.name,
+            name=name,
             dir=str(out),
             config=config,
             mode=cfg.mode,
             resume="allow",
-            id=_run_id(out),
+            id=_run_id(out, part),
             reinit="finish_previous",
         )
 
@@ -225,8 +242,9 @@ class Tracker:
             self.run = None
 
 
-def _run_id(out: Path) -> str:
-    """A stable run id per run directory, so a resumed run continues the same W&B run."""
+def _run_id(out: Path, part: str | None = None) -> str:
+    """A stable run id per run directory (and part of it), so a resumed run continues the same W&B run."""
     import hashlib
 
-    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+    key = str(out.resolve()) if part is None else f"{out.resolve()}\n{part}"
+    return hashlib.sha1(key.encode()).hexdigest()[:12]

@@ -46,12 +46,13 @@ from collapse.rundir import (
     METRICS,
     TAIL_COLUMNS,
     concat_csv,
+    config_defaults,
     config_dict,
     prepare_run_dir,
     release_run_dir,
     resolve_out_dir,
 )
-from collapse.tracking import Tracker, WandbConfig, check_mode
+from collapse.tracking import Tracker, WandbConfig, check_mode, resolve
 from datamodules.workflows import REAL, TrainingSet, Workflow, parse_workflows
 
 
@@ -371,7 +372,7 @@ def run_grid(
     generations: int,
     num_seeds: int,
     seed: int,
-    tracker: Tracker | None = None,
+    tracker: GridTracker | None = None,
     log_every: int = 10,
     workers: int = 1,
 ) -> Path:
@@ -379,7 +380,8 @@ def run_grid(
 
     With ``workers > 1`` the cells run in that many worker processes (started fresh, one BLAS thread
     each; ``make_problem`` must then be picklable, e.g. a module-level function or a partial of one).
-    A cell's numbers depend only on the seed and the cell, never on the worker that ran it.
+    A cell's numbers depend only on the seed and the cell, never on the worker that ran it. Each cell
+    computed now goes to W&B through ``tracker`` as it finishes (its per-generation means over seeds).
     """
     out = Path(out_dir)
     cell_dir = out / "cells"
@@ -418,8 +420,8 @@ def run_grid(
     def record(job: _CellJob, values: dict[str, np.ndarray]) -> None:
         cells_done.update()
         if tracker is not None:
-            for g in range(generations):
-                tracker.log({f"{job.cell.describe()}/{k}": _mean(v[g]) for k, v in values.items()}, generation=g)
+            means = {k: [_mean(v[g]) for g in range(generations)] for k, v in values.items()}
+            tracker.log_cell(job.cell, means, job.path)
 
     if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked BLAS or W&B threads
@@ -456,6 +458,57 @@ def _mean(v: np.ndarray) -> float:
     if finite.size:
         return float(finite.mean())
     return float("inf") if v.size and np.all(v == np.inf) else float("nan")
+
+
+def cell_config(config: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """A run's config narrowed to one grid cell: its workflow (label) and grid parameters as single values."""
+    return {**config, "workflow": cell.workflow.label, **cell.params}
+
+
+class GridTracker:
+    """W&B logging of a grid, each metric under its own name (``mean_sq_error``, as metrics.csv's ``metric`` column).
+
+    W&B keeps one value per key and step (``generation``), so each cell needs a W&B run of its own for its
+    metrics to keep their plain names: a one-cell grid (every run of a sweep file, which gives one value per grid
+    axis) logs to the recipe run's W&B run, whose config then holds the cell's parameters (``workflow``, ``dim``,
+    ``n_samples``, ...) as single values; a grid of several cells opens one W&B run per cell as the cell finishes
+    (:class:`Tracker` with ``part``: named by :meth:`Cell.describe`, grouped by ``--wandb.group`` or the run
+    directory's name, the cell's parameters in its config, its ``cells/`` file attached), logs it and closes it.
+    Either way the runs of an experiment overlay metric by metric in W&B. Cells finished by an earlier run are not
+    logged again.
+    """
+
+    def __init__(self, cfg: WandbConfig, recipe: str, out: Path, config: dict[str, Any], cells: Sequence[Cell]):
+        self.cfg, self.recipe, self.out, self.config = cfg, recipe, out, config
+        self.enabled = resolve(cfg).mode != "disabled"
+        self.run = Tracker(cfg, recipe, out, cell_config(config, cells[0])) if len(cells) == 1 else None
+
+    def log_cell(self, cell: Cell, means: dict[str, list[float]], path: Path) -> None:
+        """Log a finished cell: ``means[name][g]`` is metric ``name``'s mean over seeds at generation g."""
+        if not self.enabled:
+            return
+        own = self.run is None
+        run = self.run
+        if run is None:
+            run = Tracker(self.cfg, self.recipe, self.out, cell_config(self.config, cell), part=cell.describe())
+        try:
+            generations = len(next(iter(means.values()), []))
+            for g in range(generations):
+                run.log({name: values[g] for name, values in means.items()}, generation=g)
+            if own:
+                run.save_file(path)
+        finally:
+            if own:
+                run.finish()
+
+    def save_file(self, path: Path) -> None:
+        """Attach ``path`` (the run's metrics.csv) to the recipe run's W&B run, where it has one (a one-cell grid)."""
+        if self.run is not None:
+            self.run.save_file(path)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
 
 
 @dataclass
@@ -541,9 +594,15 @@ def _launch(
             raise UserError(f"{exc} (cell {cell.describe()})") from None
     config = config_dict(cfg)
     # Locked until the report is written; a changed --generations is refused (cells are computed for one count).
-    out = prepare_run_dir(resolve_out_dir(cfg.out_dir, config), recipe, config, overwrite=cfg.overwrite)
+    out = prepare_run_dir(
+        resolve_out_dir(cfg.out_dir, config),
+        recipe,
+        config,
+        overwrite=cfg.overwrite,
+        defaults=config_defaults(type(cfg)),
+    )
     try:
-        tracker = Tracker(cfg.wandb, recipe, out, config)
+        tracker = GridTracker(cfg.wandb, recipe, out, config, cells)
         try:
             metrics = run_grid(
                 recipe,

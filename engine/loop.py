@@ -11,9 +11,9 @@ synthetic sets drawn from earlier generations' models. Per generation g, :func:`
    half-way resumes from its last Lightning checkpoint (``checkpoints/last.ckpt`` in staging);
 5. samples the next synthetic set with :class:`SyntheticDataCallback` at the end of the fit, while
    the model is still on its device(s) (or at the start of the test when an earlier run fitted it);
-6. tests it on the real test set and stages ``metrics.json``: test metrics, training-set counts, the
-   optimizer steps the fit took (``train_steps``) and the modality's scores of the synthetic set
-   (:meth:`Modality.evaluate_samples`, which may also stage pictures such as ``samples.png``);
+6. tests it on the real test set and stages ``metrics.json``: test metrics (``test_loss``, ...), training-set
+   counts, the optimizer steps the fit took (``train_steps``) and the modality's scores of the synthetic set
+   (``sample_...``, :meth:`Modality.evaluate_samples`, which may also stage pictures such as ``samples.png``);
 7. commits the generation (``manifest.json``, rename to ``gen_XXX``), rewrites ``metrics.csv``,
    prints one progress line and logs the metrics and pictures to W&B.
 
@@ -68,7 +68,16 @@ from collapse.contract import Modality, RealDataModule
 from collapse.distributed import Dist, launch
 from collapse.errors import ConfigError, UserError
 from collapse.progress import DEFAULT_INTERVAL, check_interval, check_log_level, console
-from collapse.rundir import METRICS, config_dict, prepare_run_dir, release_run_dir, resolve_out_dir, write_metrics
+from collapse.rundir import (
+    METRICS,
+    config_defaults,
+    config_dict,
+    prepare_run_dir,
+    release_run_dir,
+    resolve_out_dir,
+    upgrade_metric_names,
+    write_metrics,
+)
 from collapse.seeding import derive_seed
 from collapse.store import GenerationStore, StoreError
 from collapse.tracking import Tracker, WandbConfig, check_mode
@@ -156,7 +165,8 @@ class LoopResult:
 
     out_dir: Path
     metrics: dict[int, dict[str, float]]
-    """Per generation (all finished ones, including earlier runs'): the contents of its metrics.json."""
+    """Per generation (all finished ones, including earlier runs'): the contents of its metrics.json, every metric
+    name in its current spelling (``test_loss``, also for a generation an older version wrote as ``test/loss``)."""
     fitted: list[int]
     """Generations whose model was fitted (fully or resumed from a checkpoint) by this call."""
     committed: list[int]
@@ -226,7 +236,9 @@ def _run_generations(
     def _start() -> Path:
         # Locks the run directory for this whole call (rank 0 only); a larger --generations continues a run.
         target = resolve_out_dir(cfg.out_dir, full_config)
-        out = prepare_run_dir(target, recipe, full_config, cfg.overwrite, extendable=True)
+        out = prepare_run_dir(
+            target, recipe, full_config, cfg.overwrite, extendable=True, defaults=config_defaults(type(cfg))
+        )
         try:
             modality.start_run(out)
         except BaseException:
@@ -318,7 +330,7 @@ class _GenerationContext:
         return {
             "fitted": store.staged(g, MODEL_FILE) is not None,
             "checkpoint": _resumable_checkpoint(stage / CHECKPOINT_DIR / LAST_CKPT),
-            "metrics": json.loads(staged_metrics.read_text()) if staged_metrics is not None else None,
+            "metrics": _load_metrics(staged_metrics) if staged_metrics is not None else None,
         }
 
     def make(self, g: int) -> tuple[bool, dict[str, float]]:
@@ -432,7 +444,7 @@ class _GenerationContext:
         """Rank 0, after a commit: metrics.csv, the progress line, W&B (metrics and the generation's pictures)."""
         write_metrics_csv(self.store, self.wf.label, self.cfg.seed)
         print(self.progress_line(g, metrics, f"{seconds:.1f}s"), flush=True)
-        tracker.log({**metrics, "time/generation_s": seconds}, generation=g)
+        tracker.log({**metrics, "generation_seconds": seconds}, generation=g)
         for picture in sorted(self.store.path(g).glob("*.png")):
             tracker.log_image(f"samples/{picture.stem}", picture, generation=g)
         for text in sorted(self.store.path(g).glob("samples*.txt")):  # sample texts (e.g. stories), one per block
@@ -494,7 +506,7 @@ class _GenerationContext:
     def progress_line(self, g: int, metrics: Mapping[str, float], tail: str) -> str:
         """``[toy] accumulate seed=0 gen 2/4 test_loss=1.234 train=300 (real 100, synthetic 200) 1.2s``."""
         shown = [k for k in metrics if k.startswith(("test", "sample"))]
-        tests = " ".join(f"{_csv_name(k)}={metrics[k]:.4g}" for k in shown)
+        tests = " ".join(f"{k}={metrics[k]:.4g}" for k in shown)
         size = metrics.get("train_size")
         train = (
             f" train={size:.0f} (real {metrics.get('train_real', 0):.0f}, "
@@ -511,14 +523,10 @@ def write_metrics_csv(store: GenerationStore, workflow: str, seed: int) -> Path:
     rows = []
     for g in store.completed():
         for name, value in sorted(_read_metrics(store, g).items()):
-            rows.append((workflow, seed, g, _csv_name(name), value))
+            rows.append((workflow, seed, g, name, value))
     path = store.root / METRICS
     write_metrics(path, METRIC_COLUMNS, rows)
     return path
-
-
-def _csv_name(metric: str) -> str:
-    return metric.replace("/", "_")
 
 
 SAMPLE_TEXT_SEPARATOR = "<|endoftext|>"
@@ -532,13 +540,24 @@ def _text_blocks(text: str) -> list[str]:
 
 
 def _read_metrics(store: GenerationStore, g: int) -> dict[str, float]:
+    """A finished generation's metrics.json, with today's metric names (an older ``test/loss`` as ``test_loss``)."""
     path = store.path(g) / METRICS_FILE
     try:
-        return json.loads(path.read_text())
+        return _load_metrics(path)
     except FileNotFoundError:
         raise StoreError(f"{path}: missing from a finished generation") from None
+
+
+def _load_metrics(path: Path) -> dict[str, float]:
+    """A metrics.json (finished or staged) with every metric name in its current spelling
+    (:func:`collapse.rundir.metric_name`: runs made before the names were unified hold ``test/loss``, ...)."""
+    try:
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise StoreError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: not a JSON object of metric names and values")
+    return upgrade_metric_names(data)
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -58,9 +58,9 @@ class ConformerQualityConfig:
 class ConformerSampleEvaluator:
     """Scores a generation's synthetic conformers: the ``evaluate_samples`` of a conformer modality.
 
-    Returns ``sample/bond_w1`` (bond-length Wasserstein-1 against the real conformers of the same graphs),
-    ``sample/broken_first_draw`` (fraction broken at the first draw), ``sample/resampled`` and
-    ``sample/replaced_by_real`` (counts), and draws ``samples.png``.
+    Returns ``sample_bond_w1`` (bond-length Wasserstein-1 against the real conformers of the same graphs),
+    ``sample_broken_first_draw`` (fraction broken at the first draw), ``sample_resampled`` and
+    ``sample_replaced_by_real`` (counts), and draws ``samples.png``.
 
     Args:
         config: the ``--quality.*`` settings.
@@ -90,12 +90,12 @@ class ConformerSampleEvaluator:
                 ref_pos=[chosen[k].pos.numpy() for k in shown],
             )
         n = max(1, len(mol_id))
-        metrics = {"sample/bond_w1": bonds["bond_w1/all"]}
+        metrics = {"sample_bond_w1": bonds["bond_w1/all"]}
         resampled = np.asarray(arrays["resampled"]) if "resampled" in arrays else np.zeros(len(mol_id))
         replaced = np.asarray(arrays["replaced_by_real"]) if "replaced_by_real" in arrays else np.zeros(len(mol_id))
-        metrics["sample/broken_first_draw"] = float((resampled > 0).sum() + (replaced & (resampled == 0)).sum()) / n
-        metrics["sample/resampled"] = float((resampled > 0).sum())
-        metrics["sample/replaced_by_real"] = float(replaced.sum())
+        metrics["sample_broken_first_draw"] = float((resampled > 0).sum() + (replaced & (resampled == 0)).sum()) / n
+        metrics["sample_resampled"] = float((resampled > 0).sum())
+        metrics["sample_replaced_by_real"] = float(replaced.sum())
         if replaced.any():
             log.warning(
                 "generation %d: %d of %d generated conformers stayed broken and were replaced by the real ones",

@@ -287,8 +287,8 @@ class DigitSampleEvaluator:
     """Scores a generation's synthetic digits, for any model of MNIST: the ``evaluate_samples`` of a digit modality.
 
     Writes ``samples.png`` (the first ``grid_size`` digits) and ``class_histogram.json`` (predicted-class
-    counts) into the generation's staging folder and returns ``sample/fid``, ``sample/class_entropy`` and
-    ``sample/confidence`` (see the module docstring). The classifier is trained on the real training digits
+    counts) into the generation's staging folder and returns ``sample_fid``, ``sample_class_entropy`` and
+    ``sample_confidence`` (see the module docstring). The classifier is trained on the real training digits
     the first time it is needed (then read from the cache), and the real test digits are the reference set.
 
     Args:
@@ -312,7 +312,7 @@ class DigitSampleEvaluator:
             return {}
         metrics, histogram = self.quality().evaluate_with_histogram(np.asarray(images))
         atomic_write_json(Path(stage) / "class_histogram.json", {"counts": [int(c) for c in histogram]})
-        return {f"sample/{k}": v for k, v in metrics.items()}
+        return {f"sample_{k}": v for k, v in metrics.items()}
 
     def quality(self) -> SampleQuality:
         """The scorer: the classifier (trained once, cached) and the real test digits' features."""

@@ -97,12 +97,12 @@ class StorySampleEvaluator:
         kept = [s.strip() for s in stories if s.strip()]
         atomic_write_text(Path(stage) / STORIES_FILE, format_corpus(kept))
         atomic_write_text(Path(stage) / SAMPLES_FILE, format_corpus(kept[: self.config.shown_stories]))
-        metrics = {f"sample/{k}": v for k, v in corpus_diversity(kept, self.rare_words()).items()}
-        metrics["sample/mean_tokens"] = float(lengths.mean()) if len(lengths) else 0.0
+        metrics = {f"sample_{k}": v for k, v in corpus_diversity(kept, self.rare_words()).items()}
+        metrics["sample_mean_tokens"] = float(lengths.mean()) if len(lengths) else 0.0
         if "finished" in arrays:
             finished = np.asarray(arrays["finished"])
-            metrics["sample/finished_fraction"] = float(finished.mean()) if len(finished) else 0.0
-        metrics["sample/empty_stories"] = float(blank)
+            metrics["sample_finished_fraction"] = float(finished.mean()) if len(finished) else 0.0
+        metrics["sample_empty_stories"] = float(blank)
         if blank:
             log.warning("generation %d: %d of %d synthetic stories are empty text", generation, blank, len(stories))
         return metrics

@@ -13,9 +13,9 @@ shifted loss of the Hugging Face model (labels -100 are ignored):
 
     loss = -1/N sum_{b, t : labels[b, t+1] != -100} log p(labels[b, t+1] | input_ids[b, :t+1]),
 
-with N the number of predicted tokens of the batch. ``<stage>/loss`` is logged with weight N, so
+with N the number of predicted tokens of the batch. ``<stage>_loss`` is logged with weight N, so
 its epoch value is the per-token mean over the whole stage, across DDP ranks too, and the test
-perplexity is ``exp(test/loss)`` (computed afterwards from the logged value: the exp of batch means
+perplexity is ``exp(test_loss)`` (computed afterwards from the logged value: the exp of batch means
 would not average to it). The optimiser is AdamW with linear warmup then cosine decay to 10% of
 the learning rate over the fit (:func:`lr_factor`).
 """
@@ -432,9 +432,9 @@ class CausalLMModule(SamplingModule):
     token, 0: padding) and ``labels`` (B, T) (-100 where no loss); a bare (B, T) tensor is taken as
     ``input_ids``. Without labels the targets are the inputs with padding masked (:meth:`prepare_batch`).
 
-    Logged per stage: ``<stage>/loss``, mean cross-entropy in nats per predicted token, weighted by the
+    Logged per stage: ``<stage>_loss``, mean cross-entropy in nats per predicted token, weighted by the
     number of predicted tokens (exact per-token mean over the stage and over DDP ranks). Perplexity
-    is ``exp(test/loss)``, computed from the logged value.
+    is ``exp(test_loss)``, computed from the logged value.
     """
 
     def __init__(
@@ -567,13 +567,13 @@ class CausalLMModule(SamplingModule):
         return loss, n
 
     def model_step(self, batch: Mapping[str, torch.Tensor] | torch.Tensor, stage: str) -> torch.Tensor:
-        """Mean token cross-entropy of a batch, logged as ``<stage>/loss`` with weight = predicted tokens.
+        """Mean token cross-entropy of a batch, logged as ``<stage>_loss`` with weight = predicted tokens.
 
         Lightning accumulates sum_batches(loss * n) / sum_batches(n) (summed over ranks with
-        ``sync_dist``), i.e. the per-token mean of the whole stage; exp(test/loss) is the test perplexity.
+        ``sync_dist``), i.e. the per-token mean of the whole stage; exp(test_loss) is the test perplexity.
         """
         loss, n = self.token_loss(batch)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

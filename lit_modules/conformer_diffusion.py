@@ -413,7 +413,7 @@ class ConformerDiffusionModule(SamplingModule):
     """Lightning wrapper of :class:`EquivariantDenoiser`: DDPM training, fixed-noise evaluation and sampling.
 
     Build it from a :class:`ConformerDiffusionConfig`, keyword overrides of its fields, or both. The
-    resolved settings are the (flat) hyperparameters. Logged: ``train/loss``, ``val/loss``, ``test/loss``
+    resolved settings are the (flat) hyperparameters. Logged: ``train_loss``, ``val_loss``, ``test_loss``
     (noise-prediction MSE per coordinate, mean over molecules; epoch means weighted by molecules).
 
     Synthetic data: call :meth:`configure_sampling` with the training graphs, then ``sample(n, generator)``.
@@ -505,14 +505,14 @@ class ConformerDiffusionModule(SamplingModule):
         return torch.stack(losses).mean(0)  # (B,)
 
     def model_step(self, batch: MoleculeBatch, stage: str) -> torch.Tensor:
-        """Mean per-molecule loss of a batch, logged as ``<stage>/loss``: random t and eps in training, else fixed."""
+        """Mean per-molecule loss of a batch, logged as ``<stage>_loss``: random t and eps in training, else fixed."""
         if stage == "train":
             t = torch.randint(1, self.config.num_steps + 1, (batch.num_graphs,), device=batch.batch.device)
             per_molecule = self.denoising_loss(batch, t, self.zero_com_noise(batch))
         else:
             per_molecule = self.eval_loss(batch)
         loss = per_molecule.mean()
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=batch.num_graphs, sync_dist=True)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=batch.num_graphs, sync_dist=True)
         return loss
 
     def training_step(self, batch: MoleculeBatch, batch_idx: int) -> torch.Tensor:

@@ -71,9 +71,9 @@ class GaussianDensity(SamplingModule):
         return 0.5 * (z**2).sum(-1) - log_det + 0.5 * dim * math.log(2 * math.pi)
 
     def model_step(self, batch: torch.Tensor, stage: str) -> torch.Tensor:
-        """Mean NLL of a batch (B, D), logged as ``<stage>/loss`` (epoch mean, weighted by batch size)."""
+        """Mean NLL of a batch (B, D), logged as ``<stage>_loss`` (epoch mean, weighted by batch size)."""
         loss = self.nll(batch).mean()
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0])
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0])
         return loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

@@ -167,8 +167,8 @@ class VAEModule(SamplingModule):
     ``VAEModule(VAEConfig(latent_dim=8))``, ``VAEModule(latent_dim=8)``. The resolved settings are the
     hyperparameters (flat, so ``load_from_checkpoint`` rebuilds the same model).
 
-    Logged per stage (epoch means weighted by batch size, reduced over DDP ranks): ``<stage>/loss``
-    (negative ELBO, nats per image under the Bernoulli decoder), ``<stage>/recon`` and ``<stage>/kl``.
+    Logged per stage (epoch means weighted by batch size, reduced over DDP ranks): ``<stage>_loss``
+    (negative ELBO, nats per image under the Bernoulli decoder), ``<stage>_recon`` and ``<stage>_kl``.
     """
 
     def __init__(self, config: VAEConfig | None = None, **overrides: Any):
@@ -217,12 +217,12 @@ class VAEModule(SamplingModule):
         return self.loss_terms(batch_images(batch))[0]
 
     def model_step(self, batch: torch.Tensor | Sequence[torch.Tensor], stage: str) -> torch.Tensor:
-        """Mean negative ELBO of a batch, logged with its terms: ``<stage>/loss``, ``<stage>/recon``, ``<stage>/kl``."""
+        """Mean negative ELBO of a batch, logged with its terms: ``<stage>_loss``, ``<stage>_recon``, ``<stage>_kl``."""
         x = batch_images(batch)  # (B, 1, 28, 28)
         loss, recon, kl = (t.mean() for t in self.loss_terms(x))  # batch means, nats per image
         size = x.shape[0]
         for name, value in (("loss", loss), ("recon", recon), ("kl", kl)):
-            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+            self.log(f"{stage}_{name}", value, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         return loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

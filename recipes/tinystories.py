@@ -144,8 +144,8 @@ class LMModality(Modality):
         return {**dataclasses.asdict(self.cfg.sampling), "max_len": self.data.max_seq_len}
 
     def derived_metrics(self, tested: Mapping[str, float]) -> dict[str, float]:
-        loss = tested.get("test/loss")
-        return {} if loss is None else {"test/perplexity": math.exp(min(loss, 700.0))}
+        loss = tested.get("test_loss")
+        return {} if loss is None else {"test_perplexity": math.exp(min(loss, 700.0))}
 
     def evaluate_samples(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
         return self.evaluator(stage, arrays, generation)

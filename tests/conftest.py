@@ -1,6 +1,11 @@
-"""Shared test setup: keep every library offline and headless."""
+"""Shared test setup: keep every library offline and headless; a stand-in W&B (``fake_wandb``)."""
 
 import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -12,3 +17,44 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from collapse.hardware import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()
+
+
+class FakeRun:
+    """Records what the Tracker sends to W&B."""
+
+    def __init__(self, kwargs):
+        self.kwargs, self.rows, self.metrics, self.id = kwargs, [], {}, "fake"
+        self.files: list[str] = []
+        self.finished = False
+
+    def define_metric(self, name, step_metric=None):
+        self.metrics[name] = step_metric
+
+    def log(self, row):
+        self.rows.append(dict(row))
+
+    def save(self, path, base_path=None, policy=None):
+        self.files.append(Path(path).name)
+
+    def finish(self):
+        self.finished = True
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """A stand-in ``wandb`` module: the list of the :class:`FakeRun` s opened, in order."""
+    runs: list[FakeRun] = []
+    module = types.ModuleType("wandb")
+
+    def init(**kwargs):
+        runs.append(FakeRun(kwargs))
+        return runs[-1]
+
+    module.init = init
+    module.Image = lambda path: ("image", path)
+    module.Table = lambda columns, data: ("table", columns, data)
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    for key in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_RUN_GROUP", "WANDB_GROUP", "WANDB_TAGS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return runs

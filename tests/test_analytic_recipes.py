@@ -345,6 +345,53 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     assert list(runs[0].glob("*.wandb")), "the offline run log (history) is missing"
 
 
+@pytest.mark.slow
+def test_wandb_offline_grid_has_one_run_per_cell(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    _tracked_gaussian(out, workflow=["replace", "accumulate"], n_samples=8)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(list(run.glob("*.wandb")) for run in runs)
+    held = sorted(p.name for run in runs for p in (run / "files").glob("*.csv"))
+    assert held == sorted(p.name for p in (out / "cells").glob("*.csv"))  # each run holds its own cell's rows
+
+
+def _tracked_gaussian(out: Path, **overrides) -> Path:
+    settings = dict(out_dir=str(out), dim=2, generations=3, num_seeds=4, report=False, log_every=1000, workers=1)
+    return gaussian.main(gaussian.GaussianConfig(**{**settings, **overrides}, wandb=WandbConfig(mode="offline")))
+
+
+def test_a_one_cell_run_logs_plain_metric_names_with_the_cell_in_its_wandb_config(tmp_path, fake_wandb):
+    metrics = _tracked_gaussian(tmp_path / "run", workflow="replace", n_samples=8)  # a sweep run: one cell
+    (run,) = fake_wandb
+    assert [row["generation"] for row in run.rows] == [0, 1, 2]
+    assert all(row.keys() == {"generation", *gaussian.GaussianProblem.metrics} for row in run.rows)
+    for name in gaussian.GaussianProblem.metrics:  # each generation's mean over seeds, as metrics.csv holds them
+        assert [row[name] for row in run.rows] == pytest.approx(curves(metrics, name)["replace"], rel=1e-12)
+    config = run.kwargs["config"]
+    assert (config["workflow"], config["dim"], config["n_samples"], config["num_seeds"]) == ("replace", 2, 8, 4)
+    assert (run.kwargs["group"], run.kwargs["name"], run.kwargs["job_type"]) == ("gaussian", "run", "replace")
+    assert run.files == ["metrics.csv"] and run.finished
+
+
+def test_a_grid_logs_each_cell_to_a_wandb_run_of_its_own(tmp_path, fake_wandb):
+    out = tmp_path / "grid"
+    metrics = _tracked_gaussian(out, workflow=["replace", "accumulate"], n_samples=[8, 12])
+    cells = {f"{wf} dim=2 n_samples={n}": (wf, n) for wf in ("replace", "accumulate") for n in (8, 12)}
+    assert sorted(run.kwargs["name"] for run in fake_wandb) == sorted(cells)
+    assert len({run.kwargs["id"] for run in fake_wandb}) == len(cells)
+    for run in fake_wandb:
+        wf, n = cells[run.kwargs["name"]]
+        assert run.kwargs["group"] == "grid" and run.kwargs["job_type"] == wf and f"workflow={wf}" in run.kwargs["tags"]
+        assert (run.kwargs["config"]["workflow"], run.kwargs["config"]["n_samples"]) == (wf, n)
+        assert [row["generation"] for row in run.rows] == [0, 1, 2]
+        expected = curves(metrics, "mean_sq_error", n_samples=n)[wf]
+        assert [row["mean_sq_error"] for row in run.rows] == pytest.approx(expected, rel=1e-12)
+        assert run.finished and len(run.files) == 1 and (out / "cells" / run.files[0]).is_file()
+    _tracked_gaussian(out, workflow=["replace", "accumulate"], n_samples=[8, 12])  # resumed: nothing new to log
+    assert len(fake_wandb) == len(cells)
+
+
 def test_worker_processes_give_the_same_numbers(tmp_path):
     one = _run_gaussian(tmp_path / "one")
     cfg = gaussian.GaussianConfig(

@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from benchmarks.mfu import NO_PEAK, FlopShape, flop_shape, mfu_text, peak_tflops, resolve_peak, training_flops
+from lit_modules.causal_lm import CausalLMConfig, build_model, count_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
 
 KEYS = (
@@ -28,3 +34,99 @@ def test_tinystories_generation_benchmark_prints_each_phase_and_the_projection(t
     assert all(float(values[k]) > 0 for k in KEYS)
     assert proc.stdout.strip().splitlines()[-1].startswith("projected_minutes_per_generation_published: ")
     assert "backend: native" in proc.stdout
+    assert values["train_mfu"] == NO_PEAK  # a CPU: no peak to divide by
+    assert values["mfu_counting"].startswith("6*N + 12*n_layer*d_attn*T FLOPs per real token")
+
+
+def test_flop_count_of_gpt2_2m_by_hand():
+    with torch.device("meta"):  # the architecture only
+        model = build_model(CausalLMConfig(preset="gpt2-2m"))
+    shape = flop_shape(model)
+    v, d, layers, positions = 8000, 128, 4, 512
+    # Non-embedding parameters (the built model less its token and position embeddings), plus the tied output
+    # head, a d x V multiply on every token: V d + L (12 d^2 + 13 d) + 2 d (lit_modules/causal_lm.py).
+    non_embedding = count_parameters(model) - v * d - positions * d
+    assert non_embedding == layers * (12 * d * d + 13 * d) + 2 * d
+    assert shape == FlopShape(matmul_params=non_embedding + v * d, n_layer=layers, d_attn=d)
+    assert shape.matmul_params == 1_817_344
+    # Two stories of 3 and 5 real tokens: 6 N (3 + 5) + 12 L d (3^2 + 5^2).
+    assert training_flops(shape, [3, 5]) == 6 * 1_817_344 * 8 + 12 * layers * d * (9 + 25)
+
+
+def test_flop_count_of_an_untied_llama_leaves_out_only_the_input_embedding():
+    with torch.device("meta"):
+        model = build_model(CausalLMConfig(preset="tiny", vocab_size=64))
+    shape = flop_shape(model)
+    assert shape.matmul_params == count_parameters(model) - 64 * 32  # the lm_head (64 x 32) stays in
+    assert (shape.n_layer, shape.d_attn) == (2, 32)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100-PCIE-40GB", 312.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA H200 NVL", None),
+        ("NVIDIA H100 PCIe", None),
+        ("NVIDIA L40S", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_table_by_device_name(name, peak):
+    assert peak_tflops(name) == peak
+
+
+def test_mfu_needs_a_peak():
+    assert resolve_peak("cpu", None) == (None, "none known for a CPU")
+    assert resolve_peak("cpu", 2.0) == (2.0, "--peak_tflops")
+    assert mfu_text(1e12, None) == NO_PEAK
+    assert mfu_text(0.5e12, 2.0) == "0.250"
+
+
+def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(tmp_path):
+    env = {**os.environ, "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "lm_training.py"), "--device", "cpu", "--preset", "gpt2-tiny"]
+    cmd += ["--stories", "48", "--batch_size", "8", "--steps", "3", "--warmup", "1", "--repeats", "1"]
+    cmd += ["--max_seq_len", "64", "--peak_tflops", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    values = dict(line.split(": ", 1) for line in lines if ": " in line)
+    assert "peak: 1 TFLOP/s dense bf16 (--peak_tflops)" in values["mfu_counting"]
+    assert 0 < float(values["plain_loop_mfu"]) < 1 and 0 < float(values["lightning_mfu"]) < 1
+    assert lines[-1].startswith("lightning_vs_plain_loop: ") and float(values["lightning_vs_plain_loop"]) > 0
+
+
+def test_gpu_check_command_lines_parse(tmp_path):
+    # The dry mode parses every benchmark and recipe command of the GPU script with its own parser (no GPU, no
+    # training), so a renamed or removed flag fails here rather than on the GPU machine.
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checked = [line for line in summary.splitlines() if line.endswith(": flags ok")]
+    names = {line.split(":")[0] for line in checked}
+    assert {"train_llama2-42m", "sample_gpt2-9m", "generation_llama2-126m", "recipe_gpt2-9m"} <= names
+    assert len(checked) == 8
+    assert "timeouts add up to 540s" in proc.stdout
+
+
+def test_flag_check_rejects_a_flag_its_parser_does_not_know(tmp_path):
+    listing = tmp_path / "commands.tsv"
+    listing.write_text(
+        "good\tpython benchmarks/lm_training.py --device cuda --steps 3\n"
+        "unknown\tpython benchmarks/lm_training.py --device cuda --no_such_flag 3\n"
+        "preset\tpython benchmarks/tinystories_generation.py --device cuda --preset gpt2-99m\n"
+        "recipe\tpython recipes/tinystories.py --model.no_such_field 1\n"
+    )
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "check_flags.py"), str(listing)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "good: flags ok"
+    assert all("flags FAILED" in line for line in lines[1:]) and len(lines) == 4

@@ -224,11 +224,11 @@ def test_trainer_fit_and_test_log_the_loss(tmp_path):
     trainer = quiet_trainer(max_epochs=1)
     trainer.fit(module, train, val)
     assert trainer.global_step == 4
-    assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
+    assert {"train_loss", "val_loss"} <= set(trainer.callback_metrics)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-2 * lr_factor(4, 2, 4))  # decayed to 10%
     (result,) = trainer.test(module, val, verbose=False)
-    assert math.isfinite(result["test/loss"]) and 0 < result["test/loss"] < 2 * math.log(64)
+    assert math.isfinite(result["test_loss"]) and 0 < result["test_loss"] < 2 * math.log(64)
 
     trainer.save_checkpoint(tmp_path / "last.ckpt")  # flat hyperparameters rebuild the same model
     restored = CausalLMModule.load_from_checkpoint(tmp_path / "last.ckpt")
@@ -265,8 +265,8 @@ def test_test_loss_is_the_per_token_mean_over_batches():
         batch_means = [module.token_loss(b)[0].item() for b in batches]
 
     (result,) = quiet_trainer().test(module, DataLoader(batches, batch_size=None), verbose=False)
-    assert result["test/loss"] == pytest.approx(total / count, rel=1e-5)
-    assert result["test/loss"] != pytest.approx(sum(batch_means) / 2, rel=0.05)  # not the mean of batch means
+    assert result["test_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["test_loss"] != pytest.approx(sum(batch_means) / 2, rel=0.05)  # not the mean of batch means
 
 
 def padded_stories(lengths: list[int], vocab: int = 64, pad: int = 1) -> dict[str, torch.Tensor]:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import sys
-import types
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -33,44 +32,6 @@ def _one_line_exit(capsys, argv, config_cls=ToyGaussianConfig) -> str:
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     return err
-
-
-class FakeRun:
-    """Records what the Tracker sends to W&B."""
-
-    def __init__(self, kwargs):
-        self.kwargs, self.rows, self.metrics, self.id = kwargs, [], {}, "fake"
-
-    def define_metric(self, name, step_metric=None):
-        self.metrics[name] = step_metric
-
-    def log(self, row):
-        self.rows.append(dict(row))
-
-    def save(self, *args, **kwargs):
-        pass
-
-    def finish(self):
-        pass
-
-
-@pytest.fixture
-def fake_wandb(monkeypatch):
-    runs: list[FakeRun] = []
-    module = types.ModuleType("wandb")
-
-    def init(**kwargs):
-        runs.append(FakeRun(kwargs))
-        return runs[-1]
-
-    module.init = init
-    module.Image = lambda path: ("image", path)
-    module.Table = lambda columns, data: ("table", columns, data)
-    monkeypatch.setitem(sys.modules, "wandb", module)
-    for key in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_RUN_GROUP", "WANDB_GROUP", "WANDB_TAGS"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    return runs
 
 
 # ---- the whole Trainer ---------------------------------------------------------------------------------------
@@ -109,11 +70,20 @@ def test_trainer_flags_reach_the_trainer_and_the_curves_reach_the_same_wandb_run
     ]  # fmt: skip
     steps = [row["trainer/step"] for row in wandb_run.rows if "trainer/step" in row]
     assert steps == sorted(steps) and steps[-1] > 3  # generation 1's curves follow generation 0's
-    assert any("train/loss" in row for row in wandb_run.rows)
-    assert wandb_run.metrics["lr-Adam"] == wandb_run.metrics["train/loss"] == "trainer/step"
+    assert any("train_loss" in row for row in wandb_run.rows)
+    assert wandb_run.metrics["lr-Adam"] == wandb_run.metrics["train_loss"] == "trainer/step"
     assert wandb_run.metrics["*"] == "generation"
-    per_generation = [row for row in wandb_run.rows if "test/loss" in row]
+    per_generation = [row for row in wandb_run.rows if "test_loss" in row]
     assert [row["generation"] for row in per_generation] == [0, 1] and "trainer/step" not in per_generation[0]
+    # One name per metric: metrics.json's (test_loss, train_size, ...) are the W&B keys, and no metric has a slash.
+    for g, row in enumerate(per_generation):
+        saved = json.loads((tmp_path / "run" / f"gen_{g:03d}" / "metrics.json").read_text())
+        assert "test_loss" in saved and row.keys() == {*saved, "generation", "generation_seconds"}
+        assert {k: row[k] for k in saved} == saved == result.metrics[g]
+    logged = {key for row in wandb_run.rows for key in row}
+    assert {"train_loss", "val_loss"} <= logged and not any(k.startswith(("test/", "train/", "val/")) for k in logged)
+    axes = {"trainer/step", "trainer/global_step", "trainer/epoch", "trainer/steps_per_s"}  # the curves' bookkeeping
+    assert {k for k in logged if "/" in k} <= axes
 
 
 def test_trainer_objects_from_a_yaml_class_path_are_built_fresh_and_recorded(tmp_path):
@@ -122,13 +92,13 @@ def test_trainer_objects_from_a_yaml_class_path_are_built_fresh_and_recorded(tmp
         "trainer:\n"
         "  callbacks:\n"
         "  - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
-        "    init_args: {monitor: val/loss, patience: 7}\n"
+        "    init_args: {monitor: val_loss, patience: 7}\n"
         "  profiler: simple\n"
     )
     cfg = parse_config(ToyGaussianConfig, ["--config", str(path)])
     first, second = cfg.trainer.lightning_kwargs(), cfg.trainer.lightning_kwargs()
     (stopper,) = first["callbacks"]
-    assert isinstance(stopper, EarlyStopping) and stopper.monitor == "val/loss" and stopper.patience == 7
+    assert isinstance(stopper, EarlyStopping) and stopper.monitor == "val_loss" and stopper.patience == 7
     assert second["callbacks"][0] is not stopper  # each generation's Trainer gets its own
     recorded = config_dict(cfg)["trainer"]
     assert recorded["callbacks"][0]["class_path"] == "lightning.pytorch.callbacks.EarlyStopping"

@@ -278,7 +278,7 @@ def test_test_loss_is_fixed_per_molecule_whatever_the_batching(graphs):
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return trainer.test(model, loader, verbose=False)[0]["test/loss"]
+            return trainer.test(model, loader, verbose=False)[0]["test_loss"]
 
     assert test_loss(2, [0, 1, 2, 3, 4]) == pytest.approx(float(together.mean()), rel=1e-5)
     assert test_loss(3, [4, 2, 0, 3, 1]) == pytest.approx(float(together.mean()), rel=1e-5)
@@ -395,5 +395,5 @@ def test_tiny_overfit_lowers_the_loss(graphs):
     model.eval()
     with torch.no_grad():
         after = float(model.eval_loss(batch).mean())
-    assert math.isfinite(trainer.callback_metrics["train/loss"].item())
+    assert math.isfinite(trainer.callback_metrics["train_loss"].item())
     assert after < 0.7 * before, (before, after)  # seen: 1.28 -> 0.51

@@ -77,7 +77,7 @@ def write_lm_run(path, workflow, seed, curve=None, *, pictures=False, header=Non
     for g in range(len(curve)):
         folder = path / f"gen_{g:03d}"
         folder.mkdir(exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps({"test/loss": curve[g], "test/perplexity": math.exp(curve[g])}))
+        (folder / "metrics.json").write_text(json.dumps({"test_loss": curve[g], "test_perplexity": math.exp(curve[g])}))
         if pictures:
             from PIL import Image
 
@@ -356,6 +356,13 @@ def _gens_only(p):
     (p / "metrics.csv").unlink()
 
 
+def _gens_only_older_names(p):
+    """Finished generations written before metric names were spelt one way everywhere (``test/loss``)."""
+    _gens_only(p)
+    for path in p.glob("gen_*/metrics.json"):
+        path.write_text(json.dumps({k.replace("test_", "test/"): v for k, v in json.loads(path.read_text()).items()}))
+
+
 def _wandb_copy(p):
     write_lm_run(p, "replace", 0)
     files = p / "wandb" / "offline-run-20260101_000000-abc" / "files"
@@ -409,6 +416,7 @@ def _no_config(p):
         (lambda p: write_lm_run(p, "replace", 0, metric="test/loss"), None, "metric 'test/loss' read as test_loss"),
         (_old_config, None, ""),
         (_gens_only, None, "no metrics.csv (the run stopped before writing it): read from the metrics.json of its 4"),
+        (_gens_only_older_names, None, "no metrics.csv (the run stopped before writing it): read from the metrics"),
         (_wandb_copy, None, "read the W&B copy wandb/offline-run-20260101_000000-abc/files/metrics.csv"),
         (_no_config, None, "taken as tinystories from its metrics"),
     ],

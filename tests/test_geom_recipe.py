@@ -102,14 +102,14 @@ def test_rerun_resumes_without_redoing_finished_generations(tmp_path):
     again = main(tiny(out, "accumulate", generations=1))
     assert again.committed == [] and again.fitted == []
     assert (out / "gen_000" / "model.pt").stat().st_mtime_ns == before
-    assert again.metrics[0]["test/loss"] == first.metrics[0]["test/loss"]
+    assert again.metrics[0]["test_loss"] == first.metrics[0]["test_loss"]
 
 
 def test_seeded_test_loss_is_reproducible(tmp_path):
     a = main(tiny(tmp_path / "a", "replace", generations=1))
     b = main(tiny(tmp_path / "b", "replace", generations=1))
-    assert a.metrics[0]["test/loss"] == b.metrics[0]["test/loss"]
-    assert a.metrics[0]["test/mat_r"] == b.metrics[0]["test/mat_r"]
+    assert a.metrics[0]["test_loss"] == b.metrics[0]["test_loss"]
+    assert a.metrics[0]["test_mat_r"] == b.metrics[0]["test_mat_r"]
 
 
 @pytest.mark.parametrize(

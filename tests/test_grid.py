@@ -27,7 +27,7 @@ def write_sweep(path: Path, parameters: dict, program: str = "recipes/linear_reg
     spec = {
         "program": program,
         "method": "grid",
-        "metric": {"name": "generation", "goal": "maximize"},
+        "metric": {"name": "test_mse", "goal": "minimize"},
         "parameters": parameters,
         "command": ["${env}", "python", "${program}", "--wandb.mode=online", "--out_dir=runs/x/{hash}", "${args}"],
         **extra,

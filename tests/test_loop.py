@@ -21,10 +21,10 @@ import engine.loop as loop
 from callbacks.synthetic_data import SAMPLING_FILE, SyntheticDataCallback, chunk_ranges
 from collapse.errors import UserError
 from collapse.rundir import RunDirError
-from collapse.store import GenerationStore, StoreError
+from collapse.store import GenerationStore, StoreError, sha256_file
 from collapse.tracking import WandbConfig
 from datamodules.workflows import REAL, Workflow, WorkflowError
-from engine.loop import LoopConfig, run_generations
+from engine.loop import LoopConfig, run_generations, write_metrics_csv
 from lit_modules.toy import GaussianDensity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,8 @@ def test_end_to_end_sizes_and_files(tmp_path, spec, capsys):
         assert m["train_size"] == ts.size
         assert m["train_real"] == ts.counts().get(REAL, 0)
         assert m["train_synthetic"] == ts.size - m["train_real"]
-        assert np.isfinite(m["test/loss"]) and 2.0 < m["test/loss"] < 10.0
+        assert np.isfinite(m["test_loss"]) and 2.0 < m["test_loss"] < 10.0
+        assert json.loads((out / f"gen_{g:03d}" / "metrics.json").read_text()) == m  # the names as logged
 
         manifest = json.loads((out / f"gen_{g:03d}" / "manifest.json").read_text())
         assert manifest["generation"] == g
@@ -111,7 +112,7 @@ def test_end_to_end_sizes_and_files(tmp_path, spec, capsys):
     assert {(r["generation"], r["metric"]) for r in rows} == {(str(g), n) for g in range(GENERATIONS) for n in names}
     assert {r["workflow"] for r in rows} == {wf.label} and {r["seed"] for r in rows} == {"0"}
     for r in rows:
-        assert float(r["value"]) == result.metrics[int(r["generation"])][r["metric"].replace("test_", "test/")]
+        assert float(r["value"]) == result.metrics[int(r["generation"])][r["metric"]]
 
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[toy]")]
     assert len(lines) == GENERATIONS
@@ -163,6 +164,40 @@ def test_rerun_does_not_refit_and_changes_nothing(tmp_path, capsys):
     assert (out / "config.yaml").read_text() == config_before
     assert sorted(result.metrics) == [0, 1, 2]
     assert capsys.readouterr().out.count("finished earlier") == GENERATIONS
+
+
+def _spell_metrics_as_older_versions_did(out: Path) -> None:
+    """Rename ``test_loss`` to ``test/loss`` in every finished generation's metrics.json (manifest updated to match),
+    as the loop wrote them before metric names were spelt one way everywhere."""
+    store = GenerationStore(out)
+    for g in store.completed():
+        folder = store.path(g)
+        path = folder / "metrics.json"
+        metrics = json.loads(path.read_text())
+        path.write_text(json.dumps({k.replace("test_", "test/", 1): v for k, v in metrics.items()}, indent=2))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["metrics.json"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_run_with_the_older_metric_names_resumes_to_the_same_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = run(out, "accumulate")
+    expected = (out / "metrics.csv").read_text()
+    _spell_metrics_as_older_versions_did(out)
+    assert '"test/loss"' in (out / "gen_001" / "metrics.json").read_text()
+    shutil.rmtree(out / "gen_002")  # the older run stopped after generation 1
+    (out / "metrics.csv").unlink()
+    capsys.readouterr()
+    result = run(out, "accumulate")
+    assert result.committed == [2]
+    assert (out / "metrics.csv").read_text() == expected  # underscore names, as metrics.csv always had
+    assert result.metrics == first.metrics  # read with today's names
+    resumed = [line for line in capsys.readouterr().out.splitlines() if "finished earlier" in line]
+    assert len(resumed) == 2 and all(f"test_loss={first.metrics[g]['test_loss']:.4g}" in resumed[g] for g in (0, 1))
+    write_metrics_csv(GenerationStore(out), "accumulate", 0)  # the old files are read, never rewritten
+    assert (out / "metrics.csv").read_text() == expected
+    assert '"test/loss"' in (out / "gen_000" / "metrics.json").read_text()
 
 
 def test_different_config_is_refused_unless_overwrite(tmp_path):
@@ -395,7 +430,7 @@ def test_metrics_are_logged_to_the_tracker(tmp_path, monkeypatch):
     run(tmp_path / "run", "accumulate", generations=2)
     assert [entry[0] for entry in logged[:-2]] == [0, 1] and logged[-1] == "finished"
     assert logged[-2] == ("file", (tmp_path / "run" / "metrics.csv").read_text())
-    assert {"test/loss", "train_size", "train_real", "train_synthetic", "time/generation_s"} <= set(logged[1][1])
+    assert {"test_loss", "train_size", "train_real", "train_synthetic", "generation_seconds"} <= set(logged[1][1])
 
 
 def test_toy_model_fits_the_maximum_likelihood_gaussian(tmp_path):
@@ -410,7 +445,7 @@ def test_toy_model_fits_the_maximum_likelihood_gaussian(tmp_path):
     torch.testing.assert_close(model.mean.detach(), mle_mean, atol=0.02, rtol=0)
     torch.testing.assert_close(model.covariance.detach(), mle_cov, atol=0.05, rtol=0)
     entropy = 0.5 * torch.logdet(2 * torch.pi * torch.e * torch.tensor([[2.0, 0.6], [0.6, 0.5]]))  # true H(p)
-    assert abs(result.metrics[0]["test/loss"] - float(entropy)) < 0.25
+    assert abs(result.metrics[0]["test_loss"] - float(entropy)) < 0.25
 
 
 def test_default_config_runs_the_toy_modality_quietly(tmp_path, capsys):

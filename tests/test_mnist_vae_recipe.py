@@ -88,10 +88,10 @@ def test_two_generations_train_on_what_the_workflow_promises(tmp_path, workflow,
         hist = json.loads((out / f"gen_{g:03d}" / "class_histogram.json").read_text())["counts"]
         assert len(hist) == 10 and sum(hist) == images.shape[0]
         metrics = result.metrics[g]
-        assert metrics["test/loss"] == pytest.approx(metrics["test/recon"] + metrics["test/kl"], rel=1e-5)
-        assert metrics["sample/fid"] > 0 and 0 <= metrics["sample/class_entropy"] <= np.log(10) + 1e-6
+        assert metrics["test_loss"] == pytest.approx(metrics["test_recon"] + metrics["test_kl"], rel=1e-5)
+        assert metrics["sample_fid"] > 0 and 0 <= metrics["sample_class_entropy"] <= np.log(10) + 1e-6
     rows = read_csv(out / "metrics.csv")
-    assert rows[(1, "test_loss")] == pytest.approx(m1["test/loss"])
+    assert rows[(1, "test_loss")] == pytest.approx(m1["test_loss"])
     assert "[vae]" in capsys.readouterr().out
 
 
@@ -172,7 +172,7 @@ def test_two_process_ddp_writes_each_generation_once_and_exactly(tmp_path):
         np.testing.assert_array_equal(redrawn, gen.arrays["images"])  # chunk seeds do not depend on the ranks
     metrics = json.loads((out / "gen_000" / "metrics.json").read_text())
     single = _test_loss_one_process(out, cfg)
-    assert metrics["test/loss"] == pytest.approx(single, rel=1e-5)  # disjoint shards: every test digit once
+    assert metrics["test_loss"] == pytest.approx(single, rel=1e-5)  # disjoint shards: every test digit once
 
     # An error on rank 0 (here: the run dir holds another config) stops every rank: one line, no hang.
     proc = run_recipe(out, "accumulate", *extra, "--model.lr", "0.002")
@@ -277,7 +277,7 @@ def test_wandb_gets_metrics_and_sample_grids_of_every_generation(tmp_path, monke
     assert calls[0] == ("init", "offline", "mnist_vae", "replace", 3)
     assert [c[1:] for c in calls if c[0] == "image"] == [(0, "samples/samples"), (1, "samples/samples")]
     logs = [c for c in calls if c[0] == "log"]
-    assert [c[1] for c in logs] == [0, 1] and {"test/loss", "test/recon", "test/kl"} <= set(logs[0][2])
+    assert [c[1] for c in logs] == [0, 1] and {"test_loss", "test_recon", "test_kl"} <= set(logs[0][2])
     assert calls[-2:] == [("file", "metrics.csv"), ("finish",)]
 
 

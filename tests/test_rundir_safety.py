@@ -334,12 +334,16 @@ def test_options_added_after_a_run_was_made_do_not_stop_its_resume(tmp_path):
     old = {**BASE, "trainer": {"max_epochs": 3, "precision": "32-true"}}
     out = prepare_run_dir(tmp_path / "run", "toy", old)
     release_run_dir(out)
+    defaults = {"trainer": {"max_epochs": 1, "accumulate_grad_batches": 1}}
     newer = {**BASE, "trainer": {"max_epochs": 3, "precision": "32-true", "accumulate_grad_batches": 1}}
-    prepare_run_dir(out, "toy", newer)  # the old run never recorded the new key: resumes
+    prepare_run_dir(out, "toy", newer, defaults=defaults)  # the new key holds its default: resumes
     release_run_dir(out)
     assert yaml.safe_load((out / CONFIG).read_text())["trainer"]["accumulate_grad_batches"] == 1
     changed = {**BASE, "trainer": {"max_epochs": 4, "precision": "32-true", "accumulate_grad_batches": 1}}
     with pytest.raises(RunDirError, match=r"different config \(trainer\.max_epochs: 3 -> 4\)"):
-        prepare_run_dir(out, "toy", changed)
-    with pytest.raises(RunDirError, match=r"trainer\.accumulate_grad_batches: 1 -> 2"):
-        prepare_run_dir(out, "toy", {**newer, "trainer": {**newer["trainer"], "accumulate_grad_batches": 2}})
+        prepare_run_dir(out, "toy", changed, defaults=defaults)
+    fresh = prepare_run_dir(tmp_path / "other", "toy", old)
+    release_run_dir(fresh)
+    away = {**BASE, "trainer": {"max_epochs": 3, "precision": "32-true", "accumulate_grad_batches": 4}}
+    with pytest.raises(RunDirError, match=r"trainer\.accumulate_grad_batches: None -> 4"):
+        prepare_run_dir(fresh, "toy", away, defaults=defaults)  # a new option set away from its default

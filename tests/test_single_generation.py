@@ -76,7 +76,7 @@ def test_lightning_recipe_runs_one_generation(tmp_path, recipe):
     assert result.committed == [0] and result.fitted == [0]
     gen = out / "gen_000"
     metrics = json.loads((gen / "metrics.json").read_text())
-    assert math.isfinite(metrics["test/loss"]) and metrics["train_synthetic"] == 0
+    assert math.isfinite(metrics["test_loss"]) and metrics["train_synthetic"] == 0
     assert not any(name.startswith("sample/") for name in metrics)  # no synthetic set, nothing to score
     assert json.loads((gen / "manifest.json").read_text())["num_samples"] == 0
     rows = csv_rows(out / "metrics.csv")

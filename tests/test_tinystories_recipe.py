@@ -96,11 +96,11 @@ def test_two_generations_train_on_what_the_workflow_promises(tmp_path, workflow,
         shown = (out / f"gen_{g:03d}" / "samples.txt").read_text()
         assert shown.count(EOT_SEPARATOR) == min(8, len(stories))
         metrics = result.metrics[g]
-        assert metrics["test/perplexity"] == pytest.approx(np.exp(metrics["test/loss"]), rel=1e-6)
-        assert 0 < metrics["sample/distinct_1"] <= metrics["sample/distinct_2"] <= 1
-        assert 0 <= metrics["sample/rare_word_coverage"] <= 1 and 0 <= metrics["sample/finished_fraction"] <= 1
+        assert metrics["test_perplexity"] == pytest.approx(np.exp(metrics["test_loss"]), rel=1e-6)
+        assert 0 < metrics["sample_distinct_1"] <= metrics["sample_distinct_2"] <= 1
+        assert 0 <= metrics["sample_rare_word_coverage"] <= 1 and 0 <= metrics["sample_finished_fraction"] <= 1
     rows = read_csv(out / "metrics.csv")
-    assert rows[(1, "test_loss")] == pytest.approx(m1["test/loss"])
+    assert rows[(1, "test_loss")] == pytest.approx(m1["test_loss"])
     assert "[lm]" in capsys.readouterr().out
 
 

@@ -213,16 +213,16 @@ def test_lightning_fit_and_test_log_the_elbo_terms(digits, tmp_path):
     train = DataLoader(TensorDataset(x), batch_size=16, shuffle=True)  # tuple batches
     val = DataLoader(x, batch_size=32)  # plain tensor batches
     trainer.fit(model, train, val)
-    assert {"train/loss", "train/recon", "train/kl", "val/loss"} <= set(trainer.callback_metrics)
+    assert {"train_loss", "train_recon", "train_kl", "val_loss"} <= set(trainer.callback_metrics)
     results = trainer.test(model, DataLoader(x, batch_size=32), verbose=False)[0]
-    assert results["test/loss"] == pytest.approx(results["test/recon"] + results["test/kl"], rel=1e-5)
-    assert 0 < results["test/kl"] < results["test/recon"]
+    assert results["test_loss"] == pytest.approx(results["test_recon"] + results["test_kl"], rel=1e-5)
+    assert 0 < results["test_kl"] < results["test_recon"]
     torch.manual_seed(123)  # another global RNG state and batch size: the same test loss
     again = trainer.test(model, DataLoader(x, batch_size=64), verbose=False)[0]
-    assert again["test/loss"] == pytest.approx(results["test/loss"], rel=1e-6)
+    assert again["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
     model.eval()
     with torch.no_grad():
-        assert results["test/loss"] == pytest.approx(model.negative_elbo(x).mean().item(), rel=1e-6)
+        assert results["test_loss"] == pytest.approx(model.negative_elbo(x).mean().item(), rel=1e-6)
     trainer.save_checkpoint(tmp_path / "vae.ckpt")
     restored = VAEModule.load_from_checkpoint(tmp_path / "vae.ckpt")
     assert restored.config == model.config

@@ -59,7 +59,7 @@ import yaml
 from collapse.atomic import atomic_write_text
 from collapse.cells import cell_problem
 from collapse.errors import UserError
-from collapse.rundir import CONFIG, METRICS
+from collapse.rundir import CONFIG, METRICS, metric_name, upgrade_metric_names
 from datamodules.workflows import Workflow, WorkflowError
 from tooling import report as rp
 from tooling.published import (
@@ -439,8 +439,8 @@ def _from_generations(path: Path, config: dict[str, Any], caveats: list[str]):
             data = json.loads((path / f"gen_{g:03d}" / "metrics.json").read_text(encoding="utf-8"))
             if not isinstance(data, dict):
                 raise ValueError("not a mapping")
-            for name, value in data.items():
-                rows.setdefault((name.replace("/", "_"), label, ()), []).append((g, float(value)))
+            for name, value in upgrade_metric_names(data).items():  # an older run's test/loss is test_loss
+                rows.setdefault((name, label, ()), []).append((g, float(value)))
         except (OSError, ValueError, TypeError) as exc:
             unreadable.append(f"gen_{g:03d} ({type(exc).__name__})")
     if not rows:
@@ -592,7 +592,7 @@ def load_figure_run(path: str | Path, figure: Figure) -> FigureRun:
         raise _Skip(f"a {recipe} run; this figure uses {figure.recipe}")
     metrics = sorted({m for m, _, _ in series})
     if figure.metric not in metrics:
-        alias = [m for m in metrics if m.replace("/", "_").replace("-", "_") == figure.metric]
+        alias = [m for m in metrics if metric_name(m).replace("-", "_") == figure.metric]
         if alias:
             series = {(figure.metric if m == alias[0] else m, w, c): v for (m, w, c), v in series.items()}
             caveats.append(f"metric {alias[0]!r} read as {figure.metric} (older spelling)")

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from collapse.errors import UserError
+from collapse.rundir import metric_name
 from datamodules.workflows import WORKFLOW_NAMES, Workflow, WorkflowError
 
 PUBLISHED_PATH = Path(__file__).with_name("published_results.yaml")
@@ -413,8 +414,9 @@ def load_published(path: str | Path | None = None) -> dict[str, Figure]:
 
 
 def recipe_metrics(recipe: str) -> set[str]:
-    """Metric names a recipe documents or logs: ``name`` spans and string literals of its source (``a/b`` as
-    ``a_b``, as metrics.csv spells them). Used by the tests to check that every figure's metric is real."""
+    """Metric names a recipe documents or logs: ``name`` spans and string literals of its source (an older
+    ``a/b`` as ``a_b``, see :func:`collapse.rundir.metric_name`). Used by the tests to check that every figure's
+    and every sweep's metric is real."""
     text = (RECIPES_DIR / f"{recipe}.py").read_text(encoding="utf-8")
     names = re.findall(r"``([a-z][a-z0-9_/]*)``", text) + re.findall(r"[\"']([a-z][a-z0-9_/]*)[\"']", text)
-    return {n.replace("/", "_") for n in names}
+    return {metric_name(n) for n in names}

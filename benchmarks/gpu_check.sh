@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project at reduced size, in one run of at most 540 s (the sum of the steps'
+# timeouts): the environment, training throughput and MFU (benchmarks/lm_training.py), sampling throughput
+# (benchmarks/lm_generation.py), one TinyStories generation projected to the published corpus
+# (benchmarks/tinystories_generation.py) and a 2-generation recipe run with its progress lines.
+#
+#   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh                      # on a machine with a CUDA GPU
+#   GPU_CHECK_DRY=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_check.sh        # any machine: only parse the flags
+#
+# Each step runs under its own `timeout`, writes its whole output to $OUT/<step>.log (each line prefixed with
+# the seconds since the step started) and one line to $OUT/summary.txt:
+#   <step>: <status>  <wall>s, longest silence <s>s | <its result lines>   (status: ok, FAILED (exit N) or
+#   TIMED OUT after Ns)
+# A failed or timed-out step does not stop the next; the summary is printed at the end, and the exit
+# status is 1 if any step did not finish ok. Nothing is downloaded: the data is the offline stand-in
+# corpus, and extra pure-python packages (jsonargparse, ...) are read from $WHEELS (default /tmp/wheels,
+# a `pip install --target` folder) when it exists.
+#
+# GPU_CHECK_DRY=1: run nothing on a GPU; every benchmark and recipe command line below is parsed by its
+# own parser (benchmarks/check_flags.py) instead, so the flags stay real. PYTHON picks the interpreter.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+: "${OUT:?set OUT to the folder for the logs and summary.txt}"
+mkdir -p "$OUT"
+PY=${PYTHON:-$(command -v python || command -v python3)}
+WHEELS=${WHEELS:-/tmp/wheels}
+DRY=${GPU_CHECK_DRY:-0}
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$WHEELS" ] && PYTHONPATH="$PYTHONPATH:$WHEELS"
+export PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export MODEL_COLLAPSE_CACHE=${MODEL_COLLAPSE_CACHE:-/tmp/gpu_check_cache}  # shared by the steps, not under $OUT
+SUMMARY=$OUT/summary.txt
+CHECKS=$OUT/dry_commands.tsv
+: >"$SUMMARY"
+[ "$DRY" = 1 ] && : >"$CHECKS"
+BUDGET=0
+FAILED=0
+
+# Microseconds since the epoch (bash 5's EPOCHREALTIME without its decimal point).
+usec() { local t=${EPOCHREALTIME/[.,]/}; echo "$((10#$t))"; }
+
+# Seconds, one decimal, of a microsecond count.
+secs() { printf '%d.%d' "$(($1 / 1000000))" "$(($1 % 1000000 / 100000))"; }
+
+# stamp: copy stdin to stdout, each line prefixed with the seconds since the step started; on EOF print the
+# longest gap between lines, start and end included (to stderr, read back by `step`).
+stamp() {
+    local start last now longest=0 line
+    start=$(usec)
+    last=$start
+    while IFS= read -r line || [ -n "$line" ]; do
+        now=$(usec)
+        ((now - last > longest)) && longest=$((now - last))
+        printf '%7s %s\n' "$(secs $((now - start)))" "$line"
+        last=$now
+    done
+    now=$(usec)
+    ((now - last > longest)) && longest=$((now - last))
+    secs "$longest" >&2
+}
+
+# step NAME SECONDS KEYS CMD...: run CMD under `timeout SECONDS`, log to $OUT/NAME.log, and summarise it as the
+# lines matching the extended regular expression KEYS. In the dry mode a `python FILE.py ...` command is queued
+# for the flag check and any other command is skipped.
+step() {
+    local name=$1 seconds=$2 keys=$3
+    shift 3
+    BUDGET=$((BUDGET + seconds))
+    if [ "$DRY" = 1 ]; then
+        if [ "$1" = "$PY" ] && [[ "${2:-}" == *.py ]]; then
+            printf '%s\t%s\n' "$name" "$(printf '%q ' "$@")" >>"$CHECKS"
+        else
+            echo "$name: skipped (dry run)" >>"$SUMMARY"
+        fi
+        return
+    fi
+    local log=$OUT/$name.log t0 rc silence status found
+    t0=$(usec)
+    echo "== $name (timeout ${seconds}s): $*" | tee "$log"
+    { timeout --kill-after=3 "$seconds" "$@" 2>&1; echo "rc=$?" >"$OUT/.rc"; } | stamp >>"$log" 2>"$OUT/.silence"
+    rc=$(sed 's/rc=//' "$OUT/.rc")
+    silence=$(cat "$OUT/.silence")
+    rm -f "$OUT/.rc" "$OUT/.silence"
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status="TIMED OUT after ${seconds}s" ;;
+        *) status="FAILED (exit $rc)" ;;
+    esac
+    [ "$rc" = 0 ] || FAILED=1
+    found=$(tail -n +2 "$log" | cut -c9- | grep -E "$keys" | tr -s ' ' | sed 's/ *$//' | paste -sd'|' - | sed 's/|/ | /g')
+    [ "$rc" = 0 ] || found="$found | last: $(tail -n 1 "$log" | cut -c9- | tr -s ' ')"
+    echo "$name: $status  $(secs $(($(usec) - t0)))s, longest silence ${silence}s | $found" | tee -a "$SUMMARY"
+}
+
+TRAIN_KEYS='^best:|_mfu:|^lightning_vs_plain_loop:'
+SAMPLE_KEYS='^StorySampler:|^speedup_vs_hf_generate:'
+GENERATION_KEYS='^(train_tokens_per_s|train_mfu|test_tokens_per_s|sample_tokens_per_s|sample_mean_tokens|projected_minutes_per_generation_published):'
+
+step nvidia_smi 5 '^[^|+ ].*MiB' bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
+    --format=csv,noheader && nvidia-smi'
+step versions 15 '^(torch|lightning|device) ' "$PY" -c '
+import torch, lightning, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("lightning", lightning.__version__, "transformers", transformers.__version__)
+print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())'
+
+# Training: real tokens/s and MFU of the plain loop and the Lightning path, same batches (goals: llama2-42m
+# MFU >= 0.30, llama2-126m >= 0.40, Lightning >= 0.95x the plain loop).
+step train_llama2-42m 45 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset llama2-42m \
+    --batch_size 64 --steps 40 --warmup 5 --repeats 2
+step train_llama2-126m 55 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset llama2-126m \
+    --batch_size 64 --steps 30 --warmup 5 --repeats 2
+step train_gpt2-9m 40 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset gpt2-9m \
+    --batch_size 64 --steps 40 --warmup 5 --repeats 2
+
+# Sampling: StorySampler tokens/s against a loop over generate() (goals: gpt2-9m >= 500k tokens/s,
+# llama2-126m >= 150k, both >= 5x generate()).
+step sample_gpt2-9m 70 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset gpt2-9m \
+    --stories 512 --batch_size 256 --train_steps 100 --train_batch 32 --lr 2e-3
+step sample_llama2-126m 80 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset llama2-126m \
+    --stories 512 --batch_size 256 --train_steps 100 --train_batch 32 --lr 1e-3
+
+# One generation (train one epoch, test, sample as many stories) at the preset's context, projected to the
+# published 2.12M stories (goals: gpt2-9m <= 20 minutes, llama2-126m <= 90).
+step generation_gpt2-9m 70 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
+    --preset gpt2-9m --stories 2000 --sampling_batch_size 256
+step generation_llama2-126m 80 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
+    --preset llama2-126m --stories 1000 --sampling_batch_size 256
+
+# The recipe itself, 2 generations on CUDA: its progress lines (every 10 s) are in the log, and the summary's
+# longest silence says whether it ever went quiet for longer.
+step recipe_gpt2-9m 80 '\] .* gen [0-9]+/[0-9]+ ' "$PY" recipes/tinystories.py --generations 2 \
+    --data.num_real 1000 --model.preset gpt2-9m --trainer.accelerator gpu --sampling.batch_size 256 \
+    --wandb.mode disabled --progress_every 10 --out_dir /tmp/gpu_check_recipe --overwrite true
+
+if [ "$BUDGET" -gt 540 ]; then
+    echo "gpu_check: the steps' timeouts add up to ${BUDGET}s, over 540s" | tee -a "$SUMMARY"
+    FAILED=1
+fi
+if [ "$DRY" = 1 ]; then
+    "$PY" benchmarks/check_flags.py "$CHECKS" >>"$SUMMARY" 2>"$OUT/dry_check.log" || FAILED=1
+fi
+echo "== summary (timeouts add up to ${BUDGET}s)"
+cat "$SUMMARY"
+exit "$FAILED"
