@@ -5,8 +5,8 @@
 #   (b) fixed compute (--steps_per_generation first: every generation takes generation 0's optimizer steps):
 #       accumulate, the one workflow whose training set grows;
 #   (c) the real-only reference at the same steps: mix(real=N, synthetic=0), N real stories every generation.
-# Shrunk to fit about an hour on 2 CPU cores: 3 generations (was 4) of 1,000 real stories (REAL=N to change).
-# Estimated (not timed) at about 45 minutes there. Resumable: re-run the same command after a stop. On GPUs,
+# Shrunk to fit about an hour on 2 CPU cores: 3 generations of 500 real stories (the recipe's default is 1,000;
+# REAL=N to change). Resumable: re-run the same command after a stop. On GPUs,
 # pass e.g. --data.source hub --model.preset gpt2-9m --batch_size 32 for the published setting.
 #   [REAL=N] bash scripts/tinystories_figure.sh [OUT_DIR] [extra recipe flags...]
 set -euo pipefail
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 out=${1:-runs/tinystories_figure}
 shift || true
-n=${REAL:-1000}
+n=${REAL:-500}
 export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true MPLBACKEND=Agg
 py=.venv/bin/python
 run() { $py recipes/tinystories.py --real_size "$n" --generations 3 "$@"; }
