@@ -7,7 +7,8 @@
 #   (c) the real-only reference at the same steps: mix(real=N, synthetic=0), N real molecules every generation.
 # Shrunk to fit about an hour on 2 CPU cores: 30 epochs per generation (the recipe's default is 50) on 500
 # real molecules (the default is 1,000; REAL=N to change). Resumable: re-run the same command after a stop.
-# Extra flags go to every run and come last, so --trainer.max_epochs 50 restores the default (e.g. GeoDiff's GEOM-Drugs setting on GPUs, see the README).
+# Extra flags go to every run and come last, so --trainer.max_epochs 50 restores the default (e.g. GeoDiff's
+# GEOM-Drugs setting on GPUs, see the README).
 #   [REAL=N] bash scripts/geom_figure.sh [OUT_DIR] [extra recipe flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
