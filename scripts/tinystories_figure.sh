@@ -1,30 +1,15 @@
 #!/usr/bin/env bash
-# The README's TinyStories-recipe figure on the offline stand-in corpus (NOT TinyStories), three ways over
-# 3 seeds and 3 generations of the recipe's CPU defaults, then the report:
-#   (a) epochs per generation (the published protocol): replace, accumulate, accumulate_subsample;
-#   (b) fixed compute (--steps_per_generation first: every generation takes generation 0's optimizer steps):
-#       accumulate, the one workflow whose training set grows;
-#   (c) the real-only reference at the same steps: mix(real=N, synthetic=0), N real stories every generation.
-# Shrunk to fit about an hour on 2 CPU cores: 3 generations of 500 real stories (the recipe's default is 1,000;
-# REAL=N to change). Resumable: re-run the same command after a stop. On GPUs,
-# pass e.g. --data.source hub --model.preset gpt2-9m --batch_size 32 for the published setting.
+# The README's TinyStories-recipe figure on the offline stand-in corpus (NOT TinyStories): the grid of
+# scripts/figure_grid.sh (both protocols and the real-only reference, seeds 0-2) over 3 generations of the
+# recipe's CPU defaults, then the report. Shrunk to 500 real stories (the recipe's default is 1,000; REAL=N to
+# change): about 52 minutes on 2 CPU cores. Resumable: re-run the same command after a stop. On GPUs, pass
+# e.g. --data.source hub --model.preset gpt2-9m --batch_size 32 for the published setting.
 #   [REAL=N] bash scripts/tinystories_figure.sh [OUT_DIR] [extra recipe flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
 out=${1:-runs/tinystories_figure}
 shift || true
+recipe=tinystories.py
 n=${REAL:-500}
-export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true MPLBACKEND=Agg
-py=.venv/bin/python
-run() { $py recipes/tinystories.py --real_size "$n" --generations 3 "$@"; }
-for seed in 0 1 2; do
-  for wf in replace accumulate accumulate_subsample; do
-    run --workflow "$wf" --seed "$seed" --out_dir "$out/${wf}_s$seed" "${@}"
-  done
-  run --workflow accumulate --steps_per_generation first --seed "$seed" --out_dir "$out/accumulate_fixed_s$seed" "${@}"
-  run --workflow "mix(real=$n, synthetic=0)" --steps_per_generation first --seed "$seed" \
-    --out_dir "$out/real_only_s$seed" "${@}"
-done
-$py -m tooling.report "$out"/*_s* --out "$out/report"
-echo "figure done: $out/report/report.md"
+fixed=(--generations 3)
+source scripts/figure_grid.sh
