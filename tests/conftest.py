@@ -1,4 +1,5 @@
-"""Shared test setup: keep every library offline and headless; a stand-in W&B (``fake_wandb``)."""
+"""Shared test setup: keep every library offline and headless, caches in a per-session temporary folder; a
+stand-in W&B (``fake_wandb``)."""
 
 import os
 import sys
@@ -17,6 +18,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from collapse.hardware import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Token caches, featurised molecules and the digit classifier of every test go to one per-session folder,
+    never the user's cache (``MODEL_COLLAPSE_CACHE``); a test that needs a cold cache sets its own."""
+    monkeypatch.setenv("MODEL_COLLAPSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 class FakeRun:

@@ -68,11 +68,6 @@ FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MODEL_COLLAPSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def checkpoint(folder: Path, kind: str) -> Path:
     """A tiny random ``kind`` causal LM saved with save_pretrained (offline, no hub)."""
     torch.manual_seed(0)

@@ -48,12 +48,6 @@ def read_csv(path: Path) -> dict[tuple[int, str], float]:
         return {(int(r["generation"]), r["metric"]): float(r["value"]) for r in csv.DictReader(fh)}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # The quality classifier is trained once per test session, in a temporary cache.
-    monkeypatch.setenv("MODEL_COLLAPSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 # workflow, expected (train_real, train_synthetic) at generation 1 for n = REAL real digits
 SIZES = {
     "replace": (0, REAL),

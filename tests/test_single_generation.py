@@ -51,12 +51,6 @@ LIGHTNING = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # Token caches, featurised molecules and the digit classifier live in a per-session temporary folder.
-    monkeypatch.setenv("MODEL_COLLAPSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def csv_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))

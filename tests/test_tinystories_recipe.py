@@ -44,12 +44,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # Token caches of the stand-in corpus live in a per-session temporary folder.
-    monkeypatch.setenv("MODEL_COLLAPSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def tiny(out_dir: Path, workflow: str, *extra: str, generations: int = 2) -> TinyStoriesConfig:
     args = ["--out_dir", str(out_dir), "--workflow", workflow, "--generations", str(generations), *TINY, *extra]
     return parse_config(TinyStoriesConfig, args)
