@@ -5,7 +5,10 @@ for both: the real stand-in stories, one story per row, padded to the longest in
 same optimiser, schedule, gradient clipping and precision, for the same number of steps. The
 Lightning path is what the recipe runs: ``CausalLMModule`` under ``lightning.Trainer`` (per-step
 logging with ``sync_dist``, the recipe's callbacks apart from checkpoints). The plain loop calls the
-module's own loss function, so the two differ only in the training-loop machinery.
+module's own loss function and optimiser (fused AdamW on a GPU) and prepares each batch on the host as
+the module's ``on_before_batch_transfer`` does, so the two differ only in the training-loop machinery.
+Tokens and FLOPs are summed on the device and read back once per run, so the timing itself adds no
+per-step wait for the GPU.
 
 Throughput is real (non-padding) tokens per second over the steps after ``--warmup`` (so start-up
 and the first, slower steps do not count), best of ``--repeats`` alternating runs of each. Each path's
@@ -37,7 +40,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from benchmarks.mfu import FlopShape, counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
+from benchmarks.mfu import FlopShape, counting_text, flop_shape, flops_of_sums, mfu_text, resolve_peak  # noqa: E402
 from collapse.hardware import retain_freed_memory  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule  # noqa: E402
@@ -66,10 +69,13 @@ def make_data(args: argparse.Namespace) -> TinyStoriesDataModule:
     return data
 
 
-def loader(data: TinyStoriesDataModule, batch_size: int) -> DataLoader:
-    order = torch.Generator().manual_seed(0)  # the same batches, in the same order, for both paths
-    dataset = data.train_dataset
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=order, collate_fn=data.collate_fn)
+def loader(data: TinyStoriesDataModule, batch_size: int, device: str) -> DataLoader:
+    """The training batches, the same in the same order for both paths; page-locked for a GPU, as the recipe's."""
+    order = torch.Generator().manual_seed(0)
+    dataset, pin = data.train_dataset, device.startswith("cuda")
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=order, collate_fn=data.collate_fn, pin_memory=pin
+    )
 
 
 def make_module(args: argparse.Namespace, vocab_size: int) -> CausalLMModule:
@@ -83,19 +89,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def batch_flops(shape: FlopShape, batch: dict[str, torch.Tensor]) -> float:
-    """Model FLOPs of one training step on ``batch`` (its stories' real lengths from ``attention_mask``)."""
-    return training_flops(shape, batch["attention_mask"].sum(dim=1).tolist())
+class Counter:
+    """Real tokens and model FLOPs of the timed batches, summed where the batches are (on the GPU) and read
+    back once at the end: reading them every step would make each step wait for the device."""
+
+    def __init__(self, shape: FlopShape):
+        self.shape = shape
+        self.tokens: torch.Tensor | int = 0
+        self.squares: torch.Tensor | int = 0
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        lengths = batch["attention_mask"].sum(dim=1)  # each story's real length
+        self.tokens = self.tokens + lengths.sum()
+        self.squares = self.squares + (lengths * lengths).sum()
+
+    def totals(self) -> tuple[int, float]:
+        """(real tokens, model FLOPs) so far."""
+        return int(self.tokens), flops_of_sums(self.shape, int(self.tokens), int(self.squares))
 
 
 class Timer(pl.Callback):
     """Real tokens and model FLOPs per second of the training batches after the first ``warmup``."""
 
     def __init__(self, warmup: int, device: str, shape: FlopShape):
-        self.warmup, self.device, self.shape = warmup, device, shape
+        self.warmup, self.device = warmup, device
+        self.counter = Counter(shape)
         self.t0: float | None = None
-        self.tokens = 0
-        self.flops = 0.0
         self.seconds = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -105,8 +124,7 @@ class Timer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.t0 is not None:
-            self.tokens += int(batch["attention_mask"].sum())
-            self.flops += batch_flops(self.shape, batch)
+            self.counter.add(batch)
 
     def on_train_end(self, trainer, pl_module):
         _sync(self.device)
@@ -130,29 +148,31 @@ def run_lightning(args: argparse.Namespace, data: TinyStoriesDataModule, precisi
         num_sanity_val_steps=0,
         callbacks=[timer],
     )
-    trainer.fit(module, train_dataloaders=loader(data, args.batch_size))
-    return timer.tokens / timer.seconds, timer.flops / timer.seconds
+    trainer.fit(module, train_dataloaders=loader(data, args.batch_size, args.device))
+    tokens, flops = timer.counter.totals()
+    return tokens / timer.seconds, flops / timer.seconds
 
 
 def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> tuple[float, float]:
     """(real tokens per second, model FLOPs per second) of the plain loop."""
     module = make_module(args, data.tokenizer.get_vocab_size()).to(args.device)
-    shape = flop_shape(module.model)
+    counter = Counter(flop_shape(module.model))
     module.train()
     total = args.warmup + args.steps
-    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=module.config.lr)
+    optimizer = module.make_optimizer(precision)  # as configure_optimizers: fused AdamW on a GPU
     from lit_modules.causal_lm import lr_factor
 
     warm = module.config.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, float(total)))
     autocast = precision.startswith("bf16")
-    tokens, flops, t0, step = 0, 0.0, None, 0
+    t0, step = None, 0
     while step < total:
-        for batch in loader(data, args.batch_size):
+        for batch in loader(data, args.batch_size, args.device):
             if step == args.warmup:
                 _sync(args.device)
                 t0 = time.perf_counter()
-            batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+            batch = module.host_batch(batch)  # as Lightning's on_before_batch_transfer: counted on the host
+            batch = {k: v.to(args.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
                 loss, _ = module.token_loss(batch)
             loss.backward()
@@ -161,13 +181,13 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
             if t0 is not None:
-                tokens += int(batch["attention_mask"].sum())
-                flops += batch_flops(shape, batch)
+                counter.add(batch)
             step += 1
             if step >= total:
                 break
     _sync(args.device)
     seconds = time.perf_counter() - t0
+    tokens, flops = counter.totals()
     return tokens / seconds, flops / seconds
 
 

@@ -73,9 +73,12 @@ def training_flops(shape: FlopShape, lengths: Iterable[int]) -> float:
     sum over stories of ``6 N l + 12 n_layer d_attn l^2``.
     """
     lengths = [int(length) for length in lengths]
-    tokens = sum(lengths)
-    squares = sum(length * length for length in lengths)
-    return 6.0 * shape.matmul_params * tokens + 12.0 * shape.n_layer * shape.d_attn * squares
+    return flops_of_sums(shape, sum(lengths), sum(length * length for length in lengths))
+
+
+def flops_of_sums(shape: FlopShape, tokens: float, squares: float) -> float:
+    """:func:`training_flops` from the sums over the stories of ``l`` (``tokens``) and of ``l^2`` (``squares``)."""
+    return 6.0 * shape.matmul_params * float(tokens) + 12.0 * shape.n_layer * shape.d_attn * float(squares)
 
 
 def peak_tflops(device_name: str) -> float | None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collapse.errors import UserError
-from collapse.hardware import retain_freed_memory
+from collapse.hardware import retain_freed_memory, tf32_matmuls
 
 C = TypeVar("C")
 
@@ -176,6 +176,7 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
     try:
         cfg = parse_config(config_cls, argv, prog=prog)
         retain_freed_memory()  # large training buffers are reused instead of re-zeroed by the kernel
+        tf32_matmuls()  # on a CUDA GPU: float32 matrix products on TF32 tensor cores
         return main(cfg)
     except UserError as exc:
         if not _secondary_process():  # in a multi-process run every rank raises it; one line is enough

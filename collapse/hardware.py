@@ -10,6 +10,9 @@ takes 19 s. The cost is that the process keeps its peak memory until it exits, w
 process does anyway.
 
 Set ``COLLAPSE_KEEP_MALLOC=1`` to leave the allocator alone (for example to profile memory).
+
+On a CUDA GPU, :func:`tf32_matmuls` lets float32 matrix products (a ``32-true`` run, the float32 parts of
+a mixed-precision one) use TF32 tensor cores.
 """
 
 from __future__ import annotations
@@ -56,4 +59,23 @@ def retain_freed_memory() -> bool:
     return ok
 
 
-__all__ = ["retain_freed_memory"]
+def tf32_matmuls() -> bool:
+    """On a CUDA machine, let float32 matrix products and convolutions use TF32 (``torch.set_float32_matmul_precision
+    ("high")``: 10 mantissa bits per product, float32 sums), the speed Lightning suggests; True if applied.
+
+    A no-op without CUDA (a CPU computes float32 exactly as before), when a precision other than torch's
+    default was chosen already, or with ``COLLAPSE_FULL_FP32=1`` (full float32 products, e.g. to compare
+    against a reference run).
+    """
+    import torch
+
+    if not torch.cuda.is_available() or os.environ.get("COLLAPSE_FULL_FP32", "") not in ("", "0"):
+        return False
+    if torch.get_float32_matmul_precision() != "highest":  # somebody chose already
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+__all__ = ["retain_freed_memory", "tf32_matmuls"]

@@ -261,7 +261,15 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._to_cuda(),
         )
+
+    def _to_cuda(self) -> bool:
+        """Whether the batches go to a CUDA device: then they are collated into page-locked memory, which
+        Lightning copies to the GPU asynchronously (``non_blocking``), overlapping the copy with the step."""
+        trainer = self.trainer
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None) if trainer is not None else None
+        return getattr(device, "type", None) == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset

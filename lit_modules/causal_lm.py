@@ -39,6 +39,8 @@ from lit_modules import config_with_overrides
 
 IGNORE_INDEX = -100
 """Label of positions without a loss (the Hugging Face convention)."""
+PREDICTED = "num_predicted"
+"""Batch key of the predicted-token count, counted on the host (:meth:`CausalLMModule.host_batch`)."""
 FINAL_LR_RATIO = 0.1
 """The cosine schedule decays the learning rate to this fraction of ``lr``."""
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -182,6 +184,10 @@ class CausalLMConfig:
     """Pack the stories of a batch several to a row (first-fit, by decreasing length), each attending only
     to itself (an explicit block-diagonal causal mask, positions restarting at 0): fewer padded tokens, the
     same loss over the same predicted tokens. Needs ``attn_implementation`` sdpa or eager."""
+    fused_optimizer: bool | None = None
+    """AdamW's fused kernels (a few kernels per step for all parameters); default: on when the parameters are
+    on a CUDA device and the precision is not 16-mixed (whose gradient scaler a fused step would unscale
+    after clipping). Gradient clipping (``--trainer.gradient_clip_val``) still applies."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -223,6 +229,8 @@ class CausalLMConfig:
                 f"--model.pack true needs --model.attn_implementation sdpa or eager (an explicit mask), "
                 f"got {self.attn_implementation!r}"
             )
+        if self.fused_optimizer is not None and not isinstance(self.fused_optimizer, bool):
+            raise ConfigError(f"--model.fused_optimizer must be true, false or None, got {self.fused_optimizer!r}")
         if self.init_from is not None:
             path = Path(self.init_from).expanduser()
             if not path.is_dir():
@@ -356,7 +364,7 @@ def describe(cfg: CausalLMConfig) -> str:
     )
 
 
-def pack_stories(
+def pack_rows(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int = 0
 ) -> dict[str, torch.Tensor]:
     """Pack a right-padded batch (B, T) of stories into R <= B rows of width T, several stories to a row.
@@ -364,8 +372,9 @@ def pack_stories(
     Stories go first-fit by decreasing length (``attention_mask`` row sums) into rows of T tokens. Returns
     ``input_ids`` (R, T), ``position_ids`` (R, T) restarting at 0 with each story, ``labels`` (R, T) with
     -100 on padding and on each story's first token (never predicted in a row of its own either, so the
-    predicted tokens are the same), and ``attention_mask`` (R, 1, T, T) bool, True where query t may attend
-    to key s: s <= t within the same story (block-diagonal causal); a padding position sees only itself.
+    predicted tokens are the same) and ``story_ids`` (R, T): the batch row of each token's story, -1 on
+    padding (:func:`story_mask` turns it into the attention mask). A loop over the stories: run it on the host
+    (the module packs each batch before it goes to the device), not one small kernel per story on a GPU.
     """
     b, width = input_ids.shape
     lengths = attention_mask.sum(dim=1).tolist()
@@ -395,11 +404,31 @@ def pack_stories(
             lab[r, at] = IGNORE_INDEX
             doc[r, at : at + n] = i
             at += n
-    t = torch.arange(width, device=input_ids.device)
+    return {"input_ids": ids, "position_ids": pos, "labels": lab, "story_ids": doc}
+
+
+def story_mask(story_ids: torch.Tensor) -> torch.Tensor:
+    """Attention mask (R, 1, T, T) bool of packed rows with ``story_ids`` (R, T) (-1: padding), on their device.
+
+    True where query t may attend to key s: s <= t within the same story (block-diagonal causal); a padding
+    position sees only itself. Built with a few tensor operations, no host round trip.
+    """
+    width = story_ids.shape[1]
+    t = torch.arange(width, device=story_ids.device)
     causal = t[None, :, None] >= t[None, None, :]  # (1, T, T): key s <= query t
-    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
-    mask = (causal & same) | torch.eye(width, dtype=torch.bool, device=input_ids.device)[None]
-    return {"input_ids": ids, "position_ids": pos, "labels": lab, "attention_mask": mask[:, None]}
+    same = (story_ids[:, :, None] == story_ids[:, None, :]) & (story_ids[:, :, None] >= 0)
+    mask = (causal & same) | torch.eye(width, dtype=torch.bool, device=story_ids.device)[None]
+    return mask[:, None]
+
+
+def pack_stories(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """:func:`pack_rows` with the attention mask: ``input_ids``, ``position_ids``, ``labels`` (R, T) and
+    ``attention_mask`` (R, 1, T, T) bool (:func:`story_mask`)."""
+    packed = pack_rows(input_ids, attention_mask, labels, pad_id)
+    packed["attention_mask"] = story_mask(packed.pop("story_ids"))
+    return packed
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: float, final_ratio: float = FINAL_LR_RATIO) -> float:
@@ -544,27 +573,66 @@ class CausalLMModule(SamplingModule):
                 )
         return input_ids, attention_mask, labels
 
+    def count_predicted(self, labels: torch.Tensor) -> int:
+        """Predicted tokens of a batch with ``labels`` (B, T): labels[:, 1:] != -100 (a host sync on a GPU)."""
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the host, before Lightning moves ``batch`` to the device: count its predicted tokens and, with
+        ``pack``, pack its stories (:meth:`host_batch`), so a training step never waits for the GPU to read a
+        count back and packing costs no per-story kernels there."""
+        if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
+            if batch["input_ids"].device.type == "cpu" and PREDICTED not in batch:
+                ready = self.host_batch(batch)
+                if self.device.type == "cuda" and "story_ids" in ready:  # new tensors: page-locked for the copy
+                    ready = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in ready.items()}
+                return ready
+        return batch
+
+    def host_batch(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """``batch`` as :meth:`token_loss` takes it ready-made: its tensors (packed with ``pack``: ``input_ids``,
+        ``position_ids``, ``labels``, ``story_ids``) and ``num_predicted`` (an int)."""
+        input_ids, attention_mask, labels = self.prepare_batch(batch)
+        n = self.count_predicted(labels)
+        if self.config.pack and attention_mask is not None:
+            return {**pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0), PREDICTED: n}
+        out = {"input_ids": input_ids, "labels": labels, PREDICTED: n}
+        if attention_mask is not None:
+            out["attention_mask"] = attention_mask
+        return out
+
     def token_loss(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, int]:
         """``(loss, n)``: mean cross-entropy (nats) over the batch's ``n`` predicted tokens, and ``n``.
 
         The predicted tokens are labels[:, 1:] != -100 (position t predicts token t + 1); the loss is the
         Hugging Face model's shifted loss. A batch without predicted tokens gives loss 0 (with a graph).
+        A batch from :meth:`host_batch` brings its count (and, packed, its rows); any other is counted
+        (one host sync per step on a GPU) and, with ``pack``, packed here.
         """
-        input_ids, attention_mask, labels = self.prepare_batch(batch)
-        n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # one host sync per step
-        if self.config.pack and attention_mask is not None:
-            packed = pack_stories(input_ids, attention_mask, labels, self.pad_token_id or 0)
-            mask = packed["attention_mask"]
-            if self.config.attn_implementation == "eager":  # eager adds the mask to the scores
-                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-            out = self.model(
-                input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"],
-                labels=packed["labels"], use_cache=False,
-            )  # fmt: skip
+        if isinstance(batch, Mapping) and "story_ids" in batch:  # packed on the host
+            n = batch[PREDICTED]
+            out = self._packed_forward(batch["input_ids"], batch["position_ids"], batch["labels"], batch["story_ids"])
         else:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+            input_ids, attention_mask, labels = self.prepare_batch(batch)
+            n = batch.get(PREDICTED) if isinstance(batch, Mapping) else None
+            n = self.count_predicted(labels) if n is None else int(n)
+            if self.config.pack and attention_mask is not None:
+                packed = pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0)
+                out = self._packed_forward(**packed)
+            else:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
         loss = out.loss if n > 0 else out.logits.sum() * 0.0  # HF's mean over 0 tokens is nan
         return loss, n
+
+    def _packed_forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, story_ids: torch.Tensor
+    ) -> Any:
+        mask = story_mask(story_ids)
+        if self.config.attn_implementation == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        return self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, labels=labels, use_cache=False
+        )
 
     def model_step(self, batch: Mapping[str, torch.Tensor] | torch.Tensor, stage: str) -> torch.Tensor:
         """Mean token cross-entropy of a batch, logged as ``<stage>_loss`` with weight = predicted tokens.
@@ -600,20 +668,51 @@ class CausalLMModule(SamplingModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
+    def make_optimizer(self, precision: str | None = None) -> torch.optim.AdamW:
+        """AdamW over :meth:`parameter_groups` with torch's (and the transformers Trainer's) betas (0.9, 0.999)
+        and eps 1e-8; fused (``fused_optimizer``, default: on a CUDA device unless ``precision`` is 16-mixed)."""
+        fused = self.config.fused_optimizer
+        if fused is None:
+            on_cuda = all(p.device.type == "cuda" for p in self.parameters())
+            fused = on_cuda and str(precision) not in ("16-mixed", "16", "16-true")
+        return torch.optim.AdamW(self.parameter_groups(), lr=self.config.lr, fused=fused or None)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        # AdamW with torch's (and the transformers Trainer's) betas (0.9, 0.999) and eps 1e-8; linear
-        # warmup then cosine decay to 10% of lr over the fit's optimizer steps (see lr_factor).
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.config.lr)
+        # Linear warmup then cosine decay to 10% of lr over the fit's optimizer steps (see lr_factor).
+        optimizer = self.make_optimizer(self.trainer.precision)
         total = float(self.trainer.estimated_stepping_batches)
         warmup = self.config.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's clipping, also for a fused AdamW under bf16-mixed: Lightning refuses to clip for any fused
+        optimizer under mixed precision (it cannot tell bf16, which has no gradient scaler, from 16-mixed), so
+        here the gradients, unscaled as they are, are clipped directly."""
+        raw = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        fused = any(group.get("fused") for group in raw.param_groups)
+        if not fused or not gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ConfigError(
+                "--model.fused_optimizer true cannot clip gradients under 16-mixed (the fused step unscales them "
+                "after clipping): use bf16-mixed, --model.fused_optimizer false, or no --trainer.gradient_clip_val"
+            )
+        params = [p for group in raw.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
     "FINAL_LR_RATIO",
     "IGNORE_INDEX",
+    "PREDICTED",
     "PRESETS",
     "PRESET_CONTEXT",
     "PUBLISHED_CONTEXT",
@@ -626,6 +725,8 @@ __all__ = [
     "describe",
     "lr_factor",
     "model_config",
+    "pack_rows",
     "pack_stories",
     "position_limit",
+    "story_mask",
 ]

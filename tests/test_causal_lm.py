@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from collapse.errors import ConfigError
 from lit_modules.causal_lm import (
     IGNORE_INDEX,
+    PREDICTED,
     PRESETS,
     PUBLISHED_PARAMETERS,
     CausalLMConfig,
@@ -322,3 +323,97 @@ def test_packed_loss_equals_the_one_story_per_row_loss(preset, attention):
 def test_packing_needs_an_explicit_mask_kernel():
     with pytest.raises(ConfigError, match="--model.pack true needs --model.attn_implementation sdpa or eager"):
         CausalLMConfig(preset="tiny", pack=True, attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_batch_prepared_on_the_host_gives_the_same_loss_and_count(pack):
+    torch.manual_seed(0)
+    module = CausalLMModule(**TINY, pack=pack, pad_token_id=1).eval()
+    batch = padded_stories([17, 3, 9, 12, 5, 2, 20])
+    ready = module.on_before_batch_transfer(batch, 0)
+    assert ready[PREDICTED] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 61
+    assert ("story_ids" in ready) == pack  # packed rows travel without their (R, 1, T, T) mask
+    if pack:
+        assert ready["input_ids"].shape[0] < batch["input_ids"].shape[0]
+    assert module.on_before_batch_transfer(ready, 0) is ready  # prepared once
+    with torch.no_grad():
+        loss, n = module.token_loss(batch)
+        loss_ready, n_ready = module.token_loss(ready)
+    assert n == n_ready == 61
+    torch.testing.assert_close(loss_ready, loss, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_training_and_test_steps_read_no_count_back_from_the_device(pack, monkeypatch):
+    # On a GPU, reading the predicted-token count inside a step (int(tensor)) waits for the device every step.
+    # Lightning's fit and test must bring the count from the host (on_before_batch_transfer), never count in a step.
+    torch.manual_seed(0)
+    module = CausalLMModule(**TINY, pack=pack, pad_token_id=1)
+    in_step, counted_in_step, steps = [False], [], []
+    count = CausalLMModule.count_predicted
+    step = CausalLMModule.model_step
+
+    def counting(self, labels):
+        counted_in_step.append(in_step[0])
+        return count(self, labels)
+
+    def stepping(self, batch, stage):
+        in_step[0] = True
+        try:
+            steps.append(stage)
+            return step(self, batch, stage)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(CausalLMModule, "count_predicted", counting)
+    monkeypatch.setattr(CausalLMModule, "model_step", stepping)
+    batches = [padded_stories([9, 4, 7]), padded_stories([5, 12])]
+    quiet_trainer(max_steps=4).fit(module, DataLoader(batches, batch_size=None))
+    (result,) = quiet_trainer().test(module, DataLoader(batches, batch_size=None), verbose=False)
+    assert steps.count("train") == 4 and steps.count("test") == 2
+    assert len(counted_in_step) == 6 and not any(counted_in_step)  # once per batch, always before the step
+    assert math.isfinite(result["test_loss"])
+
+
+def test_adamw_is_fused_on_request_and_lightning_still_clips_under_bf16_mixed():
+    # Lightning refuses to clip for a fused optimizer under any mixed precision; the module clips itself.
+    torch.manual_seed(0)
+    assert not CausalLMModule(**TINY).make_optimizer("bf16-mixed").defaults["fused"]  # CPU default: not fused
+    module = CausalLMModule(**TINY, fused_optimizer=True, pad_token_id=1)
+    clip, before, after = 0.01, [], []
+
+    def norm() -> float:
+        return float(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+        )
+
+    class Norms(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # runs before the clipping
+            before.append(norm())
+
+        def on_train_start(self, trainer, pl_module):
+            assert trainer.optimizers[0].defaults["fused"]
+
+    clipping = module.configure_gradient_clipping
+
+    def clip_and_measure(*args, **kwargs):
+        clipping(*args, **kwargs)
+        after.append(norm())
+
+    module.configure_gradient_clipping = clip_and_measure
+    batches = [padded_stories([9, 4, 7]), padded_stories([5, 12])]
+    trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", gradient_clip_val=clip, callbacks=[Norms()])
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    assert len(before) == len(after) == 3
+    assert min(before) > clip and max(after) <= clip * (1 + 1e-4)
+
+
+def test_a_fused_adamw_refuses_to_clip_scaled_gradients():
+    from types import SimpleNamespace
+
+    module = CausalLMModule(**TINY, fused_optimizer=True)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))  # 16-mixed's scaler
+    with pytest.raises(ConfigError, match="cannot clip gradients under 16-mixed"):
+        module.configure_gradient_clipping(module.make_optimizer(), 1.0, "norm")
+    with pytest.raises(ConfigError, match="--model.fused_optimizer must be true, false or None"):
+        CausalLMConfig(preset="tiny", fused_optimizer="yes")

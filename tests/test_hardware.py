@@ -61,3 +61,32 @@ def test_training_steps_reuse_freed_memory():
     kept = faults(COLLAPSE_KEEP_MALLOC="1")
     assert kept > 10 * (64 << 20) // 4096  # default malloc: each step maps and zero-fills its logits afresh
     assert faults(COLLAPSE_KEEP_MALLOC="") < kept // 10
+
+
+_TF32 = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from collapse.hardware import tf32_matmuls
+    torch.cuda.is_available = lambda: sys.argv[1] == "cuda"  # as on a machine with (or without) a GPU
+    if len(sys.argv) > 2:
+        torch.set_float32_matmul_precision(sys.argv[2])
+    print(tf32_matmuls(), torch.get_float32_matmul_precision())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("device", "chosen", "env", "expected"),
+    [
+        ("cuda", None, "", "True high"),  # a GPU: float32 products on TF32 tensor cores
+        ("cpu", None, "", "False highest"),  # a CPU computes as before
+        ("cuda", None, "1", "False highest"),  # COLLAPSE_FULL_FP32=1 keeps full float32
+        ("cuda", "medium", "", "False medium"),  # a choice made already is kept
+    ],
+)
+def test_tf32_only_on_a_gpu_and_only_when_nobody_chose(device, chosen, env, expected):
+    args = [sys.executable, "-c", _TF32, device, *([chosen] if chosen else [])]
+    out = subprocess.run(args, env={**os.environ, "COLLAPSE_FULL_FP32": env}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected

@@ -291,3 +291,17 @@ def test_real_data_module_base_gives_the_datasets_and_loaders():
     for bad in ({"batch_size": 0}, {"batch_size": 2.5}, {"batch_size": 4, "num_workers": -1}):
         with pytest.raises(UserError, match="batch size|num_workers"):
             PointsWithoutValidation(**bad)
+
+
+@pytest.mark.parametrize(("device", "pinned"), [("cuda", True), ("cpu", False)])
+def test_batches_bound_for_a_gpu_are_collated_into_page_locked_memory(tmp_path, real, device, pinned):
+    # Pinned host memory lets Lightning's non_blocking copy to the GPU overlap the step; on a CPU it would be waste.
+    from types import SimpleNamespace
+
+    store = make_store(tmp_path, Workflow.parse("accumulate"))
+    dm = SyntheticAccumulatingDataModule(real, "accumulate", store, 2, real_size=N, batch_size=7)
+    assert not dm.train_dataloader().pin_memory  # no trainer: standalone use
+    strategy = SimpleNamespace(root_device=torch.device(device))
+    dm.trainer = SimpleNamespace(strategy=strategy, world_size=1, global_rank=0)
+    assert dm.train_dataloader().pin_memory is pinned
+    assert dm.test_dataloader().pin_memory is pinned
