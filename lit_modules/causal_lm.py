@@ -635,13 +635,19 @@ class CausalLMModule(SamplingModule):
         )
 
     def model_step(self, batch: Mapping[str, torch.Tensor] | torch.Tensor, stage: str) -> torch.Tensor:
-        """Mean token cross-entropy of a batch, logged as ``<stage>_loss`` with weight = predicted tokens.
+        """Mean token cross-entropy of a batch, logged as ``<stage>_loss``.
 
-        Lightning accumulates sum_batches(loss * n) / sum_batches(n) (summed over ranks with
-        ``sync_dist``), i.e. the per-token mean of the whole stage; exp(test_loss) is the test perplexity.
+        Validation and test: with weight = predicted tokens, so Lightning accumulates
+        sum_batches(loss * n) / sum_batches(n) (summed over ranks with ``sync_dist``), i.e. the per-token mean
+        of the whole stage; exp(test_loss) is the test perplexity. Training: the step's own loss (this rank's
+        batch), a point of the training curve at every ``--trainer.log_every_n_steps`` (read back from the
+        device only then, not every step).
         """
         loss, n = self.token_loss(batch)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        if stage == "train":
+            self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n)
+        else:
+            self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

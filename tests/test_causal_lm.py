@@ -238,6 +238,32 @@ def test_trainer_fit_and_test_log_the_loss(tmp_path):
         assert torch.equal(restored.state_dict()[name], tensor), name
 
 
+def test_the_training_loss_is_a_curve_point_at_every_logging_interval():
+    from lightning.pytorch.loggers.logger import Logger
+
+    class Rows(Logger):
+        name, version = "rows", "0"
+
+        def __init__(self):
+            super().__init__()
+            self.rows: list[tuple[int, dict]] = []
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    torch.manual_seed(0)
+    module = CausalLMModule(preset="tiny", vocab_size=64, warmup_steps=2, lr=1e-2)
+    train = DataLoader(dict_batches(48, 16, 64, seed=3), batch_size=8)  # 6 steps
+    logger = Rows()
+    quiet_trainer(max_epochs=1, logger=logger, log_every_n_steps=2).fit(module, train)
+    points = [(step, row["train_loss"]) for step, row in logger.rows if "train_loss" in row]
+    assert [step for step, _ in points] == [1, 3, 5]  # every 2nd optimizer step, not only once per epoch
+    assert all(0 < loss < 2 * math.log(64) for _, loss in points)
+
+
 def test_test_loss_is_the_per_token_mean_over_batches():
     torch.manual_seed(0)
     module = CausalLMModule(**TINY).eval()
