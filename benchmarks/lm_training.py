@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
     p.add_argument("--max_seq_len", type=int, default=256)
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
+    p.add_argument("--pack", action="store_true", help="both paths pack stories several to a row (--model.pack true)")
+    p.add_argument("--compile", action="store_true", help="both paths torch.compile the model (--trainer.compile true)")
     return p.parse_args(argv)
 
 
@@ -78,10 +80,16 @@ def loader(data: TinyStoriesDataModule, batch_size: int, device: str) -> DataLoa
     )
 
 
-def make_module(args: argparse.Namespace, vocab_size: int) -> CausalLMModule:
+def make_module(args: argparse.Namespace, vocab_size: int, compile_model: bool = True) -> CausalLMModule:
+    """The same model for both paths (seed 0), packing and compiled as the flags say (as the recipe does it)."""
     torch.manual_seed(0)
-    cfg = CausalLMConfig(preset=args.preset, vocab_size=vocab_size, max_seq_len=args.max_seq_len, warmup_steps=10)
-    return CausalLMModule(cfg, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg = CausalLMConfig(
+        preset=args.preset, vocab_size=vocab_size, max_seq_len=args.max_seq_len, warmup_steps=10, pack=args.pack
+    )
+    module = CausalLMModule(cfg, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    if args.compile and compile_model:
+        module.model.compile()  # in place, as recipes/tinystories.py does with --trainer.compile true
+    return module
 
 
 def _sync(device: str) -> None:
@@ -99,7 +107,12 @@ class Counter:
         self.squares: torch.Tensor | int = 0
 
     def add(self, batch: dict[str, torch.Tensor]) -> None:
-        lengths = batch["attention_mask"].sum(dim=1)  # each story's real length
+        if "story_ids" in batch:  # packed rows: a story's length is how often its id occurs (-1: padding)
+            ids = batch["story_ids"].flatten() + 1
+            lengths = torch.zeros(ids.numel() + 1, dtype=torch.long, device=ids.device)
+            lengths = lengths.scatter_add_(0, ids, torch.ones_like(ids))[1:]
+        else:
+            lengths = batch["attention_mask"].sum(dim=1)  # each story's real length
         self.tokens = self.tokens + lengths.sum()
         self.squares = self.squares + (lengths * lengths).sum()
 
@@ -198,11 +211,12 @@ def main(argv: list[str] | None = None) -> float:
     data = make_data(args)
     batches = math.ceil(len(data.train_dataset) / args.batch_size)
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'})")
-    print(f"torch threads: {torch.get_num_threads()}, precision: {precision}, preset: {args.preset}")
+    print(f"torch threads: {torch.get_num_threads()}, precision: {precision}, preset: {args.preset}, "
+          f"pack: {args.pack}, compile: {args.compile}")  # fmt: skip
     print(f"data: {len(data.train_dataset)} stories, {batches} batches of {args.batch_size} per epoch")
     peak, source = resolve_peak(args.device, args.peak_tflops)
     with torch.device("meta"):  # the architecture only: no memory, no weights
-        shape = flop_shape(make_module(args, data.tokenizer.get_vocab_size()).model)
+        shape = flop_shape(make_module(args, data.tokenizer.get_vocab_size(), compile_model=False).model)
     plain, lightning = [], []  # (tokens/s, FLOPs/s) of each run
     for _ in range(args.repeats):
         plain.append(run_plain(args, data, precision))

@@ -86,11 +86,36 @@ def test_mfu_needs_a_peak():
     assert mfu_text(0.5e12, 2.0) == "0.250"
 
 
-def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(tmp_path):
+def test_the_training_benchmark_counts_packed_batches_as_the_stories_they_hold():
+    from benchmarks.lm_training import Counter
+    from lit_modules.causal_lm import CausalLMModule
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [17, 3, 9, 12, 5, 2, 20]
+    ids = torch.full((len(lengths), max(lengths)), 1)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n], mask[i, :n] = torch.randint(2, 64, (n,), generator=gen), 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    shape = FlopShape(matmul_params=1000, n_layer=2, d_attn=16)
+    counts = []
+    for pack in (False, True):
+        module = CausalLMModule(preset="tiny", vocab_size=64, pack=pack, pad_token_id=1)
+        ready = module.host_batch(batch)
+        assert ("story_ids" in ready) == pack
+        counter = Counter(shape)
+        counter.add(ready)
+        counter.add(ready)
+        counts.append(counter.totals())
+    assert counts[0] == counts[1] == (2 * sum(lengths), 2 * training_flops(shape, lengths))
+
+
+@pytest.mark.parametrize("extra", [[], ["--pack"]])
+def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(tmp_path, extra):
     env = {**os.environ, "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "lm_training.py"), "--device", "cpu", "--preset", "gpt2-tiny"]
     cmd += ["--stories", "48", "--batch_size", "8", "--steps", "3", "--warmup", "1", "--repeats", "1"]
-    cmd += ["--max_seq_len", "64", "--peak_tflops", "1"]
+    cmd += ["--max_seq_len", "64", "--peak_tflops", "1", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
