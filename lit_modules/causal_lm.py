@@ -697,12 +697,15 @@ class CausalLMModule(SamplingModule):
         """Lightning's clipping, also for a fused AdamW under bf16-mixed: Lightning refuses to clip for any fused
         optimizer under mixed precision (it cannot tell bf16, which has no gradient scaler, from 16-mixed), so
         here the gradients, unscaled as they are, are clipped directly."""
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
         raw = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         fused = any(group.get("fused") for group in raw.param_groups)
-        if not fused or not gradient_clip_val:
+        plugin = self.trainer.precision_plugin
+        if not fused or not gradient_clip_val or type(plugin) is not MixedPrecision:  # FSDP, DeepSpeed: their own
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        if plugin.scaler is not None:
             raise ConfigError(
                 "--model.fused_optimizer true cannot clip gradients under 16-mixed (the fused step unscales them "
                 "after clipping): use bf16-mixed, --model.fused_optimizer false, or no --trainer.gradient_clip_val"

@@ -438,7 +438,11 @@ def test_a_fused_adamw_refuses_to_clip_scaled_gradients():
     from types import SimpleNamespace
 
     module = CausalLMModule(**TINY, fused_optimizer=True)
-    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))  # 16-mixed's scaler
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("bf16-mixed", "cpu")
+    plugin.scaler = object()  # as 16-mixed has
+    module._trainer = SimpleNamespace(precision_plugin=plugin)
     with pytest.raises(ConfigError, match="cannot clip gradients under 16-mixed"):
         module.configure_gradient_clipping(module.make_optimizer(), 1.0, "norm")
     with pytest.raises(ConfigError, match="--model.fused_optimizer must be true, false or None"):
