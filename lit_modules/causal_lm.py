@@ -184,6 +184,10 @@ class CausalLMConfig:
     """Pack the stories of a batch several to a row (first-fit, by decreasing length), each attending only
     to itself (an explicit block-diagonal causal mask, positions restarting at 0): fewer padded tokens, the
     same loss over the same predicted tokens. Needs ``attn_implementation`` sdpa or eager."""
+    pad_to_multiple: int | None = None
+    """Pad each batch's rows to a multiple of this many tokens (at most the context), so a compiled model sees
+    a few shapes instead of one per longest story; padding is left out of the loss, so the loss is the same.
+    Default: 64 when the model is on a CUDA device, 1 (the longest story of the batch) elsewhere."""
     fused_optimizer: bool | None = None
     """AdamW's fused kernels (a few kernels per step for all parameters); default: on when the parameters are
     on a CUDA device and the precision is not 16-mixed (whose gradient scaler a fused step would unscale
@@ -228,6 +232,10 @@ class CausalLMConfig:
             raise ConfigError(
                 f"--model.pack true needs --model.attn_implementation sdpa or eager (an explicit mask), "
                 f"got {self.attn_implementation!r}"
+            )
+        if self.pad_to_multiple is not None and not _is_positive_int(self.pad_to_multiple):
+            raise ConfigError(
+                f"--model.pad_to_multiple must be a positive integer or None, got {self.pad_to_multiple!r}"
             )
         if self.fused_optimizer is not None and not isinstance(self.fused_optimizer, bool):
             raise ConfigError(f"--model.fused_optimizer must be true, false or None, got {self.fused_optimizer!r}")
@@ -590,10 +598,20 @@ class CausalLMModule(SamplingModule):
         return batch
 
     def host_batch(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """``batch`` as :meth:`token_loss` takes it ready-made: its tensors (packed with ``pack``: ``input_ids``,
-        ``position_ids``, ``labels``, ``story_ids``) and ``num_predicted`` (an int)."""
+        """``batch`` as :meth:`token_loss` takes it ready-made: its tensors, padded to ``pad_to_multiple``
+        (packed with ``pack``: ``input_ids``, ``position_ids``, ``labels``, ``story_ids``), and
+        ``num_predicted`` (an int)."""
         input_ids, attention_mask, labels = self.prepare_batch(batch)
         n = self.count_predicted(labels)
+        multiple = self.config.pad_to_multiple or (64 if self.device.type == "cuda" else 1)
+        width = min(-(-input_ids.shape[1] // multiple) * multiple, self.max_seq_len)
+        if width > input_ids.shape[1]:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            extra = width - input_ids.shape[1]
+            input_ids = nn.functional.pad(input_ids, (0, extra), value=self.pad_token_id or 0)
+            attention_mask = nn.functional.pad(attention_mask, (0, extra), value=0)
+            labels = nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
         if self.config.pack and attention_mask is not None:
             return {**pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0), PREDICTED: n}
         out = {"input_ids": input_ids, "labels": labels, PREDICTED: n}

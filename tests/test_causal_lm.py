@@ -447,3 +447,25 @@ def test_a_fused_adamw_refuses_to_clip_scaled_gradients():
         module.configure_gradient_clipping(module.make_optimizer(), 1.0, "norm")
     with pytest.raises(ConfigError, match="--model.fused_optimizer must be true, false or None"):
         CausalLMConfig(preset="tiny", fused_optimizer="yes")
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_rows_padded_to_a_multiple_give_the_same_loss(pack):
+    # Padding every batch to a multiple of 16 tokens (64 on a GPU by default) bounds the shapes a compiled model
+    # sees; padding is left out of the loss, so the loss and the count of predicted tokens do not change.
+    torch.manual_seed(0)
+    plain = CausalLMModule(**TINY, pack=pack, pad_token_id=1, pad_to_multiple=1).eval()
+    padded = CausalLMModule(**TINY, pack=pack, pad_token_id=1, pad_to_multiple=16).eval()
+    padded.load_state_dict(plain.state_dict())
+    batch = padded_stories([17, 3, 9, 12, 5, 2, 20])
+    ready, wide = plain.host_batch(batch), padded.host_batch(batch)
+    assert ready["input_ids"].shape[1] == 20 and wide["input_ids"].shape[1] == 32
+    wide_as_can_be = CausalLMModule(**TINY, pad_to_multiple=1000)
+    assert wide_as_can_be.host_batch(batch)["input_ids"].shape[1] == wide_as_can_be.max_seq_len < 1000  # the context
+    with torch.no_grad():
+        loss, n = plain.token_loss(ready)
+        loss_wide, n_wide = padded.token_loss(wide)
+    assert n == n_wide == 61
+    torch.testing.assert_close(loss_wide, loss, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="--model.pad_to_multiple must be a positive integer"):
+        CausalLMConfig(preset="tiny", pad_to_multiple=0)
