@@ -2,7 +2,7 @@
 # The main job: install (into .venv), then run the three analytic recipes and the MNIST VAE recipe on
 # their built-in, offline data, plus the TinyStories recipe on its offline stand-in corpus and the conformer
 # diffusion recipe on QM9 (qm9pack), and write one report: bash scripts/main.sh [OUT_DIR] (default runs/main;
-# 26 minutes on 2 CPU cores from a fresh clone, install included)
+# 26 to 50 minutes on 2 CPU cores from a fresh clone, install included)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
