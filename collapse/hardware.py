@@ -63,11 +63,13 @@ def tf32_matmuls() -> bool:
     """On a CUDA machine, let float32 matrix products and convolutions use TF32 (``torch.set_float32_matmul_precision
     ("high")``: 10 mantissa bits per product, float32 sums), the speed Lightning suggests; True if applied.
 
-    A no-op without CUDA (a CPU computes float32 exactly as before), when a precision other than torch's
-    default was chosen already, or with ``COLLAPSE_FULL_FP32=1`` (full float32 products, e.g. to compare
-    against a reference run).
+    A no-op in a process that has not imported torch (the analytic recipes never load it), without CUDA (a
+    CPU computes float32 exactly as before), when a precision other than torch's default was chosen already,
+    or with ``COLLAPSE_FULL_FP32=1`` (full float32 products, e.g. to compare against a reference run).
     """
-    import torch
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
 
     if not torch.cuda.is_available() or os.environ.get("COLLAPSE_FULL_FP32", "") not in ("", "0"):
         return False

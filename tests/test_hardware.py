@@ -90,3 +90,11 @@ def test_tf32_only_on_a_gpu_and_only_when_nobody_chose(device, chosen, env, expe
     out = subprocess.run(args, env={**os.environ, "COLLAPSE_FULL_FP32": env}, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == expected
+
+
+def test_tf32_leaves_a_process_without_torch_alone():
+    # The analytic recipes never import torch; the start-up setting must not load it for them.
+    probe = "import sys\nfrom collapse.hardware import tf32_matmuls\nprint(tf32_matmuls(), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False False"
