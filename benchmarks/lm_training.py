@@ -3,8 +3,8 @@
 Both train the same model (same preset, same initial weights) on the same batches (one loader order
 for both: the real stand-in stories, one story per row, padded to the longest in the batch) with the
 same optimiser, schedule, gradient clipping and precision, for the same number of steps. The
-Lightning path is what the recipe runs: ``CausalLMModule`` under ``lightning.Trainer`` (per-step
-logging with ``sync_dist``, the recipe's callbacks apart from checkpoints). The plain loop calls the
+Lightning path is what the recipe runs: ``CausalLMModule`` under ``lightning.Trainer`` (its per-step
+``train_loss`` logging, the recipe's callbacks apart from checkpoints). The plain loop calls the
 module's own loss function and optimiser (fused AdamW on a GPU) and prepares each batch on the host as
 the module's ``on_before_batch_transfer`` does, so the two differ only in the training-loop machinery.
 Tokens and FLOPs are summed on the device and read back once per run, so the timing itself adds no

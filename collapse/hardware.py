@@ -68,10 +68,7 @@ def tf32_matmuls() -> bool:
     or with ``COLLAPSE_FULL_FP32=1`` (full float32 products, e.g. to compare against a reference run).
     """
     torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-
-    if not torch.cuda.is_available() or os.environ.get("COLLAPSE_FULL_FP32", "") not in ("", "0"):
+    if torch is None or not torch.cuda.is_available() or os.environ.get("COLLAPSE_FULL_FP32", "") not in ("", "0"):
         return False
     if torch.get_float32_matmul_precision() != "highest":  # somebody chose already
         return False

@@ -267,8 +267,7 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
     def _to_cuda(self) -> bool:
         """Whether the batches go to a CUDA device: then they are collated into page-locked memory, which
         Lightning copies to the GPU asynchronously (``non_blocking``), overlapping the copy with the step."""
-        trainer = self.trainer
-        device = getattr(getattr(trainer, "strategy", None), "root_device", None) if trainer is not None else None
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
         return getattr(device, "type", None) == "cuda"
 
     def train_dataloader(self) -> DataLoader:

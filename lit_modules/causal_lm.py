@@ -597,7 +597,7 @@ class CausalLMModule(SamplingModule):
                 return ready
         return batch
 
-    def host_batch(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def host_batch(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, Any]:
         """``batch`` as :meth:`token_loss` takes it ready-made: its tensors, padded to ``pad_to_multiple``
         (packed with ``pack``: ``input_ids``, ``position_ids``, ``labels``, ``story_ids``), and
         ``num_predicted`` (an int)."""
@@ -624,21 +624,19 @@ class CausalLMModule(SamplingModule):
 
         The predicted tokens are labels[:, 1:] != -100 (position t predicts token t + 1); the loss is the
         Hugging Face model's shifted loss. A batch without predicted tokens gives loss 0 (with a graph).
-        A batch from :meth:`host_batch` brings its count (and, packed, its rows); any other is counted
-        (one host sync per step on a GPU) and, with ``pack``, packed here.
+        A batch from :meth:`host_batch` brings its count (and, packed, its rows); any other goes through
+        :meth:`host_batch` here, where it is (one host sync per step on a GPU).
         """
-        if isinstance(batch, Mapping) and "story_ids" in batch:  # packed on the host
-            n = batch[PREDICTED]
+        if not (isinstance(batch, Mapping) and PREDICTED in batch):
+            batch = self.host_batch(batch)
+        n = batch[PREDICTED]
+        if "story_ids" in batch:  # packed
             out = self._packed_forward(batch["input_ids"], batch["position_ids"], batch["labels"], batch["story_ids"])
         else:
-            input_ids, attention_mask, labels = self.prepare_batch(batch)
-            n = batch.get(PREDICTED) if isinstance(batch, Mapping) else None
-            n = self.count_predicted(labels) if n is None else int(n)
-            if self.config.pack and attention_mask is not None:
-                packed = pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0)
-                out = self._packed_forward(**packed)
-            else:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+            out = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                use_cache=False,
+            )  # fmt: skip
         loss = out.loss if n > 0 else out.logits.sum() * 0.0  # HF's mean over 0 tokens is nan
         return loss, n
 
