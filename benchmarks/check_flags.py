@@ -35,6 +35,7 @@ def load(script: Path) -> ModuleType:
         return importlib.import_module(".".join(relative.with_suffix("").parts))
     spec = importlib.util.spec_from_file_location(f"_checked_{relative.stem}", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (and pickling) look a class's module up by name
     spec.loader.exec_module(module)
     return module
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project at reduced size, in one run of at most 540 s (the sum of the steps'
+# Every GPU measurement of the project at reduced size, in one run of at most 560 s (the sum of the steps'
 # timeouts): the environment, training throughput and MFU (benchmarks/lm_training.py), sampling throughput
 # (benchmarks/lm_generation.py), one TinyStories generation projected to the published corpus
-# (benchmarks/tinystories_generation.py) and a 2-generation recipe run with its progress lines.
+# (benchmarks/tinystories_generation.py), a profile of a training step and of a sampling draw
+# (benchmarks/lm_profile.py), packed and compiled training, and a 2-generation recipe run with its progress
+# lines.
 #
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh                      # on a machine with a CUDA GPU
 #   GPU_CHECK_DRY=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_check.sh        # any machine: only parse the flags
@@ -14,7 +16,8 @@
 # A failed or timed-out step does not stop the next; the summary is printed at the end, and the exit
 # status is 1 if any step did not finish ok. Nothing is downloaded: the data is the offline stand-in
 # corpus, and extra pure-python packages (jsonargparse, ...) are read from $WHEELS (default /tmp/wheels,
-# a `pip install --target` folder) when it exists.
+# a `pip install --target` folder) when it exists; if it does not and the repository has a folder .whl of
+# wheels (git-ignored), they are installed there first, without an index.
 #
 # GPU_CHECK_DRY=1: run nothing on a GPU; every benchmark and recipe command line below is parsed by its
 # own parser (benchmarks/check_flags.py) instead, so the flags stay real. PYTHON picks the interpreter.
@@ -27,6 +30,9 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 WHEELS=${WHEELS:-/tmp/wheels}
 DRY=${GPU_CHECK_DRY:-0}
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$DRY" != 1 ] && [ ! -d "$WHEELS" ] && compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WHEELS" "$ROOT"/.whl/*.whl
+fi
 [ -d "$WHEELS" ] && PYTHONPATH="$PYTHONPATH:$WHEELS"
 export PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
@@ -36,6 +42,7 @@ CHECKS=$OUT/dry_commands.tsv
 : >"$SUMMARY"
 [ "$DRY" = 1 ] && : >"$CHECKS"
 BUDGET=0
+MAX_BUDGET=560  # the sum of the steps' timeouts: one device call of at most 600 s, with room to install
 FAILED=0
 
 # Microseconds since the epoch (bash 5's EPOCHREALTIME without its decimal point).
@@ -96,6 +103,7 @@ step() {
 
 TRAIN_KEYS='^best:|_mfu:|^lightning_vs_plain_loop:'
 SAMPLE_KEYS='^StorySampler:|^speedup_vs_hf_generate:'
+PROFILE_KEYS='^(train|sample)_(wall_ms|device_busy|time_by_kind|library_share|kernels|syncs):|^sample:'
 GENERATION_KEYS='^(train_tokens_per_s|train_mfu|test_tokens_per_s|sample_tokens_per_s|sample_mean_tokens|projected_minutes_per_generation_published):'
 
 step nvidia_smi 5 '^[^|+ ].*MiB' bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
@@ -112,31 +120,39 @@ step train_llama2-42m 45 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device 
     --batch_size 64 --steps 40 --warmup 5 --repeats 2
 step train_llama2-126m 55 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset llama2-126m \
     --batch_size 64 --steps 30 --warmup 5 --repeats 2
-step train_gpt2-9m 40 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset gpt2-9m \
-    --batch_size 64 --steps 40 --warmup 5 --repeats 2
+
+# Where the time of a training step and of a sampling draw goes (kernel kinds, GPU idle time, launches and
+# host waits per step), at the settings of the two steps around it.
+step profile_llama2-42m 50 "$PROFILE_KEYS" "$PY" benchmarks/lm_profile.py --device cuda --preset llama2-42m \
+    --batch_size 64 --steps 8 --warmup 5 --samples 256 --sampling_batch_size 256
 
 # Sampling: StorySampler tokens/s against a loop over generate() (goals: gpt2-9m >= 500k tokens/s,
 # llama2-126m >= 150k, both >= 5x generate()).
-step sample_gpt2-9m 70 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset gpt2-9m \
+step sample_gpt2-9m 60 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset gpt2-9m \
     --stories 512 --batch_size 256 --train_steps 100 --train_batch 32 --lr 2e-3
-step sample_llama2-126m 80 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset llama2-126m \
+step sample_llama2-126m 70 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset llama2-126m \
     --stories 512 --batch_size 256 --train_steps 100 --train_batch 32 --lr 1e-3
 
 # One generation (train one epoch, test, sample as many stories) at the preset's context, projected to the
 # published 2.12M stories (goals: gpt2-9m <= 20 minutes, llama2-126m <= 90).
-step generation_gpt2-9m 70 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
+step generation_gpt2-9m 55 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
     --preset gpt2-9m --stories 2000 --sampling_batch_size 256
-step generation_llama2-126m 80 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
+step generation_llama2-126m 55 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
     --preset llama2-126m --stories 1000 --sampling_batch_size 256
+
+# Packed rows and a compiled model, both off by default until measured: the same training step with both on
+# (one run of each path: compiling takes most of the step's time).
+step train_llama2-42m_pack_compile 90 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
+    --preset llama2-42m --batch_size 64 --steps 40 --warmup 10 --repeats 1 --pack --compile
 
 # The recipe itself, 2 generations on CUDA: its progress lines (every 10 s) are in the log, and the summary's
 # longest silence says whether it ever went quiet for longer.
-step recipe_gpt2-9m 80 '\] .* gen [0-9]+/[0-9]+ ' "$PY" recipes/tinystories.py --generations 2 \
+step recipe_gpt2-9m 60 '\] .* gen [0-9]+/[0-9]+ ' "$PY" recipes/tinystories.py --generations 2 \
     --data.num_real 1000 --model.preset gpt2-9m --trainer.accelerator gpu --sampling.batch_size 256 \
     --wandb.mode disabled --progress_every 10 --out_dir /tmp/gpu_check_recipe --overwrite true
 
-if [ "$BUDGET" -gt 540 ]; then
-    echo "gpu_check: the steps' timeouts add up to ${BUDGET}s, over 540s" | tee -a "$SUMMARY"
+if [ "$BUDGET" -gt "$MAX_BUDGET" ]; then
+    echo "gpu_check: the steps' timeouts add up to ${BUDGET}s, over ${MAX_BUDGET}s" | tee -a "$SUMMARY"
     FAILED=1
 fi
 if [ "$DRY" = 1 ]; then

@@ -136,9 +136,10 @@ def test_gpu_check_command_lines_parse(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     checked = [line for line in summary.splitlines() if line.endswith(": flags ok")]
     names = {line.split(":")[0] for line in checked}
-    assert {"train_llama2-42m", "sample_gpt2-9m", "generation_llama2-126m", "recipe_gpt2-9m"} <= names
-    assert len(checked) == 8
-    assert "timeouts add up to 540s" in proc.stdout
+    assert {"train_llama2-42m", "profile_llama2-42m", "sample_gpt2-9m", "generation_llama2-126m"} <= names
+    assert {"train_llama2-42m_pack_compile", "recipe_gpt2-9m"} <= names
+    assert len(checked) == 9
+    assert "timeouts add up to 560s" in proc.stdout
 
 
 def test_flag_check_rejects_a_flag_its_parser_does_not_know(tmp_path):
