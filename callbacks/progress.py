@@ -7,6 +7,9 @@ carriage returns make one unreadable line, so there :class:`LineProgress` writes
     [toy_gaussian] training gen 1: 300/1200 steps (25%), 9.8 steps/s, ETA 1m32s, loss 1.23
     [toy_gaussian] test gen 1: 40/100 batches (40%), 31.2 batches/s, ETA 2s
 
+A model that counts what it trains on (``throughput_counts()``, e.g. a language model's tokens) adds that
+rate to the training lines: ``..., loss 3.41, 182345 tokens/s``.
+
 :func:`progress_bar_wanted` says which of the two a Trainer gets.
 """
 
@@ -14,12 +17,14 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import lightning.pytorch as pl
 import torch
 
-from collapse.progress import Progress
+from collapse.progress import Progress, number_text
 
 
 def progress_bar_wanted(stream: TextIO | None = None) -> bool:
@@ -29,6 +34,34 @@ def progress_bar_wanted(stream: TextIO | None = None) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+def throughput_reader(module: Any) -> Callable[[], Mapping[str, int]] | None:
+    """The module's ``throughput_counts`` (host-side counts of what it has trained on, by unit), if it has one."""
+    counts = getattr(module, "throughput_counts", None)
+    return counts if callable(counts) else None
+
+
+class RateMeter:
+    """Rates of a module's ``throughput_counts`` since the meter started (per second, by unit), on the host."""
+
+    def __init__(self, module: Any, clock: Callable[[], float] = time.monotonic):
+        self._read = throughput_reader(module)
+        self._clock = clock
+        self._t0 = clock()
+        self._start = dict(self._read()) if self._read else {}
+
+    def rates(self) -> dict[str, float]:
+        if not self._read:
+            return {}
+        elapsed = self._clock() - self._t0
+        if elapsed <= 0:
+            return {}
+        now = self._read()
+        return {unit: (int(now[unit]) - int(start)) / elapsed for unit, start in self._start.items() if unit in now}
+
+    def text(self) -> str:
+        return ", ".join(f"{number_text(rate)} {unit}/s" for unit, rate in self.rates().items())
 
 
 def _count(value: Any) -> int | None:
@@ -59,17 +92,21 @@ class LineProgress(pl.Callback):
         self._train: Progress | None = None
         self._eval: Progress | None = None
         self._loss: torch.Tensor | None = None
+        self._meter: RateMeter | None = None
 
     def _what(self, phase: str) -> str:
         return f"{phase} {self.name}".strip()
 
     def _loss_text(self) -> str:
-        return f"loss {float(self._loss):.4g}" if self._loss is not None else ""
+        parts = [f"loss {float(self._loss):.4g}" if self._loss is not None else ""]
+        parts.append(self._meter.text() if self._meter is not None else "")
+        return ", ".join(p for p in parts if p)
 
     # ---- fit --------------------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = self.total_steps if self.total_steps is not None else _count(trainer.estimated_stepping_batches)
         self._loss = None
+        self._meter = RateMeter(pl_module)
         self._train = Progress(
             total, self._what("training"), "steps", interval=self.interval, done=trainer.global_step,
             rank=trainer.global_rank,

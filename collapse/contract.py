@@ -124,6 +124,15 @@ class SamplingModule(pl.LightningModule, abc.ABC):
         synthetic set (``gen_XXX/<name>.npy``) and given back to :meth:`RealDataModule.synthetic_dataset`.
         """
 
+    def throughput_counts(self) -> Mapping[str, int]:
+        """What this process has trained on so far in the current fit, by unit: ``{"tokens": 123456}``.
+
+        Optional (default: nothing beyond the optimizer steps the loop counts itself). Progress lines show
+        each as a rate (``tokens/s``) and the W&B training rows as ``trainer/<unit>_per_s``. The counts must
+        be kept on the host: reading them may not wait for the device.
+        """
+        return {}
+
 
 class Modality(abc.ABC):
     """One kind of data and model: what :func:`run_generations` needs to know about it.

@@ -92,7 +92,7 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def _number(x: float) -> str:
+def number_text(x: float) -> str:
     """A rate as people read it: ``1370``, ``12.5``, ``0.0417``."""
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
@@ -175,7 +175,7 @@ class Progress:
         rate = self._rate(now)
         text = f"{self.what}: done, {self.done} {self.unit} in {format_duration(elapsed)}"
         if rate is not None:
-            text += f" ({_number(rate)} {self.unit}/s)"
+            text += f" ({number_text(rate)} {self.unit}/s)"
         self._write(text + self._extra(extra))
 
     def _rate(self, now: float) -> float | None:
@@ -192,7 +192,7 @@ class Progress:
         if rate is None:
             text += f", {format_duration(now - self._t0)}"
         else:
-            text += f", {_number(rate)} {self.unit}/s"
+            text += f", {number_text(rate)} {self.unit}/s"
             if self.total is not None and rate > 0:
                 text += f", ETA {format_duration(max(0, self.total - self.done) / rate)}"
         return text + self._extra(extra)
@@ -277,6 +277,7 @@ __all__ = [
     "check_log_level",
     "console",
     "format_duration",
+    "number_text",
     "global_rank",
     "progress_interval",
 ]

@@ -31,7 +31,7 @@ import re
 import time
 import typing
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import Strategy
 
+from callbacks.progress import throughput_reader
 from collapse.errors import ConfigError, UserError
 
 T = TypeVar("T", bound="TrainerConfig")
@@ -273,15 +274,18 @@ class TrackerLogger(Logger):
 
     Every row carries ``generation``, ``trainer/global_step`` (the generation's optimizer step) and
     ``trainer/step`` (steps of the whole run, the x axis of the training curves), and
-    ``trainer/steps_per_s`` (throughput since the previous row). Test metrics are left to the loop, which logs
-    them once per generation.
+    ``trainer/steps_per_s`` (throughput since the previous row), and ``trainer/<unit>_per_s`` for each unit the
+    fitted module counts (``throughput_counts()``: ``trainer/tokens_per_s`` of a language model, this process's).
+    Test metrics are left to the loop, which logs them once per generation.
     """
 
     def __init__(self, tracker: Any, generation: int):
         super().__init__()
         self.tracker = tracker
         self.generation = generation
-        self._last: tuple[int, float] | None = None
+        self.counts: Callable[[], Mapping[str, int]] | None = None
+        """The fitted module's ``throughput_counts`` (set when the fit starts, by :class:`ThroughputSource`)."""
+        self._last: tuple[int, float, Mapping[str, int]] | None = None
 
     @property
     def name(self) -> str:
@@ -302,10 +306,15 @@ class TrackerLogger(Logger):
         if step is None or set(row) <= {"trainer/epoch"}:  # nothing but the epoch (a test's rows)
             return
         now = time.perf_counter()
+        counts = dict(self.counts()) if self.counts is not None else {}
         if self._last is not None and step > self._last[0] and now > self._last[1]:
-            row["trainer/steps_per_s"] = (step - self._last[0]) / (now - self._last[1])
+            seconds = now - self._last[1]
+            row["trainer/steps_per_s"] = (step - self._last[0]) / seconds
+            for unit, before in self._last[2].items():
+                if unit in counts:
+                    row[f"trainer/{unit}_per_s"] = (counts[unit] - before) / seconds
         if self._last is None or step > self._last[0]:
-            self._last = (step, now)
+            self._last = (step, now, counts)
         log = getattr(self.tracker, "log_training", None)
         if log is not None:
             log(row, generation=self.generation, step=step)
@@ -329,9 +338,20 @@ def tracker_logging(
     """
     users = [] if user_logger in (None, False) else (user_logger if isinstance(user_logger, list) else [user_logger])
     loggers = [TrackerLogger(tracker, generation), *users]
+    callbacks: list[Callback] = [ThroughputSource(loggers[0])]
     if getattr(tracker, "run", None) is None or any(isinstance(c, LearningRateMonitor) for c in user_callbacks):
-        return loggers, []
-    return loggers, [LearningRateMonitor()]
+        return loggers, callbacks
+    return loggers, [*callbacks, LearningRateMonitor()]
+
+
+class ThroughputSource(Callback):
+    """Hands the fitted module's ``throughput_counts`` to a :class:`TrackerLogger` when the fit starts."""
+
+    def __init__(self, logger: TrackerLogger):
+        self.logger = logger
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.logger.counts = throughput_reader(pl_module)
 
 
 @contextlib.contextmanager

@@ -502,6 +502,7 @@ class CausalLMModule(SamplingModule):
         self._first_tokens: Any = None
         self.max_seq_len = self.config.max_seq_len or position_limit(self.model.config)
         """Context length for training and sampling (the config's, or the model's position limit)."""
+        self._tokens_trained = 0
 
     @property
     def num_parameters(self) -> int:
@@ -661,6 +662,7 @@ class CausalLMModule(SamplingModule):
         """
         loss, n = self.token_loss(batch)
         if stage == "train":
+            self._tokens_trained += n  # a host count (host_batch): no wait for the device
             self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n)
         else:
             self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
@@ -668,6 +670,13 @@ class CausalLMModule(SamplingModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "train")
+
+    def on_train_start(self) -> None:
+        self._tokens_trained = 0
+
+    def throughput_counts(self) -> dict[str, int]:
+        """Predicted tokens of the training batches this process has stepped on in the current fit."""
+        return {"tokens": self._tokens_trained}
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")

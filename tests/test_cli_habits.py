@@ -271,3 +271,28 @@ def test_only_a_runs_own_keys_are_read_past_in_a_config_file(tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
     typo.write_text("recipe: toy_gaussian\ngeneration: 4\n")  # a misspelt key is still an error
     assert "generation" in _one_line_exit(capsys, ["--config", str(typo)])
+
+
+def test_training_rows_get_the_rate_of_each_count_the_model_keeps(monkeypatch):
+    import types
+
+    import engine.trainer as trainer_module
+    from engine.trainer import TrackerLogger
+
+    rows = []
+    tracker = types.SimpleNamespace(log_training=lambda row, generation, step: rows.append((step, row)))
+    logger = TrackerLogger(tracker, generation=2)
+    clock = iter([10.0, 12.0, 12.0, 16.0])
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    counts = {"tokens": 100}
+    logger.counts = lambda: dict(counts)
+    logger.log_metrics({"train_loss": 1.0}, step=1)
+    counts["tokens"] = 900
+    logger.log_metrics({"train_loss": 0.9}, step=5)
+    logger.log_metrics({"lr-AdamW": 0.1}, step=5)  # a second row for the same step: no rate from it
+    counts["tokens"] = 1300
+    logger.log_metrics({"train_loss": 0.8}, step=7)
+    assert "trainer/tokens_per_s" not in rows[0][1]
+    assert rows[1][1]["trainer/tokens_per_s"] == 400.0 and rows[1][1]["trainer/steps_per_s"] == 2.0
+    assert "trainer/tokens_per_s" not in rows[2][1]
+    assert rows[3][1]["trainer/tokens_per_s"] == 100.0  # 400 tokens in the 4 s since the row of step 5

@@ -15,7 +15,7 @@ import torch
 from loop_script import gaussian_modality
 from torch.utils.data import DataLoader
 
-from callbacks.progress import LineProgress, progress_bar_wanted
+from callbacks.progress import LineProgress, RateMeter, progress_bar_wanted
 from collapse.cli import parse_config, run
 from collapse.errors import ConfigError
 from collapse.progress import Progress, console, format_duration, global_rank, progress_interval
@@ -282,3 +282,42 @@ def test_analytic_grid_shows_cells_done(tmp_path):
     assert re.search(r"^\[gaussian\] grid: done, 2 cells in \d+s", res.stderr, re.M)
     # --log_every 10 alone would print generations 0 and 2 of each cell; interval 0 prints every one.
     assert res.stdout.count("cell 1/2 replace dim=2 n_samples=10 gen ") == 3
+
+
+class CountingDensity(GaussianDensity):
+    """The toy model, counting 10 "tokens" per point it trains on (a host count, as a language model's)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = 0
+
+    def training_step(self, batch, batch_idx):
+        self.seen += 10 * len(batch)
+        return super().training_step(batch, batch_idx)
+
+    def throughput_counts(self):
+        return {"tokens": self.seen}
+
+
+def test_a_model_that_counts_its_tokens_gets_a_tokens_per_second_rate_in_the_training_lines(caplog):
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[LineProgress("gen 0", interval=0)],
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="collapse.progress"):
+        trainer.fit(CountingDensity(dim=2, lr=0.05, init_scale=1.0), DataLoader(torch.randn(64, 2), batch_size=16))
+    got = [r.getMessage() for r in caplog.records if r.name == "collapse.progress"]
+    assert all(re.search(r", loss -?[\d.]+, [\d.]+ tokens/s$", line) for line in got if line.startswith("training"))
+    assert len(got) == 5  # 4 steps and the closing line
+
+
+def test_the_rate_meter_counts_from_when_it_started():
+    clock = Clock()
+    model = CountingDensity(dim=2)
+    model.seen = 500  # before the meter: not counted
+    meter = RateMeter(model, clock=clock)
+    assert meter.rates() == {} and meter.text() == ""  # no time has passed
+    model.seen, clock.t = 1300, clock.t + 4.0
+    assert meter.rates() == {"tokens": 200.0} and meter.text() == "200 tokens/s"
+    assert RateMeter(GaussianDensity(dim=2), clock=clock).text() == ""  # a model that counts nothing

@@ -295,3 +295,16 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, flags, needle)
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0] and needle in errors[0], proc.stderr
     assert not out.exists()
+
+
+def test_the_training_curves_on_wandb_carry_tokens_per_second(tmp_path, fake_wandb):
+    # The language model counts its predicted tokens on the host; each W&B training row after the first gets the
+    # rate since the previous row (no per-step read from the device).
+    cfg = tiny(tmp_path / "run", "replace", "--trainer.log_every_n_steps", "1", "--wandb.mode", "offline",
+               generations=1)  # fmt: skip
+    main(cfg)
+    (run,) = fake_wandb
+    rates = [row["trainer/tokens_per_s"] for row in run.rows if "trainer/tokens_per_s" in row]
+    steps = [row for row in run.rows if "train_loss" in row]
+    assert len(steps) == REAL // 8 and len(rates) == len(steps) - 1  # 6 steps of 8 stories, one epoch
+    assert all(rate > 0 for rate in rates)
