@@ -36,12 +36,17 @@ The two strategies are those of the code of Gerstgrasser et al. ("Is Model Colla
 Both stop at ``EOT`` or at ``max_len`` tokens (the prompt and the final ``EOT`` included).
 
 Speed. On CUDA the default is bfloat16 and a compiled decode step replayed as a CUDA graph (static
-shapes: the full cache buffer, no data-dependent Python branching; one host sync every
-:data:`SYNC_EVERY` steps). On CPU the default is float32 eager, where each step attends only to the
-cache prefix in use (one host sync per step, which costs nothing there). The first compiled call
-compiles (seconds to a minute); later calls with the same architecture and settings reuse it. The
-two caches take 2 * layers * batch_size * kv_heads * max_len * head_dim values of the decoder dtype
-(e.g. 2 * 8 * 64 * 8 * 512 * 32 * 4 bytes = 537 MB for gpt2-9m at batch 64 in float32).
+shapes, no data-dependent Python branching; one host sync every :data:`SYNC_EVERY` steps). Reading
+the KV cache is most of a step's memory traffic at a long context, so the static path attends over a
+length bucket (:data:`LENGTH_BUCKET`), not the whole buffer: at each sync it reads the largest position
+in use and picks the smallest multiple of the bucket width that the slots cannot outgrow before the
+next sync; each bucket's step is captured as its own CUDA graph the first time it is needed (the
+compiled step recompiles once with the length as a symbol, and once more for the full context). On
+CPU the default is float32 eager, where each step attends only to the cache prefix in use (one host
+sync per step, which costs nothing there). The first compiled call compiles (seconds to a minute);
+later calls with the same architecture and settings reuse it. The two caches take 2 * layers *
+batch_size * kv_heads * max_len * head_dim values of the decoder dtype (e.g. 2 * 8 * 64 * 8 * 512 *
+32 * 4 bytes = 537 MB for gpt2-9m at batch 64 in float32).
 
 Randomness in detail: at every step the sampler draws ``torch.rand(batch)`` (then, for
 ``first_token_inclusive``, ``torch.randint(len(pool), (batch,))``) from the generator, for all slots;
@@ -89,6 +94,10 @@ RMSNorms, RoPE); Qwen2 adds q/k/v biases and both may use a sliding attention wi
 SYNC_EVERY = 8
 """Decode steps between two host syncs of the static (compiled) path: finished stories are queued on
 the device and copied to the host, and the stopping condition checked, every this many steps."""
+LENGTH_BUCKET = 128
+"""Width of the attention-length buckets of the static path: between two syncs every slot attends over the
+cache prefix of the smallest multiple of this (or the context) that holds all positions the slots can reach
+by the next sync, so a step reads the cache up to about the longest story in progress, not the context."""
 
 # RoPE variants whose frequencies change with the sequence length at run time; the decoder reads the
 # frequencies once, so it cannot follow them.
@@ -661,9 +670,13 @@ _COMPILED: dict[_Plan, Callable] = {}
 
 
 def _compiled_step(plan: _Plan) -> Callable:
-    """torch.compile of the static step of ``plan``, made once per plan and reused (weights are arguments)."""
+    """torch.compile of the static step of ``plan``, made once per plan and reused (weights are arguments).
+
+    Tensor shapes are fixed by the plan; the attention length (an int) is first compiled as a constant and,
+    when a second bucket is used, once more as a symbol that every later bucket reuses (the full context,
+    a slice that is the whole buffer, is one more)."""
     if plan not in _COMPILED:
-        _COMPILED[plan] = torch.compile(functools.partial(_cached_step, plan), dynamic=False)
+        _COMPILED[plan] = torch.compile(functools.partial(_cached_step, plan), dynamic=None)
     return _COMPILED[plan]
 
 
@@ -724,7 +737,8 @@ class StorySampler:
             if pool.is_floating_point() or pool.dtype == torch.bool or int(pool.min()) < 0 or int(pool.max()) >= vocab:
                 raise ValueError(f"first_tokens must be token ids in [0, {vocab})")
             self.first_tokens = pool.long()
-        self._force_static = False  # tests: take the static (full-buffer) path without compiling
+        self._force_static = False  # tests: take the static (bucketed) path without compiling
+        self._bucket = LENGTH_BUCKET  # tests: narrower buckets
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, use_cache: bool = True) -> dict[str, np.ndarray]:
@@ -820,12 +834,13 @@ class StorySampler:
         if static and self._use_graphs(device):
             self._loop_cuda_graph(plan, step, fallback, s, generator, draw_candidates, tokens, lengths, finished)
             return
-        steps = 0
+        steps, length = 0, self.max_len
         while True:
             if static:
-                length = self.max_len
-                if steps % SYNC_EVERY == 0 and not bool((s["story"] < s["n"]).any()):
-                    break
+                if steps % SYNC_EVERY == 0:  # the only reads from the device: one every SYNC_EVERY steps
+                    active, length = self._sync(s, tokens, lengths, finished)
+                    if not active:
+                        break
             else:
                 # Eager: attend only to the positions in use (one host sync per step; free on CPU).
                 pos_max, active = torch.stack([s["pos"].max(), (s["story"] < s["n"]).sum()]).tolist()
@@ -835,7 +850,7 @@ class StorySampler:
             u = torch.rand(batch, generator=generator, device=device)
             step(u, draw_candidates(), length)
             steps += 1
-            if steps % SYNC_EVERY == 0:
+            if not static and steps % SYNC_EVERY == 0:
                 self._flush(s, tokens, lengths, finished)
         self._flush(s, tokens, lengths, finished)
 
@@ -933,9 +948,32 @@ class StorySampler:
         logits = model(input_ids=ids, attention_mask=visible.long(), use_cache=False).logits
         return logits[s["rows"], s["pos"]].float()
 
-    def _flush(self, s: dict[str, torch.Tensor], tokens: np.ndarray, lengths: np.ndarray, finished: np.ndarray) -> None:
-        """Copy the queued finished stories to the output rows of their ids (padding past their length)."""
-        count = int(s["q_ptr"])
+    def _attention_length(self, pos_max: int) -> int:
+        """The bucketed attention length of the next :data:`SYNC_EVERY` static steps, given the largest position
+        in use: positions grow by at most one per step, so those steps feed positions < pos_max + SYNC_EVERY."""
+        need = pos_max + SYNC_EVERY
+        return min(self.max_len, -(-need // self._bucket) * self._bucket)
+
+    def _sync(
+        self, s: dict[str, torch.Tensor], tokens: np.ndarray, lengths: np.ndarray, finished: np.ndarray
+    ) -> tuple[bool, int]:
+        """The static path's sync point, one read from the device: flush the finished stories and return
+        (whether any story is still running or waiting, the attention length of the next steps)."""
+        count, active, pos_max = torch.stack([s["q_ptr"], (s["story"] < s["n"]).sum(), s["pos"].max()]).tolist()
+        self._flush(s, tokens, lengths, finished, count)
+        return active > 0, self._attention_length(pos_max)
+
+    def _flush(
+        self,
+        s: dict[str, torch.Tensor],
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        finished: np.ndarray,
+        count: int | None = None,
+    ) -> None:
+        """Copy the queued finished stories (``count`` of them, if already read) to the output rows of their ids
+        (padding past their length)."""
+        count = int(s["q_ptr"]) if count is None else count
         if count:
             meta = s["q_meta"][:count]
             rows = s["q_tok"][:count].masked_fill(s["positions"][None, :] >= meta[:, 1:2], self.pad_id)
@@ -957,65 +995,81 @@ class StorySampler:
         lengths: np.ndarray,
         finished: np.ndarray,
     ) -> None:
-        """The static step captured once as a CUDA graph and replayed; a host sync every SYNC_EVERY steps.
+        """The static step captured as a CUDA graph per attention length and replayed; a host sync every
+        SYNC_EVERY steps, where the next steps' length bucket is chosen (:meth:`_sync`).
 
         The uniforms (and first-token candidates) are drawn eagerly into fixed buffers before each replay,
-        so the graph holds no random number generation. Warm-up runs (which compile) advance the state,
-        so it is saved before and restored after them; the KV cache needs no restoring because a slot only
-        ever reads cache positions that its current story wrote. Should the warm-up (compilation) fail and a
-        ``fallback`` step be given, that one is used instead, with a warning; should the capture fail, the
-        step runs without a graph, with a warning.
+        so the graphs hold no random number generation. A bucket's graph is captured the first time it is
+        needed, after warm-up runs (which compile). The warm-up runs with every slot idle (an idle slot
+        feeds ``[EOT]`` at position 0), and the state is saved before and restored after it: so the only
+        cache entries it writes are those of ``[EOT]`` at position 0, which every story starts with, and
+        stories in progress read the same values there as before. Should a warm-up (compilation) fail and
+        a ``fallback`` step be given, that one is used from then on, with a warning; should a capture fail,
+        the steps run without graphs from then on, with a warning. The graphs share one memory pool: they
+        run one at a time and keep nothing in it between replays (every output is written into the state
+        in place).
         """
         device = s["pos"].device
         # Placeholders for the warm-up and capture: they draw nothing, so the generator is consumed exactly as
         # on the eager path (one uniform per slot, then one candidate per slot, per step).
         u_buf = torch.full((plan.batch,), 0.5, device=device)
         cand_buf = s["first"].clone() if "first" in s else None
-        saved = {k: v.clone() for k, v in s.items()}
+        replays: dict[int, Callable[[], None]] = {}
+        pool: Any = None
+        graphs_ok = True
 
-        def warm_up(fn: Callable) -> None:
+        def warm_up(fn: Callable, length: int) -> None:
+            saved = {k: v.clone() for k, v in s.items()}
+            s["story"].copy_(s["n"].expand_as(s["story"]))  # every slot idle: [EOT] at position 0
+            s["pos"].zero_()
+            s["cur"].fill_(plan.eot)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             try:
                 with torch.cuda.stream(side):
                     for _ in range(3):
-                        fn(u_buf, cand_buf, plan.max_len)
+                        fn(u_buf, cand_buf, length)
             finally:
                 torch.cuda.current_stream().wait_stream(side)
                 for k, v in s.items():
                     v.copy_(saved[k])
 
-        try:
-            warm_up(step)
-        except Exception as exc:
-            if fallback is None:
-                raise
-            log.warning("sampling: compiling the decode step failed (%s); running it uncompiled", exc)
-            step = fallback
-            warm_up(step)
-        replay: Callable[[], None]
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step(u_buf, cand_buf, plan.max_len)
-            replay = graph.replay
-        except Exception as exc:  # a capture failure must not lose the run: warn and go on without the graph
-            log.warning("sampling: CUDA graph capture failed (%s); running the compiled step without it", exc)
-            torch.cuda.synchronize()
+        def replay_of(length: int) -> Callable[[], None]:
+            nonlocal step, fallback, pool, graphs_ok
+            try:
+                warm_up(step, length)
+            except Exception as exc:
+                if fallback is None:
+                    raise
+                log.warning("sampling: compiling the decode step failed (%s); running it uncompiled", exc)
+                step, fallback = fallback, None
+                warm_up(step, length)
+            fn = step
+            if graphs_ok:
+                try:
+                    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        fn(u_buf, cand_buf, length)
+                    return graph.replay
+                except Exception as exc:  # a capture failure must not lose the run: warn and go on without graphs
+                    log.warning("sampling: CUDA graph capture failed (%s); running the compiled step without it", exc)
+                    graphs_ok = False
+                    torch.cuda.synchronize()
+            return lambda: fn(u_buf, cand_buf, length)
 
-            def replay() -> None:
-                step(u_buf, cand_buf, plan.max_len)
-
-        steps = 0
+        steps, length = 0, self.max_len
         while True:
             if steps % SYNC_EVERY == 0:
-                self._flush(s, tokens, lengths, finished)
-                if not bool((s["story"] < s["n"]).any()):
+                active, length = self._sync(s, tokens, lengths, finished)
+                if not active:
                     break
+            if length not in replays:
+                replays[length] = replay_of(length)
             torch.rand(plan.batch, generator=generator, device=device, out=u_buf)
             if cand_buf is not None:
                 cand_buf.copy_(draw_candidates())
-            replay()
+            replays[length]()
             steps += 1
         self._flush(s, tokens, lengths, finished)
 

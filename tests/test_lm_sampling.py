@@ -222,6 +222,33 @@ def test_kv_cached_sampling_draws_the_same_tokens_as_the_uncached_forward(name, 
     assert_same(draw(s, 11, seed=3), cached)
 
 
+@pytest.mark.parametrize("strategy", ["bos_fixed_length", "first_token_inclusive"])
+def test_length_buckets_of_the_static_path_draw_the_same_tokens(strategy, monkeypatch):
+    # The static path attends over a bucket that holds every position the slots can reach before the next sync;
+    # narrow buckets (4 tokens, context 40) make it change often, up and down, within one draw.
+    model = with_eot_bias(MODELS["gpt2"](), 1.5)
+    s = sampler(model, max_len=40, batch_size=4, strategy=strategy, first_tokens=[5, 9, 17])
+    eager = draw(s, 13, seed=5)
+    used = []
+    step = lm_sampling._cached_step
+    monkeypatch.setattr(lm_sampling, "_cached_step", lambda *a: used.append(a[-1]) or step(*a))
+    s._force_static, s._bucket = True, 4
+    assert_same(draw(s, 13, seed=5), eager)
+    assert len(set(used)) >= 3 and min(used) >= lm_sampling.SYNC_EVERY and max(used) <= 40
+    assert all(length % 4 == 0 or length == 40 for length in used)
+    assert any(b < a for a, b in zip(used, used[1:]))  # down again when the long stories end
+
+
+def test_the_attention_length_covers_every_position_until_the_next_sync():
+    s = sampler(preset_model("gpt2-tiny"), max_len=300)
+    sync = lm_sampling.SYNC_EVERY
+    assert s._attention_length(0) == 128  # positions 0 .. SYNC_EVERY - 1 next
+    assert s._attention_length(128 - sync) == 128 and s._attention_length(128 - sync + 1) == 256
+    assert s._attention_length(290) == 300  # never past the context
+    for pos_max in range(300):
+        assert s._attention_length(pos_max) >= min(pos_max + sync, 300)
+
+
 # --------------------------------------------------------------------------------------- stopping
 
 
@@ -396,22 +423,52 @@ def test_cuda_graph_loop_draws_the_same_tokens_simulated_on_cpu(monkeypatch, cap
         def wait_stream(self, other) -> None:
             pass
 
-    def no_capture(graph):
+    def no_capture(graph, pool=None):
         raise RuntimeError("no CUDA graphs on CPU")
 
     for name, value in {
         "Stream": Stream, "current_stream": Stream, "stream": lambda stream: contextlib.nullcontext(),
-        "CUDAGraph": object, "graph": no_capture, "synchronize": lambda: None,
+        "CUDAGraph": object, "graph": no_capture, "synchronize": lambda: None, "graph_pool_handle": lambda: None,
     }.items():  # fmt: skip
         monkeypatch.setattr(torch.cuda, name, value)
     for strategy in ("bos_fixed_length", "first_token_inclusive"):
-        model = with_eot_bias(MODELS["llama"](), 2.0)
-        s = sampler(model, max_len=20, batch_size=4, top_k=12, strategy=strategy, first_tokens=[5, 9, 17])
-        eager = draw(s, 11, seed=3)
-        s._force_static = True
-        monkeypatch.setattr(s, "_use_graphs", lambda device: True)
-        assert_same(draw(s, 11, seed=3), eager)
-    assert "CUDA graph capture failed" in caplog.text
+        for bucket in (128, 4):  # one length (the context); or buckets 8, 12, 16, 20, each warmed up mid-run
+            model = with_eot_bias(MODELS["llama"](), 2.0)
+            s = sampler(model, max_len=20, batch_size=4, top_k=12, strategy=strategy, first_tokens=[5, 9, 17])
+            eager = draw(s, 11, seed=3)
+            s._force_static, s._bucket = True, bucket
+            monkeypatch.setattr(s, "_use_graphs", lambda device: True)
+            assert_same(draw(s, 11, seed=3), eager)
+    assert caplog.text.count("CUDA graph capture failed") == 4  # once per draw, not once per bucket
+    # A bucket first needed mid-draw is warmed up then, with stories in progress: the warm-up (on the side
+    # stream) must write no cache entry but those of [EOT] at position 0, the same in every story (a story ending
+    # within its steps would otherwise restart over the entries of the story in progress in its slot).
+    side, positions = [False], []
+
+    @contextlib.contextmanager
+    def on_side_stream(stream):
+        side[0] = True
+        yield
+        side[0] = False
+
+    step = lm_sampling._cached_step
+
+    def spy(plan, w, kc, vc, s, *rest):
+        positions.append((side[0], s["pos"].clone()))
+        return step(plan, w, kc, vc, s, *rest)
+
+    monkeypatch.setattr(torch.cuda, "stream", on_side_stream)
+    monkeypatch.setattr(lm_sampling, "_cached_step", spy)
+    model = with_eot_bias(MODELS["gpt2"](), 1.5)
+    s = sampler(model, max_len=40, batch_size=6)
+    eager = draw(s, 30, seed=5)
+    s._force_static, s._bucket = True, 4
+    monkeypatch.setattr(s, "_use_graphs", lambda device: True)
+    positions.clear()
+    assert_same(draw(s, 30, seed=5), eager)
+    warm = [pos for on_side, pos in positions if on_side]
+    assert len(warm) >= 3 * 4 and all((pos == 0).all() for pos in warm)  # 3 steps per bucket, 4 buckets or more
+    assert any((pos > 8).any() for on_side, pos in positions if not on_side)  # while stories were in progress
 
     # --sampling.compile auto: should compiling fail, the uncompiled step takes over.
     def broken_compile(plan):
@@ -438,6 +495,9 @@ def test_compiled_static_step_draws_the_same_tokens_on_cpu():
     model = with_eot_bias(MODELS["llama"](), 2.0)
     eager = draw(sampler(model, max_len=20, batch_size=4, top_k=12), 11, seed=3)
     assert_same(draw(sampler(model, max_len=20, batch_size=4, top_k=12, compile="on"), 11, seed=3), eager)
+    compiled = sampler(model, max_len=20, batch_size=4, top_k=12, compile="on")
+    compiled._bucket = 4  # lengths 8, 12, 16, 20: the length becomes a symbol after the first recompile
+    assert_same(draw(compiled, 11, seed=3), eager)
 
 
 # ------------------------------------------------------------------------------------------ errors
