@@ -133,6 +133,9 @@ class SyntheticDataCallback(pl.Callback):
         try:
             self._draw(model, rank, world_size)
         finally:
+            end = getattr(model, "end_sampling", None)
+            if callable(end):
+                end()  # free what sample() kept between chunks before the next fit needs the memory
             if was_training:
                 model.train()
         if barrier is not None:

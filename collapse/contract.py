@@ -124,6 +124,10 @@ class SamplingModule(pl.LightningModule, abc.ABC):
         synthetic set (``gen_XXX/<name>.npy``) and given back to :meth:`RealDataModule.synthetic_dataset`.
         """
 
+    def end_sampling(self) -> None:
+        """Optional: called once a sampling phase has drawn its last chunk; free what :meth:`sample` kept
+        between calls (caches on the device, say). Default: nothing to free."""
+
     def throughput_counts(self) -> Mapping[str, int]:
         """What this process has trained on so far in the current fit, by unit: ``{"tokens": 123456}``.
 

@@ -500,6 +500,7 @@ class CausalLMModule(SamplingModule):
         self.sampling: Any = None
         self._sample_max_len: int | None = None
         self._first_tokens: Any = None
+        self._sampler: Any = None  # kept between sample() calls (chunks), until end_sampling or a new config
         self.max_seq_len = self.config.max_seq_len or position_limit(self.model.config)
         """Context length for training and sampling (the config's, or the model's position limit)."""
         self._tokens_trained = 0
@@ -527,6 +528,7 @@ class CausalLMModule(SamplingModule):
         if length > self.max_seq_len:
             raise ConfigError(f"--sampling.max_len must be at most the context length {self.max_seq_len}, got {length}")
         self.sampling, self._sample_max_len, self._first_tokens = cfg, length, first_tokens
+        self.end_sampling()
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> dict[str, Any]:
@@ -538,15 +540,23 @@ class CausalLMModule(SamplingModule):
 
         if self.sampling is None:
             self.configure_sampling(SamplingConfig())
-        sampler = StorySampler(
-            self.model,
-            self.sampling,
-            max_len=self._sample_max_len,
-            eot_id=self.eos_token_id if self.eos_token_id is not None else 0,
-            pad_id=self.pad_token_id if self.pad_token_id is not None else 1,
-            first_tokens=self._first_tokens,
-        )
-        return sampler.sample(n, generator)
+        if self._sampler is None or self._sampler.model is not self.model:
+            self._sampler = StorySampler(
+                self.model,
+                self.sampling,
+                max_len=self._sample_max_len,
+                eot_id=self.eos_token_id if self.eos_token_id is not None else 0,
+                pad_id=self.pad_token_id if self.pad_token_id is not None else 1,
+                first_tokens=self._first_tokens,
+            )
+        return self._sampler.sample(n, generator)
+
+    def end_sampling(self) -> None:
+        """Free what :meth:`sample` keeps between calls (the sampler's decoder, KV caches and CUDA graphs, which
+        let a corpus drawn chunk by chunk read the weights and capture the graphs once)."""
+        if self._sampler is not None:
+            self._sampler.release()
+        self._sampler = None
 
     def prepare_batch(
         self, batch: Mapping[str, torch.Tensor] | torch.Tensor

@@ -63,7 +63,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -669,6 +669,23 @@ def _cached_step(
 _COMPILED: dict[_Plan, Callable] = {}
 
 
+@dataclass
+class _Engine:
+    """What a sampler keeps between calls for one plan, so that drawing a corpus chunk by chunk reads the weights,
+    allocates the caches and captures the CUDA graphs once: the decoder, the loop state (reset in place at each
+    call: the graphs read it where it is), the bound decode step and the graphs' fixed input buffers."""
+
+    decoder: KVDecoder
+    s: dict[str, torch.Tensor]
+    step: Callable
+    fallback: Callable | None  # the uncompiled step, should compiling fail under --sampling.compile auto
+    u_buf: torch.Tensor
+    cand_buf: torch.Tensor | None
+    replays: dict[int, Callable[[], None]] = field(default_factory=dict)  # attention length -> replay
+    pool: Any = None  # the CUDA graphs' shared memory pool
+    graphs_ok: bool = True
+
+
 def _compiled_step(plan: _Plan) -> Callable:
     """torch.compile of the static step of ``plan``, made once per plan and reused (weights are arguments).
 
@@ -738,6 +755,8 @@ class StorySampler:
                 raise ValueError(f"first_tokens must be token ids in [0, {vocab})")
             self.first_tokens = pool.long()
         self._force_static = False  # tests: take the static (bucketed) path without compiling
+        self._engines: dict[tuple[_Plan, bool], _Engine] = {}
+        self._weights: tuple[tuple[int, int], ...] | None = None  # the weights the engines were built from
         self._bucket = LENGTH_BUCKET  # tests: narrower buckets
 
     @torch.no_grad()
@@ -794,13 +813,9 @@ class StorySampler:
         batch = min(cfg.batch_size, n)
         compiled = use_cache and resolve_compile(cfg.compile, device)
         static = use_cache and (compiled or self._force_static)
-        # The decoder reads the model's weights now (they may have been trained since the last call).
-        decoder = None
-        if use_cache:
-            decoder = KVDecoder(self.model, batch, self.max_len, dtype=resolve_dtype(cfg.dtype, device))
         plan = _Plan(
-            None if decoder is None else decoder.arch, batch, self.max_len, SYNC_EVERY * batch, self.prompt_len,
-            self.eot_id, float(cfg.temperature), cfg.top_k, cfg.top_p,
+            _arch_of(self.model, device) if use_cache else None, batch, self.max_len, SYNC_EVERY * batch,
+            self.prompt_len, self.eot_id, float(cfg.temperature), cfg.top_k, cfg.top_p,
         )  # fmt: skip
         pool = None if self.first_tokens is None else self.first_tokens.to(device)
 
@@ -811,20 +826,12 @@ class StorySampler:
                 return None
             return pool[torch.randint(len(pool), (batch,), generator=generator, device=device)]
 
-        s = self._initial_state(plan, n, device, draw_candidates())
-
-        fallback: Callable | None = None  # the uncompiled step, should compiling fail under --sampling.compile auto
-        if decoder is not None:
-            w, kc, vc = decoder.weights, decoder.k_cache, decoder.v_cache
-
-            def bind(fn: Callable) -> Callable:
-                return lambda u, cand, length: fn(w, kc, vc, s, u, cand, length)
-
-            eager_step = functools.partial(_cached_step, plan)
-            step = bind(_compiled_step(plan) if compiled else eager_step)
-            if compiled and cfg.compile == "auto":
-                fallback = bind(eager_step)
+        if use_cache:
+            engine = self._engine(plan, device, compiled)
+            self._reset_state(engine.s, plan, n, draw_candidates())
+            s, step = engine.s, engine.step
         else:
+            s = self._initial_state(plan, n, device, draw_candidates())
             model = self.model
 
             def step(u: torch.Tensor, cand: torch.Tensor | None, length: int) -> None:
@@ -832,7 +839,7 @@ class StorySampler:
                 _advance(plan, s, sample_tokens(logits, u, plan.temperature, plan.top_k, plan.top_p), cand)
 
         if static and self._use_graphs(device):
-            self._loop_cuda_graph(plan, step, fallback, s, generator, draw_candidates, tokens, lengths, finished)
+            self._loop_cuda_graph(plan, engine, generator, draw_candidates, tokens, lengths, finished)
             return
         steps, length = 0, self.max_len
         while True:
@@ -853,6 +860,41 @@ class StorySampler:
             if not static and steps % SYNC_EVERY == 0:
                 self._flush(s, tokens, lengths, finished)
         self._flush(s, tokens, lengths, finished)
+
+    def _engine(self, plan: _Plan, device: torch.device, compiled: bool) -> _Engine:
+        """The :class:`_Engine` of ``plan``, built on first use and kept while the model's weights stay the same.
+
+        The weights are checked at every call (each parameter's storage and version counter, which any
+        in-place update such as an optimizer step or a loaded state dict advances): when they have changed,
+        every engine is dropped and the decoder reads them again.
+        """
+        weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if weights != self._weights:
+            self._engines.clear()
+            self._weights = weights
+        key = (plan, compiled)
+        if key not in self._engines:
+            decoder = KVDecoder(self.model, plan.batch, self.max_len, dtype=resolve_dtype(self.cfg.dtype, device))
+            candidates = None if self.first_tokens is None else torch.zeros(plan.batch, dtype=torch.long, device=device)
+            s = self._initial_state(plan, plan.batch, device, candidates)
+            w, kc, vc = decoder.weights, decoder.k_cache, decoder.v_cache
+
+            def bind(fn: Callable) -> Callable:
+                return lambda u, cand, length: fn(w, kc, vc, s, u, cand, length)
+
+            eager_step = functools.partial(_cached_step, plan)
+            fallback = bind(eager_step) if compiled and self.cfg.compile == "auto" else None
+            self._engines[key] = _Engine(
+                decoder, s, bind(_compiled_step(plan) if compiled else eager_step), fallback,
+                u_buf=torch.full((plan.batch,), 0.5, device=device),
+                cand_buf=None if candidates is None else candidates.clone(),
+            )  # fmt: skip
+        return self._engines[key]
+
+    def release(self) -> None:
+        """Free what the sampler keeps between calls (decoders, KV caches, CUDA graphs); the next call rebuilds it."""
+        self._engines.clear()
+        self._weights = None
 
     def _run_hf(
         self,
@@ -937,6 +979,20 @@ class StorySampler:
             s["first"] = candidates.clone()
         return s
 
+    def _reset_state(self, s: dict[str, torch.Tensor], plan: _Plan, n: int, candidates: torch.Tensor | None) -> None:
+        """Put a kept state back to :meth:`_initial_state`'s values for ``n`` stories, in place."""
+        s["n"].fill_(n)
+        s["next_id"].fill_(plan.batch)
+        s["story"].copy_(s["rows"])
+        s["pos"].zero_()
+        s["cur"].fill_(self.eot_id)
+        s["seq"].fill_(self.eot_id)
+        s["q_tok"].fill_(self.pad_id)
+        s["q_meta"].zero_()
+        s["q_ptr"].zero_()
+        if candidates is not None:
+            s["first"].copy_(candidates)
+
     def _reference_logits(self, model: torch.nn.Module, s: dict[str, torch.Tensor], length: int) -> torch.Tensor:
         """Next-token logits of every slot from the transformers forward on its whole sequence (no cache).
 
@@ -986,9 +1042,7 @@ class StorySampler:
     def _loop_cuda_graph(
         self,
         plan: _Plan,
-        step: Callable,
-        fallback: Callable | None,
-        s: dict[str, torch.Tensor],
+        engine: _Engine,
         generator: torch.Generator,
         draw_candidates: Callable[[], torch.Tensor | None],
         tokens: np.ndarray,
@@ -998,25 +1052,19 @@ class StorySampler:
         """The static step captured as a CUDA graph per attention length and replayed; a host sync every
         SYNC_EVERY steps, where the next steps' length bucket is chosen (:meth:`_sync`).
 
-        The uniforms (and first-token candidates) are drawn eagerly into fixed buffers before each replay,
-        so the graphs hold no random number generation. A bucket's graph is captured the first time it is
-        needed, after warm-up runs (which compile). The warm-up runs with every slot idle (an idle slot
-        feeds ``[EOT]`` at position 0), and the state is saved before and restored after it: so the only
-        cache entries it writes are those of ``[EOT]`` at position 0, which every story starts with, and
-        stories in progress read the same values there as before. Should a warm-up (compilation) fail and
-        a ``fallback`` step be given, that one is used from then on, with a warning; should a capture fail,
-        the steps run without graphs from then on, with a warning. The graphs share one memory pool: they
-        run one at a time and keep nothing in it between replays (every output is written into the state
-        in place).
+        The uniforms (and first-token candidates) are drawn eagerly into the engine's fixed buffers before
+        each replay, so the graphs hold no random number generation. A bucket's graph is captured the first
+        time it is needed and kept in the engine for later calls, after warm-up runs (which compile). The
+        warm-up runs with every slot idle (an idle slot feeds ``[EOT]`` at position 0), and the state is
+        saved before and restored after it: so the only cache entries it writes are those of ``[EOT]`` at
+        position 0, which every story starts with, and stories in progress read the same values there as
+        before. Should a warm-up (compilation) fail and a ``fallback`` step be given, that one is used from
+        then on, with a warning; should a capture fail, the steps run without graphs from then on, with a
+        warning. The graphs share one memory pool: they run one at a time and keep nothing in it between
+        replays (every output is written into the state in place).
         """
+        s, u_buf, cand_buf = engine.s, engine.u_buf, engine.cand_buf
         device = s["pos"].device
-        # Placeholders for the warm-up and capture: they draw nothing, so the generator is consumed exactly as
-        # on the eager path (one uniform per slot, then one candidate per slot, per step).
-        u_buf = torch.full((plan.batch,), 0.5, device=device)
-        cand_buf = s["first"].clone() if "first" in s else None
-        replays: dict[int, Callable[[], None]] = {}
-        pool: Any = None
-        graphs_ok = True
 
         def warm_up(fn: Callable, length: int) -> None:
             saved = {k: v.clone() for k, v in s.items()}
@@ -1035,26 +1083,25 @@ class StorySampler:
                     v.copy_(saved[k])
 
         def replay_of(length: int) -> Callable[[], None]:
-            nonlocal step, fallback, pool, graphs_ok
             try:
-                warm_up(step, length)
+                warm_up(engine.step, length)
             except Exception as exc:
-                if fallback is None:
+                if engine.fallback is None:
                     raise
                 log.warning("sampling: compiling the decode step failed (%s); running it uncompiled", exc)
-                step, fallback = fallback, None
-                warm_up(step, length)
-            fn = step
-            if graphs_ok:
+                engine.step, engine.fallback = engine.fallback, None
+                warm_up(engine.step, length)
+            fn = engine.step
+            if engine.graphs_ok:
                 try:
-                    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+                    engine.pool = torch.cuda.graph_pool_handle() if engine.pool is None else engine.pool
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with torch.cuda.graph(graph, pool=engine.pool):
                         fn(u_buf, cand_buf, length)
                     return graph.replay
                 except Exception as exc:  # a capture failure must not lose the run: warn and go on without graphs
                     log.warning("sampling: CUDA graph capture failed (%s); running the compiled step without it", exc)
-                    graphs_ok = False
+                    engine.graphs_ok = False
                     torch.cuda.synchronize()
             return lambda: fn(u_buf, cand_buf, length)
 
@@ -1064,12 +1111,12 @@ class StorySampler:
                 active, length = self._sync(s, tokens, lengths, finished)
                 if not active:
                     break
-            if length not in replays:
-                replays[length] = replay_of(length)
+            if length not in engine.replays:
+                engine.replays[length] = replay_of(length)
             torch.rand(plan.batch, generator=generator, device=device, out=u_buf)
             if cand_buf is not None:
                 cand_buf.copy_(draw_candidates())
-            replays[length]()
+            engine.replays[length]()
             steps += 1
         self._flush(s, tokens, lengths, finished)
 

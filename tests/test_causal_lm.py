@@ -469,3 +469,22 @@ def test_rows_padded_to_a_multiple_give_the_same_loss(pack):
     torch.testing.assert_close(loss_wide, loss, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="--model.pad_to_multiple must be a positive integer"):
         CausalLMConfig(preset="tiny", pad_to_multiple=0)
+
+
+def test_the_module_keeps_its_sampler_between_chunks_and_frees_it_when_sampling_ends():
+    from samplers.story_sampler import SamplingConfig
+
+    torch.manual_seed(0)
+    module = CausalLMModule(CausalLMConfig(preset="gpt2-tiny", vocab_size=64, max_seq_len=16), bos_token_id=0,
+                            eos_token_id=0, pad_token_id=1)  # fmt: skip
+    module.configure_sampling(SamplingConfig(batch_size=4))
+    first = module.sample(6, torch.Generator().manual_seed(1))
+    sampler = module._sampler
+    module.sample(6, torch.Generator().manual_seed(2))
+    assert module._sampler is sampler and sampler._engines  # one decoder for every chunk
+    module.end_sampling()
+    assert module._sampler is None and not sampler._engines
+    again = module.sample(6, torch.Generator().manual_seed(1))
+    assert (again["tokens"] == first["tokens"]).all()
+    module.configure_sampling(SamplingConfig(batch_size=2))  # new settings: a new sampler
+    assert module._sampler is None

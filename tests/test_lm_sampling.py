@@ -232,6 +232,7 @@ def test_length_buckets_of_the_static_path_draw_the_same_tokens(strategy, monkey
     used = []
     step = lm_sampling._cached_step
     monkeypatch.setattr(lm_sampling, "_cached_step", lambda *a: used.append(a[-1]) or step(*a))
+    s.release()  # the engine built by the eager draw holds the unpatched step
     s._force_static, s._bucket = True, 4
     assert_same(draw(s, 13, seed=5), eager)
     assert len(set(used)) >= 3 and min(used) >= lm_sampling.SYNC_EVERY and max(used) <= 40
@@ -469,6 +470,9 @@ def test_cuda_graph_loop_draws_the_same_tokens_simulated_on_cpu(monkeypatch, cap
     warm = [pos for on_side, pos in positions if on_side]
     assert len(warm) >= 3 * 4 and all((pos == 0).all() for pos in warm)  # 3 steps per bucket, 4 buckets or more
     assert any((pos > 8).any() for on_side, pos in positions if not on_side)  # while stories were in progress
+    positions.clear()
+    assert_same(draw(s, 30, seed=5), eager)  # the next call (the next chunk) reuses every bucket's step
+    assert positions and not any(on_side for on_side, _ in positions)
 
     # --sampling.compile auto: should compiling fail, the uncompiled step takes over.
     def broken_compile(plan):
@@ -541,3 +545,26 @@ def test_bad_sampler_inputs_are_config_errors():
         sampler(neox(), backend="native")
     with pytest.raises(ValueError, match="n must be a non-negative integer"):
         draw(sampler(model), -1, 0)
+
+
+def test_a_sampler_keeps_its_decoder_between_calls_until_the_weights_change():
+    # Drawing a corpus chunk by chunk reads the weights, allocates the caches (and captures the graphs) once;
+    # every call still draws what a fresh sampler draws, and a weight update is seen at the next call.
+    model = with_eot_bias(MODELS["llama"](), 2.0)
+    kept = sampler(model, max_len=20, batch_size=4, strategy="first_token_inclusive", first_tokens=[5, 9, 17])
+    first = draw(kept, 11, seed=3)
+    (engine,) = kept._engines.values()
+    assert_same(draw(kept, 11, seed=4), draw(sampler(model, max_len=20, batch_size=4,
+                strategy="first_token_inclusive", first_tokens=[5, 9, 17]), 11, seed=4))  # fmt: skip
+    assert list(kept._engines.values()) == [engine]  # the same decoder, state and buffers
+    assert_same(draw(kept, 11, seed=3), first)
+    with torch.no_grad():
+        model.get_output_embeddings().bias[EOT] += 3.0  # in place, as an optimizer step
+    fresh = draw(sampler(model, max_len=20, batch_size=4, strategy="first_token_inclusive", first_tokens=[5, 9, 17]),
+                 11, seed=3)  # fmt: skip
+    assert_same(draw(kept, 11, seed=3), fresh)
+    assert fresh["lengths"].mean() < first["lengths"].mean()  # EOT likelier: the update was read
+    (rebuilt,) = kept._engines.values()
+    assert rebuilt is not engine
+    kept.release()
+    assert not kept._engines

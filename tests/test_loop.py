@@ -467,9 +467,14 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.calls = 0
         self.as_tensor = as_tensor
+        self.kept, self.ended = False, 0
+
+    def end_sampling(self):
+        self.kept, self.ended = False, self.ended + 1
 
     def sample(self, n, generator):
         self.calls += 1
+        self.kept = True  # as a model that keeps a decoder between chunks
         x = torch.randn(n, 3, generator=generator)
         labels = torch.randint(0, 10, (n,), generator=generator)
         if self.as_tensor:
@@ -490,6 +495,7 @@ def test_sampling_callback_writes_staging_and_skips_when_done(tmp_path):
     model = CountingModel()
     assert cb.sample_into_store(model) == ["x", "label"]
     assert model.calls == 3
+    assert model.ended == 1 and not model.kept  # what sample() kept is freed once, after the last chunk
     x = np.load(store.staged(0, "x.npy"))
     assert x.shape == (10, 3) and x.dtype == np.float32
     # Each chunk has its own generator: chunk 1 is reproducible on its own.
