@@ -73,6 +73,16 @@ STEP_SCOPE = "forward_backward"
 is ``optimizer`` (the update and gradient clipping)."""
 
 
+ANNOTATIONS = re.compile(rf"^({re.escape(OPTIMIZER_SCOPE)}|{STEP_SCOPE}$|ProfilerStep#)")
+"""Names of annotated ranges (``record_function``, Lightning's and the optimizer's own) that the profiler also
+puts on the GPU's timeline: spans that enclose kernels, not kernels."""
+
+
+def is_annotation(event) -> bool:
+    """Whether a profiler event is an annotated range rather than a kernel, copy or operator."""
+    return bool(getattr(event, "is_user_annotation", False)) or bool(ANNOTATIONS.search(event.name))
+
+
 def kind_of(name: str, in_optimizer: bool = False) -> str:
     """The kind of a kernel or operator called ``name`` (``in_optimizer``: run inside ``optimizer.step()``)."""
     if in_optimizer:
@@ -140,11 +150,12 @@ def _inside(event, prefix: str) -> bool:
 
 
 def breakdown(prof: profile, wall_s: float, on_gpu: bool) -> Breakdown:
-    """Split a finished profile: GPU kernels and copies on a GPU; operators' own (self) time on a CPU."""
+    """Split a finished profile: GPU kernels and copies on a GPU (not the annotated ranges that the profiler
+    also draws there); operators' own (self) time on a CPU."""
     out = Breakdown(wall_us=wall_s * 1e6, on_gpu=on_gpu)
     events = prof.events()
     if on_gpu:
-        device = [e for e in events if e.device_type == DeviceType.CUDA]
+        device = [e for e in events if e.device_type == DeviceType.CUDA and not is_annotation(e)]
         for e in device:
             us = e.time_range.end - e.time_range.start
             kind = kind_of(e.name)

@@ -51,8 +51,10 @@ def test_busy_time_counts_overlapping_kernels_once():
     assert _union_us([]) == 0
 
 
-def _event(name: str, start: float, end: float, device: DeviceType) -> SimpleNamespace:
-    return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+def _event(name: str, start: float, end: float, device: DeviceType, annotation: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(
+        name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation
+    )
 
 
 def test_a_gpu_profile_splits_kernel_time_and_counts_idle_time_and_host_waits():
@@ -66,6 +68,10 @@ def test_a_gpu_profile_splits_kernel_time_and_counts_idle_time_and_host_waits():
         _event("Memcpy DtoH (Device -> Pageable)", 90, 100, cuda),
         _event("cudaStreamSynchronize", 60, 100, cpu),
         _event("cudaDeviceSynchronize", 100, 101, cpu),
+        # Annotated ranges that the profiler also draws on the GPU's timeline: spans, not kernels.
+        _event("forward_backward", 0, 200, cuda, annotation=True),
+        _event("Optimizer.step#AdamW.step", 150, 190, cuda),  # recognised by its name too
+        _event("ProfilerStep#3", 0, 200, cuda),
     ]
     b = breakdown(SimpleNamespace(events=lambda: events), wall_s=200e-6, on_gpu=True)
     assert b.launches == 4 and b.syncs == 2
