@@ -8,7 +8,9 @@ carriage returns make one unreadable line, so there :class:`LineProgress` writes
     [toy_gaussian] test gen 1: 40/100 batches (40%), 31.2 batches/s, ETA 2s
 
 A model that counts what it trains on (``throughput_counts()``, e.g. a language model's tokens) adds that
-rate to the training lines: ``..., loss 3.41, 182345 tokens/s``.
+rate to the training lines: ``..., loss 3.41, 182345 tokens/s``. A step that outlasts the interval (the
+first steps of a compiled model compile) still gets its line, from a background thread that reads only
+the host clock and the step count: ``training gen 1: 0/1200 steps (0%), 0 steps/s, no new steps for 45s``.
 
 :func:`progress_bar_wanted` says which of the two a Trainer gets.
 """
@@ -109,7 +111,7 @@ class LineProgress(pl.Callback):
         self._meter = RateMeter(pl_module)
         self._train = Progress(
             total, self._what("training"), "steps", interval=self.interval, done=trainer.global_step,
-            rank=trainer.global_rank,
+            rank=trainer.global_rank, heartbeat=True,
         )  # fmt: skip
 
     def on_train_batch_end(
@@ -129,7 +131,12 @@ class LineProgress(pl.Callback):
     # ---- validation and test ---------------------------------------------------------------------------------------
     def _start_eval(self, trainer: pl.Trainer, phase: str, batches: Any) -> None:
         self._eval = Progress(
-            _count(batches), self._what(phase), "batches", interval=self.interval, rank=trainer.global_rank
+            _count(batches),
+            self._what(phase),
+            "batches",
+            interval=self.interval,
+            rank=trainer.global_rank,
+            heartbeat=True,
         )
 
     def _eval_batch(self) -> None:
@@ -161,6 +168,12 @@ class LineProgress(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_eval()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        for progress in (self._train, self._eval):
+            if progress is not None:
+                progress.stop()  # no closing line, and no heartbeat left running after a failed fit
+        self._train = self._eval = None
 
 
 __all__ = ["LineProgress", "progress_bar_wanted"]

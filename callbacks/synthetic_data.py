@@ -170,8 +170,18 @@ class SyntheticDataCallback(pl.Callback):
         share = f" (rank 0's share of {world_size})" if world_size > 1 else ""
         progress = Progress(
             sum(stop - start for _, start, stop in chunks), f"sampling gen {self.generation}{share}", "samples",
-            done=kept, rank=rank,
+            done=kept, rank=rank, heartbeat=True,
         )  # fmt: skip
+        try:
+            self._draw_chunks(model, chunks, device, progress)
+        except BaseException:
+            progress.stop()
+            raise
+        progress.close()
+
+    def _draw_chunks(
+        self, model: Any, chunks: list[tuple[int, int, int]], device: torch.device, progress: Progress
+    ) -> None:
         for chunk, start, stop in chunks:
             path = self._chunk_path(chunk)
             if path.is_file():  # drawn before a crash, by the same model (the fit resumes exactly)
@@ -188,7 +198,6 @@ class SyntheticDataCallback(pl.Callback):
             with atomic_open(path, "wb") as fh:
                 np.savez(fh, **rows)
             progress.update(stop - start)
-        progress.close()
 
     def _assemble(self) -> list[str]:
         """Copy the chunk files, in order, into one memory-mapped ``.npy`` per array."""

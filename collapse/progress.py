@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -112,6 +113,10 @@ class Progress:
         rank: this process's global rank (only rank 0 writes); default: :func:`global_rank`.
         clock: seconds, monotonic (tests pass a fake one).
         logger: where the lines go (level INFO); default: ``collapse.progress``.
+        heartbeat: also write a line from a background thread when ``interval`` seconds pass without one, i.e.
+            while a single unit takes long (a first training step that compiles, a sampling chunk): the count
+            so far and ``no new <unit> for <time>``. It reads only the host clock and the count, never the
+            device, and stops at :meth:`close` or :meth:`stop`. Off when ``interval`` is 0.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class Progress:
         rank: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         logger: logging.Logger | None = None,
+        heartbeat: bool = False,
     ):
         self.total = None if total is None else int(total)
         self.what, self.unit = what, unit
@@ -135,8 +141,14 @@ class Progress:
         """Lines written so far."""
         self._clock = clock
         self._log = logger or log
-        self._t0 = self._last = clock()
+        self._t0 = self._last = self._moved = clock()
         self._closed = False
+        self._lock = threading.Lock()  # one line at a time from the caller and the heartbeat
+        self._stopped = threading.Event()
+        self._beat: threading.Thread | None = None
+        if heartbeat and self.active and self.interval > 0:
+            self._beat = threading.Thread(target=self._heartbeat, name=f"progress: {what}", daemon=True)
+            self._beat.start()
 
     def __enter__(self) -> Progress:
         return self
@@ -144,6 +156,29 @@ class Progress:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop the heartbeat without a closing line (the phase failed or was interrupted)."""
+        self._stopped.set()
+        if self._beat is not None and self._beat is not threading.current_thread():
+            self._beat.join(timeout=5)
+        self._beat = None
+
+    def _heartbeat(self) -> None:
+        while True:
+            with self._lock:
+                now = self._clock()
+                wait = self._last + self.interval - now
+                if wait <= 0:
+                    text = self._line(now, None)
+                    if now - self._moved >= self.interval:
+                        text += f", no new {self.unit} for {format_duration(now - self._moved)}"
+                    self._write(text)
+                    self._last, wait = now, self.interval
+            if self._stopped.wait(wait):
+                return
 
     def update(self, n: int = 1, *, done: int | None = None, extra: str | Callable[[], str] | None = None) -> bool:
         """Count ``n`` more units (or set the count to ``done``); write a line if one is due. Returns whether it wrote.
@@ -151,14 +186,18 @@ class Progress:
         ``extra`` is appended to the line (``"loss 1.23"``); a callable is called only when a line is written,
         so a value that costs something to read (a GPU loss) is read only then.
         """
+        before = self.done
         self.done = int(done) if done is not None else self.done + n
         if not self.active:
             return False
         now = self._clock()
+        if self.done != before:
+            self._moved = now
         if now - self._last < self.interval:
             return False
-        self._write(self._line(now, extra))
-        self._last = now
+        with self._lock:
+            self._write(self._line(now, extra))
+            self._last = now
         return True
 
     def close(self, extra: str | Callable[[], str] | None = None) -> None:
@@ -166,6 +205,7 @@ class Progress:
         if self._closed:
             return
         self._closed = True
+        self.stop()
         if not self.active:
             return
         now = self._clock()

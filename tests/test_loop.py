@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -577,6 +580,29 @@ def test_sampling_killed_half_way_keeps_its_finished_chunks(tmp_path):
         np.testing.assert_array_equal(
             np.load(store.staged(0, f"{name}.npy")), np.load(unbroken.staged(0, f"{name}.npy"))
         )
+
+
+class SlowFirstChunk(CountingModel):
+    """A first chunk that takes longer than the progress interval (as a sampler that compiles does)."""
+
+    def sample(self, n, generator):
+        if self.calls == 0:
+            time.sleep(0.5)
+        return super().sample(n, generator)
+
+
+def test_a_slow_sampling_chunk_still_gets_progress_lines_and_a_failure_stops_them(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("collapse.progress._interval", 0.1)
+    cb = SyntheticDataCallback(GenerationStore(tmp_path / "a"), 0, num_samples=10, batch_size=5, seed=0)
+    with caplog.at_level(logging.INFO, logger="collapse.progress"):
+        cb.sample_into_store(SlowFirstChunk())
+    got = [r.getMessage() for r in caplog.records if r.name == "collapse.progress"]
+    assert any(re.match(r"sampling gen 0: 0/10 samples \(0%\), .*no new samples for \d+s$", t) for t in got), got
+    assert got[-1].startswith("sampling gen 0: done, 10 samples in ")
+
+    with pytest.raises(Boom):
+        SyntheticDataCallback(GenerationStore(tmp_path / "b"), 0, 10, 3, seed=1).sample_into_store(FailingAt(2))
+    assert not any(t.name.startswith("progress: sampling gen 0") for t in threading.enumerate())
 
 
 def test_ranks_draw_disjoint_chunks_that_assemble_to_the_one_process_set(tmp_path):

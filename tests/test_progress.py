@@ -7,6 +7,8 @@ import logging
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -143,6 +145,45 @@ def test_other_ranks_print_nothing(lines, monkeypatch):
     assert global_rank() == 0
 
 
+def _wait_for(predicate, seconds: float = 10.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_a_heartbeat_line_while_one_unit_takes_longer_than_the_interval(lines):
+    logger, out = lines
+    p = Progress(4, "training gen 0", "steps", interval=0.05, logger=logger, heartbeat=True)
+    assert _wait_for(lambda: len(out) >= 2)  # nothing updated: the heartbeat writes on its own
+    assert re.fullmatch(r"training gen 0: 0/4 steps \(0%\), 0 steps/s, no new steps for \d+s", out[0])
+    p.update(1)
+    p.close()
+    n = len(out)
+    assert out[-1].startswith("training gen 0: done, 1 steps in ")
+    assert not any(t.name.startswith("progress: training gen 0") for t in threading.enumerate())
+    time.sleep(0.2)
+    assert len(out) == n  # closed: the heartbeat has stopped
+
+
+def test_no_heartbeat_on_other_ranks_with_interval_0_or_after_a_failure(lines):
+    logger, out = lines
+    beats = lambda: [t for t in threading.enumerate() if t.name == "progress: quiet"]  # noqa: E731
+    for kwargs in ({"rank": 1, "interval": 0.01}, {"rank": 0, "interval": 0}):
+        p = Progress(3, "quiet", logger=logger, heartbeat=True, **kwargs)
+        assert beats() == []
+        p.close()
+    with pytest.raises(RuntimeError), Progress(3, "quiet", interval=0.05, logger=logger, heartbeat=True):
+        assert len(beats()) == 1
+        raise RuntimeError("the phase failed")
+    assert beats() == []
+    n = len(out)
+    time.sleep(0.2)
+    assert len(out) == n and not any("done" in line for line in out)
+
+
 def test_durations_read_naturally():
     assert [format_duration(s) for s in (0, 42.4, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
 
@@ -198,6 +239,42 @@ def test_callback_writes_training_and_test_lines_in_a_tiny_fit(caplog):
         "test gen 0: 2/2 batches (100%)",
         "test gen 0: done",
     ]
+
+
+class _SlowFirstStep(GaussianDensity):
+    """A first training step that takes long (as a compiling one does)."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 0:
+            time.sleep(0.4)
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_callback_writes_a_line_during_a_long_first_step_and_stops_when_the_fit_fails(caplog):
+    torch.manual_seed(0)
+    points = torch.randn(32, 2)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[LineProgress("gen 0", interval=0.1)],
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="collapse.progress"):
+        trainer.fit(_SlowFirstStep(dim=2, lr=0.05, init_scale=1.0), DataLoader(points, batch_size=16))
+    got = [r.getMessage() for r in caplog.records if r.name == "collapse.progress"]
+    assert any(re.match(r"training gen 0: 0/2 steps \(0%\), .*no new steps for \d+s$", line) for line in got), got
+
+    class Fails(GaussianDensity):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("out of memory")
+
+    callback = LineProgress("gen 1", interval=0.05)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[callback],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.fit(Fails(dim=2, lr=0.05, init_scale=1.0), DataLoader(points, batch_size=16))
+    assert callback._train is None
+    assert not any(t.name.startswith("progress: training gen 1") for t in threading.enumerate())
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch, tmp_path):
