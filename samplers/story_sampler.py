@@ -40,13 +40,13 @@ shapes, no data-dependent Python branching; one host sync every :data:`SYNC_EVER
 the KV cache is most of a step's memory traffic at a long context, so the static path attends over a
 length bucket (:data:`LENGTH_BUCKET`), not the whole buffer: at each sync it reads the largest position
 in use and picks the smallest multiple of the bucket width that the slots cannot outgrow before the
-next sync; each bucket's step is captured as its own CUDA graph the first time it is needed (the
-compiled step recompiles once with the length as a symbol, and once more for the full context). On
+next sync. The step is compiled once, with the length as a symbol, and each bucket's step is captured
+as its own CUDA graph, all of them before the first story starts (logged with the seconds it took). On
 CPU the default is float32 eager, where each step attends only to the cache prefix in use (one host
 sync per step, which costs nothing there). The first compiled call compiles (seconds to a minute);
 later calls with the same architecture and settings reuse it. The two caches take 2 * layers *
-batch_size * kv_heads * max_len * head_dim values of the decoder dtype (e.g. 2 * 8 * 64 * 8 * 512 *
-32 * 4 bytes = 537 MB for gpt2-9m at batch 64 in float32).
+batch_size * kv_heads * (max_len + 1) * head_dim values of the decoder dtype (e.g. 2 * 8 * 64 * 8 * 513
+* 32 * 4 bytes = 538 MB for gpt2-9m at batch 64 in float32).
 
 Randomness in detail: at every step the sampler draws ``torch.rand(batch)`` (then, for
 ``first_token_inclusive``, ``torch.randint(len(pool), (batch,))``) from the generator, for all slots;
@@ -62,6 +62,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -436,23 +437,24 @@ def _decode(
     tokens: torch.Tensor,
     pos: torch.Tensor,
     rows: torch.Tensor,
-    positions: torch.Tensor,
-    length: int,
+    span: torch.Tensor,
 ) -> torch.Tensor:
     """One decode step: next-token logits (B, V) in float32 of ``tokens`` (B,) fed at positions ``pos`` (B,).
 
     Writes each slot's key/value at (slot, pos) of every layer's cache (L, B, Hkv, T, hd) and attends
-    over the cache positions t < ``length`` with t <= pos. ``length`` is the full buffer on the static
-    path, or just past the largest position in use on the eager path (positions beyond a slot's own are
-    masked either way, so stale entries of an earlier story in that slot are never read).
+    over the cache positions t in ``span`` (the positions 0, 1, ..., length - 1) with t <= pos: a length
+    bucket on the static path, just past the largest position in use on the eager path (positions beyond
+    a slot's own are masked either way, so stale entries of an earlier story in that slot are never read).
+    The length is a tensor dimension, not a Python int, so that a compiled step takes it as a symbol from
+    its first compilation; and the caches keep one spare position, so that a span is never the whole buffer
+    (a slice of the whole buffer would be compiled apart).
     """
     b = tokens.shape[0]
+    length = span.shape[0]
     n_head, n_kv, hd = arch.n_head, arch.n_kv_head, arch.head_dim
-    causal = positions[:length][None, :] <= pos[:, None]  # (B, T): True = visible
+    causal = span[None, :] <= pos[:, None]  # (B, T): True = visible
     # A sliding window W keeps the positions t with pos - W < t <= pos (transformers' sliding-window mask).
-    masks = {
-        w: causal if w is None else causal & (positions[:length][None, :] > pos[:, None] - w) for w in arch.windows
-    }
+    masks = {w: causal if w is None else causal & (span[None, :] > pos[:, None] - w) for w in arch.windows}
     if arch.kind == "gpt2":
         # h_0 = wte[token] + wpe[pos] (learned absolute positions).
         x = F.embedding(tokens, w["wte"]) + F.embedding(pos, w["wpe"])
@@ -513,11 +515,12 @@ class KVDecoder:
             raise ValueError(f"max_len {max_len} exceeds the model's position limit {self.arch.positions}")
         self.batch_size, self.max_len = batch_size, max_len
         self.weights = _read_weights(model, self.arch, self.dtype, max_len)
-        shape = (self.arch.n_layer, batch_size, self.arch.n_kv_head, max_len, self.arch.head_dim)
+        # One spare position, never written or read, so that no attention span is the whole buffer (_decode).
+        shape = (self.arch.n_layer, batch_size, self.arch.n_kv_head, max_len + 1, self.arch.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.rows = torch.arange(batch_size, device=self.device)
-        self.positions = torch.arange(max_len, device=self.device)
+        self.positions = torch.arange(max_len + 1, device=self.device)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -527,9 +530,15 @@ class KVDecoder:
         same logits.
         """
         length = self.max_len if length is None else length
-        return _decode(
-            self.arch, self.weights, self.k_cache, self.v_cache, tokens, pos, self.rows, self.positions, length
-        )
+        return _decode(self.arch, self.weights, self.k_cache, self.v_cache, tokens, pos, self.rows, self.span(length))
+
+    def span(self, length: int) -> torch.Tensor:
+        """The positions 0, ..., length - 1 (a view, its length marked dynamic for a compiled step)."""
+        if not 0 < length <= self.max_len:
+            raise ValueError(f"attention length {length} outside 1..{self.max_len}")
+        view = self.positions[:length]
+        torch._dynamo.maybe_mark_dynamic(view, 0)
+        return view
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -659,10 +668,11 @@ def _cached_step(
     s: dict[str, torch.Tensor],
     u: torch.Tensor,
     candidates: torch.Tensor | None,
-    length: int,
+    span: torch.Tensor,
 ) -> None:
-    """Decode, sample and advance every slot by one token (the unit that is compiled / graph-captured)."""
-    logits = _decode(plan.arch, w, k_cache, v_cache, s["cur"], s["pos"], s["rows"], s["positions"], length)
+    """Decode, sample and advance every slot by one token (the unit that is compiled / graph-captured), attending
+    over the positions ``span`` (:meth:`KVDecoder.span`)."""
+    logits = _decode(plan.arch, w, k_cache, v_cache, s["cur"], s["pos"], s["rows"], span)
     _advance(plan, s, sample_tokens(logits, u, plan.temperature, plan.top_k, plan.top_p), candidates)
 
 
@@ -684,14 +694,14 @@ class _Engine:
     replays: dict[int, Callable[[], None]] = field(default_factory=dict)  # attention length -> replay
     pool: Any = None  # the CUDA graphs' shared memory pool
     graphs_ok: bool = True
+    compiled: bool = False  # whether ``step`` is the compiled one
 
 
 def _compiled_step(plan: _Plan) -> Callable:
     """torch.compile of the static step of ``plan``, made once per plan and reused (weights are arguments).
 
-    Tensor shapes are fixed by the plan; the attention length (an int) is first compiled as a constant and,
-    when a second bucket is used, once more as a symbol that every later bucket reuses (the full context,
-    a slice that is the whole buffer, is one more)."""
+    Tensor shapes are fixed by the plan but for the attention span's length, a symbol from the first
+    compilation (:func:`_decode`): one compilation serves every length bucket."""
     if plan not in _COMPILED:
         _COMPILED[plan] = torch.compile(functools.partial(_cached_step, plan), dynamic=None)
     return _COMPILED[plan]
@@ -880,14 +890,14 @@ class StorySampler:
             w, kc, vc = decoder.weights, decoder.k_cache, decoder.v_cache
 
             def bind(fn: Callable) -> Callable:
-                return lambda u, cand, length: fn(w, kc, vc, s, u, cand, length)
+                return lambda u, cand, length: fn(w, kc, vc, s, u, cand, decoder.span(length))
 
             eager_step = functools.partial(_cached_step, plan)
             fallback = bind(eager_step) if compiled and self.cfg.compile == "auto" else None
             self._engines[key] = _Engine(
                 decoder, s, bind(_compiled_step(plan) if compiled else eager_step), fallback,
                 u_buf=torch.full((plan.batch,), 0.5, device=device),
-                cand_buf=None if candidates is None else candidates.clone(),
+                cand_buf=None if candidates is None else candidates.clone(), compiled=compiled,
             )  # fmt: skip
         return self._engines[key]
 
@@ -1004,6 +1014,10 @@ class StorySampler:
         logits = model(input_ids=ids, attention_mask=visible.long(), use_cache=False).logits
         return logits[s["rows"], s["pos"]].float()
 
+    def _attention_lengths(self) -> list[int]:
+        """Every length :meth:`_attention_length` can give: the bucket's multiples below max_len, and max_len."""
+        return sorted({min(self.max_len, k * self._bucket) for k in range(1, -(-self.max_len // self._bucket) + 1)})
+
     def _attention_length(self, pos_max: int) -> int:
         """The bucketed attention length of the next :data:`SYNC_EVERY` static steps, given the largest position
         in use: positions grow by at most one per step, so those steps feed positions < pos_max + SYNC_EVERY."""
@@ -1053,8 +1067,9 @@ class StorySampler:
         SYNC_EVERY steps, where the next steps' length bucket is chosen (:meth:`_sync`).
 
         The uniforms (and first-token candidates) are drawn eagerly into the engine's fixed buffers before
-        each replay, so the graphs hold no random number generation. A bucket's graph is captured the first
-        time it is needed and kept in the engine for later calls, after warm-up runs (which compile). The
+        each replay, so the graphs hold no random number generation. Every bucket's graph is captured at the
+        engine's first call, after warm-up runs (the first of which compiles), and kept for later calls; a
+        length found missing later (none is, unless a capture failed) is warmed up when first needed. The
         warm-up runs with every slot idle (an idle slot feeds ``[EOT]`` at position 0), and the state is
         saved before and restored after it: so the only cache entries it writes are those of ``[EOT]`` at
         position 0, which every story starts with, and stories in progress read the same values there as
@@ -1089,7 +1104,7 @@ class StorySampler:
                 if engine.fallback is None:
                     raise
                 log.warning("sampling: compiling the decode step failed (%s); running it uncompiled", exc)
-                engine.step, engine.fallback = engine.fallback, None
+                engine.step, engine.fallback, engine.compiled = engine.fallback, None, False
                 warm_up(engine.step, length)
             fn = engine.step
             if engine.graphs_ok:
@@ -1105,6 +1120,20 @@ class StorySampler:
                     torch.cuda.synchronize()
             return lambda: fn(u_buf, cand_buf, length)
 
+        if not engine.replays:
+            start = time.perf_counter()
+            buckets = self._attention_lengths()
+            for length in buckets:
+                engine.replays[length] = replay_of(length)
+            torch.cuda.synchronize()
+            log.info(
+                "sampling: decode step (%s) and %d CUDA graphs (attention lengths %d..%d) ready in %.1fs",
+                "compiled" if engine.compiled else "not compiled",
+                len(buckets) if engine.graphs_ok else 0,
+                buckets[0],
+                buckets[-1],
+                time.perf_counter() - start,
+            )
         steps, length = 0, self.max_len
         while True:
             if steps % SYNC_EVERY == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -231,7 +232,7 @@ def test_length_buckets_of_the_static_path_draw_the_same_tokens(strategy, monkey
     eager = draw(s, 13, seed=5)
     used = []
     step = lm_sampling._cached_step
-    monkeypatch.setattr(lm_sampling, "_cached_step", lambda *a: used.append(a[-1]) or step(*a))
+    monkeypatch.setattr(lm_sampling, "_cached_step", lambda *a: used.append(len(a[-1])) or step(*a))
     s.release()  # the engine built by the eager draw holds the unpatched step
     s._force_static, s._bucket = True, 4
     assert_same(draw(s, 13, seed=5), eager)
@@ -441,9 +442,11 @@ def test_cuda_graph_loop_draws_the_same_tokens_simulated_on_cpu(monkeypatch, cap
             monkeypatch.setattr(s, "_use_graphs", lambda device: True)
             assert_same(draw(s, 11, seed=3), eager)
     assert caplog.text.count("CUDA graph capture failed") == 4  # once per draw, not once per bucket
-    # A bucket first needed mid-draw is warmed up then, with stories in progress: the warm-up (on the side
-    # stream) must write no cache entry but those of [EOT] at position 0, the same in every story (a story ending
-    # within its steps would otherwise restart over the entries of the story in progress in its slot).
+    # Every bucket is warmed up (on the side stream) and captured before the first story starts; a bucket found
+    # missing later is warmed up mid-draw, with stories in progress: a warm-up must write no cache entry but those
+    # of [EOT] at position 0, the same in every story (a story ending within its steps would otherwise restart
+    # over the entries of the story in progress in its slot).
+    caplog.set_level(logging.INFO, logger=lm_sampling.__name__)
     side, positions = [False], []
 
     @contextlib.contextmanager
@@ -468,8 +471,19 @@ def test_cuda_graph_loop_draws_the_same_tokens_simulated_on_cpu(monkeypatch, cap
     positions.clear()
     assert_same(draw(s, 30, seed=5), eager)
     warm = [pos for on_side, pos in positions if on_side]
-    assert len(warm) >= 3 * 4 and all((pos == 0).all() for pos in warm)  # 3 steps per bucket, 4 buckets or more
-    assert any((pos > 8).any() for on_side, pos in positions if not on_side)  # while stories were in progress
+    # Every bucket (4, 8, ..., 40) is warmed up (3 steps each) before the first story starts, every slot idle.
+    assert len(warm) == 3 * 10 and all((pos == 0).all() for pos in warm)
+    assert all(on_side for on_side, _ in positions[:30]) and not any(on_side for on_side, _ in positions[30:])
+    assert "sampling: decode step (not compiled) and 0 CUDA graphs (attention lengths 4..40) ready in" in caplog.text
+    (engine,) = s._engines.values()
+    for length in [length for length in engine.replays if length > 8]:
+        del engine.replays[length]  # as if never captured: warmed up when first needed, mid-draw
+    positions.clear()
+    assert_same(draw(s, 30, seed=5), eager)
+    warm = [pos for on_side, pos in positions if on_side]
+    assert len(warm) >= 3 * 2 and all((pos == 0).all() for pos in warm)
+    first_warm = next(i for i, (on_side, _) in enumerate(positions) if on_side)
+    assert any((pos > 0).any() for _, pos in positions[:first_warm])  # while stories were in progress
     positions.clear()
     assert_same(draw(s, 30, seed=5), eager)  # the next call (the next chunk) reuses every bucket's step
     assert positions and not any(on_side for on_side, _ in positions)
@@ -496,12 +510,16 @@ def test_cuda_graph_loop_draws_the_same_tokens_simulated_on_cpu(monkeypatch, cap
 
 @pytest.mark.slow
 def test_compiled_static_step_draws_the_same_tokens_on_cpu():
+    from torch._dynamo.utils import counters
+
     model = with_eot_bias(MODELS["llama"](), 2.0)
     eager = draw(sampler(model, max_len=20, batch_size=4, top_k=12), 11, seed=3)
+    graphs = counters["stats"]["unique_graphs"]
     assert_same(draw(sampler(model, max_len=20, batch_size=4, top_k=12, compile="on"), 11, seed=3), eager)
     compiled = sampler(model, max_len=20, batch_size=4, top_k=12, compile="on")
-    compiled._bucket = 4  # lengths 8, 12, 16, 20: the length becomes a symbol after the first recompile
+    compiled._bucket = 4  # attention lengths 8, 12, 16 and 20 (the whole context), up and down
     assert_same(draw(compiled, 11, seed=3), eager)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one compilation serves every length
 
 
 # ------------------------------------------------------------------------------------------ errors
