@@ -10,7 +10,8 @@ story), the model is first trained briefly on the offline stand-in corpus:
    trained for ``--train_steps`` AdamW steps on batches of whole stories ``[EOT] + story + [EOT]``
    (right-padded; padding has no loss), so every story starts at position 0 as in sampling;
 3. (a) ``StorySampler.sample(n)`` and (b) ``model.generate(...)`` over batches of ``--batch_size`` until
-   ``n`` stories are done are each timed (after a short untimed warm-up of both).
+   ``n`` stories are done are each timed (after a short warm-up of both, timed apart: on a GPU the
+   sampler's warm-up compiles its step and captures its CUDA graphs).
 
 The last line is ``speedup_vs_hf_generate: X`` with X = (b) time / (a) time. Other processes busy on the
 same cores slow both down, (a) more (many short multi-threaded kernels per step, each stalled when a
@@ -181,9 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     sampler = StorySampler(model, cfg, max_len=max_len, eot_id=EOT_ID, pad_id=PAD_ID)
     gen = torch.Generator(device=device)
     with torch.no_grad():
-        # Warm-up (untimed): first-call costs of both (allocator, kernels; compilation with --compile on).
+        # Warm-up (not in the comparison): first-call costs of both (allocator, kernels; on a GPU the sampler's
+        # compilation and CUDA graphs), printed on their own.
+        sync(device)
+        t0 = time.perf_counter()
         sampler.sample(min(a.batch_size, a.stories), gen.manual_seed(a.seed + 1))
+        sync(device)
+        t_warm_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
         hf_generate(model, min(a.batch_size, 4), min(a.batch_size, 4), 16, a.seed, device)
+        sync(device)
+        t_warm_hf = time.perf_counter() - t0
+        print(f"warm-up: StorySampler {t_warm_ours:.1f}s, HF generate {t_warm_hf:.1f}s", flush=True)
 
         sync(device)
         t0 = time.perf_counter()

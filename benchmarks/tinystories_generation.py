@@ -6,10 +6,12 @@ on. Each phase prints its seconds and real (non-padding) tokens per second; the 
 measured rates to the published corpus (2.12M training stories, 21,990 validation stories used as the
 test set), at this run's mean tokens per story:
 
-    minutes = (S * t_train / r_train + S_test * t_train / r_test + S * t_sample / r_sample) / 60,
+    minutes = (S * t_train / r_train + S_test * t_train / r_test + S * t_sample / r_sample + w) / 60,
 
-with S the published stories, t_train / t_sample the mean tokens of a training / sampled story here and
-r the tokens per second of each phase. Stand-in stories are not TinyStories stories (their lengths
+with S the published stories, t_train / t_sample the mean tokens of a training / sampled story here,
+r the tokens per second of each phase and w the sampler's warm-up (one draw of ``--sampling_batch_size``
+stories before the timed one: on a GPU it compiles the decode step and captures its CUDA graphs, a cost
+paid once per generation, not per story). Stand-in stories are not TinyStories stories (their lengths
 differ), so the projection is a rough estimate; on a real corpus, pass ``--data.source``-like settings
 through the recipe instead. ``train_mfu`` is the training phase's model FLOPs per second over the
 device's dense bf16 peak, counted as ``mfu_counting`` says (:mod:`benchmarks.mfu`, as in
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampling_batch_size", type=int, default=64, help="stories decoded concurrently")
     p.add_argument("--vocab_size", type=int, default=8000)
     p.add_argument("--pack", action="store_true", help="train with --model.pack true")
+    p.add_argument("--compile", action="store_true", help="train with --trainer.compile true")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     args = p.parse_args(argv)
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID,
     )  # fmt: skip
     module.configure_sampling(SamplingConfig(batch_size=args.sampling_batch_size), max_len=context)
+    if args.compile:
+        module.model.compile()  # as the recipe does
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
         precision=args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true"), gradient_clip_val=1.0,
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test_s, _ = timed(args.device, lambda: trainer.test(module, dataloaders=data.test_dataloader(), verbose=False))
     module.to("cuda" if args.device == "cuda" else "cpu")
     gen = torch.Generator(device="cuda" if args.device == "cuda" else "cpu").manual_seed(0)
+    warmup_s, _ = timed(args.device, lambda: module.sample(min(args.sampling_batch_size, args.stories), gen))
     sample_s, out = timed(args.device, lambda: module.sample(args.stories, gen))
     sample_tokens = int(out["lengths"].sum())
     rates = {
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         PUBLISHED_TRAIN_STORIES * per_story_train / rates["train"]
         + PUBLISHED_TEST_STORIES * per_story_train / rates["test"]
         + PUBLISHED_TRAIN_STORIES * per_story_sample / rates["sample"]
+        + warmup_s
     ) / 60
     result = {
         "context": context,
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "train_tokens_per_s": rates["train"],
         "test_seconds": test_s,
         "test_tokens_per_s": rates["test"],
+        "sample_warmup_seconds": warmup_s,
         "sample_seconds": sample_s,
         "sample_tokens_per_s": rates["sample"],
         "sample_mean_tokens": per_story_sample,

@@ -16,7 +16,8 @@ from lit_modules.causal_lm import CausalLMConfig, build_model, count_parameters
 ROOT = Path(__file__).resolve().parents[1]
 
 KEYS = (
-    "context", "train_seconds", "train_tokens_per_s", "test_seconds", "test_tokens_per_s", "sample_seconds",
+    "context", "train_seconds", "train_tokens_per_s", "test_seconds", "test_tokens_per_s", "sample_warmup_seconds",
+    "sample_seconds",
     "sample_tokens_per_s", "projected_minutes_per_generation_published",
 )  # fmt: skip
 
