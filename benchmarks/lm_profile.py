@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from benchmarks.lm_training import loader, make_data, make_module  # noqa: E402
+from benchmarks.lm_training import COMPILE_MODES, loader, make_data, make_module  # noqa: E402
 from collapse.hardware import retain_freed_memory  # noqa: E402
 from samplers.story_sampler import SamplingConfig  # noqa: E402
 
@@ -229,6 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=256)
     p.add_argument("--pack", action="store_true", help="pack stories several to a row (--model.pack true)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--compile_mode", default=None, choices=COMPILE_MODES, help="torch.compile mode with --compile")
     p.add_argument("--samples", type=int, default=32, help="stories per sampling draw; 0 skips sampling")
     p.add_argument("--sampling_batch_size", type=int, default=16, help="stories decoded concurrently")
     p.add_argument("--top", type=int, default=8, help="kernels (operators) listed per phase")

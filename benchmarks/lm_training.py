@@ -60,7 +60,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     p.add_argument("--pack", action="store_true", help="both paths pack stories several to a row (--model.pack true)")
     p.add_argument("--compile", action="store_true", help="both paths torch.compile the model (--trainer.compile true)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--compile_mode", default=None, choices=COMPILE_MODES,
+        help="torch.compile mode with --compile (default: torch's); reduce-overhead replays CUDA graphs",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    if args.compile_mode is not None and not args.compile:
+        p.error("--compile_mode needs --compile")
+    return args
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""Values of ``--compile_mode`` (torch.compile's modes)."""
+
+
+def compile_stats() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) in this process so far, from torch.compile's own counters."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
 
 def make_data(args: argparse.Namespace) -> TinyStoriesDataModule:
@@ -88,7 +106,8 @@ def make_module(args: argparse.Namespace, vocab_size: int, compile_model: bool =
     )
     module = CausalLMModule(cfg, bos_token_id=0, eos_token_id=0, pad_token_id=1)
     if args.compile and compile_model:
-        module.model.compile()  # in place, as recipes/tinystories.py does with --trainer.compile true
+        mode = getattr(args, "compile_mode", None)
+        module.model.compile(mode=mode)  # in place, as recipes/tinystories.py does with --trainer.compile true
     return module
 
 
@@ -129,11 +148,13 @@ class Timer(pl.Callback):
         self.counter = Counter(shape)
         self.t0: float | None = None
         self.seconds = 0.0
+        self.graphs_at_start = compile_stats()[0]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.warmup:
             _sync(self.device)
             self.t0 = time.perf_counter()
+            self.graphs_at_start = compile_stats()[0]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.t0 is not None:
@@ -163,7 +184,16 @@ def run_lightning(args: argparse.Namespace, data: TinyStoriesDataModule, precisi
     )
     trainer.fit(module, train_dataloaders=loader(data, args.batch_size, args.device))
     tokens, flops = timer.counter.totals()
+    report_compiles("lightning", timer.graphs_at_start, args)
     return tokens / timer.seconds, flops / timer.seconds
+
+
+def report_compiles(path: str, graphs_at_start: int, args: argparse.Namespace) -> None:
+    """With --compile: graphs compiled during the timed steps (recompilations there slow the figure) and so far."""
+    if args.compile:
+        graphs, breaks = compile_stats()
+        print(f"{path} compiles: {graphs - graphs_at_start} in the timed steps; {graphs} graphs, {breaks} graph breaks "
+              "in this process so far")  # fmt: skip
 
 
 def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> tuple[float, float]:
@@ -178,12 +208,13 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
     warm = module.config.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, float(total)))
     autocast = precision.startswith("bf16")
-    t0, step = None, 0
+    t0, step, graphs_at_start = None, 0, 0
     while step < total:
         for batch in loader(data, args.batch_size, args.device):
             if step == args.warmup:
                 _sync(args.device)
                 t0 = time.perf_counter()
+                graphs_at_start = compile_stats()[0]
             batch = module.host_batch(batch)  # as Lightning's on_before_batch_transfer: counted on the host
             batch = {k: v.to(args.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
@@ -201,6 +232,7 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
     _sync(args.device)
     seconds = time.perf_counter() - t0
     tokens, flops = counter.totals()
+    report_compiles("plain loop", graphs_at_start, args)
     return tokens / seconds, flops / seconds
 
 
@@ -212,7 +244,7 @@ def main(argv: list[str] | None = None) -> float:
     batches = math.ceil(len(data.train_dataset) / args.batch_size)
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'})")
     print(f"torch threads: {torch.get_num_threads()}, precision: {precision}, preset: {args.preset}, "
-          f"pack: {args.pack}, compile: {args.compile}")  # fmt: skip
+          f"pack: {args.pack}, compile: {args.compile} ({args.compile_mode or 'default'} mode)")  # fmt: skip
     print(f"data: {len(data.train_dataset)} stories, {batches} batches of {args.batch_size} per epoch")
     peak, source = resolve_peak(args.device, args.peak_tflops)
     with torch.device("meta"):  # the architecture only: no memory, no weights

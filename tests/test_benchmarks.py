@@ -126,6 +126,31 @@ def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(
     assert lines[-1].startswith("lightning_vs_plain_loop: ") and float(values["lightning_vs_plain_loop"]) > 0
 
 
+def test_compile_statistics_count_graphs_and_breaks_and_are_printed_with_compile(capsys):
+    from types import SimpleNamespace
+
+    from benchmarks.lm_training import compile_stats, parse_args, report_compiles
+
+    graphs, breaks = compile_stats()
+
+    def with_a_break(x):
+        y = x * 2
+        print("", end="")  # a graph break: two graphs
+        return y + 1
+
+    fn = torch.compile(with_a_break, backend="eager")
+    assert torch.equal(fn(torch.ones(3)), torch.full((3,), 3.0))
+    now_graphs, now_breaks = compile_stats()
+    assert now_graphs - graphs == 2 and now_breaks - breaks >= 1
+    report_compiles("plain loop", now_graphs - 2, SimpleNamespace(compile=True))
+    assert capsys.readouterr().out.startswith("plain loop compiles: 2 in the timed steps; ")
+    report_compiles("plain loop", 0, SimpleNamespace(compile=False))
+    assert capsys.readouterr().out == ""
+    assert parse_args(["--compile", "--compile_mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        parse_args(["--compile_mode", "reduce-overhead"])  # without --compile
+
+
 def test_gpu_check_command_lines_parse(tmp_path):
     # The dry mode parses every benchmark and recipe command of the GPU script with its own parser (no GPU, no
     # training), so a renamed or removed flag fails here rather than on the GPU machine.
@@ -137,9 +162,9 @@ def test_gpu_check_command_lines_parse(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     checked = [line for line in summary.splitlines() if line.endswith(": flags ok")]
     names = {line.split(":")[0] for line in checked}
-    assert {"train_llama2-42m", "profile_llama2-42m", "sample_gpt2-9m", "generation_llama2-126m"} <= names
-    assert {"train_llama2-42m_pack_compile", "recipe_gpt2-9m"} <= names
-    assert len(checked) == 9
+    assert {"train_llama2-42m", "train_llama2-42m_pack_compile", "train_llama2-42m_cudagraphs"} <= names
+    assert {"profile_llama2-42m_pack_compile", "sample_gpt2-9m", "sample_llama2-126m", "generation_gpt2-9m"} <= names
+    assert len(checked) == 7
     assert "timeouts add up to 560s" in proc.stdout
 
 
