@@ -51,7 +51,7 @@ from engine.loop import LoopConfig, LoopResult, run_generations
 from engine.trainer import TrainerConfig, resolve_trainer
 from evaluation.stories import DiversityConfig, StorySampleEvaluator
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, default_context, describe, model_config
-from samplers.story_sampler import SamplingConfig, choose_backend
+from samplers.story_sampler import SamplingConfig, auto_batch_size, choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ training set)."""
 STAND_IN_EPOCHS = 2
 """Epochs per generation over the 1,000-story stand-in default: after one pass the laptop model's stories are
 too poor to say anything about collapse (test loss 4.8 nats against 3.7 after two)."""
+CPU_CHUNK = 512
+"""Default ``--sample_batch_size`` on a CPU."""
+GPU_CHUNK_WAVES = 8
+"""Default ``--sample_batch_size`` on a GPU, in multiples of ``--sampling.batch_size``."""
 DATA_FILE = "data.json"
 """The real data's label and counts (stories read, empty ones dropped, bytes replaced, truncated), in the run dir."""
 
@@ -161,8 +165,10 @@ class TinyStoriesConfig(LoopConfig):
     """Number of generations; generation 0 trains on real stories only."""
     batch_size: int = 16
     """Training batch size per device, in stories (also the test batch size)."""
-    sample_batch_size: int = 512
-    """Stories per sampling chunk file (part of the sampling seed); --sampling.batch_size runs concurrently."""
+    sample_batch_size: int | None = None
+    """Stories per sampling chunk file (part of the sampling seed; a chunk is what a killed run keeps); default:
+    512 on a CPU, 8 x --sampling.batch_size on a GPU (so each slot draws several stories per chunk and the slots
+    idle little while a chunk's longest story finishes). --sampling.batch_size run concurrently."""
     dry_run: bool = False
     """Build the data (read, tokenised, cached), the model (on the meta device: prints parameters: N) and the
     sampler, print them, and exit without touching out_dir."""
@@ -204,7 +210,7 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
             f"--model.vocab_size {cfg.model.vocab_size} and --data.vocab_size {cfg.data.vocab_size} differ; "
             "the model's vocabulary is the tokenizer's: set both"
         )
-    sampling_backend(cfg.model, cfg.sampling)  # refuse a model that cannot be sampled before anything is trained
+    backend = sampling_backend(cfg.model, cfg.sampling)  # refuse a model that cannot be sampled before it trains
     data_seq, model_seq = cfg.data.max_seq_len, cfg.model.max_seq_len
     if data_seq is not None and model_seq is not None and model_seq != data_seq:
         raise ConfigError(
@@ -218,8 +224,19 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
     data = dataclasses.replace(cfg.data, max_seq_len=seq)
     if cfg.sampling.max_len is not None and cfg.sampling.max_len > seq:
         raise ConfigError(f"--sampling.max_len must be at most --data.max_seq_len ({seq}), got {cfg.sampling.max_len}")
+    # Concurrency and chunk size follow the device type (and the model's shape), never a particular GPU, and
+    # config.yaml records the numbers: a CPU run keeps 64 slots and chunks of 512, as before.
+    on_gpu = trainer.accelerator == "gpu"
+    sampling = cfg.sampling
+    if sampling.batch_size == "auto":
+        dtype_bytes = 4 if backend == "hf" else 2  # generate() samples in float32
+        slots = auto_batch_size(model_config(model), sampling.max_len or seq, on_gpu, dtype_bytes)
+        sampling = dataclasses.replace(sampling, batch_size=slots)
+    chunk = cfg.sample_batch_size
+    if chunk is None:
+        chunk = GPU_CHUNK_WAVES * sampling.batch_size if on_gpu else CPU_CHUNK
     model_config(model)  # a checkpoint's position limit bounds the context
-    return dataclasses.replace(cfg, trainer=trainer, model=model, data=data)
+    return dataclasses.replace(cfg, trainer=trainer, model=model, data=data, sampling=sampling, sample_batch_size=chunk)
 
 
 def check_checkpoint_tokenizer(model: CausalLMConfig, tokenizer: Any) -> None:
@@ -284,6 +301,7 @@ def dry_run(cfg: TinyStoriesConfig) -> None:
     module.configure_sampling(cfg.sampling, max_len=cfg.data.max_seq_len, first_tokens=first)
     print(f"lightning module: {type(module).__name__} (built on the meta device), sampling {cfg.sampling.strategy}")
     print(f"sampling backend: {sampling_backend(cfg.model, cfg.sampling)}")
+    print(f"sampling: {cfg.sampling.batch_size} stories at once, chunks of {cfg.sample_batch_size} stories")
 
 
 def main(cfg: TinyStoriesConfig) -> LoopResult | None:

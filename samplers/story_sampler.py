@@ -132,8 +132,9 @@ class SamplingConfig:
     """Nucleus sampling: keep the most likely tokens up to cumulative probability ``top_p``, in (0, 1]; None: off."""
     max_len: int | None = None
     """Tokens per story at most, prompt and final ``EOT`` included; None: the model's context length."""
-    batch_size: int = 64
-    """Stories decoded concurrently (slots of the continuous batch)."""
+    batch_size: int | str = "auto"
+    """Stories decoded concurrently (slots of the continuous batch); ``auto``: :func:`auto_batch_size` (64 off
+    CUDA; on CUDA as many as fit a 16 GiB KV-cache budget, from 64 to 1,024)."""
     compile: str = "auto"
     """``on``: compile the decode step (static shapes; replayed as a CUDA graph on CUDA); ``off``: eager;
     ``auto``: on for CUDA, off on CPU."""
@@ -161,14 +162,46 @@ class SamplingConfig:
                 f"--sampling.max_len must be an integer >= {need} (the prompt of {self.strategy} plus one token) "
                 f"or None, got {self.max_len!r}"
             )
-        if not (_is_int(self.batch_size) and self.batch_size >= 1):
-            raise ConfigError(f"--sampling.batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.batch_size != "auto" and not (_is_int(self.batch_size) and self.batch_size >= 1):
+            raise ConfigError(f"--sampling.batch_size must be a positive integer or auto, got {self.batch_size!r}")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"--sampling.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--sampling.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--sampling.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+CPU_SLOTS = 64
+"""``--sampling.batch_size auto`` off CUDA: a CPU step's time grows with the slots, so more buy little there."""
+GPU_KV_BUDGET = 16 * 2**30
+"""``--sampling.batch_size auto`` on CUDA: bytes the KV caches may reserve (bfloat16, the whole context per slot).
+A decoding step reads the weights once for all slots, so on a GPU more slots mean more tokens per step."""
+GPU_MAX_SLOTS = 1024
+"""``--sampling.batch_size auto`` on CUDA: slots at most."""
+
+
+def kv_bytes_per_slot(config: Any, max_len: int, dtype_bytes: int = 2) -> int:
+    """Bytes of one slot's key and value caches over ``max_len`` positions, for a transformers ``config``."""
+    layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * layers * kv_heads * head_dim * (max_len + 1) * dtype_bytes
+
+
+def auto_batch_size(config: Any, max_len: int, on_gpu: bool, dtype_bytes: int = 2) -> int:
+    """The slots of ``--sampling.batch_size auto``: :data:`CPU_SLOTS` off CUDA; on CUDA the largest power of two
+    from :data:`CPU_SLOTS` to :data:`GPU_MAX_SLOTS` whose KV caches (``dtype_bytes`` per value: 2 for the native
+    decoder's bfloat16, 4 for generate() in float32) fit :data:`GPU_KV_BUDGET` (bfloat16 at a
+    2,048 context: 512 for gpt2-9m and llama2-12m, 256 for llama2-42m, 128 for llama2-126m). It depends only
+    on the model's shape, the context and the device type, so a run's samples do not depend on which GPU drew
+    them."""
+    if not on_gpu:
+        return CPU_SLOTS
+    slots, per_slot = GPU_MAX_SLOTS, kv_bytes_per_slot(config, max_len, dtype_bytes)
+    while slots > CPU_SLOTS and slots * per_slot > GPU_KV_BUDGET:
+        slots //= 2
+    return slots
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -820,7 +853,7 @@ class StorySampler:
         finished: np.ndarray,
     ) -> None:
         cfg = self.cfg
-        batch = min(cfg.batch_size, n)
+        batch = min(self.slots(device), n)
         compiled = use_cache and resolve_compile(cfg.compile, device)
         static = use_cache and (compiled or self._force_static)
         plan = _Plan(
@@ -901,6 +934,13 @@ class StorySampler:
             )  # fmt: skip
         return self._engines[key]
 
+    def slots(self, device: torch.device) -> int:
+        """Stories decoded at once on ``device``: ``--sampling.batch_size``, or :func:`auto_batch_size` for auto."""
+        if self.cfg.batch_size == "auto":
+            dtype_bytes = 4 if self.backend == "hf" else 2
+            return auto_batch_size(self.model.config, self.max_len, device.type == "cuda", dtype_bytes)
+        return int(self.cfg.batch_size)
+
     def release(self) -> None:
         """Free what the sampler keeps between calls (decoders, KV caches, CUDA graphs); the next call rebuilds it."""
         self._engines.clear()
@@ -925,7 +965,7 @@ class StorySampler:
         from transformers import GenerationConfig
 
         cfg = self.cfg
-        batch = min(cfg.batch_size, n)
+        batch = min(self.slots(device), n)
         # Models that compile with full graphs take a static cache; the others keep their dynamic one.
         static = bool(getattr(self.model, "_can_compile_fullgraph", False))
         settings = GenerationConfig(
@@ -1185,6 +1225,8 @@ __all__ = [
     "NATIVE_MODELS",
     "KVDecoder",
     "SamplingConfig",
+    "auto_batch_size",
+    "kv_bytes_per_slot",
     "StorySampler",
     "choose_backend",
     "native_unsupported",

@@ -537,6 +537,7 @@ def test_compiled_static_step_draws_the_same_tokens_on_cpu():
         ({"max_len": 1}, "--sampling.max_len must be an integer >= 2"),
         ({"max_len": 2, "strategy": "first_token_inclusive"}, "--sampling.max_len must be an integer >= 3"),
         ({"batch_size": 0}, "--sampling.batch_size must be a positive integer"),
+        ({"batch_size": "many"}, "--sampling.batch_size must be a positive integer or auto"),
         ({"compile": "yes"}, "--sampling.compile must be one of"),
         ({"dtype": "float16"}, "--sampling.dtype must be one of"),
     ],
@@ -544,6 +545,26 @@ def test_compiled_static_step_draws_the_same_tokens_on_cpu():
 def test_bad_settings_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_auto_concurrency_is_64_off_cuda_and_fills_a_kv_budget_on_cuda():
+    from lit_modules.causal_lm import CausalLMConfig, model_config
+
+    gpt2_9m = model_config(CausalLMConfig(preset="gpt2-9m"))
+    # 2 caches x 8 layers x 256 (8 heads of 32) x 2,049 positions x 2 bytes = 16.8 MB per slot
+    assert lm_sampling.kv_bytes_per_slot(gpt2_9m, 2048) == 2 * 8 * 256 * 2049 * 2
+    assert lm_sampling.auto_batch_size(gpt2_9m, 2048, on_gpu=False) == 64
+    assert lm_sampling.auto_batch_size(gpt2_9m, 2048, on_gpu=True) == 512  # 1,024 would take 17.2 GB > 16 GiB
+    assert lm_sampling.auto_batch_size(gpt2_9m, 256, on_gpu=True) == 1024  # the cap
+    assert lm_sampling.auto_batch_size(gpt2_9m, 2048, on_gpu=True, dtype_bytes=4) == 256  # generate() in float32
+    big = model_config(CausalLMConfig(preset="llama2-126m"))
+    assert lm_sampling.auto_batch_size(big, 2048, on_gpu=True) == 128
+    wide = model_config(CausalLMConfig(preset="llama2-126m"))
+    wide.num_hidden_layers = 200  # no number of slots fits the budget: still 64
+    assert lm_sampling.auto_batch_size(wide, 2048, on_gpu=True) == 64
+    s = sampler(MODELS["gpt2"](), max_len=20)
+    assert s.cfg.batch_size == "auto" and s.slots(torch.device("cpu")) == 64
+    assert sampler(MODELS["gpt2"](), max_len=20, batch_size=5).slots(torch.device("cpu")) == 5
 
 
 def test_bad_sampler_inputs_are_config_errors():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from collapse.cli import parse_config
+from collapse.rundir import config_dict
 from collapse.store import GenerationStore
 from datamodules.story_corpus import EOT_SEPARATOR, read_corpus
 from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE
@@ -133,9 +134,32 @@ def test_dry_run_prints_the_parameter_count_and_writes_nothing(tmp_path, capsys)
     assert "parameters: 1882880" in printed  # the CPU default, gpt2-2m
     assert "data read: stories_read 1500" in printed and "train_stories 1000" in printed  # the data was built too
     assert "lightning module: CausalLMModule" in printed
+    assert "sampling: 64 stories at once, chunks of 512 stories" in printed  # a CPU's defaults
     main(parse_config(TinyStoriesConfig, ["--out_dir", str(out), "--dry_run", "true", "--model.preset", "gpt2-9m"]))
     assert "parameters: 8890880" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_sampling_concurrency_and_chunks_follow_the_device_type_and_are_recorded(tmp_path, monkeypatch):
+    from recipes.tinystories import resolve
+
+    def config(*extra: str) -> TinyStoriesConfig:
+        return resolve(parse_config(TinyStoriesConfig, ["--out_dir", str(tmp_path / "run"), *extra]))
+
+    cpu = config()
+    assert (cpu.sampling.batch_size, cpu.sample_batch_size) == (64, 512)  # the numbers before "auto": old runs resume
+    assert config_dict(cpu)["sampling"]["batch_size"] == 64 and config_dict(cpu)["sample_batch_size"] == 512
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve() only asks; nothing runs on a GPU
+    for preset, slots in (("gpt2-9m", 512), ("llama2-42m", 256), ("llama2-126m", 128)):
+        gpu = config("--model.preset", preset)
+        assert gpu.trainer.accelerator == "gpu" and gpu.data.max_seq_len == 2048
+        assert (gpu.sampling.batch_size, gpu.sample_batch_size) == (slots, 8 * slots)
+    gpu = config("--model.preset", "gpt2-9m", "--sampling.batch_size", "100", "--sample_batch_size", "300")
+    assert (gpu.sampling.batch_size, gpu.sample_batch_size) == (100, 300)  # explicit settings are kept
+    short = config("--model.preset", "llama2-126m", "--data.max_seq_len", "512")
+    assert short.sampling.batch_size == 512  # a shorter context reserves less per slot
+    cpu = config("--model.preset", "gpt2-9m", "--trainer.accelerator", "cpu")
+    assert (cpu.sampling.batch_size, cpu.sample_batch_size) == (64, 512)
 
 
 def test_published_presets_use_their_own_context_and_the_laptop_default_a_short_one(tmp_path, capsys):
