@@ -142,7 +142,7 @@ step sample_llama2-126m 70 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --de
 # One generation (train one epoch, test, sample as many stories) at the preset's context, projected to the
 # published 2.12M stories (goal: gpt2-9m <= 20 minutes).
 step generation_gpt2-9m 85 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
-    --preset gpt2-9m --stories 2000 --batch_size 32 --sampling_batch_size 512
+    --preset gpt2-9m --stories 2000 --batch_size 32
 
 if [ "$BUDGET" -gt "$MAX_BUDGET" ]; then
     echo "gpu_check: the steps' timeouts add up to ${BUDGET}s, over ${MAX_BUDGET}s" | tee -a "$SUMMARY"

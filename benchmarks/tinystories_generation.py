@@ -2,7 +2,8 @@
 
 One generation of the recipe, on ``--stories`` stand-in stories at the preset's own context: train one
 epoch (the published setting), evaluate on the test stories, then sample as many stories as were trained
-on. Each phase prints its seconds and real (non-padding) tokens per second; the projection scales the
+on, in the recipe's chunks and at its concurrency for the device (``--chunk``, ``--sampling_batch_size``).
+Each phase prints its seconds and real (non-padding) tokens per second; the projection scales the
 measured rates to the published corpus (2.12M training stories, 21,990 validation stories used as the
 test set), at this run's mean tokens per story:
 
@@ -36,13 +37,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lightning.pytorch as pl  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.mfu import counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, default_context  # noqa: E402
-from samplers.story_sampler import SamplingConfig  # noqa: E402
+from recipes.tinystories import CPU_CHUNK, GPU_CHUNK_WAVES  # noqa: E402
+from samplers.story_sampler import SamplingConfig, auto_batch_size  # noqa: E402
 
 PUBLISHED_TRAIN_STORIES = 2_120_000
 """Training stories of TinyStories (about 2.12M), the size of a published generation."""
@@ -57,7 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stories", type=int, default=200, help="stand-in training stories, and stories sampled")
     p.add_argument("--test_stories", type=int, default=None, help="default: a quarter of --stories, at least 8")
     p.add_argument("--batch_size", type=int, default=16, help="training batch size, in stories")
-    p.add_argument("--sampling_batch_size", type=int, default=64, help="stories decoded concurrently")
+    p.add_argument(
+        "--sampling_batch_size", type=int, default=None,
+        help="stories decoded concurrently (default: the recipe's, --sampling.batch_size auto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chunk", type=int, default=None,
+        help="stories per sampling call, as the recipe's --sample_batch_size (default: the recipe's for the device)",
+    )  # fmt: skip
     p.add_argument("--vocab_size", type=int, default=8000)
     p.add_argument("--pack", action="store_true", help="train with --model.pack true")
     p.add_argument("--compile", action="store_true", help="train with --trainer.compile true")
@@ -66,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stories < 1 or args.batch_size < 1:
         p.error("--stories and --batch_size must be positive")
+    if any(v is not None and v < 1 for v in (args.sampling_batch_size, args.chunk)):
+        p.error("--sampling_batch_size and --chunk must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     return args
@@ -100,7 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         CausalLMConfig(**{**vars(model_cfg), "max_seq_len": context}),
         bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID,
     )  # fmt: skip
-    module.configure_sampling(SamplingConfig(batch_size=args.sampling_batch_size), max_len=context)
+    on_gpu = args.device == "cuda"
+    slots = args.sampling_batch_size or auto_batch_size(module.model.config, context, on_gpu)
+    chunk = args.chunk or (GPU_CHUNK_WAVES * slots if on_gpu else CPU_CHUNK)
+    module.configure_sampling(SamplingConfig(batch_size=slots), max_len=context)
     if args.compile:
         module.model.compile()  # as the recipe does
     trainer = pl.Trainer(
@@ -118,9 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test_s, _ = timed(args.device, lambda: trainer.test(module, dataloaders=data.test_dataloader(), verbose=False))
     module.to("cuda" if args.device == "cuda" else "cpu")
     gen = torch.Generator(device="cuda" if args.device == "cuda" else "cpu").manual_seed(0)
-    warmup_s, _ = timed(args.device, lambda: module.sample(min(args.sampling_batch_size, args.stories), gen))
-    sample_s, out = timed(args.device, lambda: module.sample(args.stories, gen))
-    sample_tokens = int(out["lengths"].sum())
+    warmup_s, _ = timed(args.device, lambda: module.sample(min(slots, args.stories), gen))
+    sample_s, lengths = timed(args.device, lambda: sample_in_chunks(module, args.stories, chunk, gen))
+    sample_tokens = int(lengths.sum())
     rates = {
         "train": train_tokens / train_s,
         "test": test_tokens / test_s,
@@ -136,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ) / 60
     result = {
         "context": context,
+        "sampling_slots": slots,
+        "sampling_chunk": chunk,
         "stories": args.stories,
         "train_seconds": train_s,
         "train_tokens_per_s": rates["train"],
@@ -154,6 +171,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if key == "train_tokens_per_s":
             print(f"train_mfu: {mfu_text(train_flops / train_s, peak)}")
     return result
+
+
+def sample_in_chunks(module: CausalLMModule, n: int, chunk: int, gen: torch.Generator) -> np.ndarray:
+    """The lengths of ``n`` stories drawn as the recipe draws them: one sampler call per chunk of ``chunk`` stories
+    (each chunk ends when its longest story does, so the chunk size shows in the rate)."""
+    lengths = [module.sample(min(chunk, n - start), gen)["lengths"] for start in range(0, n, chunk)]
+    return np.concatenate(lengths)
 
 
 def module_backend(module: CausalLMModule) -> str:

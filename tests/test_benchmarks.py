@@ -25,13 +25,14 @@ KEYS = (
 def test_tinystories_generation_benchmark_prints_each_phase_and_the_projection(tmp_path):
     env = {**os.environ, "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "tinystories_generation.py"), "--device", "cpu"]
-    cmd += ["--preset", "gpt2-tiny", "--stories", "16", "--vocab_size", "320", "--batch_size", "8"]
+    cmd += ["--preset", "gpt2-tiny", "--stories", "16", "--vocab_size", "320", "--batch_size", "8", "--chunk", "6"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     values = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and "  " not in line)
     for key in KEYS:
         assert key in values, proc.stdout
     assert values["context"] == "256"  # the laptop preset's context
+    assert values["sampling_slots"] == "64" and values["sampling_chunk"] == "6"  # the CPU's 64; chunks of 6, 6, 4
     assert all(float(values[k]) > 0 for k in KEYS)
     assert proc.stdout.strip().splitlines()[-1].startswith("projected_minutes_per_generation_published: ")
     assert "backend: native" in proc.stdout
