@@ -35,11 +35,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.mfu import flop_shape, resolve_bandwidth  # noqa: E402
 from collapse.hardware import retain_freed_memory
 from datamodules.story_corpus import STAND_IN_LABEL, generate_stories  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID, encode_stories, pad_vocab_to, train_bpe  # noqa: E402
 from lit_modules.causal_lm import PRESETS, CausalLMConfig, build_model, lr_factor, position_limit  # noqa: E402
-from samplers.story_sampler import SamplingConfig, StorySampler, sample_stats  # noqa: E402
+from samplers.story_sampler import (  # noqa: E402
+    SamplingConfig,
+    StorySampler,
+    kv_bytes_per_slot,
+    resolve_dtype,
+    sample_stats,
+)
 
 BENCH_PRESETS = {
     # A Llama small enough to train for a few hundred steps in about a minute on 2 CPU cores (1.2M parameters,
@@ -151,6 +158,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="--sampling.dtype")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--bandwidth_tbs", type=float, default=None,
+        help="device memory bandwidth for the memory bound (default: the GPU table of benchmarks/mfu.py)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -219,8 +230,47 @@ def main(argv: list[str] | None = None) -> None:
         f"HF generate:     {t_hf:8.2f}s  {a.stories / t_hf:8.1f} stories/s  {tok_hf / t_hf:9.0f} tokens/s  "
         f"mean length {np.mean(hf_lengths):.1f}  finished {np.mean(hf_finished):.3f}"
     )
+    if sampler.backend == "native":
+        for line in memory_bound_lines(model, sampler, ours["lengths"], t_ours, device, a.bandwidth_tbs):
+            print(line)
     speedup = t_hf / t_ours if t_ours > 0 else math.inf
     print(f"speedup_vs_hf_generate: {speedup:.2f}")
+
+
+def memory_bound_lines(
+    model: torch.nn.Module, sampler: StorySampler, lengths: np.ndarray, seconds: float, device: torch.device,
+    bandwidth_flag: float | None,
+) -> list[str]:  # fmt: skip
+    """How the timed draw compares with the memory limit of decoding.
+
+    Every decoding step must read the weights once (all the matrices that multiply: the output head included,
+    the input embeddings not), and a story of L tokens must read its cached keys and values at 1, 2, ..., L - 1
+    positions over its L - 1 steps: (L - 1) L / 2 position reads. Their bytes over the device's bandwidth are
+    the least time the draw can take; ``memory_bound_fraction`` is that over the measured time.
+    ``kv_read_efficiency`` is those position reads over the positions the steps attended (slots x attention
+    length, summed over steps): what the length buckets and idle slots add.
+    """
+    dtype_bytes = torch.tensor([], dtype=resolve_dtype(sampler.cfg.dtype, device)).element_size()
+    draw = sampler.last_draw
+    weight_bytes = flop_shape(model).matmul_params * dtype_bytes
+    per_position = kv_bytes_per_slot(model.config, 0, dtype_bytes)  # one position, keys and values, every layer
+    lengths = lengths.astype(np.int64)
+    needed = int(((lengths - 1) * lengths // 2).sum())
+    least_bytes = draw["steps"] * weight_bytes + needed * per_position
+    bandwidth, source = resolve_bandwidth(device.type, bandwidth_flag)
+    lines = [
+        f"decode: {draw['steps']} steps at {draw['slots']} slots; weights {weight_bytes / 1e6:.1f} MB per step, "
+        f"KV {per_position / 1e3:.1f} kB per position; {least_bytes / 1e9:.2f} GB to read at least",
+        f"kv_read_efficiency: {needed / max(draw['attended'], 1):.3f} (positions the stories needed / attended)",
+    ]
+    if bandwidth is None:
+        lines.append(f"memory_bound_fraction: n/a (bandwidth: {source}; pass --bandwidth_tbs)")
+    else:
+        least_s = least_bytes / (bandwidth * 1e12)
+        lines.append(
+            f"memory_bound_fraction: {least_s / seconds:.3f} (at least {least_s:.3f}s at {bandwidth:g} TB/s, {source})"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -38,6 +38,15 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 """Dense bf16 tensor-core peak in TFLOP/s by CUDA device name (a regular expression), from the vendor datasheets."""
 
 NO_PEAK = "n/a (no peak known; pass --peak_tflops)"
+
+PEAK_MEMORY_TBS: tuple[tuple[str, float], ...] = (
+    (r"\bH200\b(?!.*\bNVL\b)", 4.8),  # H200 SXM, HBM3e
+    (r"\bH100\b.*\b(SXM|HBM3)\b", 3.35),  # H100 SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bA100-SXM4-80GB\b", 2.039),
+    (r"\bA100-SXM4-40GB\b", 1.555),
+    (r"\bL4\b", 0.3),
+)
+"""Peak device-memory bandwidth in TB/s by CUDA device name (a regular expression), from the vendor datasheets."""
 """What an MFU line says when the device's peak is unknown."""
 
 
@@ -100,6 +109,24 @@ def resolve_peak(device: str, flag: float | None) -> tuple[float | None, str]:
     name = torch.cuda.get_device_name()
     peak = peak_tflops(name)
     return peak, f"{name}, vendor datasheet" if peak is not None else f"{name} is not in the table"
+
+
+def peak_memory_tbs(device_name: str) -> float | None:
+    """Peak memory bandwidth (TB/s) of the CUDA device named ``device_name``, or None when it is not in the table."""
+    return next((tbs for pattern, tbs in PEAK_MEMORY_TBS if re.search(pattern, device_name)), None)
+
+
+def resolve_bandwidth(device: str, flag: float | None) -> tuple[float | None, str]:
+    """(peak memory bandwidth TB/s or None, where it comes from): ``--bandwidth_tbs`` if given, else the table."""
+    if flag is not None:
+        return flag, "--bandwidth_tbs"
+    if not device.startswith("cuda"):
+        return None, "none known for a CPU"
+    import torch
+
+    name = torch.cuda.get_device_name()
+    found = peak_memory_tbs(name)
+    return found, f"{name}, vendor datasheet" if found is not None else f"{name} is not in the table"
 
 
 def mfu_text(flops_per_s: float, peak: float | None) -> str:

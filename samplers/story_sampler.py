@@ -801,6 +801,9 @@ class StorySampler:
         self._engines: dict[tuple[_Plan, bool], _Engine] = {}
         self._weights: tuple[tuple[int, int], ...] | None = None  # the weights the engines were built from
         self._bucket = LENGTH_BUCKET  # tests: narrower buckets
+        self.last_draw: dict[str, int] = {"steps": 0, "slots": 0, "attended": 0}
+        """Of the last :meth:`sample` call (native backend): decoding ``steps``, ``slots`` and ``attended``, the
+        sum over steps of slots x attention length, i.e. the cache positions each step read (host counts)."""
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, use_cache: bool = True) -> dict[str, np.ndarray]:
@@ -831,6 +834,7 @@ class StorySampler:
             return {"tokens": tokens, "lengths": lengths, "finished": finished}
         was_training = self.model.training
         self.model.eval()
+        self.last_draw = {"steps": 0, "slots": 0, "attended": 0}
         try:
             if self.backend == "hf" and use_cache:
                 self._run_hf(n, generator, device, tokens, lengths, finished)
@@ -900,6 +904,7 @@ class StorySampler:
             u = torch.rand(batch, generator=generator, device=device)
             step(u, draw_candidates(), length)
             steps += 1
+            self._count_step(batch, length)
             if not static and steps % SYNC_EVERY == 0:
                 self._flush(s, tokens, lengths, finished)
         self._flush(s, tokens, lengths, finished)
@@ -933,6 +938,12 @@ class StorySampler:
                 cand_buf=None if candidates is None else candidates.clone(), compiled=compiled,
             )  # fmt: skip
         return self._engines[key]
+
+    def _count_step(self, slots: int, length: int) -> None:
+        draw = self.last_draw
+        draw["steps"] += 1
+        draw["slots"] = slots
+        draw["attended"] += slots * length
 
     def slots(self, device: torch.device) -> int:
         """Stories decoded at once on ``device``: ``--sampling.batch_size``, or :func:`auto_batch_size` for auto."""
@@ -1187,6 +1198,7 @@ class StorySampler:
                 cand_buf.copy_(draw_candidates())
             engine.replays[length]()
             steps += 1
+            self._count_step(plan.batch, length)
         self._flush(s, tokens, lengths, finished)
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,32 @@ def test_tinystories_generation_benchmark_prints_each_phase_and_the_projection(t
     assert "backend: native" in proc.stdout
     assert values["train_mfu"] == NO_PEAK  # a CPU: no peak to divide by
     assert values["mfu_counting"].startswith("6*N + 12*n_layer*d_attn*T FLOPs per real token")
+
+
+def test_the_memory_bound_of_a_draw_by_hand():
+    from benchmarks.lm_generation import memory_bound_lines
+    from benchmarks.mfu import resolve_bandwidth
+    from samplers.story_sampler import SamplingConfig, StorySampler
+
+    torch.manual_seed(0)
+    model = build_model(CausalLMConfig(preset="gpt2-tiny", vocab_size=64))
+    sampler = StorySampler(model, SamplingConfig(batch_size=2), max_len=16)
+    sampler.last_draw = {"steps": 10, "slots": 2, "attended": 100}
+    lengths = np.array([4, 6])  # 3 * 4 / 2 + 5 * 6 / 2 = 21 position reads
+    lines = memory_bound_lines(model, sampler, lengths, 2.0, torch.device("cpu"), 1.0)
+    weights = flop_shape(model).matmul_params * 4  # float32 on a CPU
+    per_position = 2 * 2 * 32 * 4  # keys and values, 2 layers, width 32, 4 bytes
+    least = 10 * weights + 21 * per_position
+    assert f"{least / 1e9:.2f} GB to read at least" in lines[0] and "10 steps at 2 slots" in lines[0]
+    assert lines[1].startswith("kv_read_efficiency: 0.210 ")
+    assert lines[2].startswith(f"memory_bound_fraction: {least / 1e12 / 2.0:.3f} (at least ")
+    no_peak = memory_bound_lines(model, sampler, lengths, 2.0, torch.device("cpu"), None)
+    assert no_peak[2] == "memory_bound_fraction: n/a (bandwidth: none known for a CPU; pass --bandwidth_tbs)"
+    assert resolve_bandwidth("cpu", 3.0) == (3.0, "--bandwidth_tbs")
+    from benchmarks.mfu import peak_memory_tbs
+
+    assert peak_memory_tbs("NVIDIA H100 80GB HBM3") == 3.35 and peak_memory_tbs("NVIDIA H200") == 4.8
+    assert peak_memory_tbs("NVIDIA H100 PCIe") is None and peak_memory_tbs("NVIDIA A100-SXM4-80GB") == 2.039
 
 
 def test_flop_count_of_gpt2_2m_by_hand():

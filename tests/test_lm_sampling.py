@@ -547,6 +547,23 @@ def test_bad_settings_are_config_errors(kwargs, message):
         SamplingConfig(**kwargs)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_each_draw_counts_its_steps_and_the_cache_positions_its_steps_attended(static):
+    s = sampler(with_eot_bias(MODELS["gpt2"](), 1.5), max_len=40, batch_size=4)
+    s._force_static, s._bucket = static, 8
+    out = draw(s, 10, seed=2)
+    lengths = out["lengths"].astype(int)
+    d = s.last_draw
+    assert d["slots"] == 4
+    assert d["steps"] >= lengths.max() - 1 and d["steps"] >= (lengths - 1).sum() / 4  # the longest story; 4 at a time
+    needed = int(((lengths - 1) * lengths // 2).sum())  # positions 1, 2, ..., L - 1 read over a story's steps
+    assert needed <= d["attended"] <= d["steps"] * 4 * 40
+    if static:
+        assert d["attended"] % (4 * 8) == 0  # whole buckets of 8, for every slot
+    draw(s, 3, seed=2)
+    assert s.last_draw["slots"] == 3 and s.last_draw["steps"] < d["steps"]  # counted per call
+
+
 def test_auto_concurrency_is_64_off_cuda_and_fills_a_kv_budget_on_cuda():
     from lit_modules.causal_lm import CausalLMConfig, model_config
 
