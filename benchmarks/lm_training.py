@@ -108,6 +108,7 @@ def make_module(args: argparse.Namespace, vocab_size: int, compile_model: bool =
     if args.compile and compile_model:
         mode = getattr(args, "compile_mode", None)
         module.model.compile(mode=mode)  # in place, as recipes/tinystories.py does with --trainer.compile true
+        module.cuda_graph_steps = mode == "reduce-overhead"
     return module
 
 

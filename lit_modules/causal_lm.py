@@ -504,6 +504,9 @@ class CausalLMModule(SamplingModule):
         self.max_seq_len = self.config.max_seq_len or position_limit(self.model.config)
         """Context length for training and sampling (the config's, or the model's position limit)."""
         self._tokens_trained = 0
+        self.cuda_graph_steps = False
+        """Set when the model is compiled with ``mode="reduce-overhead"`` (CUDA graphs): each forward then starts
+        a new graph step and the loss is copied out of the graphs' memory, which the next replay overwrites."""
 
     @property
     def num_parameters(self) -> int:
@@ -641,6 +644,9 @@ class CausalLMModule(SamplingModule):
         if not (isinstance(batch, Mapping) and PREDICTED in batch):
             batch = self.host_batch(batch)
         n = batch[PREDICTED]
+        graphs = self.cuda_graph_steps
+        if graphs:  # a new step of the CUDA graphs of a model compiled with mode="reduce-overhead"
+            torch.compiler.cudagraph_mark_step_begin()
         if "story_ids" in batch:  # packed
             out = self._packed_forward(batch["input_ids"], batch["position_ids"], batch["labels"], batch["story_ids"])
         else:
@@ -649,7 +655,8 @@ class CausalLMModule(SamplingModule):
                 use_cache=False,
             )  # fmt: skip
         loss = out.loss if n > 0 else out.logits.sum() * 0.0  # HF's mean over 0 tokens is nan
-        return loss, n
+        # A CUDA graph's outputs are overwritten by its next replay; the logged loss outlives the step.
+        return (loss.clone() if graphs else loss), n
 
     def _packed_forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, story_ids: torch.Tensor

@@ -471,6 +471,28 @@ def test_rows_padded_to_a_multiple_give_the_same_loss(pack):
         CausalLMConfig(preset="tiny", pad_to_multiple=0)
 
 
+def test_under_cuda_graphs_each_forward_starts_a_graph_step_and_the_loss_is_copied_out(monkeypatch):
+    torch.manual_seed(0)
+    module = CausalLMModule(**TINY, pad_token_id=1).eval()
+    marks, outputs = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    forward = module.model.forward
+
+    def spy(*args, **kwargs):
+        outputs.append(forward(*args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(module.model, "forward", spy)
+    batch = module.host_batch(padded_stories([7, 5]))
+    with torch.no_grad():
+        plain, _ = module.token_loss(batch)
+        assert marks == [] and plain is outputs[-1].loss  # off by default: nothing added
+        module.cuda_graph_steps = True
+        copied, _ = module.token_loss(batch)
+    assert marks == [1] and copied is not outputs[-1].loss  # a copy, outside the graphs' memory
+    torch.testing.assert_close(copied, plain)
+
+
 def test_the_module_keeps_its_sampler_between_chunks_and_frees_it_when_sampling_ends():
     from samplers.story_sampler import SamplingConfig
 
