@@ -44,6 +44,7 @@ from benchmarks.mfu import FlopShape, counting_text, flop_shape, flops_of_sums, 
 from collapse.hardware import retain_freed_memory  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule  # noqa: E402
+from recipes.tinystories import COMPILE_MODES  # noqa: E402  (the modes of --trainer.compile)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,10 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.compile_mode is not None and not args.compile:
         p.error("--compile_mode needs --compile")
     return args
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-"""Values of ``--compile_mode`` (torch.compile's modes)."""
 
 
 def compile_stats() -> tuple[int, int]:

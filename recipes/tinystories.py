@@ -67,6 +67,8 @@ CPU_CHUNK = 512
 """Default ``--sample_batch_size`` on a CPU."""
 GPU_CHUNK_WAVES = 8
 """Default ``--sample_batch_size`` on a GPU, in multiples of ``--sampling.batch_size``."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The modes of torch.compile that ``--trainer.compile`` accepts besides true and false."""
 DATA_FILE = "data.json"
 """The real data's label and counts (stories read, empty ones dropped, bytes replaced, truncated), in the run dir."""
 
@@ -77,10 +79,19 @@ class LMTrainerConfig(TrainerConfig):
 
     gradient_clip_val: float | None = 1.0
     """Clip gradients to this norm (None: no clipping)."""
-    compile: bool = False
-    """torch.compile the model for training (worth it on a GPU for the larger presets)."""
+    compile: bool | str = False
+    """torch.compile the model for training: true (torch's default mode), false, or a mode of
+    :data:`COMPILE_MODES` (``reduce-overhead`` replays each step's kernels as CUDA graphs). On one H100,
+    ``true`` with ``--model.pack true`` trained llama2-42m 1.55x as fast as eager."""
 
     not_for_lightning: ClassVar[tuple[str, ...]] = ("compile",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ConfigError(
+                f"--trainer.compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {self.compile!r}"
+            )
 
 
 class LMModality(Modality):
@@ -137,8 +148,11 @@ class LMModality(Modality):
         module = CausalLMModule(self.cfg.model, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID)
         first = real.first_tokens() if self.cfg.sampling.strategy == "first_token_inclusive" else None
         module.configure_sampling(self.cfg.sampling, max_len=self.data.max_seq_len, first_tokens=first)
-        if self.cfg.trainer.compile:
-            module.model.compile()  # in place: the state_dict keys (model.pt, checkpoints) stay the same
+        compile_setting = self.cfg.trainer.compile
+        if compile_setting is not False:
+            mode = None if compile_setting is True else compile_setting
+            module.model.compile(mode=mode)  # in place: the state_dict keys (model.pt, checkpoints) stay the same
+            module.cuda_graph_steps = mode == "reduce-overhead"
         return module
 
     def trainer_kwargs(self, generation: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from collapse.cli import parse_config
+from collapse.errors import ConfigError
 from collapse.rundir import config_dict
 from collapse.store import GenerationStore
 from datamodules.story_corpus import EOT_SEPARATOR, read_corpus
@@ -160,6 +161,19 @@ def test_sampling_concurrency_and_chunks_follow_the_device_type_and_are_recorded
     assert short.sampling.batch_size == 512  # a shorter context reserves less per slot
     cpu = config("--model.preset", "gpt2-9m", "--trainer.accelerator", "cpu")
     assert (cpu.sampling.batch_size, cpu.sample_batch_size) == (64, 512)
+
+
+def test_trainer_compile_takes_a_mode_and_cuda_graphs_copy_the_loss_out(tmp_path):
+    from recipes.tinystories import LMModality, resolve
+
+    built = {}
+    for setting in ("false", "true", "reduce-overhead"):
+        cfg = resolve(tiny(tmp_path / setting, "replace", "--trainer.compile", setting))
+        module = LMModality(cfg).build_model(0)  # compiling is lazy: nothing compiles before a forward
+        built[setting] = (module.model._compiled_call_impl is not None, module.cuda_graph_steps)
+    assert built == {"false": (False, False), "true": (True, False), "reduce-overhead": (True, True)}
+    with pytest.raises(ConfigError, match="--trainer.compile must be true, false or one of default, reduce-overhead"):
+        tiny(tmp_path / "x", "replace", "--trainer.compile", "fast")
 
 
 def test_published_presets_use_their_own_context_and_the_laptop_default_a_short_one(tmp_path, capsys):
