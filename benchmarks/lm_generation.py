@@ -41,6 +41,7 @@ from datamodules.story_corpus import STAND_IN_LABEL, generate_stories  # noqa: E
 from datamodules.tokenizer import EOT_ID, PAD_ID, encode_stories, pad_vocab_to, train_bpe  # noqa: E402
 from lit_modules.causal_lm import PRESETS, CausalLMConfig, build_model, lr_factor, position_limit  # noqa: E402
 from samplers.story_sampler import (  # noqa: E402
+    ATTENTIONS,
     SamplingConfig,
     StorySampler,
     kv_bytes_per_slot,
@@ -156,6 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "off", "on"], help="--sampling.compile")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="--sampling.dtype")
+    p.add_argument("--attention", default="auto", choices=list(ATTENTIONS), help="--sampling.attention")
+    p.add_argument(
+        "--skip_generate", action="store_true", help="time the sampler only (no generate() loop, no speedup line)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument(
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     loss = train(model, encoded, a.train_steps, a.train_batch, a.lr, a.seed)
     print(f"trained {a.train_steps} steps in {time.perf_counter() - t0:.1f}s, final loss {loss:.3f}", flush=True)
 
-    cfg = SamplingConfig(batch_size=a.batch_size, compile=a.compile, dtype=a.dtype)
+    cfg = SamplingConfig(batch_size=a.batch_size, compile=a.compile, dtype=a.dtype, attention=a.attention)
     sampler = StorySampler(model, cfg, max_len=max_len, eot_id=EOT_ID, pad_id=PAD_ID)
     gen = torch.Generator(device=device)
     with torch.no_grad():
@@ -201,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         sync(device)
         t_warm_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
-        hf_generate(model, min(a.batch_size, 4), min(a.batch_size, 4), 16, a.seed, device)
+        if not a.skip_generate:
+            hf_generate(model, min(a.batch_size, 4), min(a.batch_size, 4), 16, a.seed, device)
         sync(device)
         t_warm_hf = time.perf_counter() - t0
         print(f"warm-up: StorySampler {t_warm_ours:.1f}s, HF generate {t_warm_hf:.1f}s", flush=True)
@@ -213,28 +219,32 @@ def main(argv: list[str] | None = None) -> None:
         t_ours = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        hf_lengths, hf_finished = hf_generate(model, a.stories, a.batch_size, max_len, a.seed + 3, device)
+        if not a.skip_generate:
+            hf_lengths, hf_finished = hf_generate(model, a.stories, a.batch_size, max_len, a.seed + 3, device)
         sync(device)
         t_hf = time.perf_counter() - t0
 
     stats = sample_stats(ours)
-    tok_ours, tok_hf = int(ours["lengths"].sum()), int(sum(hf_lengths))
+    tok_ours = int(ours["lengths"].sum())
     threads = torch.get_num_threads()
     print(f"device: {device}, torch threads: {threads}, batch size: {a.batch_size}, stories: {a.stories}")
-    print(f"sampling dtype: {cfg.dtype}, compile: {cfg.compile}")
+    print(f"sampling dtype: {cfg.dtype}, compile: {cfg.compile}, attention: {cfg.attention}")
     print(
         f"StorySampler:    {t_ours:8.2f}s  {a.stories / t_ours:8.1f} stories/s  {tok_ours / t_ours:9.0f} tokens/s  "
         f"mean length {stats['mean_length']:.1f}  finished {stats['finished_fraction']:.3f}"
     )
-    print(
-        f"HF generate:     {t_hf:8.2f}s  {a.stories / t_hf:8.1f} stories/s  {tok_hf / t_hf:9.0f} tokens/s  "
-        f"mean length {np.mean(hf_lengths):.1f}  finished {np.mean(hf_finished):.3f}"
-    )
+    if not a.skip_generate:
+        tok_hf = int(sum(hf_lengths))
+        print(
+            f"HF generate:     {t_hf:8.2f}s  {a.stories / t_hf:8.1f} stories/s  {tok_hf / t_hf:9.0f} tokens/s  "
+            f"mean length {np.mean(hf_lengths):.1f}  finished {np.mean(hf_finished):.3f}"
+        )
     if sampler.backend == "native":
         for line in memory_bound_lines(model, sampler, ours["lengths"], t_ours, device, a.bandwidth_tbs):
             print(line)
-    speedup = t_hf / t_ours if t_ours > 0 else math.inf
-    print(f"speedup_vs_hf_generate: {speedup:.2f}")
+    if not a.skip_generate:
+        speedup = t_hf / t_ours if t_ours > 0 else math.inf
+        print(f"speedup_vs_hf_generate: {speedup:.2f}")
 
 
 def memory_bound_lines(

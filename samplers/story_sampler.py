@@ -64,7 +64,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,10 @@ DTYPES = ("auto", "float32", "bfloat16")
 """Accepted values of :attr:`SamplingConfig.dtype`."""
 BACKENDS = ("auto", "native", "hf")
 """Accepted values of :attr:`SamplingConfig.backend`."""
+ATTENTIONS = ("auto", "bucket", "flex")
+"""Accepted values of :attr:`SamplingConfig.attention`."""
+FLEX_BLOCK = 128
+"""Key/value block of ``--sampling.attention flex``: a slot reads its cache in blocks of this many positions."""
 NATIVE_MODELS = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
@@ -140,6 +144,12 @@ class SamplingConfig:
     ``auto``: on for CUDA, off on CPU."""
     dtype: str = "auto"
     """Decoder precision: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 on CUDA, float32 on CPU)."""
+    attention: str = "auto"
+    """How the native decoder's static (GPU) path reads the KV cache. ``bucket``: every slot attends over one
+    length bucket that holds the longest story in progress (SDPA); ``flex``: FlexAttention over the whole
+    context, each slot reading only the blocks of :data:`FLEX_BLOCK` positions up to its own position, so a
+    long story in progress no longer makes every slot read that far (one CUDA graph, no buckets); ``auto``:
+    ``bucket``, until ``flex`` is measured on GPUs. The eager CPU path always reads the prefix in use."""
     backend: str = "auto"
     """``native``: this module's KV-cached decoder (GPT-2 and the Llama family: Llama, Mistral, Qwen2);
     ``hf``: transformers' ``generate()`` with a static cache (any causal LM; slower, float32); ``auto``:
@@ -170,6 +180,8 @@ class SamplingConfig:
             raise ConfigError(f"--sampling.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--sampling.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"--sampling.attention must be one of {ATTENTIONS}, got {self.attention!r}")
 
 
 CPU_SLOTS = 64
@@ -297,7 +309,7 @@ class _Arch:
     act: str
     scales: tuple[float, ...]  # softmax scale of each layer's attention scores
     positions: int  # position limit of the model
-    attention: str  # "sdpa" | "matmul": how single-query attention is computed (see _attend)
+    attention: str  # "sdpa" | "matmul" | "flex": how single-query attention is computed (see _attend)
     windows: tuple[int | None, ...]  # each layer's sliding attention window (None: full causal attention)
 
 
@@ -437,15 +449,45 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _attend(
-    arch: _Arch, scale: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def _flex_block_mask(pos: torch.Tensor, length: int, window: int | None) -> Any:
+    """FlexAttention block mask of one query per slot over a cache of ``length`` positions (a multiple of
+    :data:`FLEX_BLOCK`): slot b reads only the blocks that hold its visible positions t <= pos[b] (and, with a
+    sliding ``window``, t > pos[b] - window), with those positions masked exactly inside the blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    blocks = length // FLEX_BLOCK
+    last = torch.div(pos, FLEX_BLOCK, rounding_mode="floor") + 1  # blocks 0 .. last - 1 hold t <= pos
+    first = torch.zeros_like(last) if window is None else torch.div((pos - window + 1).clamp(min=0), FLEX_BLOCK,
+                                                                    rounding_mode="floor")  # fmt: skip
+    order = torch.arange(blocks, device=pos.device)
+    kv_indices = (first[:, None] + order[None, :]).clamp(max=blocks - 1).to(torch.int32)[:, None, None, :]
+    kv_num_blocks = (last - first).to(torch.int32)[:, None, None]
+
+    def visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        seen = kv_idx <= pos[b]
+        return seen if window is None else seen & (kv_idx > pos[b] - window)
+
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=visible, seq_lengths=(1, length)
+    )
+
+
+def _attend(arch: _Arch, scale: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
     """Single-query attention of each slot over its cache: (B, H, hd) x (B, Hkv, T, hd) -> (B, H * hd).
 
-    ``mask`` (B, T) is True where position t <= the slot's position. Head h reads kv head h // (H / Hkv),
-    transformers' repeat_kv convention for grouped-query attention.
+    ``mask`` (B, T) is True where position t <= the slot's position (a :func:`_flex_block_mask` for
+    ``flex``). Head h reads kv head h // (H / Hkv), transformers' repeat_kv convention for grouped-query
+    attention.
     """
     b, n_head, hd = q.shape
+    if arch.attention == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # The scale is applied to the query, as a product computed in 4-D: the compiled FlexAttention takes its
+        # query only as a 4-D buffer (a 4-D view of a 3-D result failed to compile).
+        q4 = q.reshape(b, n_head, 1, hd) * scale
+        out = flex_attention(q4, k, v, block_mask=mask, scale=1.0, enable_gqa=arch.n_kv_head != n_head)
+        return out.reshape(b, n_head * hd)
     if arch.attention == "sdpa":
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale,
@@ -465,8 +507,8 @@ def _attend(
 def _decode(
     arch: _Arch,
     w: Mapping[str, Any],
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | Sequence[torch.Tensor],
+    v_cache: torch.Tensor | Sequence[torch.Tensor],
     tokens: torch.Tensor,
     pos: torch.Tensor,
     rows: torch.Tensor,
@@ -474,7 +516,8 @@ def _decode(
 ) -> torch.Tensor:
     """One decode step: next-token logits (B, V) in float32 of ``tokens`` (B,) fed at positions ``pos`` (B,).
 
-    Writes each slot's key/value at (slot, pos) of every layer's cache (L, B, Hkv, T, hd) and attends
+    Writes each slot's key/value at (slot, pos) of every layer's cache (L, B, Hkv, T, hd; for flex, a list
+    of L tensors (B, Hkv, T, hd)) and attends
     over the cache positions t in ``span`` (the positions 0, 1, ..., length - 1) with t <= pos: a length
     bucket on the static path, just past the largest position in use on the eager path (positions beyond
     a slot's own are masked either way, so stale entries of an earlier story in that slot are never read).
@@ -483,11 +526,15 @@ def _decode(
     (a slice of the whole buffer would be compiled apart).
     """
     b = tokens.shape[0]
-    length = span.shape[0]
     n_head, n_kv, hd = arch.n_head, arch.n_kv_head, arch.head_dim
-    causal = span[None, :] <= pos[:, None]  # (B, T): True = visible
-    # A sliding window W keeps the positions t with pos - W < t <= pos (transformers' sliding-window mask).
-    masks = {w: causal if w is None else causal & (span[None, :] > pos[:, None] - w) for w in arch.windows}
+    if arch.attention == "flex":  # the whole cache; each slot reads only its own blocks
+        length = k_cache[0].shape[2]
+        masks = {w: _flex_block_mask(pos, length, w) for w in arch.windows}
+    else:
+        length = span.shape[0]
+        causal = span[None, :] <= pos[:, None]  # (B, T): True = visible
+        # A sliding window W keeps the positions t with pos - W < t <= pos (transformers' sliding-window mask).
+        masks = {w: causal if w is None else causal & (span[None, :] > pos[:, None] - w) for w in arch.windows}
     if arch.kind == "gpt2":
         # h_0 = wte[token] + wpe[pos] (learned absolute positions).
         x = F.embedding(tokens, w["wte"]) + F.embedding(pos, w["wpe"])
@@ -495,10 +542,10 @@ def _decode(
             h = F.layer_norm(x, (arch.hidden,), lw["ln1_w"], lw["ln1_b"], arch.eps)
             qkv = torch.addmm(lw["qkv_b"], h, lw["qkv_w"]).view(b, 3, n_head, hd)  # fused c_attn: [q; k; v]
             q, k, v = qkv.unbind(1)
-            k_cache[i, rows, :, pos] = k
-            v_cache[i, rows, :, pos] = v
+            k_cache[i][rows, :, pos] = k
+            v_cache[i][rows, :, pos] = v
             a = _attend(
-                arch, arch.scales[i], q, k_cache[i, :, :, :length], v_cache[i, :, :, :length], masks[arch.windows[i]]
+                arch, arch.scales[i], q, k_cache[i][:, :, :length], v_cache[i][:, :, :length], masks[arch.windows[i]]
             )
             x = x + torch.addmm(lw["o_b"], a, lw["o_w"])
             h = F.layer_norm(x, (arch.hidden,), lw["ln2_w"], lw["ln2_b"], arch.eps)
@@ -515,10 +562,10 @@ def _decode(
             qk = _rotate(qkv[:, :n_qk].view(b, n_head + n_kv, hd), cos, sin)  # RoPE on q and k at once
             q, k = qk[:, :n_head], qk[:, n_head:]
             v = qkv[:, n_qk:].view(b, n_kv, hd)
-            k_cache[i, rows, :, pos] = k
-            v_cache[i, rows, :, pos] = v
+            k_cache[i][rows, :, pos] = k
+            v_cache[i][rows, :, pos] = v
             a = _attend(
-                arch, arch.scales[i], q, k_cache[i, :, :, :length], v_cache[i, :, :, :length], masks[arch.windows[i]]
+                arch, arch.scales[i], q, k_cache[i][:, :, :length], v_cache[i][:, :, :length], masks[arch.windows[i]]
             )
             x = x + F.linear(a, lw["o_w"], lw["o_b"])
             h = _rms_norm(x, lw["post_w"], arch.eps)
@@ -538,22 +585,42 @@ class KVDecoder:
     """
 
     def __init__(
-        self, model: torch.nn.Module, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None
+        self,
+        model: torch.nn.Module,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        attention: str | None = None,
     ) -> None:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = dtype or param.dtype
         self.arch = _arch_of(model, self.device)
+        if attention is not None:
+            self.arch = replace(self.arch, attention=attention)
         if max_len > self.arch.positions:
             raise ValueError(f"max_len {max_len} exceeds the model's position limit {self.arch.positions}")
         self.batch_size, self.max_len = batch_size, max_len
         self.weights = _read_weights(model, self.arch, self.dtype, max_len)
-        # One spare position, never written or read, so that no attention span is the whole buffer (_decode).
-        shape = (self.arch.n_layer, batch_size, self.arch.n_kv_head, max_len + 1, self.arch.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # One spare position, never written or read, so that no attention span is the whole buffer (_decode);
+        # FlexAttention reads whole blocks: the buffer is a multiple of the block.
+        cache_len = max_len + 1
+        if self.arch.attention == "flex":
+            cache_len = -(-cache_len // FLEX_BLOCK) * FLEX_BLOCK
+        shape = (self.arch.n_layer, batch_size, self.arch.n_kv_head, cache_len, self.arch.head_dim)
+        self.k_cache: torch.Tensor | list[torch.Tensor]
+        self.v_cache: torch.Tensor | list[torch.Tensor]
+        if self.arch.attention == "flex":
+            # One tensor per layer: the compiled FlexAttention on CPU read a layer's view of one (L, ...) buffer
+            # at the buffer's start (its storage offset lost), i.e. layer 0's cache for every layer.
+            self.k_cache = [torch.zeros(shape[1:], dtype=self.dtype, device=self.device) for _ in range(shape[0])]
+            self.v_cache = [torch.zeros(shape[1:], dtype=self.dtype, device=self.device) for _ in range(shape[0])]
+        else:
+            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.rows = torch.arange(batch_size, device=self.device)
-        self.positions = torch.arange(max_len + 1, device=self.device)
+        self.positions = torch.arange(cache_len, device=self.device)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -801,6 +868,8 @@ class StorySampler:
         self._engines: dict[tuple[_Plan, bool], _Engine] = {}
         self._weights: tuple[tuple[int, int], ...] | None = None  # the weights the engines were built from
         self._bucket = LENGTH_BUCKET  # tests: narrower buckets
+        self._whole_context = False  # --sampling.attention flex on the static path: no length buckets
+        self._flex_read = 0  # flex: cache positions the slots read per step, as of the last sync
         self.last_draw: dict[str, int] = {"steps": 0, "slots": 0, "attended": 0}
         """Of the last :meth:`sample` call (native backend): decoding ``steps``, ``slots`` and ``attended``, the
         sum over steps of slots x attention length, i.e. the cache positions each step read (host counts)."""
@@ -860,10 +929,14 @@ class StorySampler:
         batch = min(self.slots(device), n)
         compiled = use_cache and resolve_compile(cfg.compile, device)
         static = use_cache and (compiled or self._force_static)
+        arch = _arch_of(self.model, device) if use_cache else None
+        if arch is not None and static and cfg.attention == "flex":
+            arch = replace(arch, attention="flex")
         plan = _Plan(
-            _arch_of(self.model, device) if use_cache else None, batch, self.max_len, SYNC_EVERY * batch,
-            self.prompt_len, self.eot_id, float(cfg.temperature), cfg.top_k, cfg.top_p,
+            arch, batch, self.max_len, SYNC_EVERY * batch, self.prompt_len, self.eot_id, float(cfg.temperature),
+            cfg.top_k, cfg.top_p,
         )  # fmt: skip
+        self._whole_context = arch is not None and arch.attention == "flex"  # no length buckets
         pool = None if self.first_tokens is None else self.first_tokens.to(device)
 
         def draw_candidates() -> torch.Tensor | None:
@@ -922,7 +995,10 @@ class StorySampler:
             self._weights = weights
         key = (plan, compiled)
         if key not in self._engines:
-            decoder = KVDecoder(self.model, plan.batch, self.max_len, dtype=resolve_dtype(self.cfg.dtype, device))
+            decoder = KVDecoder(
+                self.model, plan.batch, self.max_len, dtype=resolve_dtype(self.cfg.dtype, device),
+                attention=plan.arch.attention,
+            )  # fmt: skip
             candidates = None if self.first_tokens is None else torch.zeros(plan.batch, dtype=torch.long, device=device)
             s = self._initial_state(plan, plan.batch, device, candidates)
             w, kc, vc = decoder.weights, decoder.k_cache, decoder.v_cache
@@ -943,7 +1019,9 @@ class StorySampler:
         draw = self.last_draw
         draw["steps"] += 1
         draw["slots"] = slots
-        draw["attended"] += slots * length
+        # flex: the blocks each slot read at the last sync (a slot crossing into a new block before the next
+        # sync reads one more, not counted); else every slot attends over the same length.
+        draw["attended"] += self._flex_read if self._whole_context else slots * length
 
     def slots(self, device: torch.device) -> int:
         """Stories decoded at once on ``device``: ``--sampling.batch_size``, or :func:`auto_batch_size` for auto."""
@@ -1067,11 +1145,15 @@ class StorySampler:
 
     def _attention_lengths(self) -> list[int]:
         """Every length :meth:`_attention_length` can give: the bucket's multiples below max_len, and max_len."""
+        if self._whole_context:
+            return [self.max_len]
         return sorted({min(self.max_len, k * self._bucket) for k in range(1, -(-self.max_len // self._bucket) + 1)})
 
     def _attention_length(self, pos_max: int) -> int:
         """The bucketed attention length of the next :data:`SYNC_EVERY` static steps, given the largest position
         in use: positions grow by at most one per step, so those steps feed positions < pos_max + SYNC_EVERY."""
+        if self._whole_context:  # flex: every slot reads its own blocks of the whole cache
+            return self.max_len
         need = pos_max + SYNC_EVERY
         return min(self.max_len, -(-need // self._bucket) * self._bucket)
 
@@ -1080,7 +1162,11 @@ class StorySampler:
     ) -> tuple[bool, int]:
         """The static path's sync point, one read from the device: flush the finished stories and return
         (whether any story is still running or waiting, the attention length of the next steps)."""
-        count, active, pos_max = torch.stack([s["q_ptr"], (s["story"] < s["n"]).sum(), s["pos"].max()]).tolist()
+        blocks = (torch.div(s["pos"], FLEX_BLOCK, rounding_mode="floor") + 1).sum()  # flex: blocks the slots read
+        count, active, pos_max, blocks = torch.stack(
+            [s["q_ptr"], (s["story"] < s["n"]).sum(), s["pos"].max(), blocks]
+        ).tolist()
+        self._flex_read = blocks * FLEX_BLOCK
         self._flush(s, tokens, lengths, finished, count)
         return active > 0, self._attention_length(pos_max)
 
@@ -1229,6 +1315,7 @@ def sample_stats(out: Mapping[str, np.ndarray]) -> dict[str, float]:
 
 
 __all__ = [
+    "ATTENTIONS",
     "BACKENDS",
     "COMPILE_MODES",
     "DTYPES",

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     GPTNeoXConfig,
@@ -221,6 +222,59 @@ def test_kv_cached_sampling_draws_the_same_tokens_as_the_uncached_forward(name, 
     assert cached["finished"].any() and len(np.unique(cached["lengths"])) > 3  # slots restart at various steps
     s._force_static = True  # the static path: full-buffer attention, no per-step host sync
     assert_same(draw(s, 11, seed=3), cached)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_flex_block_mask_reads_only_each_slots_blocks_and_masks_the_rest_exactly(window, monkeypatch):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(lm_sampling, "FLEX_BLOCK", 4)
+    torch.manual_seed(0)
+    pos = torch.tensor([0, 3, 4, 9, 15])  # block boundaries at 4, 8, 12
+    q, k, v = torch.randn(5, 2, 1, 8), torch.randn(5, 2, 16, 8), torch.randn(5, 2, 16, 8)
+    mask = lm_sampling._flex_block_mask(pos, 16, window)
+    t = torch.arange(16)
+    visible = t[None, :] <= pos[:, None]
+    if window is not None:
+        visible &= t[None, :] > pos[:, None] - window
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
+    # Compiled: the eager reference applies the mask function everywhere and ignores which blocks are read.
+    torch.testing.assert_close(torch.compile(flex_attention)(q, k, v, block_mask=mask), want)
+    assert mask.kv_num_blocks.flatten().tolist() == ([1, 1, 2, 3, 4] if window is None else [1, 1, 2, 2, 2])
+    assert mask.kv_indices[:, 0, 0, 0].tolist() == ([0, 0, 0, 0, 0] if window is None else [0, 0, 0, 1, 2])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("block", [128, 4])
+def test_flex_attention_on_the_static_path_draws_the_same_tokens(name, block, monkeypatch):
+    # --sampling.attention flex: the whole cache, each slot reading only its blocks (4-position blocks make the
+    # slots' reads differ, and sliding windows skip leading blocks).
+    monkeypatch.setattr(lm_sampling, "FLEX_BLOCK", block)
+    model = with_eot_bias(MODELS[name](), 2.0)
+    kwargs = {"max_len": 20, "batch_size": 4, "top_k": 12, "strategy": "first_token_inclusive", "first_tokens": [5, 9]}
+    eager = draw(sampler(model, **kwargs), 11, seed=3)
+    flex = sampler(model, attention="flex", **kwargs)
+    flex._force_static = True
+    assert_same(draw(flex, 11, seed=3), eager)
+    (engine,) = flex._engines.values()
+    cache = engine.decoder.k_cache[0].shape[2]
+    assert cache == (24 if block == 4 else 128)  # the context and its spare position, in whole blocks
+    d = flex.last_draw
+    assert d["attended"] <= d["steps"] * 4 * cache
+    if block == 4:
+        assert d["attended"] < 0.75 * d["steps"] * 4 * cache  # most slots read fewer blocks than the cache holds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-window"])
+def test_compiled_flex_attention_reads_the_right_blocks_and_draws_the_same_tokens(name, monkeypatch):
+    # Compiled, FlexAttention reads only the blocks of each slot's block mask (eager it ignores them): 4-position
+    # blocks over a 24-position cache, a sliding window skipping leading blocks, every layer its own cache.
+    monkeypatch.setattr(lm_sampling, "FLEX_BLOCK", 4)
+    model = with_eot_bias(MODELS[name](), 2.0)
+    eager = draw(sampler(model, max_len=20, batch_size=4, top_k=12), 11, seed=3)
+    flex = sampler(model, max_len=20, batch_size=4, top_k=12, attention="flex", compile="on")
+    assert_same(draw(flex, 11, seed=3), eager)
 
 
 @pytest.mark.parametrize("strategy", ["bos_fixed_length", "first_token_inclusive"])
@@ -538,6 +592,7 @@ def test_compiled_static_step_draws_the_same_tokens_on_cpu():
         ({"max_len": 2, "strategy": "first_token_inclusive"}, "--sampling.max_len must be an integer >= 3"),
         ({"batch_size": 0}, "--sampling.batch_size must be a positive integer"),
         ({"batch_size": "many"}, "--sampling.batch_size must be a positive integer or auto"),
+        ({"attention": "paged"}, "--sampling.attention must be one of"),
         ({"compile": "yes"}, "--sampling.compile must be one of"),
         ({"dtype": "float16"}, "--sampling.dtype must be one of"),
     ],
