@@ -457,8 +457,9 @@ def _flex_block_mask(pos: torch.Tensor, length: int, window: int | None) -> Any:
 
     blocks = length // FLEX_BLOCK
     last = torch.div(pos, FLEX_BLOCK, rounding_mode="floor") + 1  # blocks 0 .. last - 1 hold t <= pos
-    first = torch.zeros_like(last) if window is None else torch.div((pos - window + 1).clamp(min=0), FLEX_BLOCK,
-                                                                    rounding_mode="floor")  # fmt: skip
+    first = torch.zeros_like(last)  # the first block read; with a window, the one that holds pos - window + 1
+    if window is not None:
+        first = torch.div((pos - window + 1).clamp(min=0), FLEX_BLOCK, rounding_mode="floor")
     order = torch.arange(blocks, device=pos.device)
     kv_indices = (first[:, None] + order[None, :]).clamp(max=blocks - 1).to(torch.int32)[:, None, None, :]
     kv_num_blocks = (last - first).to(torch.int32)[:, None, None]
