@@ -1,7 +1,8 @@
 """Where the time of a TinyStories training step and of story sampling goes, read from a torch profile.
 
 The training phase is the Lightning path of ``benchmarks/lm_training.py`` (same stand-in stories, model,
-optimiser, clipping and precision; ``--pack`` and ``--compile`` as there): after ``--warmup`` steps,
+optimiser, clipping and precision; ``--pack`` / ``--no-pack`` and ``--compile`` / ``--no-compile`` as there,
+by default the recipe's for the device): after ``--warmup`` steps,
 ``--steps`` steps are timed without the profiler, then ``--steps`` more are profiled. The sampling phase
 then draws ``--samples`` stories from the trained model with the module's own sampler (the recipe's
 defaults for the device: KV cache, compiled step and CUDA graphs on a GPU), once to warm up, once timed,
@@ -49,7 +50,7 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from benchmarks.lm_training import COMPILE_MODES, loader, make_data, make_module  # noqa: E402
+from benchmarks.lm_training import add_training_flags, loader, make_data, make_module, recipe_defaults  # noqa: E402
 from collapse.hardware import retain_freed_memory  # noqa: E402
 from samplers.story_sampler import SamplingConfig  # noqa: E402
 
@@ -227,9 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="training steps timed, then as many profiled")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
     p.add_argument("--max_seq_len", type=int, default=256)
-    p.add_argument("--pack", action="store_true", help="pack stories several to a row (--model.pack true)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--compile_mode", default=None, choices=COMPILE_MODES, help="torch.compile mode with --compile")
+    add_training_flags(p)
     p.add_argument("--samples", type=int, default=32, help="stories per sampling draw; 0 skips sampling")
     p.add_argument("--sampling_batch_size", type=int, default=16, help="stories decoded concurrently")
     p.add_argument("--top", type=int, default=8, help="kernels (operators) listed per phase")
@@ -240,7 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--samples must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    return args
+    if args.compile_mode is not None and args.compile is False:
+        p.error("--compile_mode needs --compile")
+    return recipe_defaults(args)
 
 
 def report(phase: str, b: Breakdown, plain_ms: float, per: float, unit: str, top: int) -> None:

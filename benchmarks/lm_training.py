@@ -8,7 +8,9 @@ Lightning path is what the recipe runs: ``CausalLMModule`` under ``lightning.Tra
 module's own loss function and optimiser (fused AdamW on a GPU) and prepares each batch on the host as
 the module's ``on_before_batch_transfer`` does, so the two differ only in the training-loop machinery.
 Tokens and FLOPs are summed on the device and read back once per run, so the timing itself adds no
-per-step wait for the GPU.
+per-step wait for the GPU. Both paths pack and compile as the recipe does by default for the device
+(``--model.pack`` and ``--trainer.compile``: both on a GPU, neither on a CPU); ``--pack`` / ``--no-pack``
+and ``--compile`` / ``--no-compile`` override, and the settings are printed.
 
 Throughput is real (non-padding) tokens per second over the steps after ``--warmup`` (so start-up
 and the first, slower steps do not count), best of ``--repeats`` alternating runs of each. Each path's
@@ -59,15 +61,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
     p.add_argument("--max_seq_len", type=int, default=256)
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
-    p.add_argument("--pack", action="store_true", help="both paths pack stories several to a row (--model.pack true)")
-    p.add_argument("--compile", action="store_true", help="both paths torch.compile the model (--trainer.compile true)")
+    add_training_flags(p, "both paths ")
+    args = p.parse_args(argv)
+    if args.compile_mode is not None and args.compile is False:
+        p.error("--compile_mode needs --compile")
+    return recipe_defaults(args)
+
+
+def add_training_flags(p: argparse.ArgumentParser, who: str = "") -> None:
+    """``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` (unset: the recipe's defaults for the device,
+    :func:`recipe_defaults`) and ``--compile_mode``."""
+    yes_no = argparse.BooleanOptionalAction
+    p.add_argument(
+        "--pack", action=yes_no, default=None,
+        help=f"{who}pack stories several to a row (--model.pack); default: the recipe's for the device",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", action=yes_no, default=None,
+        help=f"{who}torch.compile the model (--trainer.compile); default: the recipe's for the device",
+    )  # fmt: skip
     p.add_argument(
         "--compile_mode", default=None, choices=COMPILE_MODES,
-        help="torch.compile mode with --compile (default: torch's); reduce-overhead replays CUDA graphs",
+        help="torch.compile mode (implies --compile; default: torch's); reduce-overhead replays CUDA graphs",
     )  # fmt: skip
-    args = p.parse_args(argv)
-    if args.compile_mode is not None and not args.compile:
-        p.error("--compile_mode needs --compile")
+
+
+def recipe_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``pack`` and ``compile`` left unset filled as the recipe fills ``--model.pack`` and
+    ``--trainer.compile`` for this device and preset (:func:`recipes.tinystories.fast_training`): on a GPU
+    both, on a CPU neither. A ``--compile_mode`` implies compiling."""
+    from transformers import AutoConfig
+
+    from lit_modules.causal_lm import PRESETS
+    from recipes.tinystories import fast_training
+
+    config = AutoConfig.for_model(**PRESETS[args.preset])
+    pack, compiled = fast_training(config, "sdpa", str(args.device).startswith("cuda"), "native")
+    if args.pack is None:
+        args.pack = pack
+    if args.compile is None:
+        args.compile = compiled or getattr(args, "compile_mode", None) is not None
     return args
 
 

@@ -3,6 +3,8 @@
 One generation of the recipe, on ``--stories`` stand-in stories at the preset's own context: train one
 epoch (the published setting), evaluate on the test stories, then sample as many stories as were trained
 on, in the recipe's chunks and at its concurrency for the device (``--chunk``, ``--sampling_batch_size``).
+Training packs and compiles as the recipe does by default for the device (both on a GPU, neither on a
+CPU; ``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` override).
 Each phase prints its seconds and real (non-padding) tokens per second; the projection scales the
 measured rates to the published corpus (2.12M training stories, 21,990 validation stories used as the
 test set), at this run's mean tokens per story:
@@ -10,9 +12,11 @@ test set), at this run's mean tokens per story:
     minutes = (S * t_train / r_train + S_test * t_train / r_test + S * t_sample / r_sample + w) / 60,
 
 with S the published stories, t_train / t_sample the mean tokens of a training / sampled story here,
-r the tokens per second of each phase and w the sampler's warm-up (one draw of ``--sampling_batch_size``
-stories before the timed one: on a GPU it compiles the decode step and captures its CUDA graphs, a cost
-paid once per generation, not per story). Stand-in stories are not TinyStories stories (their lengths
+r the tokens per second of each phase and w the warm-ups: the sampler's (one draw of
+``--sampling_batch_size`` stories before the timed one: on a GPU it compiles the decode step and captures
+its CUDA graphs, a cost paid once per generation, not per story) and, for a compiled model, training's
+(``train_warmup_seconds``: ``--train_warmup`` steps and test batches of a throwaway model, which compile
+the training and evaluation graphs before the timed fit). Stand-in stories are not TinyStories stories (their lengths
 differ), so the projection is a rough estimate; on a real corpus, pass ``--data.source``-like settings
 through the recipe instead. ``train_mfu`` is the training phase's model FLOPs per second over the
 device's dense bf16 peak, counted as ``mfu_counting`` says (:mod:`benchmarks.mfu`, as in
@@ -40,6 +44,7 @@ import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.lm_training import recipe_defaults  # noqa: E402
 from benchmarks.mfu import counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID  # noqa: E402
@@ -69,8 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stories per sampling call, as the recipe's --sample_batch_size (default: the recipe's for the device)",
     )  # fmt: skip
     p.add_argument("--vocab_size", type=int, default=8000)
-    p.add_argument("--pack", action="store_true", help="train with --model.pack true")
-    p.add_argument("--compile", action="store_true", help="train with --trainer.compile true")
+    yes_no = argparse.BooleanOptionalAction
+    p.add_argument("--pack", action=yes_no, default=None, help="--model.pack (default: the recipe's for the device)")
+    p.add_argument(
+        "--compile", action=yes_no, default=None, help="--trainer.compile (default: the recipe's for the device)"
+    )
+    p.add_argument(
+        "--train_warmup", type=int, default=None,
+        help="training steps (and test batches) of a throwaway model run first, timed apart (default: 10 compiled, 0)",
+    )  # fmt: skip
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     args = p.parse_args(argv)
@@ -80,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sampling_batch_size and --chunk must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
+    args = recipe_defaults(args)
+    if args.train_warmup is None:
+        args.train_warmup = 10 if args.compile else 0
+    if args.train_warmup < 0:
+        p.error("--train_warmup must be >= 0")
     return args
 
 
@@ -107,23 +124,41 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     data.prepare_data()
     data.setup("fit")
-    torch.manual_seed(0)
-    module = CausalLMModule(
-        CausalLMConfig(**{**vars(model_cfg), "max_seq_len": context}),
-        bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID,
-    )  # fmt: skip
+
+    def build() -> CausalLMModule:
+        torch.manual_seed(0)
+        built = CausalLMModule(
+            CausalLMConfig(**{**vars(model_cfg), "max_seq_len": context}),
+            bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID,
+        )  # fmt: skip
+        if args.compile:
+            built.model.compile()  # as the recipe does
+        return built
+
+    def make_trainer(**limits: int) -> pl.Trainer:
+        return pl.Trainer(
+            accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
+            precision=args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true"), gradient_clip_val=1.0,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, **limits,
+        )  # fmt: skip
+
+    # A compiled model compiles its training and its evaluation graphs at their first batches: a cost of the
+    # process (every later generation of a run reuses the code), timed apart on a throwaway model and added
+    # to the projection once, like the sampler's warm-up, not scaled with the stories.
+    train_warmup_s = 0.0
+    if args.train_warmup:
+        spare, spare_trainer = build(), make_trainer(max_steps=args.train_warmup, limit_test_batches=args.train_warmup)
+        train_warmup_s, _ = timed(args.device, lambda: spare_trainer.fit(spare, data.train_dataloader()))
+        test_warmup_s, _ = timed(args.device, lambda: spare_trainer.test(spare, data.test_dataloader(), verbose=False))
+        train_warmup_s += test_warmup_s
+        del spare, spare_trainer
+    module = build()
     on_gpu = args.device == "cuda"
     slots = args.sampling_batch_size or auto_batch_size(module.model.config, context, on_gpu)
     chunk = args.chunk or (GPU_CHUNK_WAVES * slots if on_gpu else CPU_CHUNK)
     module.configure_sampling(SamplingConfig(batch_size=slots), max_len=context)
-    if args.compile:
-        module.model.compile()  # as the recipe does
-    trainer = pl.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
-        precision=args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true"), gradient_clip_val=1.0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = make_trainer()
     train_tokens = int(data.train_dataset.lengths().sum())
     shape = flop_shape(module.model)
     train_flops = training_flops(shape, data.train_dataset.lengths().tolist())
@@ -148,12 +183,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         + PUBLISHED_TEST_STORIES * per_story_train / rates["test"]
         + PUBLISHED_TRAIN_STORIES * per_story_sample / rates["sample"]
         + warmup_s
+        + train_warmup_s
     ) / 60
     result = {
         "context": context,
         "sampling_slots": slots,
         "sampling_chunk": chunk,
         "stories": args.stories,
+        "train_warmup_seconds": train_warmup_s,
         "train_seconds": train_s,
         "train_tokens_per_s": rates["train"],
         "test_seconds": test_s,
@@ -164,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "sample_mean_tokens": per_story_sample,
         "projected_minutes_per_generation_published": projected,
     }
-    print(f"device: {args.device}  preset: {args.preset}  backend: {module_backend(module)}")
+    print(f"device: {args.device}  preset: {args.preset}  backend: {module_backend(module)}  "
+          f"pack: {args.pack}  compile: {args.compile}")  # fmt: skip
     print(f"mfu_counting: {counting_text(shape, peak, source)}")
     for key, value in result.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")

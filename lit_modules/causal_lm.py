@@ -180,10 +180,11 @@ class CausalLMConfig:
     """A local Hugging Face checkpoint directory (with config.json) every generation starts from; None: from scratch."""
     attn_implementation: str = "sdpa"
     """Attention kernel of transformers: one of :data:`ATTN_IMPLEMENTATIONS`."""
-    pack: bool = False
+    pack: bool | None = None
     """Pack the stories of a batch several to a row (first-fit, by decreasing length), each attending only
     to itself (an explicit block-diagonal causal mask, positions restarting at 0): fewer padded tokens, the
-    same loss over the same predicted tokens. Needs ``attn_implementation`` sdpa or eager."""
+    same loss over the same predicted tokens. Needs ``attn_implementation`` sdpa or eager. Default (None):
+    on when the model is on a CUDA device and :func:`packs_by_default` holds for it, off elsewhere."""
     pad_to_multiple: int | None = None
     """Pad each batch's rows to a multiple of this many tokens (at most the context), so a compiled model sees
     a few shapes instead of one per longest story; padding is left out of the loss, so the loss is the same.
@@ -226,9 +227,9 @@ class CausalLMConfig:
             raise ConfigError(
                 f"--model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
             )
-        if not isinstance(self.pack, bool):
-            raise ConfigError(f"--model.pack must be true or false, got {self.pack!r}")
-        if self.pack and self.attn_implementation not in ("sdpa", "eager"):
+        if self.pack is not None and not isinstance(self.pack, bool):
+            raise ConfigError(f"--model.pack must be true, false or None, got {self.pack!r}")
+        if self.pack and self.attn_implementation not in PACK_ATTENTION:
             raise ConfigError(
                 f"--model.pack true needs --model.attn_implementation sdpa or eager (an explicit mask), "
                 f"got {self.attn_implementation!r}"
@@ -274,6 +275,20 @@ def default_context(cfg: CausalLMConfig) -> int:
     if cfg.init_from is None and cfg.preset in PRESET_CONTEXT:
         return PRESET_CONTEXT[cfg.preset]
     return min(PUBLISHED_CONTEXT, position_limit(model_config(cfg)))
+
+
+FAST_TRAINING_MODELS = ("gpt2", "llama")
+"""Model types (``config.model_type``) that a GPU run packs and compiles by default: the presets' layouts,
+whose packed loss the tests compare with the one-story-per-row loss and which were measured compiled on a GPU."""
+PACK_ATTENTION = ("sdpa", "eager")
+"""Values of ``attn_implementation`` that take the explicit block-diagonal mask of packed rows."""
+
+
+def packs_by_default(config: PretrainedConfig, attn_implementation: str, on_gpu: bool) -> bool:
+    """Whether ``--model.pack`` unset means packing: on a GPU, for :data:`FAST_TRAINING_MODELS` with an attention
+    kernel of :data:`PACK_ATTENTION` (other architectures may build their masks otherwise; they pack when asked)."""
+    kind = getattr(config, "model_type", None)
+    return bool(on_gpu and kind in FAST_TRAINING_MODELS and attn_implementation in PACK_ATTENTION)
 
 
 def model_config(
@@ -509,6 +524,13 @@ class CausalLMModule(SamplingModule):
         a new graph step and the loss is copied out of the graphs' memory, which the next replay overwrites."""
 
     @property
+    def packs(self) -> bool:
+        """Whether training batches are packed: ``pack`` if set, else :func:`packs_by_default` on this device."""
+        if self.config.pack is not None:
+            return self.config.pack
+        return packs_by_default(self.model.config, self.config.attn_implementation, self.device.type == "cuda")
+
+    @property
     def num_parameters(self) -> int:
         """Number of unique parameters of the model (tied embeddings counted once)."""
         return count_parameters(self.model)
@@ -626,7 +648,7 @@ class CausalLMModule(SamplingModule):
             input_ids = nn.functional.pad(input_ids, (0, extra), value=self.pad_token_id or 0)
             attention_mask = nn.functional.pad(attention_mask, (0, extra), value=0)
             labels = nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
-        if self.config.pack and attention_mask is not None:
+        if self.packs and attention_mask is not None:
             return {**pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0), PREDICTED: n}
         out = {"input_ids": input_ids, "labels": labels, PREDICTED: n}
         if attention_mask is not None:
@@ -761,8 +783,10 @@ class CausalLMModule(SamplingModule):
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
+    "FAST_TRAINING_MODELS",
     "FINAL_LR_RATIO",
     "IGNORE_INDEX",
+    "PACK_ATTENTION",
     "PREDICTED",
     "PRESETS",
     "PRESET_CONTEXT",
@@ -778,6 +802,7 @@ __all__ = [
     "model_config",
     "pack_rows",
     "pack_stories",
+    "packs_by_default",
     "position_limit",
     "story_mask",
 ]

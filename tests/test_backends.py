@@ -98,6 +98,32 @@ def test_native_backend_of_an_unsupported_checkpoint_is_refused(tmp_path):
         resolve(config(tmp_path / "run", "--model.init_from", str(ckpt), "--sampling.backend", "native"))
 
 
+def test_a_gpu_packs_and_compiles_the_preset_layouts_by_default_and_config_records_it(tmp_path, monkeypatch):
+    import recipes.tinystories as recipe
+
+    def fast(*extra: str) -> tuple[bool, bool]:
+        cfg = resolve(config(tmp_path / "run", *extra))
+        recorded = recipe.config_dict(cfg)
+        assert (recorded["model"]["pack"], recorded["trainer"]["compile"]) == (cfg.model.pack, cfg.trainer.compile)
+        return cfg.model.pack, cfg.trainer.compile
+
+    ckpts = {kind: str(checkpoint(tmp_path, kind)) for kind in CHECKPOINTS}
+    assert fast("--model.init_from", ckpts["llama"]) == (False, False)  # a CPU: neither
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve() only asks; nothing runs on a GPU
+    monkeypatch.setattr(recipe, "has_triton", lambda: True)
+    gpu = ("--trainer.accelerator", "auto")
+    expected = {"gpt2": (True, True), "llama": (True, True), "mistral": (False, False), "qwen2": (False, False)}
+    expected["gpt_neox"] = (False, False)  # sampled through generate(), which would call the compiled forward
+    assert {kind: fast(*gpu, "--model.init_from", path) for kind, path in ckpts.items()} == expected
+    assert fast(*gpu) == (True, True)  # the gpt2-2m preset
+    assert fast(*gpu, "--model.init_from", ckpts["llama"], "--sampling.backend", "hf") == (True, False)
+    assert fast(*gpu, "--model.attn_implementation", "flash_attention_2") == (False, True)  # no explicit mask
+    assert fast(*gpu, "--model.pack", "false", "--trainer.compile", "reduce-overhead") == (False, "reduce-overhead")
+    assert fast(*gpu, "--model.init_from", ckpts["qwen2"], "--model.pack", "true") == (True, False)  # when asked
+    monkeypatch.setattr(recipe, "has_triton", lambda: False)
+    assert fast(*gpu) == (True, False)  # torch.compile cannot make GPU kernels without triton
+
+
 def run_recipe(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "MODEL_COLLAPSE_CACHE": str(tmp_path / "c")}
     cmd = [sys.executable, str(RECIPE), "--out_dir", str(tmp_path / "run"), *FLAGS, *flags]

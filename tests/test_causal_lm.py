@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.utils.data import DataLoader
 
 from collapse.errors import ConfigError
@@ -344,6 +345,22 @@ def test_packed_loss_equals_the_one_story_per_row_loss(preset, attention):
     assert n == n_packed == count
     torch.testing.assert_close(loss_packed, loss, atol=1e-5, rtol=1e-5)
     assert float(loss_packed) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_packing_by_default_follows_the_device_and_the_model_layout():
+    from lit_modules.causal_lm import packs_by_default
+
+    llama = CausalLMModule(**TINY, pad_token_id=1)
+    assert llama.config.pack is None and not llama.packs  # unset, on a CPU: one story per row
+    assert "story_ids" not in llama.on_before_batch_transfer(padded_stories([5, 3]), 0)
+    assert CausalLMModule(**TINY, pack=True, pad_token_id=1).packs
+    assert packs_by_default(llama.model.config, "sdpa", on_gpu=True)
+    assert not packs_by_default(llama.model.config, "sdpa", on_gpu=False)
+    assert not packs_by_default(llama.model.config, "flash_attention_2", on_gpu=True)
+    gpt2 = CausalLMModule(preset="gpt2-tiny", vocab_size=64, pad_token_id=1)
+    assert packs_by_default(gpt2.model.config, "eager", on_gpu=True)
+    other = transformers.AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=32, num_attention_heads=4)
+    assert not packs_by_default(other, "sdpa", on_gpu=True)  # packs only when asked
 
 
 def test_packing_needs_an_explicit_mask_kernel():

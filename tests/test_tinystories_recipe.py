@@ -136,6 +136,7 @@ def test_dry_run_prints_the_parameter_count_and_writes_nothing(tmp_path, capsys)
     assert "data read: stories_read 1500" in printed and "train_stories 1000" in printed  # the data was built too
     assert "lightning module: CausalLMModule" in printed
     assert "sampling: 64 stories at once, chunks of 512 stories" in printed  # a CPU's defaults
+    assert "training: pack false, compile false" in printed  # neither on a CPU (runs from before resume as they were)
     main(parse_config(TinyStoriesConfig, ["--out_dir", str(out), "--dry_run", "true", "--model.preset", "gpt2-9m"]))
     assert "parameters: 8890880" in capsys.readouterr().out
     assert not out.exists()
