@@ -177,6 +177,26 @@ def test_trainer_compile_takes_a_mode_and_cuda_graphs_copy_the_loss_out(tmp_path
         tiny(tmp_path / "x", "replace", "--trainer.compile", "fast")
 
 
+@pytest.mark.slow
+def test_the_gpu_defaults_packed_and_compiled_train_and_sample_every_generation(tmp_path):
+    # A GPU run packs and compiles by default; here on a CPU, asked for, through whole generations: the compiled
+    # graphs are made at generation 0 and reused by generation 1's new model; the losses are the eager ones up
+    # to float rounding (packing and compiling change the order of the sums, so the sampled stories differ).
+    from torch._dynamo.utils import counters
+
+    eager = main(tiny(tmp_path / "eager", "accumulate"))
+    graphs = counters["stats"]["unique_graphs"]
+    fast = main(tiny(tmp_path / "fast", "accumulate", "--model.pack", "true", "--trainer.compile", "true"))
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+    assert fast.committed == eager.committed == [0, 1]
+    losses = read_csv(tmp_path / "eager" / "metrics.csv"), read_csv(tmp_path / "fast" / "metrics.csv")
+    for generation in (0, 1):
+        assert losses[1][(generation, "test_loss")] == pytest.approx(losses[0][(generation, "test_loss")], rel=0.01)
+    assert losses[1][(1, "train_synthetic")] == REAL  # generation 1 trained on the sampled stories
+    config = (tmp_path / "fast" / "config.yaml").read_text()
+    assert "pack: true" in config and "compile: true" in config
+
+
 def test_published_presets_use_their_own_context_and_the_laptop_default_a_short_one(tmp_path, capsys):
     from recipes.tinystories import resolve
 
