@@ -161,8 +161,10 @@ class Counter:
             ids = batch["story_ids"].flatten() + 1
             lengths = torch.zeros(ids.numel() + 1, dtype=torch.long, device=ids.device)
             lengths = lengths.scatter_add_(0, ids, torch.ones_like(ids))[1:]
-        else:
+        elif "attention_mask" in batch:
             lengths = batch["attention_mask"].sum(dim=1)  # each story's real length
+        else:  # right-padded rows, sent without a mask: a story's tokens are those with a label
+            lengths = (batch["labels"] != -100).sum(dim=1)
         self.tokens = self.tokens + lengths.sum()
         self.squares = self.squares + (lengths * lengths).sum()
 
@@ -246,7 +248,7 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
                 _sync(args.device)
                 t0 = time.perf_counter()
                 graphs_at_start = compile_stats()[0]
-            batch = module.host_batch(batch)  # as Lightning's on_before_batch_transfer: counted on the host
+            batch = module.on_before_batch_transfer(batch, 0)  # as under Lightning: counted on the host, pinned
             batch = {k: v.to(args.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
                 loss, _ = module.token_loss(batch)

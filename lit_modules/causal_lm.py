@@ -430,6 +430,21 @@ def pack_rows(
     return {"input_ids": ids, "position_ids": pos, "labels": lab, "story_ids": doc}
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of ``attention_mask`` (B, T) is 1s then 0s: each story from position 0, padding after it.
+
+    Reads the tensor: call it on the host, not on a GPU tensor in a step."""
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    return bool(torch.equal(attention_mask != 0, torch.arange(attention_mask.shape[1]) < lengths))
+
+
+def _pinned(value: Any) -> Any:
+    """A CPU tensor in page-locked memory (itself if it already is); anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.is_pinned():
+        return value.pin_memory()
+    return value
+
+
 def story_mask(story_ids: torch.Tensor) -> torch.Tensor:
     """Attention mask (R, 1, T, T) bool of packed rows with ``story_ids`` (R, T) (-1: padding), on their device.
 
@@ -628,15 +643,17 @@ class CausalLMModule(SamplingModule):
         if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
             if batch["input_ids"].device.type == "cpu" and PREDICTED not in batch:
                 ready = self.host_batch(batch)
-                if self.device.type == "cuda" and "story_ids" in ready:  # new tensors: page-locked for the copy
-                    ready = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in ready.items()}
+                if self.device.type == "cuda":  # page-locked, so that the copy is asynchronous: a copy from
+                    # pageable memory would make the host wait for the GPU's queue at every step
+                    ready = {k: _pinned(v) for k, v in ready.items()}
                 return ready
         return batch
 
     def host_batch(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, Any]:
         """``batch`` as :meth:`token_loss` takes it ready-made: its tensors, padded to ``pad_to_multiple``
-        (packed with ``pack``: ``input_ids``, ``position_ids``, ``labels``, ``story_ids``), and
-        ``num_predicted`` (an int)."""
+        (packed with ``pack``: ``input_ids``, ``position_ids``, ``labels``, ``story_ids``; unpacked, without
+        ``attention_mask`` where every row is right-padded, :func:`right_padded`), and ``num_predicted`` (an
+        int)."""
         input_ids, attention_mask, labels = self.prepare_batch(batch)
         n = self.count_predicted(labels)
         multiple = self.config.pad_to_multiple or (64 if self.device.type == "cuda" else 1)
@@ -650,6 +667,11 @@ class CausalLMModule(SamplingModule):
             labels = nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
         if self.packs and attention_mask is not None:
             return {**pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0), PREDICTED: n}
+        if attention_mask is not None and input_ids.device.type == "cpu" and right_padded(attention_mask):
+            # Right padding needs no mask for the loss: the causal mask already keeps every real token from the
+            # padding after it, and padding has no loss. Without a mask, attention runs its causal kernel
+            # (flash attention on a GPU) and transformers does not read the mask back to inspect it.
+            attention_mask = None
         out = {"input_ids": input_ids, "labels": labels, PREDICTED: n}
         if attention_mask is not None:
             out["attention_mask"] = attention_mask
@@ -804,5 +826,6 @@ __all__ = [
     "pack_stories",
     "packs_by_default",
     "position_limit",
+    "right_padded",
     "story_mask",
 ]

@@ -488,6 +488,52 @@ def test_rows_padded_to_a_multiple_give_the_same_loss(pack):
         CausalLMConfig(preset="tiny", pad_to_multiple=0)
 
 
+def test_right_padded_rows_go_without_a_mask_and_keep_their_loss():
+    # Right padding needs no attention mask for the loss (causal attention never reaches the padding after a
+    # story); without one, attention takes its causal kernel and transformers never reads a mask back.
+    from lit_modules.causal_lm import right_padded
+
+    torch.manual_seed(0)
+    module = CausalLMModule(**TINY, pad_token_id=1).eval()
+    batch = padded_stories([17, 3, 9, 12, 5, 2, 20])
+    assert right_padded(batch["attention_mask"])
+    ready = module.host_batch(batch)
+    assert "attention_mask" not in ready and ready[PREDICTED] == 61
+    left = {k: v.flip(1) for k, v in batch.items()}  # the same stories, padded on the left
+    assert not right_padded(left["attention_mask"])
+    assert torch.equal(module.host_batch(left)["attention_mask"], left["attention_mask"])  # kept
+    gap = batch["attention_mask"].clone()
+    gap[0, 3] = 0  # a hole inside a story
+    assert not right_padded(gap)
+    with torch.no_grad():
+        loss, n = module.token_loss(ready)
+        masked = module.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+    assert n == 61
+    torch.testing.assert_close(loss, masked, atol=1e-6, rtol=1e-6)
+
+
+def test_batches_for_a_gpu_are_page_locked_before_the_copy(monkeypatch):
+    # A copy from pageable memory makes the host wait for the GPU's queue; every tensor of a prepared batch
+    # (new ones too: padded, packed) is page-locked first. Simulated: the module believes it is on a GPU.
+    pinned = []
+
+    def pin(self):
+        pinned.append(tuple(self.shape))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: False)
+    for pack in (False, True):
+        pinned.clear()
+        module = CausalLMModule(**TINY, pack=pack, pad_token_id=1)
+        module._device = torch.device("cuda", 0)
+        ready = module.on_before_batch_transfer(padded_stories([17, 3, 9]), 0)
+        assert len(pinned) == sum(isinstance(v, torch.Tensor) for v in ready.values()) >= 2
+        assert ready["input_ids"].shape[1] == 64  # padded to the GPU's multiple
+
+
 def test_under_cuda_graphs_each_forward_starts_a_graph_step_and_the_loss_is_copied_out(monkeypatch):
     torch.manual_seed(0)
     module = CausalLMModule(**TINY, pad_token_id=1).eval()
