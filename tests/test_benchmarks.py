@@ -235,3 +235,23 @@ def test_flag_check_rejects_a_flag_its_parser_does_not_know(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0] == "good: flags ok"
     assert all("flags FAILED" in line for line in lines[1:]) and len(lines) == 4
+
+
+def test_gpu_check_benchmarks_need_no_package_beyond_the_gpu_machines_own(tmp_path):
+    # The GPU machine has torch, lightning, transformers, tokenizers, torchmetrics and torchvision, nothing
+    # downloaded; the benchmarks that gpu_check runs must import and parse their flags without the rest.
+    code = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("jsonargparse", "mlxtend", "rdkit", "wandb", "datasets"):
+            raise ImportError("not on the GPU machine: " + name)
+sys.meta_path.insert(0, Block())
+for name in ("lm_training", "lm_profile", "lm_generation", "tinystories_generation"):
+    module = __import__("benchmarks." + name, fromlist=["parse_args"])
+    module.parse_args(["--device", "cpu"])
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
