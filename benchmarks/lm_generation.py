@@ -217,34 +217,34 @@ def main(argv: list[str] | None = None) -> None:
         ours = sampler.sample(a.stories, gen.manual_seed(a.seed + 2))
         sync(device)
         t_ours = time.perf_counter() - t0
-
+        # The sampler's figures first, flushed: a generate() loop cut short by a time limit leaves them standing.
+        stats = sample_stats(ours)
+        tok_ours = int(ours["lengths"].sum())
+        threads = torch.get_num_threads()
+        print(f"device: {device}, torch threads: {threads}, batch size: {a.batch_size}, stories: {a.stories}")
+        print(f"sampling dtype: {cfg.dtype}, compile: {cfg.compile}, attention: {cfg.attention}")
+        print(
+            f"StorySampler:    {t_ours:8.2f}s  {a.stories / t_ours:8.1f} stories/s  {tok_ours / t_ours:9.0f} tokens/s  "
+            f"mean length {stats['mean_length']:.1f}  finished {stats['finished_fraction']:.3f}"
+        )
+        if sampler.backend == "native":
+            for line in memory_bound_lines(model, sampler, ours["lengths"], t_ours, device, a.bandwidth_tbs):
+                print(line)
+        sys.stdout.flush()
+        if a.skip_generate:
+            return
         t0 = time.perf_counter()
-        if not a.skip_generate:
-            hf_lengths, hf_finished = hf_generate(model, a.stories, a.batch_size, max_len, a.seed + 3, device)
+        hf_lengths, hf_finished = hf_generate(model, a.stories, a.batch_size, max_len, a.seed + 3, device)
         sync(device)
         t_hf = time.perf_counter() - t0
 
-    stats = sample_stats(ours)
-    tok_ours = int(ours["lengths"].sum())
-    threads = torch.get_num_threads()
-    print(f"device: {device}, torch threads: {threads}, batch size: {a.batch_size}, stories: {a.stories}")
-    print(f"sampling dtype: {cfg.dtype}, compile: {cfg.compile}, attention: {cfg.attention}")
+    tok_hf = int(sum(hf_lengths))
     print(
-        f"StorySampler:    {t_ours:8.2f}s  {a.stories / t_ours:8.1f} stories/s  {tok_ours / t_ours:9.0f} tokens/s  "
-        f"mean length {stats['mean_length']:.1f}  finished {stats['finished_fraction']:.3f}"
+        f"HF generate:     {t_hf:8.2f}s  {a.stories / t_hf:8.1f} stories/s  {tok_hf / t_hf:9.0f} tokens/s  "
+        f"mean length {np.mean(hf_lengths):.1f}  finished {np.mean(hf_finished):.3f}"
     )
-    if not a.skip_generate:
-        tok_hf = int(sum(hf_lengths))
-        print(
-            f"HF generate:     {t_hf:8.2f}s  {a.stories / t_hf:8.1f} stories/s  {tok_hf / t_hf:9.0f} tokens/s  "
-            f"mean length {np.mean(hf_lengths):.1f}  finished {np.mean(hf_finished):.3f}"
-        )
-    if sampler.backend == "native":
-        for line in memory_bound_lines(model, sampler, ours["lengths"], t_ours, device, a.bandwidth_tbs):
-            print(line)
-    if not a.skip_generate:
-        speedup = t_hf / t_ours if t_ours > 0 else math.inf
-        print(f"speedup_vs_hf_generate: {speedup:.2f}")
+    speedup = t_hf / t_ours if t_ours > 0 else math.inf
+    print(f"speedup_vs_hf_generate: {speedup:.2f}")
 
 
 def memory_bound_lines(

@@ -143,6 +143,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             num_sanity_val_steps=0, **limits,
         )  # fmt: skip
 
+    module = build()
+    on_gpu = args.device == "cuda"
+    slots = args.sampling_batch_size or auto_batch_size(module.model.config, context, on_gpu)
+    chunk = args.chunk or (GPU_CHUNK_WAVES * slots if on_gpu else CPU_CHUNK)
+    module.configure_sampling(SamplingConfig(batch_size=slots), max_len=context)
+    train_tokens = int(data.train_dataset.lengths().sum())
+    shape = flop_shape(module.model)
+    train_flops = training_flops(shape, data.train_dataset.lengths().tolist())
+    peak, source = resolve_peak(args.device, args.peak_tflops)
+    test_tokens = int(data.test_dataset.lengths().sum())
+    print(f"device: {args.device}  preset: {args.preset}  backend: {module_backend(module)}  "
+          f"pack: {args.pack}  compile: {args.compile}")  # fmt: skip
+    print(f"mfu_counting: {counting_text(shape, peak, source)}")
+    result: dict[str, float | int] = {}
+
+    def emit(key: str, value: float | int) -> None:
+        """Print one result as soon as it is known (a run cut short by a time limit keeps the phases it finished)."""
+        result[key] = value
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
+
+    for key, value in (("context", context), ("sampling_slots", slots), ("sampling_chunk", chunk)):
+        emit(key, value)
+    emit("stories", args.stories)
+
     # A compiled model compiles its training and its evaluation graphs at their first batches: a cost of the
     # process (every later generation of a run reuses the code), timed apart on a throwaway model and added
     # to the projection once, like the sampler's warm-up, not scaled with the stories.
@@ -153,61 +177,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         test_warmup_s, _ = timed(args.device, lambda: spare_trainer.test(spare, data.test_dataloader(), verbose=False))
         train_warmup_s += test_warmup_s
         del spare, spare_trainer
-    module = build()
-    on_gpu = args.device == "cuda"
-    slots = args.sampling_batch_size or auto_batch_size(module.model.config, context, on_gpu)
-    chunk = args.chunk or (GPU_CHUNK_WAVES * slots if on_gpu else CPU_CHUNK)
-    module.configure_sampling(SamplingConfig(batch_size=slots), max_len=context)
+    emit("train_warmup_seconds", train_warmup_s)
     trainer = make_trainer()
-    train_tokens = int(data.train_dataset.lengths().sum())
-    shape = flop_shape(module.model)
-    train_flops = training_flops(shape, data.train_dataset.lengths().tolist())
-    peak, source = resolve_peak(args.device, args.peak_tflops)
-    test_tokens = int(data.test_dataset.lengths().sum())
     train_s, _ = timed(args.device, lambda: trainer.fit(module, train_dataloaders=data.train_dataloader()))
+    emit("train_seconds", train_s)
+    emit("train_tokens_per_s", train_tokens / train_s)
+    print(f"train_mfu: {mfu_text(train_flops / train_s, peak)}", flush=True)
     test_s, _ = timed(args.device, lambda: trainer.test(module, dataloaders=data.test_dataloader(), verbose=False))
+    emit("test_seconds", test_s)
+    emit("test_tokens_per_s", test_tokens / test_s)
     module.to("cuda" if args.device == "cuda" else "cpu")
     gen = torch.Generator(device="cuda" if args.device == "cuda" else "cpu").manual_seed(0)
     warmup_s, _ = timed(args.device, lambda: module.sample(min(slots, args.stories), gen))
+    emit("sample_warmup_seconds", warmup_s)
     sample_s, lengths = timed(args.device, lambda: sample_in_chunks(module, args.stories, chunk, gen))
     sample_tokens = int(lengths.sum())
-    rates = {
-        "train": train_tokens / train_s,
-        "test": test_tokens / test_s,
-        "sample": sample_tokens / sample_s,
-    }
+    emit("sample_seconds", sample_s)
+    emit("sample_tokens_per_s", sample_tokens / sample_s)
     per_story_train = train_tokens / args.stories
     per_story_sample = sample_tokens / args.stories
+    emit("sample_mean_tokens", per_story_sample)
     projected = (
-        PUBLISHED_TRAIN_STORIES * per_story_train / rates["train"]
-        + PUBLISHED_TEST_STORIES * per_story_train / rates["test"]
-        + PUBLISHED_TRAIN_STORIES * per_story_sample / rates["sample"]
+        PUBLISHED_TRAIN_STORIES * per_story_train / result["train_tokens_per_s"]
+        + PUBLISHED_TEST_STORIES * per_story_train / result["test_tokens_per_s"]
+        + PUBLISHED_TRAIN_STORIES * per_story_sample / result["sample_tokens_per_s"]
         + warmup_s
         + train_warmup_s
     ) / 60
-    result = {
-        "context": context,
-        "sampling_slots": slots,
-        "sampling_chunk": chunk,
-        "stories": args.stories,
-        "train_warmup_seconds": train_warmup_s,
-        "train_seconds": train_s,
-        "train_tokens_per_s": rates["train"],
-        "test_seconds": test_s,
-        "test_tokens_per_s": rates["test"],
-        "sample_warmup_seconds": warmup_s,
-        "sample_seconds": sample_s,
-        "sample_tokens_per_s": rates["sample"],
-        "sample_mean_tokens": per_story_sample,
-        "projected_minutes_per_generation_published": projected,
-    }
-    print(f"device: {args.device}  preset: {args.preset}  backend: {module_backend(module)}  "
-          f"pack: {args.pack}  compile: {args.compile}")  # fmt: skip
-    print(f"mfu_counting: {counting_text(shape, peak, source)}")
-    for key, value in result.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-        if key == "train_tokens_per_s":
-            print(f"train_mfu: {mfu_text(train_flops / train_s, peak)}")
+    emit("projected_minutes_per_generation_published", projected)
     return result
 
 

@@ -255,3 +255,23 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_generation_benchmark_prints_the_samplers_figures_before_the_generate_loop(tmp_path):
+    # The sampler's lines come first and are flushed, so a generate() loop cut short by a time limit (as in
+    # gpu_check) leaves them in the log; the comparison is the last line.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "lm_generation.py"), "--preset", "gpt2-tiny", "--stories", "6"]
+    cmd += ["--batch_size", "3", "--train_steps", "2", "--train_batch", "2", "--corpus", "40", "--vocab", "300"]
+    cmd += ["--max_len", "24"]
+    for extra in ([], ["--skip_generate"]):
+        proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.strip().splitlines()
+        ours = next(i for i, line in enumerate(lines) if line.startswith("StorySampler:"))
+        assert lines[ours + 1].startswith("decode: ") and lines[ours + 2].startswith("kv_read_efficiency: ")
+        theirs = [i for i, line in enumerate(lines) if line.startswith("HF generate:")]
+        if extra:
+            assert not theirs and not any(line.startswith("speedup_vs_hf_generate") for line in lines)
+        else:
+            assert theirs[0] > ours + 2 and lines[-1].startswith("speedup_vs_hf_generate: ")
