@@ -100,7 +100,7 @@ step() {
     echo "$name: $status  $(secs $(($(usec) - t0)))s, longest silence ${silence}s | $found" | tee -a "$SUMMARY"
 }
 
-TRAIN_KEYS='^best:|_mfu:|^lightning_vs_plain_loop:'
+TRAIN_KEYS='^(plain loop|lightning) run|^best:|_mfu:|^lightning_vs_plain_loop:'
 SAMPLE_KEYS='^StorySampler:|^speedup_vs_hf_generate:|^warm-up:|^kv_read_efficiency:|^memory_bound_fraction:'
 COMPILE_KEYS='compiles:'
 PROFILE_KEYS='^(train|sample)_(wall_ms|device_busy|time_by_kind|library_share|kernels|syncs):|^sample:'

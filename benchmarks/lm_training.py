@@ -283,10 +283,10 @@ def main(argv: list[str] | None = None) -> float:
     with torch.device("meta"):  # the architecture only: no memory, no weights
         shape = flop_shape(make_module(args, data.tokenizer.get_vocab_size(), compile_model=False).model)
     plain, lightning = [], []  # (tokens/s, FLOPs/s) of each run
-    for _ in range(args.repeats):
-        plain.append(run_plain(args, data, precision))
-        lightning.append(run_lightning(args, data, precision))
-        print(f"plain loop: {plain[-1][0]:.0f} tokens/s   lightning: {lightning[-1][0]:.0f} tokens/s", flush=True)
+    for run in range(1, args.repeats + 1):  # each run's figures printed at once: a cut-short benchmark keeps them
+        for name, runner, runs in (("plain loop", run_plain, plain), ("lightning", run_lightning, lightning)):
+            runs.append(runner(args, data, precision))
+            print(f"{name} run {run}: {runs[-1][0]:.0f} tokens/s, mfu {mfu_text(runs[-1][1], peak)}", flush=True)
     best_plain, best_lightning = max(plain), max(lightning)  # the runs with the most tokens/s
     ratio = best_lightning[0] / best_plain[0]
     print(f"best: plain {best_plain[0]:.0f} tokens/s, lightning {best_lightning[0]:.0f} tokens/s")

@@ -152,6 +152,9 @@ def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(
     assert "peak: 1 TFLOP/s dense bf16 (--peak_tflops)" in values["mfu_counting"]
     assert 0 < float(values["plain_loop_mfu"]) < 1 and 0 < float(values["lightning_mfu"]) < 1
     assert lines[-1].startswith("lightning_vs_plain_loop: ") and float(values["lightning_vs_plain_loop"]) > 0
+    runs = [line for line in lines if " run 1: " in line]  # each path's run, printed as soon as it ends
+    assert [line.split(" run ")[0] for line in runs] == ["plain loop", "lightning"]
+    assert all(" tokens/s, mfu 0." in line for line in runs)
 
 
 def test_compile_statistics_count_graphs_and_breaks_and_are_printed_with_compile(capsys):
