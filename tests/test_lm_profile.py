@@ -98,7 +98,8 @@ def test_the_profile_of_a_cpu_run_has_every_line_and_its_shares_add_up(tmp_path)
         assert values[f"{phase}_device_busy"] == "n/a (cpu)"
         shares = dict(part.rsplit(" ", 1) for part in values[f"{phase}_time_by_kind"].split(" | "))
         assert set(shares) == {"attention", "matmul", "optimizer", "copy", "other"}
-        assert sum(float(v.rstrip("%")) for v in shares.values()) == pytest.approx(100, abs=0.1)
+        # Five shares, each rounded to 0.1%: their sum is 100 to within 5 x 0.05.
+        assert sum(float(v.rstrip("%")) for v in shares.values()) == pytest.approx(100, abs=0.25 + 1e-9)
         assert float(shares["matmul"].rstrip("%")) > 0
         assert 0 < float(values[f"{phase}_library_share"].split()[0]) < 1
         assert float(values[f"{phase}_kernels"].split()[0]) > 0
