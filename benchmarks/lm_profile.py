@@ -239,9 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--samples must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    if args.compile_mode is not None and args.compile is False:
-        p.error("--compile_mode needs --compile")
-    return recipe_defaults(args)
+    return recipe_defaults(p, args)
 
 
 def report(phase: str, b: Breakdown, plain_ms: float, per: float, unit: str, top: int) -> None:

@@ -62,15 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=256)
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     add_training_flags(p, "both paths ")
-    args = p.parse_args(argv)
-    if args.compile_mode is not None and args.compile is False:
-        p.error("--compile_mode needs --compile")
-    return recipe_defaults(args)
+    return recipe_defaults(p, p.parse_args(argv))
 
 
-def add_training_flags(p: argparse.ArgumentParser, who: str = "") -> None:
+def add_training_flags(p: argparse.ArgumentParser, who: str = "", modes: bool = True) -> None:
     """``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` (unset: the recipe's defaults for the device,
-    :func:`recipe_defaults`) and ``--compile_mode``."""
+    :func:`recipe_defaults`) and, with ``modes``, ``--compile_mode``."""
     yes_no = argparse.BooleanOptionalAction
     p.add_argument(
         "--pack", action=yes_no, default=None,
@@ -80,16 +77,20 @@ def add_training_flags(p: argparse.ArgumentParser, who: str = "") -> None:
         "--compile", action=yes_no, default=None,
         help=f"{who}torch.compile the model (--trainer.compile); default: the recipe's for the device",
     )  # fmt: skip
-    p.add_argument(
-        "--compile_mode", default=None, choices=COMPILE_MODES,
-        help="torch.compile mode (implies --compile; default: torch's); reduce-overhead replays CUDA graphs",
-    )  # fmt: skip
+    if modes:
+        p.add_argument(
+            "--compile_mode", default=None, choices=COMPILE_MODES,
+            help="torch.compile mode (implies --compile; default: torch's); reduce-overhead replays CUDA graphs",
+        )  # fmt: skip
 
 
-def recipe_defaults(args: argparse.Namespace) -> argparse.Namespace:
+def recipe_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with ``pack`` and ``compile`` left unset filled as the recipe fills ``--model.pack`` and
     ``--trainer.compile`` for this device and preset (:func:`recipes.tinystories.fast_training`): on a GPU
-    both, on a CPU neither. A ``--compile_mode`` implies compiling."""
+    both, on a CPU neither. A ``--compile_mode`` implies compiling; with ``--no-compile`` it is an error of ``p``."""
+    mode = getattr(args, "compile_mode", None)
+    if mode is not None and args.compile is False:
+        p.error("--compile_mode needs --compile")
     from transformers import AutoConfig
 
     from lit_modules.causal_lm import PRESETS
@@ -100,7 +101,7 @@ def recipe_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.pack is None:
         args.pack = pack
     if args.compile is None:
-        args.compile = compiled or getattr(args, "compile_mode", None) is not None
+        args.compile = compiled or mode is not None
     return args
 
 

@@ -44,7 +44,7 @@ import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.lm_training import recipe_defaults  # noqa: E402
+from benchmarks.lm_training import add_training_flags, recipe_defaults  # noqa: E402
 from benchmarks.mfu import counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID  # noqa: E402
@@ -74,11 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stories per sampling call, as the recipe's --sample_batch_size (default: the recipe's for the device)",
     )  # fmt: skip
     p.add_argument("--vocab_size", type=int, default=8000)
-    yes_no = argparse.BooleanOptionalAction
-    p.add_argument("--pack", action=yes_no, default=None, help="--model.pack (default: the recipe's for the device)")
-    p.add_argument(
-        "--compile", action=yes_no, default=None, help="--trainer.compile (default: the recipe's for the device)"
-    )
+    add_training_flags(p, modes=False)
     p.add_argument(
         "--train_warmup", type=int, default=None,
         help="training steps (and test batches) of a throwaway model run first, timed apart (default: 10 compiled, 0)",
@@ -92,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sampling_batch_size and --chunk must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    args = recipe_defaults(args)
+    args = recipe_defaults(p, args)
     if args.train_warmup is None:
         args.train_warmup = 10 if args.compile else 0
     if args.train_warmup < 0:
