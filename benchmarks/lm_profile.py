@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     retain_freed_memory()
     on_gpu = args.device == "cuda"
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
-    print(f"device: {args.device} ({name})  preset: {args.preset}  pack: {args.pack}  compile: {args.compile}")
+    print(
+        f"device: {args.device} ({name})  preset: {args.preset}  pack: {args.pack}  compile: {args.compile}  "
+        f"attention: {args.attn_implementation}"
+    )
     module = profile_training(args, on_gpu)
     if args.samples:
         profile_sampling(args, module, on_gpu)

@@ -10,7 +10,8 @@ the module's ``on_before_batch_transfer`` does, so the two differ only in the tr
 Tokens and FLOPs are summed on the device and read back once per run, so the timing itself adds no
 per-step wait for the GPU. Both paths pack and compile as the recipe does by default for the device
 (``--model.pack`` and ``--trainer.compile``: both on a GPU, neither on a CPU); ``--pack`` / ``--no-pack``
-and ``--compile`` / ``--no-compile`` override, and the settings are printed.
+and ``--compile`` / ``--no-compile`` override, ``--attn_implementation`` picks the attention kernel (sdpa;
+flex_attention gives packed rows a block-sparse mask), and the settings are printed.
 
 Throughput is real (non-padding) tokens per second over the steps after ``--warmup`` (so start-up
 and the first, slower steps do not count), best of ``--repeats`` alternating runs of each. Each path's
@@ -45,7 +46,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from benchmarks.mfu import FlopShape, counting_text, flop_shape, flops_of_sums, mfu_text, resolve_peak  # noqa: E402
 from collapse.hardware import retain_freed_memory  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
-from lit_modules.causal_lm import CausalLMConfig, CausalLMModule  # noqa: E402
+from lit_modules.causal_lm import PACK_ATTENTION, CausalLMConfig, CausalLMModule  # noqa: E402
 from recipes.tinystories import COMPILE_MODES  # noqa: E402  (the modes of --trainer.compile)
 
 
@@ -77,6 +78,11 @@ def add_training_flags(p: argparse.ArgumentParser, who: str = "", modes: bool = 
         "--compile", action=yes_no, default=None,
         help=f"{who}torch.compile the model (--trainer.compile); default: the recipe's for the device",
     )  # fmt: skip
+    p.add_argument(
+        "--attn_implementation", default="sdpa", choices=PACK_ATTENTION,
+        help=f"{who}attention kernel (--model.attn_implementation); flex_attention: packed rows with a block-sparse "
+        "mask (a GPU, a Llama model)",
+    )  # fmt: skip
     if modes:
         p.add_argument(
             "--compile_mode", default=None, choices=COMPILE_MODES,
@@ -97,7 +103,7 @@ def recipe_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     from recipes.tinystories import fast_training
 
     config = AutoConfig.for_model(**PRESETS[args.preset])
-    pack, compiled = fast_training(config, "sdpa", str(args.device).startswith("cuda"), "native")
+    pack, compiled = fast_training(config, args.attn_implementation, str(args.device).startswith("cuda"), "native")
     if args.pack is None:
         args.pack = pack
     if args.compile is None:
@@ -133,8 +139,9 @@ def make_module(args: argparse.Namespace, vocab_size: int, compile_model: bool =
     """The same model for both paths (seed 0), packing and compiled as the flags say (as the recipe does it)."""
     torch.manual_seed(0)
     cfg = CausalLMConfig(
-        preset=args.preset, vocab_size=vocab_size, max_seq_len=args.max_seq_len, warmup_steps=10, pack=args.pack
-    )
+        preset=args.preset, vocab_size=vocab_size, max_seq_len=args.max_seq_len, warmup_steps=10, pack=args.pack,
+        attn_implementation=args.attn_implementation,
+    )  # fmt: skip
     module = CausalLMModule(cfg, bos_token_id=0, eos_token_id=0, pad_token_id=1)
     if args.compile and compile_model:
         mode = getattr(args, "compile_mode", None)
@@ -278,7 +285,8 @@ def main(argv: list[str] | None = None) -> float:
     batches = math.ceil(len(data.train_dataset) / args.batch_size)
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'})")
     print(f"torch threads: {torch.get_num_threads()}, precision: {precision}, preset: {args.preset}, "
-          f"pack: {args.pack}, compile: {args.compile} ({args.compile_mode or 'default'} mode)")  # fmt: skip
+          f"pack: {args.pack}, compile: {args.compile} ({args.compile_mode or 'default'} mode), "
+          f"attention: {args.attn_implementation}")  # fmt: skip
     print(f"data: {len(data.train_dataset)} stories, {batches} batches of {args.batch_size} per epoch")
     peak, source = resolve_peak(args.device, args.peak_tflops)
     with torch.device("meta"):  # the architecture only: no memory, no weights

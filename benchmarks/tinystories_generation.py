@@ -4,7 +4,7 @@ One generation of the recipe, on ``--stories`` stand-in stories at the preset's 
 epoch (the published setting), evaluate on the test stories, then sample as many stories as were trained
 on, in the recipe's chunks and at its concurrency for the device (``--chunk``, ``--sampling_batch_size``).
 Training packs and compiles as the recipe does by default for the device (both on a GPU, neither on a
-CPU; ``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` override).
+CPU; ``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` and ``--attn_implementation`` override).
 Each phase prints its seconds and real (non-padding) tokens per second; the projection scales the
 measured rates to the published corpus (2.12M training stories, 21,990 validation stories used as the
 test set), at this run's mean tokens per story:
@@ -111,7 +111,9 @@ def timed(device: str, fn) -> tuple[float, object]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    model_cfg = CausalLMConfig(preset=args.preset, vocab_size=args.vocab_size, pack=args.pack)
+    model_cfg = CausalLMConfig(
+        preset=args.preset, vocab_size=args.vocab_size, pack=args.pack, attn_implementation=args.attn_implementation
+    )
     context = default_context(model_cfg)
     test = args.test_stories or max(8, args.stories // 4)
     data = TinyStoriesDataModule(
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     peak, source = resolve_peak(args.device, args.peak_tflops)
     test_tokens = int(data.test_dataset.lengths().sum())
     print(f"device: {args.device}  preset: {args.preset}  backend: {module_backend(module)}  "
-          f"pack: {args.pack}  compile: {args.compile}")  # fmt: skip
+          f"pack: {args.pack}  compile: {args.compile}  attention: {args.attn_implementation}")  # fmt: skip
     print(f"mfu_counting: {counting_text(shape, peak, source)}")
     result: dict[str, float | int] = {}
 

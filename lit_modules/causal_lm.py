@@ -231,7 +231,8 @@ class CausalLMConfig:
             raise ConfigError(f"--model.pack must be true, false or None, got {self.pack!r}")
         if self.pack and self.attn_implementation not in PACK_ATTENTION:
             raise ConfigError(
-                f"--model.pack true needs --model.attn_implementation sdpa or eager (an explicit mask), "
+                f"--model.pack true needs --model.attn_implementation sdpa, eager or flex_attention (a mask of "
+                f"each story's own tokens), "
                 f"got {self.attn_implementation!r}"
             )
         if self.pad_to_multiple is not None and not _is_positive_int(self.pad_to_multiple):
@@ -280,8 +281,10 @@ def default_context(cfg: CausalLMConfig) -> int:
 FAST_TRAINING_MODELS = ("gpt2", "llama")
 """Model types (``config.model_type``) that a GPU run packs and compiles by default: the presets' layouts,
 whose packed loss the tests compare with the one-story-per-row loss and which were measured compiled on a GPU."""
-PACK_ATTENTION = ("sdpa", "eager")
-"""Values of ``attn_implementation`` that take the explicit block-diagonal mask of packed rows."""
+PACK_ATTENTION = ("sdpa", "eager", "flex_attention")
+"""Values of ``attn_implementation`` that take the block-diagonal mask of packed rows: dense, (R, 1, T, T)
+(:func:`story_mask`: sdpa, eager), or block-sparse (:func:`story_block_mask`: flex_attention, which skips the
+blocks of keys outside each story instead of computing and masking them)."""
 
 
 def packs_by_default(config: PretrainedConfig, attn_implementation: str, on_gpu: bool) -> bool:
@@ -289,6 +292,33 @@ def packs_by_default(config: PretrainedConfig, attn_implementation: str, on_gpu:
     kernel of :data:`PACK_ATTENTION` (other architectures may build their masks otherwise; they pack when asked)."""
     kind = getattr(config, "model_type", None)
     return bool(on_gpu and kind in FAST_TRAINING_MODELS and attn_implementation in PACK_ATTENTION)
+
+
+def check_attention(cfg: CausalLMConfig, config: PretrainedConfig, on_gpu: bool) -> None:
+    """Refuse, before anything is trained, an ``attn_implementation`` that this model or machine cannot train with.
+
+    Flex attention has no backward on a CPU and no attention dropout; the flash-attention kernels run only on a
+    GPU. Then the model class must offer the kernel and its package must be installed: transformers' own checks,
+    on the architecture built on the meta device (nothing allocated). ``config``: the model's transformers
+    config (:func:`model_config`). Raises :class:`ConfigError`.
+    """
+    name = cfg.attn_implementation
+    flag = f"--model.attn_implementation {name}"
+    if name == "flex_attention" and not on_gpu:
+        raise ConfigError(f"{flag} trains only on a GPU (torch has no flex attention backward on a CPU); use sdpa")
+    if name.startswith("flash_attention") and not on_gpu:
+        raise ConfigError(f"{flag} runs only on a GPU; use sdpa")
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config, attn_implementation=name)
+    except (ValueError, ImportError) as exc:  # transformers: unsupported by the class, or the package is missing
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = reason.split(". Please")[0].rstrip(".")  # drop the advice to file an issue with transformers
+        raise ConfigError(f"{flag}: {reason}") from None
+    if name == "flex_attention":
+        dropout = max(float(getattr(config, key, 0.0) or 0.0) for key in ("attention_dropout", "attn_pdrop"))
+        if dropout > 0:
+            raise ConfigError(f"{flag} has no attention dropout, and this model's is {dropout}; use sdpa")
 
 
 def model_config(
@@ -457,6 +487,23 @@ def story_mask(story_ids: torch.Tensor) -> torch.Tensor:
     same = (story_ids[:, :, None] == story_ids[:, None, :]) & (story_ids[:, :, None] >= 0)
     mask = (causal & same) | torch.eye(width, dtype=torch.bool, device=story_ids.device)[None]
     return mask[:, None]
+
+
+def story_block_mask(story_ids: torch.Tensor) -> Any:
+    """The mask of :func:`story_mask` as a FlexAttention ``BlockMask`` of packed rows with ``story_ids`` (R, T).
+
+    Block-sparse: flex attention visits only the blocks (128 x 128 positions) that hold a pair of one story's
+    tokens, so a row of many short stories costs about the sum of the stories' squares, not T squared. Built
+    on the stories' device by torch's ``create_block_mask``, once per batch and shared by every layer.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_story(b: Any, h: Any, q: Any, k: Any) -> Any:
+        story = story_ids[b, q]
+        return ((story == story_ids[b, k]) & (q >= k) & (story >= 0)) | (q == k)
+
+    rows, width = story_ids.shape
+    return create_block_mask(same_story, rows, None, width, width, device=story_ids.device)
 
 
 def pack_stories(
@@ -705,6 +752,11 @@ class CausalLMModule(SamplingModule):
     def _packed_forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, story_ids: torch.Tensor
     ) -> Any:
+        if self.config.attn_implementation == "flex_attention":
+            mask = story_block_mask(story_ids)
+            return self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, labels=labels, use_cache=False
+            )
         mask = story_mask(story_ids)
         if self.config.attn_implementation == "eager":  # eager adds the mask to the scores
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -817,6 +869,7 @@ __all__ = [
     "CausalLMConfig",
     "CausalLMModule",
     "build_model",
+    "check_attention",
     "count_parameters",
     "default_context",
     "describe",
@@ -827,5 +880,6 @@ __all__ = [
     "packs_by_default",
     "position_limit",
     "right_padded",
+    "story_block_mask",
     "story_mask",
 ]

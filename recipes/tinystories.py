@@ -54,6 +54,7 @@ from lit_modules.causal_lm import (
     FAST_TRAINING_MODELS,
     CausalLMConfig,
     CausalLMModule,
+    check_attention,
     default_context,
     describe,
     model_config,
@@ -260,6 +261,7 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
         chunk = GPU_CHUNK_WAVES * sampling.batch_size if on_gpu else CPU_CHUNK
     # Packing and compiling follow the device type and the model's layout; config.yaml records the outcome.
     hf_config = model_config(model)  # a checkpoint's position limit bounds the context
+    check_attention(model, hf_config, on_gpu)
     pack, compiled = fast_training(hf_config, model.attn_implementation, on_gpu, backend)
     if model.pack is None:
         model = dataclasses.replace(model, pack=pack)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -117,7 +118,16 @@ def test_a_gpu_packs_and_compiles_the_preset_layouts_by_default_and_config_recor
     assert {kind: fast(*gpu, "--model.init_from", path) for kind, path in ckpts.items()} == expected
     assert fast(*gpu) == (True, True)  # the gpt2-2m preset
     assert fast(*gpu, "--model.init_from", ckpts["llama"], "--sampling.backend", "hf") == (True, False)
-    assert fast(*gpu, "--model.attn_implementation", "flash_attention_2") == (False, True)  # no explicit mask
+    flex = ("--model.attn_implementation", "flex_attention")
+    assert fast(*gpu, "--model.init_from", ckpts["llama"], *flex) == (True, True)  # a block-sparse mask
+    with pytest.raises(ConfigError, match="flex_attention: GPT2LMHeadModel does not support"):
+        fast(*gpu, *flex)  # refused before anything is trained
+    flash = ("--model.attn_implementation", "flash_attention_2")
+    if importlib.util.find_spec("flash_attn") is None:  # the packages these tests install have none
+        with pytest.raises(ConfigError, match="flash_attention_2: FlashAttention2 has been toggled on"):
+            fast(*gpu, *flash)
+    else:
+        assert fast(*gpu, *flash) == (False, True)  # no mask of each story's own tokens: no packing
     assert fast(*gpu, "--model.pack", "false", "--trainer.compile", "reduce-overhead") == (False, "reduce-overhead")
     assert fast(*gpu, "--model.init_from", ckpts["qwen2"], "--model.pack", "true") == (True, False)  # when asked
     monkeypatch.setattr(recipe, "has_triton", lambda: False)

@@ -106,3 +106,12 @@ def test_an_unusable_out_dir_is_one_line(recipe, where, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: --out_dir") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize(
+    "kernel,message",
+    [("flex_attention", "flex_attention trains only on a GPU"), ("flash_attention_2", "flash_attention_2 runs only")],
+)
+def test_an_attention_kernel_this_machine_cannot_train_with_is_one_line(kernel, message, tmp_path, capsys):
+    argv = ["--model.attn_implementation", kernel, "--trainer.accelerator", "cpu"]
+    assert message in refused("tinystories", argv, tmp_path, capsys)

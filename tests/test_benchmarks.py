@@ -202,6 +202,9 @@ def test_training_benchmarks_pack_and_compile_as_the_recipe_does_by_default(monk
     assert settings(cpu) == (False, False) and cpu.train_warmup == 0
     compiled = generation_args(["--device", "cpu", "--compile"])
     assert compiled.compile and compiled.train_warmup == 10  # the compilation is timed apart
+    flex = parse_args(["--device", "cuda", "--preset", "llama2-42m", "--attn_implementation", "flex_attention"])
+    assert settings(flex) == (True, True) and flex.attn_implementation == "flex_attention"  # packs, block-sparse
+    assert parse_args(["--device", "cpu"]).attn_implementation == "sdpa"
     monkeypatch.setattr(recipe, "has_triton", lambda: False)
     assert settings(parse_args(["--device", "cuda"])) == (True, False)
 
@@ -219,9 +222,9 @@ def test_gpu_check_command_lines_parse(tmp_path):
     names = {line.split(":")[0] for line in checked}
     assert {"train_llama2-42m", "train_llama2-42m_pack_compile", "train_llama2-42m_cudagraphs"} <= names
     assert {"profile_llama2-42m_pack_compile", "sample_gpt2-9m", "sample_llama2-126m", "generation_gpt2-9m"} <= names
-    assert {"sample_gpt2-9m_flex", "train_llama2-126m"} <= names
-    assert len(checked) == 9
-    assert "timeouts add up to 560s" in proc.stdout
+    assert {"sample_gpt2-9m_flex", "train_llama2-126m", "train_llama2-42m_flex"} <= names
+    assert len(checked) == 10
+    assert "timeouts add up to 600s" in proc.stdout
 
 
 def test_flag_check_rejects_a_flag_its_parser_does_not_know(tmp_path):

@@ -323,13 +323,16 @@ def test_packed_rows_keep_each_story_to_itself():
     assert packed["attention_mask"][2, 0, 5].tolist() == [False] * 5 + [True]  # padding sees only itself
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gpt2-tiny"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "preset,attention",
+    [("tiny", "sdpa"), ("tiny", "eager"), ("gpt2-tiny", "sdpa"), ("gpt2-tiny", "eager"), ("tiny", "flex_attention")],
+)
 def test_packed_loss_equals_the_one_story_per_row_loss(preset, attention):
+    # flex_attention: the block-sparse mask (forward only here: torch has no flex backward on a CPU).
     torch.manual_seed(0)
-    cfg = {"preset": preset, "vocab_size": 64, "attn_implementation": attention}
+    cfg = {"preset": preset, "vocab_size": 64}
     plain = CausalLMModule(**cfg, pad_token_id=1).eval()  # eval: GPT-2's dropout off
-    packed = CausalLMModule(**cfg, pack=True, pad_token_id=1).eval()
+    packed = CausalLMModule(**cfg, attn_implementation=attention, pack=True, pad_token_id=1).eval()
     packed.load_state_dict(plain.state_dict())
     batch = padded_stories([17, 3, 9, 12, 5, 2, 20])
     with torch.no_grad():
@@ -364,8 +367,32 @@ def test_packing_by_default_follows_the_device_and_the_model_layout():
 
 
 def test_packing_needs_an_explicit_mask_kernel():
-    with pytest.raises(ConfigError, match="--model.pack true needs --model.attn_implementation sdpa or eager"):
+    with pytest.raises(ConfigError, match="--model.pack true needs --model.attn_implementation sdpa, eager or flex"):
         CausalLMConfig(preset="tiny", pack=True, attn_implementation="flash_attention_2")
+    assert CausalLMConfig(preset="tiny", pack=True, attn_implementation="flex_attention").pack
+
+
+def test_the_flex_block_mask_is_the_dense_story_mask_and_skips_the_blocks_between_stories():
+    from lit_modules.causal_lm import pack_rows, story_block_mask, story_mask
+
+    # Two rows of 512 positions: stories of 200, 150 and 130 tokens then padding; one of 300 and one of 212.
+    lengths = [200, 150, 130, 300, 212]
+    batch = padded_stories(lengths)
+    batch = {k: F.pad(v, (0, 512 - v.shape[1]), value=1 if k == "input_ids" else 0) for k, v in batch.items()}
+    packed = pack_rows(batch["input_ids"], batch["attention_mask"], batch["labels"], pad_id=1)
+    story_ids = packed["story_ids"]
+    assert story_ids.shape == (2, 512)
+    block = story_block_mask(story_ids)
+    dense = story_mask(story_ids)[:, 0]
+    b, q, k = torch.meshgrid(torch.arange(2), torch.arange(512), torch.arange(512), indexing="ij")
+    from_mod = block.mask_mod(b, torch.zeros_like(b), q, k)  # the exact mask flex applies inside each block
+    assert torch.equal(from_mod, dense)
+    # Block-sparse: each row visits only the 128 x 128 blocks holding a pair of one story's tokens, far fewer
+    # than the 10 blocks of a causal 512-wide row.
+    visited = block.kv_num_blocks + (block.full_kv_num_blocks if block.full_kv_num_blocks is not None else 0)
+    needed = [len({(q // 128, k // 128) for q in range(512) for k in range(q + 1) if dense[r, q, k]}) for r in range(2)]
+    assert visited.sum(dim=-1).flatten().tolist() == needed
+    assert max(needed) < 10
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -573,3 +600,55 @@ def test_the_module_keeps_its_sampler_between_chunks_and_frees_it_when_sampling_
     assert (again["tokens"] == first["tokens"]).all()
     module.configure_sampling(SamplingConfig(batch_size=2))  # new settings: a new sampler
     assert module._sampler is None
+
+
+def test_an_attention_kernel_the_model_or_machine_cannot_train_with_is_refused_before_training():
+    from lit_modules.causal_lm import check_attention, model_config
+
+    def check(on_gpu: bool, **cfg) -> None:
+        config = CausalLMConfig(**{**TINY, **cfg})
+        check_attention(config, model_config(config), on_gpu)
+
+    for name in ("sdpa", "eager"):
+        check(False, attn_implementation=name)
+    check(True, attn_implementation="flex_attention")  # a Llama on a GPU
+    with pytest.raises(ConfigError, match="flex_attention trains only on a GPU"):
+        check(False, attn_implementation="flex_attention")
+    with pytest.raises(ConfigError, match="flex_attention: GPT2LMHeadModel does not support") as gpt2:
+        check(True, preset="gpt2-tiny", attn_implementation="flex_attention")
+    assert "Please" not in str(gpt2.value)  # transformers' advice to file an issue is dropped
+    with pytest.raises(ConfigError, match="flash_attention_2 runs only on a GPU"):
+        check(False, attn_implementation="flash_attention_2")
+
+
+def test_flex_attention_is_refused_for_a_model_with_attention_dropout(tmp_path):
+    from lit_modules.causal_lm import check_attention, model_config
+
+    llama = transformers.AutoConfig.for_model(
+        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        attention_dropout=0.1,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(llama).save_pretrained(tmp_path)
+    config = CausalLMConfig(vocab_size=64, init_from=str(tmp_path), attn_implementation="flex_attention")
+    with pytest.raises(ConfigError, match="has no attention dropout, and this model's is 0.1"):
+        check_attention(config, model_config(config), on_gpu=True)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_takes_flex_block_masks_of_any_shape_and_keeps_the_loss():
+    # The recipe's GPU defaults compile the model; packed rows change shape from batch to batch, and so does
+    # their BlockMask. Forward only (no flex backward on a CPU): same losses as one story per row, and the
+    # second shape gives one shape-generic graph that the later shapes reuse.
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    plain = CausalLMModule(**TINY, pad_token_id=1).eval()
+    flex = CausalLMModule(**TINY, attn_implementation="flex_attention", pack=True, pad_token_id=1).eval()
+    flex.load_state_dict(plain.state_dict())
+    flex.model.compile()
+    graphs = counters["stats"]["unique_graphs"]
+    for lengths in ([17, 3, 9, 12, 5, 2, 20], [30, 4, 7, 9], [25, 25, 25, 1, 2, 3, 40, 11], [50, 8, 8]):
+        batch = padded_stories(lengths)
+        with torch.no_grad():
+            torch.testing.assert_close(flex.token_loss(batch)[0], plain.token_loss(batch)[0], atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
