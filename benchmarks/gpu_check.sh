@@ -102,7 +102,7 @@ step() {
 
 TRAIN_KEYS='^(plain loop|lightning) run|^best:|_mfu:|^lightning_vs_plain_loop:'
 SAMPLE_KEYS='^StorySampler:|^speedup_vs_hf_generate:|^warm-up:|^kv_read_efficiency:|^memory_bound_fraction:'
-COMPILE_KEYS='compiles:'
+COMPILE_KEYS='compiles:|^lightning batches:'
 PROFILE_KEYS='^(train|sample)_(wall_ms|device_busy|time_by_kind|library_share|kernels|syncs):|^sample:'
 GENERATION_KEYS='^(train_warmup_seconds|train_tokens_per_s|train_mfu|test_tokens_per_s|sample_warmup_seconds|sample_tokens_per_s|sample_mean_tokens|projected_minutes_per_generation_published):'
 

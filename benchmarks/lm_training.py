@@ -163,6 +163,8 @@ class Counter:
         self.shape = shape
         self.tokens: torch.Tensor | int = 0
         self.squares: torch.Tensor | int = 0
+        self.shapes: set[tuple[int, ...]] = set()  # (rows, width) of the batches: each new one may compile or
+        self.positions = 0  # record a CUDA graph; positions: rows x width summed (real tokens and padding)
 
     def add(self, batch: dict[str, torch.Tensor]) -> None:
         if "story_ids" in batch:  # packed rows: a story's length is how often its id occurs (-1: padding)
@@ -175,6 +177,14 @@ class Counter:
             lengths = (batch["labels"] != -100).sum(dim=1)
         self.tokens = self.tokens + lengths.sum()
         self.squares = self.squares + (lengths * lengths).sum()
+        self.shapes.add(tuple(batch["input_ids"].shape))
+        self.positions += batch["input_ids"].numel()
+
+    def batch_text(self) -> str:
+        """The batches' distinct shapes and the real tokens' share of the positions computed (after totals)."""
+        shapes = ", ".join(f"{r}x{w}" for r, w in sorted(self.shapes)[:6]) + (", ..." if len(self.shapes) > 6 else "")
+        share = int(self.tokens) / max(self.positions, 1)
+        return f"{len(self.shapes)} shapes (rows x width: {shapes}); real tokens {share:.1%} of the positions"
 
     def totals(self) -> tuple[int, float]:
         """(real tokens, model FLOPs) so far."""
@@ -226,6 +236,7 @@ def run_lightning(args: argparse.Namespace, data: TinyStoriesDataModule, precisi
     trainer.fit(module, train_dataloaders=loader(data, args.batch_size, args.device))
     tokens, flops = timer.counter.totals()
     report_compiles("lightning", timer.graphs_at_start, args)
+    print(f"lightning batches: {timer.counter.batch_text()}")
     return tokens / timer.seconds, flops / timer.seconds
 
 
@@ -274,6 +285,7 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
     seconds = time.perf_counter() - t0
     tokens, flops = counter.totals()
     report_compiles("plain loop", graphs_at_start, args)
+    print(f"plain loop batches: {counter.batch_text()}")
     return tokens / seconds, flops / seconds
 
 

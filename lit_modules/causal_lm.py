@@ -460,6 +460,43 @@ def pack_rows(
     return {"input_ids": ids, "position_ids": pos, "labels": lab, "story_ids": doc}
 
 
+def graph_width(width: int, limit: int, packed: bool) -> int:
+    """Row width of a batch ``width`` tokens wide under CUDA graphs, so that a run records graphs for a few widths,
+    not every multiple of 64; never below ``width`` nor above ``limit`` (the context) unless ``width`` is.
+
+    Packed rows: the next of 128, 256, 512, ... (a wider row holds more stories, so little is wasted). One story
+    per row: the next multiple of 64 up to 256, then four sizes per doubling (320, 384, 448, 512, 640, ...):
+    under a fifth of each row is added padding.
+    """
+    if packed:
+        bucket = 128
+        while bucket < width:
+            bucket *= 2
+    else:
+        step = max(64, 1 << max(0, (width - 1).bit_length() - 3))
+        bucket = -(-width // step) * step
+    return max(width, min(bucket, limit))
+
+
+def graph_rows(rows: int) -> int:
+    """Row count of a packed batch of ``rows`` rows under CUDA graphs: up to 8 as is, then the next of 10, 12, 14,
+    16, 20, 24, 28, 32, 40, ... (four sizes per doubling: under a fifth of the rows are padding, and a run
+    records a graph for a few row counts, not every one)."""
+    if rows <= 8:
+        return max(rows, 1)
+    step = 2 ** ((rows - 1).bit_length() - 3)
+    return -(-rows // step) * step
+
+
+def pad_rows(packed: dict[str, torch.Tensor], rows: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Packed rows (:func:`pack_rows`) with all-padding rows appended up to ``rows``: no story, no loss."""
+    extra = rows - packed["input_ids"].shape[0]
+    if extra <= 0:
+        return packed
+    fill = {"input_ids": pad_id, "position_ids": 0, "labels": IGNORE_INDEX, "story_ids": -1}
+    return {k: nn.functional.pad(v, (0, 0, 0, extra), value=fill[k]) for k, v in packed.items()}
+
+
 def right_padded(attention_mask: torch.Tensor) -> bool:
     """Whether every row of ``attention_mask`` (B, T) is 1s then 0s: each story from position 0, padding after it.
 
@@ -700,11 +737,15 @@ class CausalLMModule(SamplingModule):
         """``batch`` as :meth:`token_loss` takes it ready-made: its tensors, padded to ``pad_to_multiple``
         (packed with ``pack``: ``input_ids``, ``position_ids``, ``labels``, ``story_ids``; unpacked, without
         ``attention_mask`` where every row is right-padded, :func:`right_padded`), and ``num_predicted`` (an
-        int)."""
+        int). Under CUDA graphs (:attr:`cuda_graph_steps`) the width is padded further to :func:`graph_width`
+        and packed rows are added up to :func:`graph_rows`: each new shape would be a new graph recording."""
         input_ids, attention_mask, labels = self.prepare_batch(batch)
         n = self.count_predicted(labels)
         multiple = self.config.pad_to_multiple or (64 if self.device.type == "cuda" else 1)
         width = min(-(-input_ids.shape[1] // multiple) * multiple, self.max_seq_len)
+        graphs = self.cuda_graph_steps  # CUDA graphs record one graph per shape: a few widths and row counts
+        if graphs:
+            width = graph_width(width, self.max_seq_len, self.packs and attention_mask is not None)
         if width > input_ids.shape[1]:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
@@ -713,7 +754,10 @@ class CausalLMModule(SamplingModule):
             attention_mask = nn.functional.pad(attention_mask, (0, extra), value=0)
             labels = nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
         if self.packs and attention_mask is not None:
-            return {**pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0), PREDICTED: n}
+            packed = pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0)
+            if graphs:
+                packed = pad_rows(packed, graph_rows(packed["input_ids"].shape[0]), self.pad_token_id or 0)
+            return {**packed, PREDICTED: n}
         if attention_mask is not None and input_ids.device.type == "cpu" and right_padded(attention_mask):
             # Right padding needs no mask for the loss: the causal mask already keeps every real token from the
             # padding after it, and padding has no loss. Without a mask, attention runs its causal kernel
@@ -873,11 +917,14 @@ __all__ = [
     "count_parameters",
     "default_context",
     "describe",
+    "graph_rows",
+    "graph_width",
     "lr_factor",
     "model_config",
     "pack_rows",
     "pack_stories",
     "packs_by_default",
+    "pad_rows",
     "position_limit",
     "right_padded",
     "story_block_mask",

@@ -155,6 +155,12 @@ def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(
     runs = [line for line in lines if " run 1: " in line]  # each path's run, printed as soon as it ends
     assert [line.split(" run ")[0] for line in runs] == ["plain loop", "lightning"]
     assert all(" tokens/s, mfu 0." in line for line in runs)
+    # Each path's batches: their distinct shapes (3 timed steps: 1 to 3) and the real tokens' share of positions.
+    for path in ("plain loop", "lightning"):
+        text = values[f"{path} batches"]
+        shapes, share = int(text.split(" shapes")[0]), float(text.split("real tokens ")[1].split("%")[0])
+        assert 1 <= shapes <= 3 and 0 < share <= 100
+    assert values["plain loop batches"] == values["lightning batches"]  # the same batches, the same way
 
 
 def test_compile_statistics_count_graphs_and_breaks_and_are_printed_with_compile(capsys):

@@ -652,3 +652,45 @@ def test_a_compiled_model_takes_flex_block_masks_of_any_shape_and_keeps_the_loss
         with torch.no_grad():
             torch.testing.assert_close(flex.token_loss(batch)[0], plain.token_loss(batch)[0], atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_shape_buckets_for_cuda_graphs_by_hand():
+    from lit_modules.causal_lm import graph_rows, graph_width
+
+    assert [graph_rows(r) for r in (1, 7, 8, 9, 11, 16, 17, 21, 33)] == [1, 7, 8, 10, 12, 16, 20, 24, 40]
+    assert all(r <= graph_rows(r) < 1.25 * r for r in range(1, 300))  # under a fifth padding rows
+    assert [graph_width(w, 2048, packed=True) for w in (5, 128, 129, 520, 1500)] == [128, 128, 256, 1024, 2048]
+    assert [graph_width(w, 2048, packed=False) for w in (5, 65, 256, 257, 520, 1030)] == [64, 128, 256, 320, 640, 1280]
+    assert all(w <= graph_width(w, 2048, packed=False) < 1.25 * w for w in range(256, 2049))
+    assert graph_width(300, 320, packed=True) == 320 and graph_width(300, 300, packed=False) == 300  # the context
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_under_cuda_graphs_batches_take_few_shapes_and_the_same_loss(pack, monkeypatch):
+    # Each new input shape is a new CUDA graph recording: under reduce-overhead, rows are widened to a few widths
+    # and packed batches get all-padding rows up to a few row counts; the loss and its count stay the same.
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    torch.manual_seed(0)
+    plain = CausalLMModule(**TINY, pack=pack, pad_token_id=1, max_seq_len=160).eval()
+    graphed = CausalLMModule(**TINY, pack=pack, pad_token_id=1, max_seq_len=160, pad_to_multiple=64).eval()
+    graphed.load_state_dict(plain.state_dict())
+    graphed.cuda_graph_steps = True
+    gen = torch.Generator().manual_seed(5)
+    shapes: dict[bool, set] = {False: set(), True: set()}
+    for i in range(24):
+        lengths = torch.randint(2, 160, (16,), generator=gen).tolist()
+        batch = padded_stories(lengths)
+        for module in (plain, graphed):
+            ready = module.host_batch(batch)
+            shapes[module.cuda_graph_steps].add(tuple(ready["input_ids"].shape))
+        if i < 3:
+            with torch.no_grad():
+                (loss, n), (loss_g, n_g) = plain.token_loss(batch), graphed.token_loss(batch)
+            assert n == n_g
+            torch.testing.assert_close(loss_g, loss, atol=1e-5, rtol=1e-5)
+    assert len(shapes[True]) < len(shapes[False]) / 2
+    rows = {r for r, _ in shapes[True]}
+    widths = {w for _, w in shapes[True]}
+    assert widths <= ({128, 160} if pack else {64, 128, 160})
+    if not pack:
+        assert rows == {16}  # one story per row: the batch size, as it was
