@@ -297,6 +297,15 @@ def test_test_loss_is_the_per_token_mean_over_batches():
     assert result["test_loss"] != pytest.approx(sum(batch_means) / 2, rel=0.05)  # not the mean of batch means
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled flex attention leaves torch.compile's caches marked for other shapes (automatic dynamic shapes):
+    a later compile of flex_attention elsewhere would take a shape-generic CPU kernel that fails to build. Reset."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def padded_stories(lengths: list[int], vocab: int = 64, pad: int = 1) -> dict[str, torch.Tensor]:
     """A right-padded batch of stories of the given lengths (ids >= 2, padding ``pad``), as the data module makes."""
     gen = torch.Generator().manual_seed(sum(lengths))
@@ -327,7 +336,7 @@ def test_packed_rows_keep_each_story_to_itself():
     "preset,attention",
     [("tiny", "sdpa"), ("tiny", "eager"), ("gpt2-tiny", "sdpa"), ("gpt2-tiny", "eager"), ("tiny", "flex_attention")],
 )
-def test_packed_loss_equals_the_one_story_per_row_loss(preset, attention):
+def test_packed_loss_equals_the_one_story_per_row_loss(preset, attention, fresh_dynamo):
     # flex_attention: the block-sparse mask (forward only here: torch has no flex backward on a CPU).
     torch.manual_seed(0)
     cfg = {"preset": preset, "vocab_size": 64}
@@ -635,7 +644,7 @@ def test_flex_attention_is_refused_for_a_model_with_attention_dropout(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_compiled_model_takes_flex_block_masks_of_any_shape_and_keeps_the_loss():
+def test_a_compiled_model_takes_flex_block_masks_of_any_shape_and_keeps_the_loss(fresh_dynamo):
     # The recipe's GPU defaults compile the model; packed rows change shape from batch to batch, and so does
     # their BlockMask. Forward only (no flex backward on a CPU): same losses as one story per row, and the
     # second shape gives one shape-generic graph that the later shapes reuse.
