@@ -61,3 +61,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is, or can be made, a folder this process may write in; else a UserError naming ``what``.
+
+    Nothing is created: the nearest existing ancestor decides (a file in the way, or no write permission).
+    """
+    from collapse.errors import UserError
+
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: no permission to write in {probe}")
+    return path
+
+
+def make_folder(path: str | os.PathLike, what: str) -> Path:
+    """``mkdir -p path``, with a UserError naming ``what`` where the system refuses it."""
+    from collapse.errors import UserError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot be created ({exc.strerror or exc})") from None
+    return path

@@ -83,8 +83,11 @@ def parse_config(config_cls: type[C], argv: Sequence[str] | None = None, prog: s
     return _instance(config_cls, ns.as_dict())
 
 
-def _instance(cls: type[C], values: dict[str, Any]) -> C:
-    """``cls`` built from parsed ``values``: nested dataclasses built in turn, ``class_path`` descriptions kept."""
+def _instance(cls: type[C], values: dict[str, Any], prefix: str = "--") -> C:
+    """``cls`` built from parsed ``values``: nested dataclasses built in turn, ``class_path`` descriptions kept.
+
+    A group of flags given as something other than a mapping (``data: 5`` in a ``--config`` file) is refused.
+    """
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -92,8 +95,13 @@ def _instance(cls: type[C], values: dict[str, Any]) -> C:
             continue
         value = values[f.name]
         hint = hints.get(f.name)
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = _instance(hint, value)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(
+                    f"{prefix}{f.name} is a group of flags ({prefix}{f.name}.<field>); in a --config file it "
+                    f"must be a mapping of its fields, not {value!r}"
+                )
+            value = _instance(hint, value, prefix=f"{prefix}{f.name}.")
         kwargs[f.name] = value
     return cls(**kwargs)
 
@@ -160,7 +168,11 @@ def _config_text(value: str) -> str:
 
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except UnicodeDecodeError:
+        raise UserError(f"--config {value}: not a text (YAML) file") from None
+    except OSError as exc:
+        raise UserError(f"--config {value}: cannot be read ({exc.strerror or exc})") from None
+    except yaml.YAMLError:
         return value  # jsonargparse reports it, with the file's name
     if not isinstance(data, dict) or not any(key in data for key in RUN_ONLY_KEYS):
         return value

@@ -107,7 +107,7 @@ def resolve_out_dir(template: str, config: dict[str, Any]) -> str:
         return template
     try:
         return template.format(hash=config_hash(config))
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError):
         raise RunDirError(f"--out_dir {template!r}: the only placeholder allowed is {{hash}}") from None
 
 

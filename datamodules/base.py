@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
-from collapse.errors import ConfigError
+from collapse.errors import ConfigError, UserError
 
 SPLITS = ("train", "val", "test")
 """The keys of the dict :meth:`RealDataModuleBase._load_datasets` returns."""
@@ -77,7 +77,12 @@ class RealDataModuleBase(pl.LightningDataModule, Generic[D]):
     def setup(self, stage: str | None = None) -> None:
         """Build the splits with :meth:`_load_datasets` (once; later calls, for any stage, do nothing)."""
         if self._datasets is None:
-            datasets = dict(self._load_datasets())
+            try:
+                datasets = dict(self._load_datasets())
+            except MemoryError as exc:  # sizes that cannot fit: a setting to change, not a crash to debug
+                raise UserError(
+                    f"the real data of these --data sizes does not fit in memory ({exc or 'MemoryError'}); lower them"
+                ) from None
             if sorted(datasets) != sorted(SPLITS):
                 raise ValueError(f"_load_datasets must return the splits {SPLITS}, got {sorted(datasets)}")
             self._datasets = datasets

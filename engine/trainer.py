@@ -134,6 +134,8 @@ class TrainerConfig(LightningTrainerArgs):
     def __post_init__(self) -> None:
         for flag in ("num_nodes", "accumulate_grad_batches"):
             _check_int(flag, getattr(self, flag), 1)
+        if self.num_nodes > _MAX_INT32:  # torch's process-group setup takes a 32-bit integer
+            raise ConfigError(f"--trainer.num_nodes must be at most {_MAX_INT32}, got {self.num_nodes!r}")
         if self.max_epochs is not None:
             _check_int("max_epochs", self.max_epochs, 1)
         if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
@@ -161,8 +163,26 @@ class TrainerConfig(LightningTrainerArgs):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, low)
-        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        for name in (
+            "limit_train_batches",
+            "limit_val_batches",
+            "limit_test_batches",
+            "limit_predict_batches",
+            "overfit_batches",
+        ):
             _check_fraction_or_count(name, getattr(self, name))
+        interval = self.val_check_interval
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and not interval > 0:
+            # Lightning accepts 0 and then divides by it in the first epoch.
+            raise ConfigError(
+                f"--trainer.val_check_interval must be a number of batches >= 1, a fraction of an epoch in (0, 1] "
+                f"or a time; got {interval!r}"
+            )
+        if self.barebones:
+            raise ConfigError(
+                "--trainer.barebones must stay false: barebones mode turns checkpointing off, and the loop checkpoints "
+                "each fit into its staging folder so that a killed fit resumes"
+            )
         callbacks = self.callbacks if isinstance(self.callbacks, list) else [self.callbacks]
         if any(_is_a(c, ModelCheckpoint) for c in callbacks if c is not None):
             raise ConfigError(
@@ -204,6 +224,8 @@ class TrainerConfig(LightningTrainerArgs):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"--trainer: Lightning refuses these settings: {first}") from None
 
+
+_MAX_INT32 = 2**31 - 1
 
 _AT_LEAST: Mapping[str, int] = {
     "min_epochs": 0,

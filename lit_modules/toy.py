@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from collapse.contract import SamplingModule
+from collapse.errors import ConfigError
 
 
 @dataclass
@@ -37,6 +38,12 @@ class GaussianModelConfig:
     """Initial Adam learning rate (cosine-decayed to 0 over the fit)."""
     init_scale: float = 1.0
     """Standard deviation of the random initial mean (the initial covariance is the identity)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--model.lr must be a finite number > 0, got {self.lr!r}")
+        if not (math.isfinite(self.init_scale) and self.init_scale >= 0):
+            raise ConfigError(f"--model.init_scale must be a finite number >= 0, got {self.init_scale!r}")
 
 
 class GaussianDensity(SamplingModule):
@@ -101,9 +108,12 @@ class GaussianDensity(SamplingModule):
 
         Cov(P^{-T} eps) = P^{-T} P^{-1} = (P P^T)^{-1} = Sigma.
         """
+        # In float32 whatever the training precision (a bf16-true fit has bf16 parameters; the triangular
+        # solve has no bf16 kernel, and samples are stored as float32 anyway).
         eps = torch.randn(self.mean.shape[0], n, generator=generator, device=self.mean.device)  # (D, n)
-        offsets = torch.linalg.solve_triangular(self.precision_tril.T, eps, upper=True)  # (D, n), P^T y = eps
-        x = self.mean + offsets.T  # (n, D)
+        tril = self.precision_tril.float()  # (D, D)
+        offsets = torch.linalg.solve_triangular(tril.T, eps, upper=True)  # (D, n), P^T y = eps
+        x = self.mean.float() + offsets.T  # (n, D)
         return {"samples": x.to(torch.float32).cpu().numpy()}
 
 

@@ -47,7 +47,7 @@ from collapse.errors import ConfigError, UserError
 from collapse.rundir import config_dict, resolve_out_dir
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule
 from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE, encodes_alike, tokenizer_hash
-from engine.loop import LoopConfig, LoopResult, run_generations
+from engine.loop import LoopConfig, LoopResult, check_settings, check_sizes, run_generations
 from engine.trainer import TrainerConfig, resolve_trainer
 from evaluation.stories import DiversityConfig, StorySampleEvaluator
 from lit_modules.causal_lm import (
@@ -340,14 +340,21 @@ def dry_run(cfg: TinyStoriesConfig) -> None:
     cache; the model is built with its real configuration on the meta device (exact parameter count,
     no memory); the sampler is configured as the run would configure it.
     """
+    modality = LMModality(cfg)
+    wf = check_settings(modality, cfg)  # what the run refuses before reading data, the dry run refuses too
     print(describe(cfg.model))
-    real = TinyStoriesDataModule(cfg.data)
+    real = modality.real_datamodule()
     print(real.describe())
     real.prepare_data()
     real.setup("fit")
     stats = real.data_stats
     counts = ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool))
     print(f"data read: {counts}")
+    real_size, num_synthetic = check_sizes(modality, cfg, real)
+    print(
+        f"workflow: {wf.label}, {cfg.generations} generations of {real_size} real stories"
+        + (f" and {num_synthetic} sampled per generation" if cfg.generations > 1 else "")
+    )
     check_checkpoint_tokenizer(cfg.model, real.tokenizer)
     import torch
 

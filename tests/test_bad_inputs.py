@@ -5,6 +5,8 @@ Each case goes through the recipe's own command line (:func:`collapse.cli.run`),
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from collapse.cli import run
@@ -25,6 +27,11 @@ TRAINER_CASES = [
     (["--trainer.max_epochs", "0"], "--trainer.max_epochs must be an integer >= 1"),
     (["--trainer.num_nodes", "0"], "--trainer.num_nodes must be an integer >= 1"),
     (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be an integer >= 1"),
+    (["--trainer.num_nodes", "99999999999"], "--trainer.num_nodes must be at most 2147483647"),
+    (["--trainer.val_check_interval", "0"], "--trainer.val_check_interval must be a number of batches >= 1"),
+    (["--trainer.val_check_interval", "0.0"], "--trainer.val_check_interval must be a number of batches >= 1"),
+    (["--trainer.overfit_batches", "-1"], "--trainer.overfit_batches must be an integer >= 0"),
+    (["--trainer.barebones", "true"], "--trainer.barebones must stay false"),
 ]
 
 TOY_CASES = [
@@ -32,6 +39,11 @@ TOY_CASES = [
     (["--data.num_real", "-3"], "--data.num_real must be an integer >= 1"),
     (["--data.cov", "[[1, 2], [2, 1]]"], "--data.cov must be symmetric positive definite"),
     (["--data.cov", "[[1, 0, 0], [0, 1, 0], [0, 0, 1]]"], "--data.cov must be 2 x 2"),
+    (["--data.seed", "-1"], "--data.seed must be an integer >= 0"),
+    (["--data.num_train", "99999999999"], "does not fit in memory"),
+    (["--model.lr", "-1"], "--model.lr must be a finite number > 0"),
+    (["--model.lr", "0"], "--model.lr must be a finite number > 0"),
+    (["--model.init_scale", "-1"], "--model.init_scale must be a finite number >= 0"),
 ]
 
 
@@ -115,3 +127,93 @@ def test_an_unusable_out_dir_is_one_line(recipe, where, tmp_path, capsys, monkey
 def test_an_attention_kernel_this_machine_cannot_train_with_is_one_line(kernel, message, tmp_path, capsys):
     argv = ["--model.attn_implementation", kernel, "--trainer.accelerator", "cpu"]
     assert message in refused("tinystories", argv, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("template", ["runs/{hash.x}", "runs/{hash[a]}", "runs/{hash!z}", "runs/{0}", "runs/{hash:zz}"])
+def test_an_out_dir_placeholder_other_than_hash_is_one_line(template, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main, config_cls = RECIPES["toy_gaussian"]
+    with pytest.raises(SystemExit) as exc:
+        run(main, config_cls, ["--out_dir", template, "--wandb.mode", "disabled"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert "the only placeholder allowed is {hash}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"\x00\xff\xfe not text", "not a text (YAML) file"),
+        (b"data: 5\n", "--data is a group of flags"),
+        (b"data: [1, 2]\n", "--data is a group of flags"),
+        (b"trainer: 3\n", "--trainer is a group of flags"),
+    ],
+)
+def test_a_config_file_of_the_wrong_shape_is_one_line(content, message, tmp_path, capsys):
+    path = tmp_path / "flags.yaml"
+    path.write_bytes(content)
+    assert message in refused("toy_gaussian", ["--config", str(path)], tmp_path, capsys)
+
+
+def test_a_negative_mnist_split_seed_is_one_line(tmp_path, capsys):
+    assert "--data.split_seed must be an integer >= 0" in refused(
+        "mnist_vae", ["--data.split_seed", "-1"], tmp_path, capsys
+    )
+
+
+@pytest.mark.parametrize("recipe", ["tinystories", "geom_diffusion"])
+@pytest.mark.parametrize("where", ["a file", "below a file", "uncreatable"])
+def test_an_unusable_cache_dir_is_one_line(recipe, where, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine\n")
+    cache = {
+        "a file": tmp_path / "afile",
+        "below a file": tmp_path / "afile" / "sub",
+        "uncreatable": Path("/proc/no-such-cache"),  # Linux: nobody, root included, may create folders in /proc
+    }[where]
+    err = refused(recipe, ["--data.cache_dir", str(cache)], tmp_path, capsys)
+    expected = "is a file, not a folder" if where != "uncreatable" else ("cannot be created", "no permission")
+    assert any(e in err for e in ([expected] if isinstance(expected, str) else expected)), err
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_an_empty_sdf_file_is_one_line(tmp_path, capsys):
+    sdf = tmp_path / "empty.sdf"
+    sdf.write_text("")
+    err = refused("geom_diffusion", ["--data.source", "sdf", "--data.path", str(sdf)], tmp_path, capsys)
+    assert f"{sdf} is empty" in err
+
+
+TINY_STORIES = [
+    "--data.num_real",
+    "24",
+    "--data.num_test",
+    "8",
+    "--data.vocab_size",
+    "300",
+    "--model.vocab_size",
+    "300",
+]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--workflow", "bogus"], "unknown workflow 'bogus'"),
+        (["--generations", "0"], "--generations must be an integer >= 1"),
+        (["--batch_size", "0"], "--batch_size must be an integer >= 1"),
+        (["--sample_batch_size", "0"], "--sample_batch_size must be an integer >= 1"),
+        (["--num_workers", "-1"], "--num_workers must be an integer >= 0"),
+        (["--trainer.devices", "abc"], "are not usable here"),
+        (["--real_size", "5000"], "needs 5000 real examples, but only 24 are available"),
+    ],
+)
+def test_the_tinystories_dry_run_refuses_what_the_run_refuses(argv, message, tmp_path, capsys):
+    main, config_cls = RECIPES["tinystories"]
+    for extra in ([], ["--dry_run", "true"]):
+        out = tmp_path / f"run{len(extra)}"
+        with pytest.raises(SystemExit) as exc:
+            run(main, config_cls, ["--out_dir", str(out), "--wandb.mode", "disabled", *TINY_STORIES, *argv, *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err.splitlines()[-1], (extra, err)
+        assert not out.exists()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tooling.report import make_report
@@ -44,3 +45,28 @@ def test_bad_workflow_is_one_line(tmp_path):
     res = recipe("--workflow", "replcae", "--out_dir", str(tmp_path / "x"), *TINY)
     assert res.returncode == 2
     assert res.stderr.startswith("error: unknown workflow 'replcae'") and res.stderr.count("\n") == 1
+
+
+def test_the_gaussian_samples_float32_draws_of_its_distribution_in_any_training_precision():
+    """A bf16-true fit leaves bf16 parameters; sampling still works (the solve has no bf16 kernel) in float32."""
+    import torch
+
+    from lit_modules.toy import GaussianDensity
+
+    torch.manual_seed(0)
+    model = GaussianDensity(dim=2)
+    with torch.no_grad():
+        model.mean.copy_(torch.tensor([1.0, -2.0]))
+        model.raw_precision_tril.copy_(torch.tensor([[0.5, 0.0], [0.3, -0.2]]))
+    half = GaussianDensity(dim=2)
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    draws = {}
+    for name, m in (("fp32", model), ("bf16", half)):
+        out = m.sample(20_000, torch.Generator().manual_seed(1))["samples"]
+        assert out.dtype == np.float32 and out.shape == (20_000, 2)
+        draws[name] = out
+    cov = model.covariance.detach().double().numpy()
+    for out in draws.values():
+        assert np.allclose(out.mean(0), [1.0, -2.0], atol=0.05)
+        assert np.allclose(np.cov(out.T), cov, rtol=0.1, atol=0.05)
