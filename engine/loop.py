@@ -358,7 +358,7 @@ class _GenerationContext:
             # Different ranks draw different noise (dropout, latents); one process keeps the plain seed.
             purpose = "fit" if dist.world_size == 1 else f"fit-rank{dist.rank}"
             pl.seed_everything(derive_seed(cfg.seed, g, purpose), workers=True, verbose=False)
-            with _interrupt_passes_through():
+            with _interrupt_passes_through(), _settings_fit_the_data(g):
                 trainer.fit(model, datamodule=dm, ckpt_path=plan["checkpoint"])  # samples in on_fit_end
             if trainer.interrupted:
                 raise KeyboardInterrupt
@@ -376,7 +376,7 @@ class _GenerationContext:
         metrics = plan["metrics"]
         if metrics is None:
             pl.seed_everything(derive_seed(cfg.seed, g, "test"), workers=True, verbose=False)
-            with _interrupt_passes_through():
+            with _interrupt_passes_through(), _settings_fit_the_data(g):
                 results = trainer.test(model, datamodule=dm, verbose=False)  # samples first, if the fit did not
             tested = {k: float(v) for k, v in sorted((results[0] if results else {}).items())}
             metrics = dist.on_zero(lambda: self._finish_metrics(g, stage, sampler, tested, dm))
@@ -673,6 +673,34 @@ def _interrupt_passes_through() -> Iterator[None]:
             with contextlib.suppress(ValueError):  # not the main thread: the handler was never changed
                 signal.signal(signal.SIGINT, handler)
         raise KeyboardInterrupt from None
+
+
+def _trainer_argument_names() -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+@contextlib.contextmanager
+def _settings_fit_the_data(g: int) -> Iterator[None]:
+    """Turn Lightning's refusal of a Trainer setting that only the data shows to be wrong into one UserError.
+
+    ``--trainer.limit_val_batches 0.01`` of a one-batch validation set, or ``--trainer.val_check_interval``
+    beyond the epoch's batches, pass every check made before the data is read and are refused inside
+    ``fit``/``test``. Only errors that name a Trainer argument are turned; any other error keeps its traceback.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except (MisconfigurationException, ValueError) as exc:
+        text = " ".join(str(exc).split())
+        named = [k for k in _trainer_argument_names() if f"`{k}`" in text or f"`{k}=" in text]
+        if not named:
+            raise
+        for key in named:
+            text = text.replace(f"`{key}`", f"--trainer.{key}").replace(f"`{key}=", f"`--trainer.{key} ")
+        raise UserError(f"the --trainer settings do not fit generation {g}'s data: {text}") from None
 
 
 @contextlib.contextmanager

@@ -217,3 +217,40 @@ def test_the_tinystories_dry_run_refuses_what_the_run_refuses(argv, message, tmp
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err.splitlines()[-1], (extra, err)
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--trainer.limit_val_batches", "0.01"], "increase the --trainer.limit_val_batches argument"),
+        (["--trainer.limit_test_batches", "0.0001"], "increase the --trainer.limit_test_batches argument"),
+        (["--trainer.val_check_interval", "1000"], "--trainer.val_check_interval (1000) must be less than"),
+    ],
+)
+def test_trainer_settings_that_the_data_refuses_are_one_line(argv, message, tmp_path, capsys):
+    # Only the number of batches shows these to be wrong: Lightning refuses them inside fit or test.
+    main, config_cls = RECIPES["toy_gaussian"]
+    small = ["--data.num_train", "64", "--data.num_val", "16", "--data.num_test", "32", "--batch_size", "32"]
+    with pytest.raises(SystemExit) as exc:
+        run(main, config_cls, ["--out_dir", str(tmp_path / "run"), "--wandb.mode", "disabled", *small, *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.startswith("error: the --trainer settings do not fit generation 0's data: "), err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_only_errors_that_name_a_trainer_argument_become_one_line():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from collapse.errors import UserError
+    from engine.loop import _settings_fit_the_data
+
+    with pytest.raises(UserError, match=r"generation 3's data: .*--trainer\.limit_val_batches 1\.0"):
+        with _settings_fit_the_data(3):
+            raise MisconfigurationException("Try at least `limit_val_batches=1.0`")
+    with pytest.raises(ValueError, match="a bug"):  # not a setting: keeps its traceback
+        with _settings_fit_the_data(0):
+            raise ValueError("a bug in `some_function`")
+    with pytest.raises(MisconfigurationException, match="No `training_step"):
+        with _settings_fit_the_data(0):
+            raise MisconfigurationException("No `training_step()` method defined.")
