@@ -107,6 +107,9 @@ _NOISE = (
     r".*GPU available but not used.*",
     r".*Total length of .* across ranks is zero.*",  # no validation set: Lightning skips validation
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    # A module that prepares its batches on the host (the causal LM packs and counts them there) overrides
+    # on_before_batch_transfer; the data modules define none, so the module's hook is the one wanted.
+    r".*You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a.*",
 )
 
 

@@ -388,7 +388,18 @@ def build_model(
     if generation is not None:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(generation, name, getattr(config, name, None))
+    for module in model.modules():
+        if isinstance(module, transformers.PreTrainedModel):
+            # Right-padded rows go without an attention mask on purpose (CausalLMModule.host_batch). Some
+            # architectures (GPT-2) look for padding in the ids of every such batch to warn about it: a read
+            # back to the host, which on a GPU makes every eager step wait for the device, and a warning that
+            # would make a user doubt a loss that is right.
+            module.warn_if_padding_and_no_attention_mask = _padding_without_mask_is_intended
     return model
+
+
+def _padding_without_mask_is_intended(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Stands in for transformers' check for padding without a mask (see :func:`build_model`)."""
 
 
 def count_parameters(model: nn.Module) -> int:

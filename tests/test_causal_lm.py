@@ -550,6 +550,37 @@ def test_right_padded_rows_go_without_a_mask_and_keep_their_loss():
     torch.testing.assert_close(loss, masked, atol=1e-6, rtol=1e-6)
 
 
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that read a tensor's value back to the host (on a GPU: a wait for the device)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "tiny"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_training_step_reads_back_only_what_transformers_needs_to_tell_packing(preset, pack, caplog):
+    # A read inside the step makes the host wait for the device at every eager step on a GPU. GPT-2 looked
+    # for padding in the ids of every unmasked batch (to warn about it): gone. What is left in eager mode, one
+    # story per row: transformers' check of the position ids for packed rows (skipped when compiled).
+    torch.manual_seed(0)
+    module = CausalLMModule(**{**TINY, "preset": preset}, pack=pack, pad_token_id=1)
+    ready = module.host_batch(padded_stories([9, 4, 7]))
+    reads = _HostReads()
+    with caplog.at_level("WARNING"), reads:
+        loss, _ = module.token_loss(ready)
+        loss.backward()
+    assert reads.count == (0 if pack else 1)
+    assert "attention_mask" not in caplog.text
+
+
 def test_batches_for_a_gpu_are_page_locked_before_the_copy(monkeypatch):
     # A copy from pageable memory makes the host wait for the GPU's queue; every tensor of a prepared batch
     # (new ones too: padded, packed) is page-locked first. Simulated: the module believes it is on a GPU.
