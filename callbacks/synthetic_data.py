@@ -29,7 +29,7 @@ import torch
 
 from collapse.atomic import atomic_open
 from collapse.contract import SamplingModel
-from collapse.progress import Progress
+from collapse.progress import Progress, progress_within
 from collapse.seeding import derive_seed
 from collapse.store import GenerationStore
 
@@ -186,7 +186,10 @@ class SyntheticDataCallback(pl.Callback):
             path = self._chunk_path(chunk)
             if path.is_file():  # drawn before a crash, by the same model (the fit resumes exactly)
                 continue
-            drawn = model.sample(stop - start, self.chunk_generator(chunk, device))
+            before, size = progress.done, stop - start
+            # A model that reports its finished samples inside a chunk (the story sampler does) moves the line on.
+            with progress_within(lambda k, at=before, size=size: progress.update(done=at + min(k, size))):
+                drawn = model.sample(size, self.chunk_generator(chunk, device))
             if not drawn:
                 raise ValueError(f"{type(model).__name__}.sample() returned no arrays in chunk {chunk}")
             rows: dict[str, np.ndarray] = {}
@@ -197,7 +200,7 @@ class SyntheticDataCallback(pl.Callback):
                 rows[name] = arr
             with atomic_open(path, "wb") as fh:
                 np.savez(fh, **rows)
-            progress.update(stop - start)
+            progress.update(done=before + size)
 
     def _assemble(self) -> list[str]:
         """Copy the chunk files, in order, into one memory-mapped ``.npy`` per array."""

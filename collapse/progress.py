@@ -247,6 +247,30 @@ class Progress:
         self._log.info(text)
 
 
+_within: list[Callable[[int], None]] = []  # the innermost reporter last (one per thread is all the loops need)
+
+
+@contextlib.contextmanager
+def progress_within(report: Callable[[int], None]) -> Iterator[None]:
+    """While the block runs, :func:`report_within` calls ``report(done)``: how far a long call inside it is.
+
+    For a unit of work that takes long and is done by another layer (a sampling chunk drawn by the model's
+    ``sample``): the caller counts the units it hands out, and the callee, which knows nothing of the caller's
+    :class:`Progress`, reports the units it has finished inside the current one.
+    """
+    _within.append(report)
+    try:
+        yield
+    finally:
+        _within.pop()
+
+
+def report_within(done: int) -> None:
+    """Report ``done`` units finished inside the current :func:`progress_within` block; nothing outside one."""
+    if _within:
+        _within[-1](int(done))
+
+
 class _Console(logging.Handler):
     """Writes records to the stderr of the moment (a test's capture, a redirected stream) as ``[name] message``."""
 

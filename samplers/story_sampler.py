@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from collapse.errors import ConfigError
+from collapse.progress import report_within
 
 log = logging.getLogger(__name__)
 
@@ -871,6 +872,7 @@ class StorySampler:
         self._bucket = LENGTH_BUCKET  # tests: narrower buckets
         self._whole_context = False  # --sampling.attention flex on the static path: no length buckets
         self._flex_read = 0  # flex: cache positions the slots read per step, as of the last sync
+        self._stories_done = 0  # of the current sample() call, as of the last sync
         self.last_draw: dict[str, int] = {"steps": 0, "slots": 0, "attended": 0}
         """Of the last :meth:`sample` call (native backend): decoding ``steps``, ``slots`` and ``attended``, the
         sum over steps of slots x attention length, i.e. the cache positions each step read (host counts)."""
@@ -905,6 +907,7 @@ class StorySampler:
         was_training = self.model.training
         self.model.eval()
         self.last_draw = {"steps": 0, "slots": 0, "attended": 0}
+        self._stories_done = 0  # reported to a progress line as stories finish (report_within)
         try:
             if self.backend == "hf" and use_cache:
                 self._run_hf(n, generator, device, tokens, lengths, finished)
@@ -1086,6 +1089,8 @@ class StorySampler:
             tokens[rows, : seq.shape[1]] = seq.masked_fill(~keep, self.pad_id).numpy()
             lengths[rows] = length.numpy()
             finished[rows] = ended.numpy()
+            self._stories_done += b
+            report_within(self._stories_done)
 
     def _use_graphs(self, device: torch.device) -> bool:
         """Whether the static step is replayed as a CUDA graph (on CUDA; a method so tests can simulate it)."""
@@ -1189,6 +1194,8 @@ class StorySampler:
             tokens[ids] = rows.cpu().numpy()
             lengths[ids] = lens
             finished[ids] = fins.astype(bool)
+            self._stories_done += count
+            report_within(self._stories_done)
         s["q_ptr"].zero_()
 
     def _loop_cuda_graph(

@@ -401,6 +401,20 @@ def test_exactly_n_stories_reproducible_from_the_seed(n, batch_size):
     assert not np.array_equal(a["tokens"], c["tokens"])
 
 
+@pytest.mark.parametrize("backend", ["native", "hf"])
+def test_a_draw_reports_its_finished_stories_as_it_goes(backend):
+    # A chunk of thousands of stories takes minutes: the progress line moves as stories finish, not per chunk.
+    from collapse.progress import progress_within
+
+    s = sampler(with_eot_bias(MODELS["llama"](), 2.0), batch_size=4, backend=backend)
+    reports: list[int] = []
+    with progress_within(reports.append):
+        out = draw(s, 40, 3)
+    assert len(reports) >= 3 and reports[-1] == 40, reports
+    assert all(a < b for a, b in zip(reports, reports[1:])), reports
+    assert_same(out, draw(s, 40, 3))  # reporting changes nothing drawn; and outside a block nothing is called
+
+
 def test_rows_are_stories_in_launch_order_so_more_stories_extend_the_sample():
     # Every slot consumes its own uniform at every step whatever it does, so the first n stories launched
     # do not depend on how many more follow.

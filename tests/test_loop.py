@@ -591,6 +591,30 @@ class SlowFirstChunk(CountingModel):
         return super().sample(n, generator)
 
 
+class ReportingModel(CountingModel):
+    """Reports each sample it finishes inside a chunk, as the story sampler does at its syncs."""
+
+    def sample(self, n, generator):
+        from collapse.progress import report_within
+
+        for k in range(1, n + 1):
+            time.sleep(0.02)
+            report_within(k + 100 * (k == n))  # an over-report is capped at the chunk's size
+        return super().sample(n, generator)
+
+
+def test_samples_finished_inside_a_chunk_move_the_progress_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("collapse.progress._interval", 0.05)
+    cb = SyntheticDataCallback(GenerationStore(tmp_path / "a"), 0, num_samples=20, batch_size=10, seed=0)
+    with caplog.at_level(logging.INFO, logger="collapse.progress"):
+        cb.sample_into_store(ReportingModel())
+    got = [r.getMessage() for r in caplog.records if r.name == "collapse.progress"]
+    counts = [int(m.group(1)) for t in got if (m := re.match(r"sampling gen 0: (\d+)/20 samples", t))]
+    assert any(0 < c < 10 for c in counts) and any(10 < c < 20 for c in counts), got  # inside each chunk
+    assert counts == sorted(counts) and max(counts) <= 20, got
+    assert got[-1].startswith("sampling gen 0: done, 20 samples in ")
+
+
 def test_a_slow_sampling_chunk_still_gets_progress_lines_and_a_failure_stops_them(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("collapse.progress._interval", 0.1)
     cb = SyntheticDataCallback(GenerationStore(tmp_path / "a"), 0, num_samples=10, batch_size=5, seed=0)
