@@ -354,6 +354,8 @@ class _GenerationContext:
         steps = self.fixed_steps(g)
         trainer = self._trainer(g, stage, sampler, dm, steps)
 
+        if plan["metrics"] is None and not plan["fitted"]:
+            _test_batches_exist(trainer, dm, g)  # Lightning would find out only after the training
         did_fit = False
         if plan["fitted"]:
             _load_weights(model, stage / MODEL_FILE)
@@ -682,6 +684,25 @@ def _trainer_argument_names() -> frozenset[str]:
     import inspect
 
     return frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+def _test_batches_exist(trainer: pl.Trainer, dm: Any, g: int) -> None:
+    """Refuse a ``--trainer.limit_test_batches`` fraction that leaves no test batch, before generation ``g`` trains.
+
+    The loader is the whole test set's (no process split yet), so a fraction refused here is refused on every rank.
+    """
+    limit = trainer.limit_test_batches
+    if not (isinstance(limit, float) and 0 < limit < 1):
+        return
+    try:
+        batches = len(dm.test_dataloader())
+    except TypeError:  # a loader without a length: Lightning checks it when the test starts
+        return
+    if batches and int(batches * limit) == 0:
+        raise UserError(
+            f"the --trainer settings do not fit generation {g}'s data: --trainer.limit_test_batches {limit} of "
+            f"{batches} test batches is no batch; give at least {1 / batches:.4g}, or a number of batches"
+        )
 
 
 @contextlib.contextmanager

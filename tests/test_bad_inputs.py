@@ -223,7 +223,7 @@ def test_the_tinystories_dry_run_refuses_what_the_run_refuses(argv, message, tmp
     "argv,message",
     [
         (["--trainer.limit_val_batches", "0.01"], "increase the --trainer.limit_val_batches argument"),
-        (["--trainer.limit_test_batches", "0.0001"], "increase the --trainer.limit_test_batches argument"),
+        (["--trainer.limit_test_batches", "0.0001"], "--trainer.limit_test_batches 0.0001 of 1 test batches is no"),
         (["--trainer.val_check_interval", "1000"], "--trainer.val_check_interval (1000) must be less than"),
     ],
 )
@@ -237,6 +237,7 @@ def test_trainer_settings_that_the_data_refuses_are_one_line(argv, message, tmp_
     assert exc.value.code == 2, err
     assert err.startswith("error: the --trainer settings do not fit generation 0's data: "), err
     assert err.count("\n") == 1 and message in err, err
+    assert not list((tmp_path / "run").rglob("model.pt"))  # refused before a model was trained and saved
 
 
 def test_only_errors_that_name_a_trainer_argument_become_one_line():
