@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from collapse.errors import UserError
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a directory entry (a rename or a new file) to disk; a no-op where unsupported."""
@@ -68,8 +70,6 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> Path:
 
     Nothing is created: the nearest existing ancestor decides (a file in the way, or no write permission).
     """
-    from collapse.errors import UserError
-
     path = Path(path)
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -83,8 +83,6 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> Path:
 
 def make_folder(path: str | os.PathLike, what: str) -> Path:
     """``mkdir -p path``, with a UserError naming ``what`` where the system refuses it."""
-    from collapse.errors import UserError
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

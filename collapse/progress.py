@@ -247,7 +247,7 @@ class Progress:
         self._log.info(text)
 
 
-_within: list[Callable[[int], None]] = []  # the innermost reporter last (one per thread is all the loops need)
+_within: list[Callable[[int], None]] = []  # innermost reporter last; one stack per process (one drawing thread)
 
 
 @contextlib.contextmanager

@@ -614,9 +614,10 @@ def check_settings(modality: Modality, cfg: LoopConfig) -> Workflow:
     wf = Workflow.parse(cfg.workflow)
     _validate(cfg)
     check_mode(cfg.wandb)
-    check_loop_settings(modality.trainer_kwargs(0), cfg.steps_per_generation)
+    trainer_kwargs = modality.trainer_kwargs(0)
+    check_loop_settings(trainer_kwargs, cfg.steps_per_generation)
     with _quiet_lightning():  # the probe Trainer's banner is not the run's
-        wants_processes(modality.trainer_kwargs(0))  # devices, nodes, strategy usable on this machine
+        wants_processes(trainer_kwargs)  # devices, nodes, strategy usable on this machine
     return wf
 
 

@@ -114,7 +114,7 @@ class GaussianDensity(SamplingModule):
         tril = self.precision_tril.float()  # (D, D)
         offsets = torch.linalg.solve_triangular(tril.T, eps, upper=True)  # (D, n), P^T y = eps
         x = self.mean.float() + offsets.T  # (n, D)
-        return {"samples": x.to(torch.float32).cpu().numpy()}
+        return {"samples": x.cpu().numpy()}
 
 
 __all__ = ["GaussianDensity", "GaussianModelConfig"]
