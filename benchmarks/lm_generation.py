@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.mfu import flop_shape, resolve_bandwidth  # noqa: E402
-from collapse.hardware import retain_freed_memory
+from collapse.hardware import retain_freed_memory, tf32_matmuls
 from datamodules.story_corpus import STAND_IN_LABEL, generate_stories  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID, encode_stories, pad_vocab_to, train_bpe  # noqa: E402
 from lit_modules.causal_lm import PRESETS, CausalLMConfig, build_model, lr_factor, position_limit  # noqa: E402
@@ -173,6 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     retain_freed_memory()  # as the recipe does; both methods run in this process
+    tf32_matmuls()  # as the recipe does: float32 products on TF32 tensor cores of a CUDA GPU
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

@@ -51,7 +51,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from benchmarks.lm_training import add_training_flags, loader, make_data, make_module, recipe_defaults  # noqa: E402
-from collapse.hardware import retain_freed_memory  # noqa: E402
+from collapse.hardware import retain_freed_memory, tf32_matmuls  # noqa: E402
 from samplers.story_sampler import SamplingConfig  # noqa: E402
 
 KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -314,6 +314,7 @@ def profile_sampling(args: argparse.Namespace, module: pl.LightningModule, on_gp
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     retain_freed_memory()
+    tf32_matmuls()  # as the recipe does: float32 products on TF32 tensor cores of a CUDA GPU
     on_gpu = args.device == "cuda"
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
     print(

@@ -44,10 +44,13 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from benchmarks.mfu import FlopShape, counting_text, flop_shape, flops_of_sums, mfu_text, resolve_peak  # noqa: E402
-from collapse.hardware import retain_freed_memory  # noqa: E402
+from collapse.hardware import retain_freed_memory, tf32_matmuls  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from lit_modules.causal_lm import PACK_ATTENTION, CausalLMConfig, CausalLMModule  # noqa: E402
-from recipes.tinystories import COMPILE_MODES  # noqa: E402  (the modes of --trainer.compile)
+from recipes.tinystories import COMPILE_MODES, CUDA_GRAPH_MODES  # noqa: E402  (the modes of --trainer.compile)
+
+PLAIN_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
+"""The precisions that the plain loop computes as Lightning does (16-mixed would need a gradient scaler)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each path; the best counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
+    p.add_argument(
+        "--precision", default=None, choices=PLAIN_PRECISIONS,
+        help="both paths' arithmetic (default: bf16-mixed on cuda, 32-true on cpu)",
+    )  # fmt: skip
     p.add_argument("--max_seq_len", type=int, default=256)
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     add_training_flags(p, "both paths ")
@@ -146,7 +152,7 @@ def make_module(args: argparse.Namespace, vocab_size: int, compile_model: bool =
     if args.compile and compile_model:
         mode = getattr(args, "compile_mode", None)
         module.model.compile(mode=mode)  # in place, as recipes/tinystories.py does with --trainer.compile true
-        module.cuda_graph_steps = mode == "reduce-overhead"
+        module.cuda_graph_steps = mode in CUDA_GRAPH_MODES
     return module
 
 
@@ -251,6 +257,8 @@ def report_compiles(path: str, graphs_at_start: int, args: argparse.Namespace) -
 def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: str) -> tuple[float, float]:
     """(real tokens per second, model FLOPs per second) of the plain loop."""
     module = make_module(args, data.tokenizer.get_vocab_size()).to(args.device)
+    if precision == "bf16-true":  # as Lightning's bf16-true: bfloat16 weights, no autocast
+        module.to(torch.bfloat16)
     counter = Counter(flop_shape(module.model))
     module.train()
     total = args.warmup + args.steps
@@ -259,7 +267,7 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
 
     warm = module.config.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, float(total)))
-    autocast = precision.startswith("bf16")
+    autocast = precision == "bf16-mixed"  # float32 weights, bfloat16 products
     t0, step, graphs_at_start = None, 0, 0
     while step < total:
         for batch in loader(data, args.batch_size, args.device):
@@ -292,6 +300,7 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
     retain_freed_memory()  # as the recipe does; both loops run in this process
+    tf32_matmuls()  # as the recipe does: float32 products on TF32 tensor cores of a CUDA GPU
     precision = args.precision or ("bf16-mixed" if args.device.startswith("cuda") else "32-true")
     data = make_data(args)
     batches = math.ceil(len(data.train_dataset) / args.batch_size)

@@ -38,6 +38,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 """Dense bf16 tensor-core peak in TFLOP/s by CUDA device name (a regular expression), from the vendor datasheets."""
 
 NO_PEAK = "n/a (no peak known; pass --peak_tflops)"
+"""What an MFU line says when the device's peak is unknown."""
 
 PEAK_MEMORY_TBS: tuple[tuple[str, float], ...] = (
     (r"\bH200\b(?!.*\bNVL\b)", 4.8),  # H200 SXM, HBM3e
@@ -47,7 +48,6 @@ PEAK_MEMORY_TBS: tuple[tuple[str, float], ...] = (
     (r"\bL4\b", 0.3),
 )
 """Peak device-memory bandwidth in TB/s by CUDA device name (a regular expression), from the vendor datasheets."""
-"""What an MFU line says when the device's peak is unknown."""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 from benchmarks.lm_training import add_training_flags, recipe_defaults  # noqa: E402
 from benchmarks.mfu import counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
+from collapse.hardware import retain_freed_memory, tf32_matmuls  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, default_context  # noqa: E402
@@ -111,6 +112,8 @@ def timed(device: str, fn) -> tuple[float, object]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    retain_freed_memory()  # as the recipe's command line does
+    tf32_matmuls()
     model_cfg = CausalLMConfig(
         preset=args.preset, vocab_size=args.vocab_size, pack=args.pack, attn_implementation=args.attn_implementation
     )

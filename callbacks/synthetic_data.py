@@ -12,8 +12,10 @@ rank is done, global rank zero copies the chunks in order into one memory-mapped
 writes ``sampling.json`` last (it marks the step as finished, so a resumed run skips it, and lists
 the sample arrays for :meth:`GenerationStore.commit`) and removes the chunk files.
 
-The callback samples at the end of the fit, while the model is still on its device(s); if the fit
-was finished by an earlier run, it samples at the start of the test instead.
+The callback samples at the end of the fit, on the fit's device(s): Lightning's teardown has moved the
+module to the CPU by then, so the callback moves it to the strategy's device for the draw and back after
+it. If the fit was finished by an earlier run, it samples at the start of the test instead (the module is
+on its device there).
 """
 
 from __future__ import annotations
@@ -101,8 +103,18 @@ class SyntheticDataCallback(pl.Callback):
 
     def _sample_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every rank acts on rank 0's view of the staging folder, so all of them draw or none does.
-        if not trainer.strategy.broadcast(self.is_done(), src=0):
+        if trainer.strategy.broadcast(self.is_done(), src=0):
+            return
+        # At on_fit_end the module is on the CPU (the fit's teardown moved it there): draw on the fit's device.
+        device = trainer.strategy.root_device
+        was = getattr(pl_module, "device", device)
+        if was != device:
+            pl_module.to(device)
+        try:
             self.sample_into_store(pl_module, trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
+        finally:
+            if was != device:
+                pl_module.to(was)  # where Lightning left it
 
     def chunk_generator(self, chunk: int, device: torch.device) -> torch.Generator:
         """The generator of chunk ``chunk``."""
@@ -168,8 +180,9 @@ class SyntheticDataCallback(pl.Callback):
         # Rank 0 reports its own share (every rank draws about as many rows); chunks of a killed run count as done.
         kept = sum(stop - start for chunk, start, stop in chunks if self._chunk_path(chunk).is_file())
         share = f" (rank 0's share of {world_size})" if world_size > 1 else ""
+        where = "" if torch.device(device).type == "cpu" else f" on {device}"  # a GPU draw says so
         progress = Progress(
-            sum(stop - start for _, start, stop in chunks), f"sampling gen {self.generation}{share}", "samples",
+            sum(stop - start for _, start, stop in chunks), f"sampling gen {self.generation}{where}{share}", "samples",
             done=kept, rank=rank, heartbeat=True,
         )  # fmt: skip
         try:

@@ -9,8 +9,8 @@ synthetic sets drawn from earlier generations' models. Per generation g, :func:`
    ``warm_start`` the previous generation's weights;
 4. fits it, unless the staging folder already holds the fitted weights (``model.pt``); a fit killed
    half-way resumes from its last Lightning checkpoint (``checkpoints/last.ckpt`` in staging);
-5. samples the next synthetic set with :class:`SyntheticDataCallback` at the end of the fit, while
-   the model is still on its device(s) (or at the start of the test when an earlier run fitted it);
+5. samples the next synthetic set with :class:`SyntheticDataCallback` at the end of the fit, on the
+   fit's device(s) (or at the start of the test when an earlier run fitted it);
 6. tests it on the real test set and stages ``metrics.json``: test metrics (``test_loss``, ...), training-set
    counts, the optimizer steps the fit took (``train_steps``) and the modality's scores of the synthetic set
    (``sample_...``, :meth:`Modality.evaluate_samples`, which may also stage pictures such as ``samples.png``);

@@ -281,6 +281,11 @@ def default_context(cfg: CausalLMConfig) -> int:
 FAST_TRAINING_MODELS = ("gpt2", "llama")
 """Model types (``config.model_type``) that a GPU run packs and compiles by default: the presets' layouts,
 whose packed loss the tests compare with the one-story-per-row loss and which were measured compiled on a GPU."""
+FUSED_16_MIXED_CLIPPING = (
+    "--model.fused_optimizer true cannot clip gradients under 16-mixed (the fused step unscales them after "
+    "clipping): use bf16-mixed, --model.fused_optimizer false, or no --trainer.gradient_clip_val"
+)
+"""The refusal of a fused AdamW with clipping under 16-mixed (its gradient scaler)."""
 PACK_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Values of ``attn_implementation`` that take the block-diagonal mask of packed rows: dense, (R, 1, T, T)
 (:func:`story_mask`: sdpa, eager), or block-sparse (:func:`story_block_mask`: flex_attention, which skips the
@@ -899,10 +904,7 @@ class CausalLMModule(SamplingModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         if plugin.scaler is not None:
-            raise ConfigError(
-                "--model.fused_optimizer true cannot clip gradients under 16-mixed (the fused step unscales them "
-                "after clipping): use bf16-mixed, --model.fused_optimizer false, or no --trainer.gradient_clip_val"
-            )
+            raise ConfigError(FUSED_16_MIXED_CLIPPING)
         params = [p for group in raw.param_groups for p in group["params"]]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
@@ -913,6 +915,7 @@ class CausalLMModule(SamplingModule):
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
     "FAST_TRAINING_MODELS",
+    "FUSED_16_MIXED_CLIPPING",
     "FINAL_LR_RATIO",
     "IGNORE_INDEX",
     "PACK_ATTENTION",

@@ -52,6 +52,7 @@ from engine.trainer import TrainerConfig, resolve_trainer
 from evaluation.stories import DiversityConfig, StorySampleEvaluator
 from lit_modules.causal_lm import (
     FAST_TRAINING_MODELS,
+    FUSED_16_MIXED_CLIPPING,
     CausalLMConfig,
     CausalLMModule,
     check_attention,
@@ -78,6 +79,10 @@ GPU_CHUNK_WAVES = 8
 """Default ``--sample_batch_size`` on a GPU, in multiples of ``--sampling.batch_size``."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """The modes of torch.compile that ``--trainer.compile`` accepts besides true and false."""
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""The modes of :data:`COMPILE_MODES` that replay the compiled steps as CUDA graphs (inductor's
+``triton.cudagraphs``): the module then marks each step and keeps its batches to a few shapes
+(:attr:`~lit_modules.causal_lm.CausalLMModule.cuda_graph_steps`)."""
 DATA_FILE = "data.json"
 """The real data's label and counts (stories read, empty ones dropped, bytes replaced, truncated), in the run dir."""
 
@@ -101,6 +106,13 @@ class LMTrainerConfig(TrainerConfig):
         if self.compile is not None and not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
             raise ConfigError(
                 f"--trainer.compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {self.compile!r}"
+            )
+        if self.compile in CUDA_GRAPH_MODES and self.accumulate_grad_batches > 1:
+            # Each micro-batch replays the graphs into the same memory, which holds the gradients summed so far.
+            raise ConfigError(
+                f"--trainer.compile {self.compile} (CUDA graphs) cannot accumulate gradients: each batch's replay "
+                "overwrites the gradients of the one before; set --trainer.accumulate_grad_batches 1 (and a larger "
+                "--batch_size), or --trainer.compile true"
             )
 
 
@@ -162,7 +174,7 @@ class LMModality(Modality):
         if compile_setting not in (False, None):  # resolve() sets it; None (unresolved) compiles nothing
             mode = None if compile_setting is True else compile_setting
             module.model.compile(mode=mode)  # in place: the state_dict keys (model.pt, checkpoints) stay the same
-            module.cuda_graph_steps = mode == "reduce-overhead"
+            module.cuda_graph_steps = mode in CUDA_GRAPH_MODES
         return module
 
     def trainer_kwargs(self, generation: int) -> dict[str, Any]:
@@ -234,6 +246,8 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
             f"--model.vocab_size {cfg.model.vocab_size} and --data.vocab_size {cfg.data.vocab_size} differ; "
             "the model's vocabulary is the tokenizer's: set both"
         )
+    if cfg.model.fused_optimizer and str(trainer.precision) in ("16-mixed", "16") and trainer.gradient_clip_val:
+        raise ConfigError(FUSED_16_MIXED_CLIPPING)  # refused at the first step otherwise, after the data is ready
     backend = sampling_backend(cfg.model, cfg.sampling)  # refuse a model that cannot be sampled before it trains
     data_seq, model_seq = cfg.data.max_seq_len, cfg.model.max_seq_len
     if data_seq is not None and model_seq is not None and model_seq != data_seq:

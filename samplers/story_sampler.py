@@ -322,7 +322,9 @@ def _arch_of(model: torch.nn.Module, device: torch.device) -> _Arch:
         raise ConfigError(f"{reason}; use --sampling.backend hf (or auto)")
 
     # SDPA is the fused kernel on CUDA. On CPU, for one query per slot, two plain batched matmuls measured
-    # about as fast as SDPA, and they handle grouped-query attention without repeating the cache.
+    # about as fast as SDPA, and they handle grouped-query attention without repeating the cache: so on CUDA
+    # too for grouped queries, where SDPA with a mask has no fused kernel (flash attention takes no mask) and
+    # its math fallback repeats each layer's cache per step (set below, once the kv heads are known).
     attention = "sdpa" if device.type == "cuda" else "matmul"
     if c.model_type == "gpt2":
         head_dim = c.n_embd // c.n_head
@@ -340,6 +342,8 @@ def _arch_of(model: torch.nn.Module, device: torch.device) -> _Arch:
         raise ConfigError(f"the native decoder does not run models with rope_type {rope_type!r}")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     n_kv = c.num_key_value_heads or c.num_attention_heads
+    if n_kv != c.num_attention_heads:
+        attention = "matmul"
     layers = model.model.layers
     scales = tuple(float(getattr(layer.self_attn, "scaling", head_dim**-0.5)) for layer in layers)
     # Qwen2 sets a window per layer (its layer_types); Mistral one for all layers in its config; Llama none.
@@ -470,8 +474,9 @@ def _flex_block_mask(pos: torch.Tensor, length: int, window: int | None) -> Any:
         return seen if window is None else seen & (kv_idx > pos[b] - window)
 
     return BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=visible, seq_lengths=(1, length)
-    )
+        kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=visible, seq_lengths=(1, length),
+        compute_q_blocks=False,  # the query-side indices serve only a backward pass
+    )  # fmt: skip
 
 
 def _attend(arch: _Arch, scale: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
@@ -509,8 +514,8 @@ def _attend(arch: _Arch, scale: float, q: torch.Tensor, k: torch.Tensor, v: torc
 def _decode(
     arch: _Arch,
     w: Mapping[str, Any],
-    k_cache: torch.Tensor | Sequence[torch.Tensor],
-    v_cache: torch.Tensor | Sequence[torch.Tensor],
+    k_cache: Sequence[torch.Tensor],
+    v_cache: Sequence[torch.Tensor],
     tokens: torch.Tensor,
     pos: torch.Tensor,
     rows: torch.Tensor,
@@ -518,8 +523,8 @@ def _decode(
 ) -> torch.Tensor:
     """One decode step: next-token logits (B, V) in float32 of ``tokens`` (B,) fed at positions ``pos`` (B,).
 
-    Writes each slot's key/value at (slot, pos) of every layer's cache (L, B, Hkv, T, hd; for flex, a list
-    of L tensors (B, Hkv, T, hd)) and attends
+    Writes each slot's key/value at (slot, pos) of every layer's cache (a list of L tensors (B, Hkv, T, hd))
+    and attends
     over the cache positions t in ``span`` (the positions 0, 1, ..., length - 1) with t <= pos: a length
     bucket on the static path, just past the largest position in use on the eager path (positions beyond
     a slot's own are masked either way, so stale entries of an earlier story in that slot are never read).
@@ -610,17 +615,13 @@ class KVDecoder:
         cache_len = max_len + 1
         if self.arch.attention == "flex":
             cache_len = -(-cache_len // FLEX_BLOCK) * FLEX_BLOCK
-        shape = (self.arch.n_layer, batch_size, self.arch.n_kv_head, cache_len, self.arch.head_dim)
-        self.k_cache: torch.Tensor | list[torch.Tensor]
-        self.v_cache: torch.Tensor | list[torch.Tensor]
-        if self.arch.attention == "flex":
-            # One tensor per layer: the compiled FlexAttention on CPU read a layer's view of one (L, ...) buffer
-            # at the buffer's start (its storage offset lost), i.e. layer 0's cache for every layer.
-            self.k_cache = [torch.zeros(shape[1:], dtype=self.dtype, device=self.device) for _ in range(shape[0])]
-            self.v_cache = [torch.zeros(shape[1:], dtype=self.dtype, device=self.device) for _ in range(shape[0])]
-        else:
-            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (batch_size, self.arch.n_kv_head, cache_len, self.arch.head_dim)
+        # One tensor per layer, not one (L, ...) buffer: a compiled step writes each new key in place only into a
+        # whole tensor; into a layer's view of a stacked buffer, inductor copied the layer's cache out, wrote the
+        # key, and copied it back (the whole cache several times per step). The compiled FlexAttention on CPU also
+        # read a layer's view at the buffer's start (its storage offset lost), i.e. layer 0's cache for every layer.
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.arch.n_layer)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.arch.n_layer)]
         self.rows = torch.arange(batch_size, device=self.device)
         self.positions = torch.arange(cache_len, device=self.device)
 
@@ -765,8 +766,8 @@ def _advance(plan: _Plan, s: dict[str, torch.Tensor], sampled: torch.Tensor, can
 def _cached_step(
     plan: _Plan,
     w: Mapping[str, Any],
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: Sequence[torch.Tensor],
+    v_cache: Sequence[torch.Tensor],
     s: dict[str, torch.Tensor],
     u: torch.Tensor,
     candidates: torch.Tensor | None,
@@ -930,9 +931,13 @@ class StorySampler:
         finished: np.ndarray,
     ) -> None:
         cfg = self.cfg
-        batch = min(self.slots(device), n)
-        compiled = use_cache and resolve_compile(cfg.compile, device)
+        compiles = resolve_compile(cfg.compile, device)
+        compiled = use_cache and compiles
         static = use_cache and (compiled or self._force_static)
+        # The static path keeps every slot even for fewer stories (the spare ones idle): one engine, one
+        # compilation and one set of graphs per sampler, where a short last chunk would build a second of each.
+        # The uncached reference takes the same slots, so that it draws the same tokens.
+        batch = self.slots(device) if compiles or self._force_static else min(self.slots(device), n)
         arch = _arch_of(self.model, device) if use_cache else None
         if arch is not None and static and cfg.attention == "flex":
             arch = replace(arch, attention="flex")
@@ -1035,9 +1040,17 @@ class StorySampler:
         return int(self.cfg.batch_size)
 
     def release(self) -> None:
-        """Free what the sampler keeps between calls (decoders, KV caches, CUDA graphs); the next call rebuilds it."""
+        """Free what the sampler keeps between calls (decoders, KV caches, CUDA graphs); the next call rebuilds it.
+
+        On a GPU the freed memory (the graphs' private pool included) goes back to the device, so that the next
+        generation's training can use it.
+        """
+        on_cuda = any(e.s["pos"].device.type == "cuda" for e in self._engines.values())
         self._engines.clear()
         self._weights = None
+        if on_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
     def _run_hf(
         self,
@@ -1256,7 +1269,9 @@ class StorySampler:
                 try:
                     engine.pool = torch.cuda.graph_pool_handle() if engine.pool is None else engine.pool
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=engine.pool):
+                    # thread_local: CUDA calls of other threads (a data loader's pin-memory thread) do not
+                    # invalidate the capture, as they would in the default global mode.
+                    with torch.cuda.graph(graph, pool=engine.pool, capture_error_mode="thread_local"):
                         fn(u_buf, cand_buf, length)
                     return graph.replay
                 except Exception as exc:  # a capture failure must not lose the run: warn and go on without graphs

@@ -139,7 +139,7 @@ def test_the_training_benchmark_counts_packed_batches_as_the_stories_they_hold()
     assert counts[0] == counts[1] == (2 * sum(lengths), 2 * training_flops(shape, lengths))
 
 
-@pytest.mark.parametrize("extra", [[], ["--pack"]])
+@pytest.mark.parametrize("extra", [[], ["--pack"], ["--precision", "bf16-true"]])
 def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(tmp_path, extra):
     env = {**os.environ, "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "lm_training.py"), "--device", "cpu", "--preset", "gpt2-tiny"]
@@ -161,6 +161,16 @@ def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(
         shapes, share = int(text.split(" shapes")[0]), float(text.split("real tokens ")[1].split("%")[0])
         assert 1 <= shapes <= 3 and 0 < share <= 100
     assert values["plain loop batches"] == values["lightning batches"]  # the same batches, the same way
+    assert f"precision: {extra[1] if '--precision' in extra else '32-true'}," in values["torch threads"]
+
+
+def test_training_benchmark_takes_only_precisions_its_plain_loop_computes_as_lightning_does(capsys):
+    from benchmarks.lm_training import parse_args
+
+    assert parse_args(["--device", "cpu", "--precision", "bf16-true"]).precision == "bf16-true"
+    with pytest.raises(SystemExit):  # 16-mixed needs a gradient scaler, which the plain loop does not have
+        parse_args(["--device", "cpu", "--precision", "16-mixed"])
+    assert "invalid choice: '16-mixed'" in capsys.readouterr().err
 
 
 def test_compile_statistics_count_graphs_and_breaks_and_are_printed_with_compile(capsys):

@@ -641,10 +641,87 @@ def test_ranks_draw_disjoint_chunks_that_assemble_to_the_one_process_set(tmp_pat
     np.testing.assert_array_equal(np.load(two.staged(0, "x.npy")), np.load(one.staged(0, "x.npy")))
 
 
+def test_lightning_moves_the_module_to_the_cpu_before_on_fit_end():
+    # Why the callback moves the module at on_fit_end: the fit's teardown has put it on the CPU by then (on a
+    # GPU machine the draw would otherwise run on the CPU).
+    import lightning.pytorch as pl
+
+    events = []
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def cpu(self):
+            events.append("module.cpu()")
+            return super().cpu()
+
+    class Watch(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            events.append("on_train_end")
+
+        def on_fit_end(self, trainer, pl_module):
+            events.append("on_fit_end")
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Watch()],
+    )  # fmt: skip
+    trainer.fit(Module(), data)
+    assert events.index("on_train_end") < events.index("module.cpu()") < events.index("on_fit_end")
+
+
+def test_the_set_is_drawn_on_the_fits_device_and_the_module_left_where_lightning_put_it(tmp_path):
+    class Strategy:
+        root_device = torch.device("cpu")  # the fit's device (a GPU in a GPU run)
+
+        def broadcast(self, obj, src=0):
+            return obj
+
+        def barrier(self, *args):
+            pass
+
+    class Trainer:
+        global_rank, world_size, strategy = 0, 1, Strategy()
+
+    class Model(CountingModel):
+        """Reports a device other than the fit's (the CPU of a GPU run, after Lightning's teardown)."""
+
+        def __init__(self):
+            super().__init__()
+            self.device, self.moves, self.drawn_on = torch.device("meta"), [], set()
+
+        def to(self, device):
+            self.moves.append(torch.device(device))
+            self.device = torch.device(device)
+            return self
+
+        def sample(self, n, generator):
+            self.drawn_on.add((self.device, generator.device))
+            return super().sample(n, generator)
+
+    cb = SyntheticDataCallback(GenerationStore(tmp_path), 0, num_samples=6, batch_size=3, seed=0)
+    model = Model()
+    cb.on_fit_end(Trainer(), model)
+    assert model.drawn_on == {(torch.device("cpu"), torch.device("cpu"))}  # every chunk, model and generator
+    assert model.moves == [torch.device("cpu"), torch.device("meta")]  # there and back
+    assert cb.is_done() and model.calls == 2
+
+
 def test_every_rank_follows_rank_0_on_whether_the_set_is_drawn(tmp_path):
     # A rank that looked at the staging folder itself could find it already committed (moved) by rank 0,
     # start drawing alone and wait at the barrier forever; it must act on rank 0's answer instead.
     class Strategy:
+        root_device = torch.device("cpu")
+
         def __init__(self, rank_0_says: bool):
             self.rank_0_says, self.barriers = rank_0_says, 0
 

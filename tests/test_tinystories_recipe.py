@@ -168,13 +168,45 @@ def test_trainer_compile_takes_a_mode_and_cuda_graphs_copy_the_loss_out(tmp_path
     from recipes.tinystories import LMModality, resolve
 
     built = {}
-    for setting in ("false", "true", "reduce-overhead"):
+    settings = ("false", "true", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    for setting in settings:
         cfg = resolve(tiny(tmp_path / setting, "replace", "--trainer.compile", setting))
         module = LMModality(cfg).build_model(0)  # compiling is lazy: nothing compiles before a forward
         built[setting] = (module.model._compiled_call_impl is not None, module.cuda_graph_steps)
-    assert built == {"false": (False, False), "true": (True, False), "reduce-overhead": (True, True)}
+    # max-autotune also replays CUDA graphs: its steps are marked and its batches kept to a few shapes too.
+    graphs = {"reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
+    assert built == {"false": (False, False), "true": (True, False), **{m: (True, g) for m, g in graphs.items()}}
     with pytest.raises(ConfigError, match="--trainer.compile must be true, false or one of default, reduce-overhead"):
         tiny(tmp_path / "x", "replace", "--trainer.compile", "fast")
+
+
+def test_the_compile_modes_said_to_use_cuda_graphs_are_those_that_torch_runs_with_cuda_graphs():
+    from torch._inductor import list_mode_options
+
+    from recipes.tinystories import COMPILE_MODES, CUDA_GRAPH_MODES
+
+    assert [m for m in COMPILE_MODES if list_mode_options(m).get("triton.cudagraphs")] == list(CUDA_GRAPH_MODES)
+
+
+def test_cuda_graph_modes_refuse_gradient_accumulation_before_the_run(tmp_path):
+    # Each micro-batch's replay would overwrite the gradients accumulated so far (they live in the graphs' memory).
+    for mode in ("reduce-overhead", "max-autotune"):
+        flags = ("--trainer.compile", mode, "--trainer.accumulate_grad_batches", "2")
+        with pytest.raises(ConfigError, match=f"--trainer.compile {mode} \\(CUDA graphs\\) cannot accumulate"):
+            tiny(tmp_path / mode, "replace", *flags)
+    assert tiny(tmp_path / "ok", "replace", "--trainer.compile", "true", "--trainer.accumulate_grad_batches", "2")
+    assert tiny(tmp_path / "one", "replace", "--trainer.compile", "reduce-overhead")
+
+
+def test_a_fused_optimizer_that_cannot_clip_under_16_mixed_is_refused_before_the_data_is_read(tmp_path):
+    from recipes.tinystories import resolve
+
+    flags = ("--model.fused_optimizer", "true", "--trainer.precision", "16-mixed")
+    with pytest.raises(ConfigError, match="cannot clip gradients under 16-mixed"):
+        resolve(tiny(tmp_path / "a", "replace", *flags))
+    no_clip = resolve(tiny(tmp_path / "b", "replace", *flags, "--trainer.gradient_clip_val", "null"))
+    assert no_clip.model.fused_optimizer and no_clip.trainer.gradient_clip_val is None
+    assert resolve(tiny(tmp_path / "c", "replace", "--model.fused_optimizer", "true")).model.fused_optimizer
 
 
 @pytest.mark.slow
