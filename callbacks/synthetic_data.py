@@ -20,9 +20,10 @@ on its device there).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,6 +48,23 @@ def chunk_ranges(num_samples: int, batch_size: int, rank: int = 0, world_size: i
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     chunks = range(0, -(-num_samples // batch_size))
     return [(c, c * batch_size, min(num_samples, (c + 1) * batch_size)) for c in chunks[rank::world_size]]
+
+
+@contextlib.contextmanager
+def on_device(module: Any, device: torch.device) -> Iterator[None]:
+    """Run the block with ``module`` on ``device``, then put it back where it was (a no-op if it is there).
+
+    Lightning's teardown moves a module to the CPU when a fit or a test ends; a draw after that must move it
+    back to the run's device itself, or it runs on the CPU.
+    """
+    was = getattr(module, "device", device)
+    if was != device:
+        module.to(device)
+    try:
+        yield
+    finally:
+        if was != device:
+            module.to(was)
 
 
 class SyntheticDataCallback(pl.Callback):
@@ -106,15 +124,8 @@ class SyntheticDataCallback(pl.Callback):
         if trainer.strategy.broadcast(self.is_done(), src=0):
             return
         # At on_fit_end the module is on the CPU (the fit's teardown moved it there): draw on the fit's device.
-        device = trainer.strategy.root_device
-        was = getattr(pl_module, "device", device)
-        if was != device:
-            pl_module.to(device)
-        try:
+        with on_device(pl_module, trainer.strategy.root_device):
             self.sample_into_store(pl_module, trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
-        finally:
-            if was != device:
-                pl_module.to(was)  # where Lightning left it
 
     def chunk_generator(self, chunk: int, device: torch.device) -> torch.Generator:
         """The generator of chunk ``chunk``."""
@@ -245,4 +256,4 @@ class SyntheticDataCallback(pl.Callback):
         return names
 
 
-__all__ = ["CHUNK_DIR", "SAMPLING_FILE", "SyntheticDataCallback", "chunk_ranges"]
+__all__ = ["CHUNK_DIR", "SAMPLING_FILE", "SyntheticDataCallback", "chunk_ranges", "on_device"]

@@ -105,7 +105,20 @@ class MoleculeBatch:
         return int(self.num_atoms.shape[0])
 
     def to(self, device: torch.device | str) -> MoleculeBatch:
-        return MoleculeBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+        """The batch on ``device``; page-locked tensors (:meth:`pin_memory`) are copied to a GPU without waiting."""
+        cuda = torch.device(device).type == "cuda"
+        return MoleculeBatch(
+            **{
+                f.name: getattr(self, f.name).to(device, non_blocking=cuda and getattr(self, f.name).is_pinned())
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def pin_memory(self) -> MoleculeBatch:
+        """The batch in page-locked memory (a DataLoader with ``pin_memory=True`` calls it), so that :meth:`to` can
+        copy it to a GPU asynchronously; Lightning moves a batch object with its own ``to``, without asking for
+        a non-blocking copy."""
+        return MoleculeBatch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
 
     def with_pos(self, pos: torch.Tensor) -> MoleculeBatch:
         return dataclasses.replace(self, pos=pos)

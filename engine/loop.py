@@ -62,7 +62,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from callbacks.fixed_steps import StopAtStep
 from callbacks.progress import LineProgress, progress_bar_wanted
 from callbacks.rng_state import RngStateCallback
-from callbacks.synthetic_data import SyntheticDataCallback
+from callbacks.synthetic_data import SyntheticDataCallback, on_device
 from collapse.atomic import atomic_open, atomic_write_json
 from collapse.contract import Modality, RealDataModule
 from collapse.distributed import Dist, launch, wants_processes
@@ -388,7 +388,8 @@ class _GenerationContext:
         # Rank 0's answer on every rank: rank 0 may already have committed (and moved) the staging folder, and a
         # rank that looked for itself would then start drawing alone and wait for the others forever.
         if not dist.on_zero(sampler.is_done):  # only when an earlier run staged the metrics by hand
-            sampler.sample_into_store(model, dist.rank, dist.world_size, dist.barrier)
+            with on_device(model, trainer.strategy.root_device):  # the test's teardown left it on the CPU
+                sampler.sample_into_store(model, dist.rank, dist.world_size, dist.barrier)
 
         dist.on_zero(lambda: self._commit(g, sampler))
         return did_fit, metrics

@@ -222,8 +222,11 @@ def respaced_timesteps(num_steps: int, sample_steps: int | None) -> list[int]:
 def scatter_mean(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Mean of the rows of ``values`` (M, D) per group ``index`` (M,) in 0..size-1: shape ``(size, D)`` (0 if empty)."""
     total = values.new_zeros(size, values.shape[1]).index_add_(0, index, values)
-    count = torch.bincount(index, minlength=size).clamp_min(1).to(values.dtype)
-    return total / count[:, None]
+    # Counted by adding ones, not torch.bincount, which on a GPU reads the largest index back to the host (the
+    # host waits for the device at every call); sums of ones are exact in float32 in any order.
+    ones = torch.ones(index.shape[0], dtype=torch.float32, device=index.device)
+    count = torch.zeros(size, dtype=torch.float32, device=index.device).index_add_(0, index, ones)
+    return total / count.clamp_min(1).to(values.dtype)[:, None]
 
 
 def remove_mean(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
@@ -350,6 +353,9 @@ class EquivariantDenoiser(nn.Module):
     def __init__(self, hidden: int = 64, num_layers: int = 4, cutoff: float = 5.0, num_rbf: int = 16):
         super().__init__()
         self.cutoff = cutoff
+        self.select_pairs: bool | None = None
+        """Whether the pairs beyond the cutoff are dropped before the message passing (None: on a CPU only; the
+        result is the same either way, as those pairs weigh 0)."""
         self.hidden = hidden
         self.num_layers = num_layers
         self.atom_emb = nn.Embedding(MAX_ATOMIC_NUMBER + 1, hidden)
@@ -375,15 +381,21 @@ class EquivariantDenoiser(nn.Module):
         # Radius graph on the current coordinates: bonds always, other pairs when d_ij < cutoff.
         rel_all = x.index_select(0, pairs.src) - x.index_select(0, pairs.dst)  # (P, 3)
         d2_all = rel_all.square().sum(1)  # (P,)
-        keep = torch.nonzero((pairs.bond > 0) | (d2_all < self.cutoff**2))[:, 0]  # (P',)
-        src, dst = pairs.src[keep], pairs.dst[keep]
-        rel, d2 = rel_all[keep], d2_all[keep]  # (P', 3), (P',)
+        select = x.device.type == "cpu" if self.select_pairs is None else self.select_pairs
+        if select:  # the pairs within reach: less work downstream
+            keep = torch.nonzero((pairs.bond > 0) | (d2_all < self.cutoff**2))[:, 0]  # (P',)
+            src, dst, bond_code = pairs.src[keep], pairs.dst[keep], pairs.bond[keep]
+            rel, d2 = rel_all[keep], d2_all[keep]  # (P', 3), (P',)
+        else:
+            # Every pair: the ones beyond the cutoff weigh 0 below and add exact zeros, and selecting them would
+            # make the host wait for the device (the size of a nonzero) at every step of training and sampling.
+            src, dst, bond_code, rel, d2 = pairs.src, pairs.dst, pairs.bond, rel_all, d2_all
         dist = d2.clamp_min(0).sqrt()  # (P',)
         # w_ij: 1 on bonds, the cutoff envelope (-> 0 at the cutoff) on radius edges, so that a pair entering
         # or leaving the radius graph changes nothing and eps is a continuous function of x.
-        weight = torch.where(pairs.bond[keep] > 0, torch.ones_like(dist), cutoff_envelope(dist, self.cutoff))  # (P',)
+        weight = torch.where(bond_code > 0, torch.ones_like(dist), cutoff_envelope(dist, self.cutoff))  # (P',)
         rbf = torch.exp(-0.5 * ((dist[:, None] - self.rbf_centres.to(x)) / self.rbf_width).square())  # (P', R)
-        bond = nn.functional.one_hot(pairs.bond[keep], NUM_BOND_TYPES).to(x)  # (P', 5)
+        bond = nn.functional.one_hot(bond_code, NUM_BOND_TYPES).to(x)  # (P', 5)
         features = torch.cat([rbf, (d2 / self.cutoff**2).clamp(max=4.0)[:, None], bond], dim=1)  # (P', R + 6)
         edge_terms = self.edge_proj(features).split(self.hidden, dim=1)  # num_layers + 1 of (P', H)
         # Soft degree sum_j w_ij, floored at 1: an atom whose only partners sit near the cutoff gets

@@ -255,7 +255,9 @@ class VAEModule(SamplingModule):
             z = torch.randn(n, self.config.latent_dim, generator=generator, device=gen_device)  # (n, L)
             chunks = []
             for start in range(0, n, DECODE_CHUNK):
-                logits = self.vae.decode(z[start : start + DECODE_CHUNK].to(self.device))  # (b, 1, 28, 28)
+                # In the weights' dtype: a bf16-true or 16-true fit leaves them in half precision (no autocast here).
+                latent = z[start : start + DECODE_CHUNK].to(self.device, next(self.parameters()).dtype)
+                logits = self.vae.decode(latent)  # (b, 1, 28, 28)
                 p = torch.sigmoid(logits.float())[:, 0]  # (b, 28, 28)
                 if self.config.sample_mode == "mean":
                     pixels = torch.round(p * 255)

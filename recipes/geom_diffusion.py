@@ -57,7 +57,9 @@ CPU_EPOCHS = 50
 GPU_EPOCHS = 100
 """Epochs per generation on a GPU (GeoDiff trained for far longer on GEOM-Drugs; raise it for a faithful run)."""
 PRECISION = "32-true"
-"""Coordinates and noise are float32 by default, on every device (diffusion over coordinates is precision-sensitive)."""
+"""Coordinates and noise are float32 by default, on every device (diffusion over coordinates is precision-sensitive).
+On a CUDA GPU the denoiser's matrix products use TF32, as in every recipe (the coordinate arithmetic itself is
+elementwise float32); ``COLLAPSE_FULL_FP32=1`` keeps them in full float32."""
 DATA_FILE = "data.json"
 """The real data's label and counts (molecules read, skipped per reason), in the run dir."""
 

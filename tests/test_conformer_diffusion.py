@@ -180,6 +180,30 @@ def test_predicted_noise_is_e3_equivariant(graphs, reflect):
     assert eps.abs().sum() > 0
 
 
+def test_all_pairs_give_the_noise_of_the_pairs_within_the_cutoff(graphs):
+    # On a GPU every pair goes through the message passing (selecting the near ones would make the host wait for
+    # the device); the pairs beyond the cutoff weigh 0, so the predicted noise is that of the CPU's selection.
+    torch.manual_seed(0)
+    model = ConformerDiffusionModule(cutoff=3.0, **TINY).double()
+    batch = collate_molecules(graphs)
+    gen = torch.Generator().manual_seed(1)
+    x = batch.pos.double() + 0.5 * torch.randn(batch.pos.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([3, 7, 11, 15, 19])
+    d = (x.index_select(0, atom_pairs(batch).src) - x.index_select(0, atom_pairs(batch).dst)).norm(dim=1)
+    assert (d > 3.0).any() and (d < 3.0).any()  # some pairs on each side of the cutoff
+    eps = {}
+    for select in (True, False):
+        model.denoiser.select_pairs = select
+        eps[select] = model(batch, x, t)
+    torch.testing.assert_close(eps[False], eps[True], rtol=1e-12, atol=1e-12)
+
+
+def test_scatter_mean_counts_each_group_and_leaves_empty_groups_at_zero():
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]])
+    means = conformer_diffusion.scatter_mean(values, torch.tensor([2, 0, 2]), 4)
+    torch.testing.assert_close(means, torch.tensor([[3.0, 4.0], [0.0, 0.0], [3.0, 5.5], [0.0, 0.0]]))
+
+
 def cutoff_crossing_change(model: ConformerDiffusionModule, graphs: list[MolGraph], delta: float) -> float:
     """Largest change of the predicted noise, relative to its largest entry, when one non-bonded atom pair
     of the phenol molecule goes from ``cutoff - delta`` to ``cutoff + delta`` apart (the other atoms fixed)."""

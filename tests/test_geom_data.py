@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import collections
 import csv
+import dataclasses
 import json
 import os
 import pickle
@@ -661,6 +662,27 @@ def test_collate_of_the_module_items(sdf_module):
     test_batch = next(iter(dm.test_dataloader()))
     assert test_batch.mol_id.tolist() == [0, 1]
     assert dm.val_dataloader() == []
+
+
+def test_a_pinning_loader_pins_every_tensor_of_a_molecule_batch(sdf_module, monkeypatch):
+    # A DataLoader with pin_memory=True (on a GPU) pins a batch object through its pin_memory(); without one, a
+    # MoleculeBatch stayed in pageable memory and every copy to the GPU made the host wait.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = next(iter(DataLoader(sdf_module.train_dataset, batch_size=3, collate_fn=sdf_module.collate_fn)))
+    pinned = []
+
+    def fake_pin(self, *args, **kwargs):  # this machine may have no GPU to pin for
+        pinned.append(self)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = pin_memory(batch)
+    assert isinstance(out, MoleculeBatch) and out is not batch
+    assert len(pinned) == len(dataclasses.fields(MoleculeBatch))
+    assert all(torch.equal(getattr(out, f.name), getattr(batch, f.name)) for f in dataclasses.fields(MoleculeBatch))
+    moved = out.to("cpu")  # pageable or not, a copy to the CPU blocks
+    assert torch.equal(moved.pos, batch.pos) and moved.num_graphs == 3
 
 
 def test_second_run_reads_the_cache_and_a_damaged_cache_is_refused(tmp_path, monkeypatch):

@@ -186,6 +186,16 @@ def test_sample_is_uint8_and_seeded():
     assert model.sample(0, torch.Generator())["images"].shape == (0, 28, 28)
 
 
+def test_a_model_left_in_half_precision_by_its_fit_samples_as_in_float32():
+    # A bf16-true (or 16-true) fit leaves the weights in that dtype, and sampling runs outside autocast.
+    torch.manual_seed(0)
+    model = VAEModule(**TINY)
+    full = model.sample(6, torch.Generator().manual_seed(3))["images"]
+    half = model.to(torch.bfloat16).sample(6, torch.Generator().manual_seed(3))["images"]
+    assert half.dtype == np.uint8 and half.shape == (6, 28, 28)
+    assert np.abs(half.astype(int) - full.astype(int)).max() <= 8  # bf16 rounding of the decoder, same latents
+
+
 def test_bernoulli_samples_are_binary_and_seeded():
     torch.manual_seed(0)
     model = VAEModule(**TINY, sample_mode="bernoulli").eval()
