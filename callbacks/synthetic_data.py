@@ -32,6 +32,7 @@ import torch
 
 from collapse.atomic import atomic_open
 from collapse.contract import SamplingModel
+from collapse.distributed import Dist
 from collapse.progress import Progress, progress_within
 from collapse.seeding import derive_seed
 from collapse.store import GenerationStore
@@ -150,6 +151,22 @@ class SyntheticDataCallback(pl.Callback):
             return self.recorded_arrays()
         if not isinstance(model, SamplingModel):
             raise TypeError(f"{type(model).__name__} has no sample(n, generator) method; it cannot make synthetic data")
+        dist = Dist()
+        if dist.active:  # a rank that fails (out of memory, a full disk) stops the others instead of hanging them
+            dist.all_ok(lambda: self._draw_in_eval(model, rank, world_size))  # every rank's chunks are on disk
+            dist.on_zero(self._record)  # sampling.json is written, or rank 0's error is raised on every rank
+            return self.recorded_arrays()
+        self._draw_in_eval(model, rank, world_size)
+        if barrier is not None:
+            barrier()  # every rank's chunks are on disk
+        if rank == 0:
+            self._record()
+        if barrier is not None:
+            barrier()  # sampling.json is written
+        return self.recorded_arrays()
+
+    def _draw_in_eval(self, model: Any, rank: int, world_size: int) -> None:
+        """This rank's chunks, drawn with the model in evaluation mode (its mode restored after)."""
         was_training = getattr(model, "training", False)
         if hasattr(model, "eval"):
             model.eval()
@@ -161,15 +178,12 @@ class SyntheticDataCallback(pl.Callback):
                 end()  # free what sample() kept between chunks before the next fit needs the memory
             if was_training:
                 model.train()
-        if barrier is not None:
-            barrier()  # every rank's chunks are on disk
-        if rank == 0:
-            names = self._assemble()
-            self.store.save_json(self.generation, SAMPLING_FILE, {**self.settings, "sample_arrays": names})
-            shutil.rmtree(self._chunk_dir(), ignore_errors=True)
-        if barrier is not None:
-            barrier()  # sampling.json is written
-        return self.recorded_arrays()
+
+    def _record(self) -> None:
+        """Rank 0, once every chunk is drawn: assemble the arrays, write ``sampling.json``, drop the chunks."""
+        names = self._assemble()
+        self.store.save_json(self.generation, SAMPLING_FILE, {**self.settings, "sample_arrays": names})
+        shutil.rmtree(self._chunk_dir(), ignore_errors=True)
 
     def recorded_arrays(self) -> list[str]:
         """The sample array names recorded in the staged ``sampling.json``."""

@@ -13,18 +13,24 @@ The rules the loop follows with it:
 - only rank 0 writes to the run directory (config, store, metrics, W&B), except the chunk files of
   the synthetic set, which each rank writes for the chunks it draws;
 - rank 0's steps run inside :meth:`Dist.on_zero`, which broadcasts their result or their error, so
-  a failure on rank 0 stops every rank with the same message instead of leaving them waiting;
+  a failure on rank 0 stops every rank with the same message instead of leaving them waiting; steps that
+  every rank runs and the others wait for (drawing its share of a synthetic set) run inside
+  :meth:`Dist.all_ok`, which stops every rank when any one fails;
+- these collectives go through a gloo group of their own whose timeout is :data:`WAIT_TIMEOUT`, not the
+  default group's 30 minutes: rank 0 alone may prepare a corpus or score a synthetic set for longer;
 - all processes see the run directory through one shared file system (a laptop, one node, or a
   cluster's shared storage).
 
 Strategies that spawn processes from inside the script (``ddp_spawn``, ``ddp_notebook``) cannot
-work this way and are refused; ``ddp`` (the default for several devices), FSDP and the rest of the
-script-relaunching strategies are fine.
+work this way and are refused; so are sharded ones (FSDP, DeepSpeed) over several processes: after a
+fit, each rank samples and rank 0 saves the weights on its own, which needs every rank to hold the whole
+model. ``ddp`` (the default for several devices) is the strategy of a multi-device run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -36,6 +42,12 @@ T = TypeVar("T")
 
 LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy")
 """The Trainer settings that decide how many processes a run has."""
+WAIT_TIMEOUT = timedelta(hours=24)
+"""How long the ranks wait for each other in the loop's collectives (rank 0 preparing the data, scoring a
+synthetic set, ...). A rank that fails says so through the collective and a killed one closes its connection,
+so the others stop at once either way; the limit is for a rank that hangs."""
+
+_WAIT_GROUP: list[Any] = [None, None]  # [the default process group, the gloo group made beside it]
 
 
 class Dist:
@@ -58,17 +70,49 @@ class Dist:
     def is_zero(self) -> bool:
         return self.rank == 0
 
+    @property
+    def group(self) -> Any:
+        """The gloo group of the loop's collectives (timeout :data:`WAIT_TIMEOUT`), made at its first use: every
+        rank makes the loop's collectives in the same order, so every rank makes it at the same point."""
+        world = torch_dist.group.WORLD
+        if _WAIT_GROUP[0] is not world:  # first use, or a new default group
+            _WAIT_GROUP[:] = [world, torch_dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)]
+        return _WAIT_GROUP[1]
+
     def barrier(self) -> None:
         if self.active:
-            torch_dist.barrier()
+            torch_dist.barrier(group=self.group)
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank."""
         if not self.active:
             return obj
         box = [obj if self.is_zero else None]
-        torch_dist.broadcast_object_list(box, src=0)
+        torch_dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+    def all_ok(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on every rank, then wait for all; when any rank failed, every rank raises (its own error, or
+        the first failed rank's), instead of the others waiting for it."""
+        if not self.active:
+            return fn()
+        error: BaseException | None = None
+        outcome: tuple[str, Any] = ("ok", None)
+        result: Any = None
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others know
+            error = exc
+            outcome = ("error", (type(exc).__name__, str(exc), isinstance(exc, UserError)))
+        outcomes: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(outcomes, outcome, group=self.group)
+        if error is not None:
+            raise error
+        for rank, (kind, value) in enumerate(outcomes):
+            if kind == "error":
+                name, message, user = value
+                raise (UserError(message) if user else RuntimeError(f"rank {rank} failed: {name}: {message}"))
+        return result
 
     def on_zero(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and return its result on every rank; rank 0's error is raised on all."""
@@ -118,6 +162,13 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
             f"--trainer.strategy {strategy} starts processes from inside the script; use ddp "
             f"(the recipe re-launches itself once per device) or launch with torchrun"
         )
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    if any(word in str(name).lower() for word in ("fsdp", "deepspeed")):
+        raise UserError(
+            f"--trainer.strategy {name} shards the model across processes, but after each fit every process samples "
+            "its share of the synthetic set and rank 0 saves the weights, which needs the whole model on each; "
+            "use ddp (these models fit on one GPU)"
+        )
     from lightning.fabric import Fabric
 
     fabric = Fabric(
@@ -132,4 +183,4 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
     return Dist()
 
 
-__all__ = ["Dist", "LAUNCH_KEYS", "launch", "wants_processes"]
+__all__ = ["Dist", "LAUNCH_KEYS", "WAIT_TIMEOUT", "launch", "wants_processes"]

@@ -80,7 +80,8 @@ class GaussianDensity(SamplingModule):
     def model_step(self, batch: torch.Tensor, stage: str) -> torch.Tensor:
         """Mean NLL of a batch (B, D), logged as ``<stage>_loss`` (epoch mean, weighted by batch size)."""
         loss = self.nll(batch).mean()
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0])
+        # sync_dist: with several processes each tests its own share of the set; the logged loss is over all.
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0], sync_dist=True)
         return loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""The loop's collectives (collapse.distributed) in two real CPU processes: an error on any rank stops every rank."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+import collapse.distributed as distributed
+from callbacks.synthetic_data import SAMPLING_FILE, SyntheticDataCallback
+from collapse.distributed import WAIT_TIMEOUT, Dist
+from collapse.errors import UserError
+from collapse.store import GenerationStore
+
+
+class FailingOnRank1:
+    """A sampling model whose draws fail on rank 1 (as an out-of-memory error on one GPU would)."""
+
+    def sample(self, n, generator):
+        if torch_dist.get_rank() == 1:
+            raise MemoryError("no room for the KV cache on rank 1")
+        return {"x": np.zeros((n, 2), dtype=np.float32)}
+
+
+class Drawing:
+    def sample(self, n, generator):
+        return {"x": torch.rand(n, 2, generator=generator).numpy()}
+
+
+def outcome(fn) -> list[str]:
+    try:
+        return ["ok", repr(fn())]
+    except BaseException as exc:  # noqa: BLE001 - recorded for the parent
+        return [type(exc).__name__, str(exc)]
+
+
+def worker(rank: int, folder: str) -> None:
+    torch_dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    dist = Dist()
+    got = {
+        "group": [torch_dist.get_backend(dist.group), dist.group is Dist().group],
+        "on_zero": outcome(lambda: dist.on_zero(lambda: 7 * (rank + 1))),
+        "all_ok": outcome(lambda: dist.all_ok(lambda: rank if rank == 0 else 1 / 0)),
+        "all_ok_user": outcome(lambda: dist.all_ok(lambda: (_ for _ in ()).throw(UserError("bad flag")))),
+        "both_ok": outcome(lambda: dist.all_ok(lambda: rank + 10)),
+    }
+    store = GenerationStore(Path(folder) / "run")
+    failing = SyntheticDataCallback(store, 0, num_samples=8, batch_size=2, seed=0)
+    got["draw_fails_on_1"] = outcome(lambda: failing.sample_into_store(FailingOnRank1(), rank, 2, dist.barrier))
+    drawing = SyntheticDataCallback(store, 1, num_samples=8, batch_size=2, seed=0)
+    got["draw"] = outcome(lambda: drawing.sample_into_store(Drawing(), rank, 2, dist.barrier))
+    got["recorded"] = store.staged(1, SAMPLING_FILE) is not None
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(got))
+    torch_dist.destroy_process_group()
+
+
+def test_an_error_on_any_rank_stops_every_rank_with_its_message(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(rank, str(tmp_path))) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    alive = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, "a rank hung"
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    # The loop's collectives run on a gloo group of their own (long timeout), made once.
+    assert zero["group"] == one["group"] == ["gloo", True]
+    assert zero["on_zero"] == one["on_zero"] == ["ok", "7"]  # rank 0's result on both
+    # Rank 1 failed: it raises its own error, rank 0 the same one by name instead of waiting for rank 1.
+    assert one["all_ok"] == ["ZeroDivisionError", "division by zero"]
+    assert zero["all_ok"] == ["RuntimeError", "rank 1 failed: ZeroDivisionError: division by zero"]
+    assert zero["all_ok_user"] == one["all_ok_user"] == ["UserError", "bad flag"]  # a user error stays one
+    assert zero["both_ok"] == ["ok", "10"] and one["both_ok"] == ["ok", "11"]
+    # A draw that fails on rank 1 stops rank 0 too (it used to wait at the barrier), and nothing is recorded.
+    assert one["draw_fails_on_1"][0] == "MemoryError"
+    assert zero["draw_fails_on_1"] == ["RuntimeError", "rank 1 failed: MemoryError: no room for the KV cache on rank 1"]
+    assert zero["draw"] == one["draw"] == ["ok", "['x']"] and zero["recorded"] and one["recorded"]
+
+
+def test_the_wait_timeout_outlasts_rank_0_alone_preparing_a_corpus():
+    assert WAIT_TIMEOUT >= timedelta(hours=12)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2"])
+def test_sharded_strategies_are_refused_for_several_processes(monkeypatch, strategy):
+    monkeypatch.setattr(distributed, "wants_processes", lambda kwargs: 2)
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    with pytest.raises(UserError, match=f"--trainer.strategy {strategy} shards the model across processes"):
+        distributed.launch({"strategy": strategy, "devices": 2})
