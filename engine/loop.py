@@ -355,7 +355,7 @@ class _GenerationContext:
         trainer = self._trainer(g, stage, sampler, dm, steps)
 
         if plan["metrics"] is None and not plan["fitted"]:
-            _test_batches_exist(trainer, dm, g)  # Lightning would find out only after the training
+            _test_batches_exist(trainer, dm, g, model)  # Lightning would find out only after the training
         did_fit = False
         if plan["fitted"]:
             _load_weights(model, stage / MODEL_FILE)
@@ -688,23 +688,65 @@ def _trainer_argument_names() -> frozenset[str]:
     return frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
 
 
-def _test_batches_exist(trainer: pl.Trainer, dm: Any, g: int) -> None:
-    """Refuse a ``--trainer.limit_test_batches`` fraction that leaves no test batch, before generation ``g`` trains.
+def _test_batches_exist(trainer: pl.Trainer, dm: Any, g: int, model: Any = None) -> None:
+    """Refuse, before generation ``g`` trains, evaluation settings that leave a process without a test batch (or,
+    with validation, a validation batch): a ``--trainer.limit_test_batches`` fraction that keeps none, or, with
+    several processes, an evaluation set whose smallest share (each rank scores every W-th example) is empty or
+    cut to nothing by the fraction. A rank without batches skips the evaluation the others wait in.
 
-    The loader is the whole test set's (no process split yet), so a fraction refused here is refused on every rank.
+    The loaders are the whole sets' (no process split yet), so what is refused here is refused on every rank.
     """
-    limit = trainer.limit_test_batches
-    if not (isinstance(limit, float) and 0 < limit < 1):
-        return
+    world = max(1, int(getattr(trainer, "world_size", 1) or 1))
+    for stage, limit in (("test", trainer.limit_test_batches), ("val", trainer.limit_val_batches)):
+        if stage == "val" and (limit == 0 or not _validates(model) or not _has_validation(dm)):
+            continue
+        fraction = isinstance(limit, float) and 0 < limit < 1
+        if world == 1 and not fraction:
+            continue
+        try:
+            loader = getattr(dm, f"{stage}_dataloader")()
+            batches = len(loader)
+        except (TypeError, NotImplementedError, AttributeError):  # no loader, or none with a length
+            continue
+        if not batches:
+            continue
+        size, batch_size = _dataset_size(loader), getattr(loader, "batch_size", None)
+        flag = f"--trainer.limit_{stage}_batches"
+        if world > 1 and size is not None and batch_size:
+            share = size // world  # rank W - 1 has the fewest examples
+            if share == 0:
+                raise UserError(
+                    f"the {stage} set of generation {g} has {size} examples, fewer than the {world} processes: "
+                    f"some would score none while the others wait for them; use fewer processes or more {stage} data"
+                )
+            batches = -(-share // batch_size)  # the smallest rank's batches
+        if fraction and int(batches * limit) == 0:
+            whose = " (the smallest process's share)" if world > 1 else ""
+            raise UserError(
+                f"the --trainer settings do not fit generation {g}'s data: {flag} {limit} of "
+                f"{batches} {stage} batches{whose} is no batch; give at least {1 / batches:.4g}, or a number of batches"
+            )
+
+
+def _validates(model: Any) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return model is not None and is_overridden("validation_step", model, pl.LightningModule)
+
+
+def _has_validation(dm: Any) -> bool:
     try:
-        batches = len(dm.test_dataloader())
-    except TypeError:  # a loader without a length: Lightning checks it when the test starts
-        return
-    if batches and int(batches * limit) == 0:
-        raise UserError(
-            f"the --trainer settings do not fit generation {g}'s data: --trainer.limit_test_batches {limit} of "
-            f"{batches} test batches is no batch; give at least {1 / batches:.4g}, or a number of batches"
-        )
+        loader = dm.val_dataloader()
+    except (NotImplementedError, AttributeError):
+        return False
+    return bool(loader) if isinstance(loader, (list, tuple)) else loader is not None
+
+
+def _dataset_size(loader: Any) -> int | None:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 @contextlib.contextmanager

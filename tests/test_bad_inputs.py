@@ -222,7 +222,7 @@ def test_the_tinystories_dry_run_refuses_what_the_run_refuses(argv, message, tmp
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--trainer.limit_val_batches", "0.01"], "increase the --trainer.limit_val_batches argument"),
+        (["--trainer.limit_val_batches", "0.01"], "--trainer.limit_val_batches 0.01 of 1 val batches is no batch"),
         (["--trainer.limit_test_batches", "0.0001"], "--trainer.limit_test_batches 0.0001 of 1 test batches is no"),
         (["--trainer.val_check_interval", "1000"], "--trainer.val_check_interval (1000) must be less than"),
     ],

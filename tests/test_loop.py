@@ -747,3 +747,44 @@ def test_every_rank_follows_rank_0_on_whether_the_set_is_drawn(tmp_path):
     with pytest.raises(FileNotFoundError):  # rank 1 draws its chunk, then reads the sampling.json rank 0 writes
         cb.on_fit_end(to_draw, model)
     assert model.calls == 1 and to_draw.strategy.barriers == 2
+
+
+def test_evaluation_settings_that_leave_a_process_without_batches_are_refused_before_training():
+    # Each of W processes scores every W-th example; a rank left without a batch skips the evaluation that the
+    # other ranks wait in (a hang), so the smallest share must hold a batch, after any limit_*_batches fraction.
+    import lightning.pytorch as pl
+
+    def loader(n: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(n, 1)), batch_size=64)
+
+    class Data:
+        def __init__(self, test: int, val: int | None = None):
+            self.test, self.val = test, val
+
+        def test_dataloader(self):
+            return loader(self.test)
+
+        def val_dataloader(self):
+            return [] if self.val is None else loader(self.val)
+
+    class Trainer:
+        def __init__(self, world_size: int = 1, limit_test_batches=1.0, limit_val_batches=1.0):
+            self.world_size, self.limit_test_batches, self.limit_val_batches = (
+                world_size, limit_test_batches, limit_val_batches,
+            )  # fmt: skip
+
+    class Validating(pl.LightningModule):
+        def validation_step(self, batch, batch_idx):
+            return None
+
+    check = loop._test_batches_exist
+    check(Trainer(1, 0.4), Data(1025), 0)  # 17 batches, 6 of them scored
+    with pytest.raises(UserError, match=r"limit_test_batches 0.4 of 2 test batches \(the smallest process's share\)"):
+        check(Trainer(8, 0.4), Data(1025), 3)  # rank 7: 128 examples, 2 batches, none kept
+    check(Trainer(8, 0.5), Data(1025), 3)  # one batch each
+    with pytest.raises(UserError, match="the test set of generation 2 has 3 examples, fewer than the 4 processes"):
+        check(Trainer(4), Data(3), 2)
+    check(Trainer(2), Data(3, val=1), 0)  # the model does not validate: its validation set is not looked at
+    with pytest.raises(UserError, match="the val set of generation 0 has 1 examples, fewer than the 2 processes"):
+        check(Trainer(2), Data(3, val=1), 0, Validating())
+    check(Trainer(2, limit_val_batches=0), Data(3, val=1), 0, Validating())  # validation switched off
