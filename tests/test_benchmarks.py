@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -238,9 +239,16 @@ def test_gpu_check_command_lines_parse(tmp_path):
     names = {line.split(":")[0] for line in checked}
     assert {"train_llama2-42m", "train_llama2-42m_pack_compile", "train_llama2-42m_cudagraphs"} <= names
     assert {"profile_llama2-42m_pack_compile", "sample_gpt2-9m", "sample_llama2-126m", "generation_gpt2-9m"} <= names
-    assert {"sample_gpt2-9m_flex", "train_llama2-126m", "train_llama2-42m_flex"} <= names
+    assert {"sample_gpt2-9m_flex", "train_llama2-126m", "recipe_gpt2-9m"} <= names
     assert len(checked) == 10
     assert "timeouts add up to 600s" in proc.stdout
+    # GPU_CHECK_FLEX=1 adds flex attention's packed training, 40 s beyond the 600.
+    flex = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env={**env, "GPU_CHECK_FLEX": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert flex.returncode == 0 and "train_llama2-42m_flex: flags ok" in flex.stdout, flex.stdout[-3000:]
+    assert "timeouts add up to 640s" in flex.stdout
 
 
 def test_flag_check_rejects_a_flag_its_parser_does_not_know(tmp_path):
@@ -277,6 +285,33 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_the_gpu_checks_recipe_step_runs_with_jsonargparse_as_its_only_extra_package(tmp_path):
+    # gpu_check's recipe step carries jsonargparse (and its own needs) as wheels; W&B, datasets, mlxtend and
+    # rdkit are not on the GPU machine, and the TinyStories recipe must run two generations without them (generation
+    # 0's synthetic set is what the GPU run checks is drawn on the GPU).
+    code = """
+import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("mlxtend", "rdkit", "wandb", "datasets"):
+            raise ImportError("not on the GPU machine: " + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, "recipes")  # as running the script puts its folder first
+sys.argv = ["tinystories.py", *sys.argv[1:]]
+runpy.run_path("recipes/tinystories.py", run_name="__main__")
+"""
+    flags = ["--model.preset", "gpt2-tiny", "--data.num_real", "32", "--data.num_test", "8", "--generations", "2"]
+    flags += ["--batch_size", "8", "--trainer.compile", "false", "--sampling.compile", "off", "--wandb.mode"]
+    flags += ["disabled", "--data.max_seq_len", "64", "--progress_every", "0.2", "--out_dir", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-c", code, *flags]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert re.search(r"sampling gen 0: done", out) and re.search(r"\[lm\] .*test_loss=", out), out[-3000:]
+    assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
 def test_generation_benchmark_prints_the_samplers_figures_before_the_generate_loop(tmp_path):
