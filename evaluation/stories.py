@@ -28,7 +28,7 @@ import numpy as np
 from collapse.atomic import atomic_write_text
 from collapse.errors import ConfigError
 from collapse.progress import Progress
-from datamodules.story_corpus import distinct_n, format_corpus, rare_words, tokenize_words
+from datamodules.story_corpus import format_corpus, rare_words, tokenize_words
 from datamodules.tokenizer import decode
 
 log = logging.getLogger(__name__)
@@ -56,16 +56,34 @@ class DiversityConfig:
 
 
 def corpus_diversity(stories: list[str], rare: set[str]) -> dict[str, float]:
-    """Distinct-1/2/3, word types and the coverage of ``rare`` (real rare words) of a list of stories."""
-    used: set[str] = set()
+    """Distinct-1/2/3, word types and the coverage of ``rare`` (real rare words) of a list of stories.
+
+    One pass, each story split into words once: the values of :func:`~datamodules.story_corpus.distinct_n` for
+    n = 1, 2, 3 (n-grams within each story, pooled), a third of the time of three passes (a published-size
+    synthetic set has millions of stories).
+    """
+    words_seen: set[str] = set()
+    pairs: set[tuple[str, str]] = set()
+    triples: set[tuple[str, str, str]] = set()
+    total = 0  # words; a story of k words has k - 1 pairs and k - 2 triples
+    pair_total = triple_total = 0
     for story in stories:
-        used.update(tokenize_words(story))
+        words = tokenize_words(story)
+        k = len(words)
+        total += k
+        words_seen.update(words)
+        if k >= 2:
+            pair_total += k - 1
+            pairs.update(zip(words, words[1:]))
+        if k >= 3:
+            triple_total += k - 2
+            triples.update(zip(words, words[1:], words[2:]))
     return {
-        "distinct_1": distinct_n(stories, 1),
-        "distinct_2": distinct_n(stories, 2),
-        "distinct_3": distinct_n(stories, 3),
-        "word_types": float(len(used)),
-        "rare_word_coverage": len(rare & used) / len(rare) if rare else 1.0,
+        "distinct_1": len(words_seen) / total if total else 0.0,
+        "distinct_2": len(pairs) / pair_total if pair_total else 0.0,
+        "distinct_3": len(triples) / triple_total if triple_total else 0.0,
+        "word_types": float(len(words_seen)),
+        "rare_word_coverage": len(rare & words_seen) / len(rare) if rare else 1.0,
     }
 
 

@@ -277,6 +277,12 @@ def test_corpus_diversity_sees_repetition_and_lost_rare_words():
     assert r["distinct_2"] > p["distinct_2"] and p["distinct_2"] == pytest.approx(5 / 15)
     assert r["rare_word_coverage"] == 1.0 and p["rare_word_coverage"] == 0.0
     assert r["word_types"] > p["word_types"]
+    # One pass gives distinct_n's values (n-grams within each story, pooled), short and empty stories included.
+    from datamodules.story_corpus import distinct_n, generate_stories
+
+    for corpus in (generate_stories(200, seed=3), ["", "a", "a b", "The cat's hat. A dog!", "b a b a"], []):
+        got = corpus_diversity(corpus, rare)
+        assert [got[f"distinct_{n}"] for n in (1, 2, 3)] == [distinct_n(corpus, n) for n in (1, 2, 3)]
 
 
 @pytest.mark.slow
