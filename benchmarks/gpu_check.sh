@@ -106,7 +106,7 @@ SAMPLE_KEYS='^StorySampler:|^speedup_vs_hf_generate:|^warm-up:|^kv_read_efficien
 COMPILE_KEYS='compiles:|^lightning batches:'
 PROFILE_KEYS='^(train|sample)_(wall_ms|device_busy|time_by_kind|library_share|kernels|syncs):|^sample:'
 RECIPE_KEYS='sampling gen 0 (on [a-z]+:?[0-9]*)?: done|^\[lm\] .*test_loss=|^error:'
-GENERATION_KEYS='^(train_warmup_seconds|train_tokens_per_s|train_mfu|test_tokens_per_s|sample_warmup_seconds|sample_tokens_per_s|sample_mean_tokens|projected_minutes_per_generation_published):'
+GENERATION_KEYS='^(train_warmup_seconds|train_tokens_per_s|train_mfu|test_tokens_per_s|sample_warmup_seconds|sample_tokens_per_s|sample_mean_tokens|score_stories_per_s|projected_minutes_per_generation_published):'
 
 step nvidia_smi 5 '^[^|+ ].*MiB' bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
     --format=csv,noheader && nvidia-smi'

@@ -1,18 +1,21 @@
 """Time one TinyStories generation, phase by phase, and project it to the published corpus size.
 
 One generation of the recipe, on ``--stories`` stand-in stories at the preset's own context: train one
-epoch (the published setting), evaluate on the test stories, then sample as many stories as were trained
-on, in the recipe's chunks and at its concurrency for the device (``--chunk``, ``--sampling_batch_size``).
+epoch (the published setting), evaluate on the test stories, sample as many stories as were trained
+on, in the recipe's chunks and at its concurrency for the device (``--chunk``, ``--sampling_batch_size``),
+then score them as the recipe does on rank 0 (decode, write ``stories.txt``, distinct-n and rare-word
+coverage: :class:`evaluation.stories.StorySampleEvaluator`; the real corpus's rare words, found once per
+run, are timed apart as ``rare_words_seconds`` and left out of the projection).
 Training packs and compiles as the recipe does by default for the device (both on a GPU, neither on a
 CPU; ``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` and ``--attn_implementation`` override).
 Each phase prints its seconds and real (non-padding) tokens per second; the projection scales the
 measured rates to the published corpus (2.12M training stories, 21,990 validation stories used as the
 test set), at this run's mean tokens per story:
 
-    minutes = (S * t_train / r_train + S_test * t_train / r_test + S * t_sample / r_sample + w) / 60,
+    minutes = (S * t_train / r_train + S_test * t_train / r_test + S * t_sample / r_sample + S / q + w) / 60,
 
 with S the published stories, t_train / t_sample the mean tokens of a training / sampled story here,
-r the tokens per second of each phase and w the warm-ups: the sampler's (one draw of
+r the tokens per second of each phase, q the stories scored per second and w the warm-ups: the sampler's (one draw of
 ``--sampling_batch_size`` stories before the timed one: on a GPU it compiles the decode step and captures
 its CUDA graphs, a cost paid once per generation, not per story) and, for a compiled model, training's
 (``train_warmup_seconds``: ``--train_warmup`` steps and test batches of a throwaway model, which compile
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +52,7 @@ from benchmarks.lm_training import add_training_flags, recipe_defaults  # noqa: 
 from benchmarks.mfu import counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
 from collapse.hardware import retain_freed_memory, tf32_matmuls  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
+from evaluation.stories import DiversityConfig, StorySampleEvaluator  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, default_context  # noqa: E402
 from recipes.tinystories import CPU_CHUNK, GPU_CHUNK_WAVES  # noqa: E402
@@ -191,17 +196,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     gen = torch.Generator(device="cuda" if args.device == "cuda" else "cpu").manual_seed(0)
     warmup_s, _ = timed(args.device, lambda: module.sample(min(slots, args.stories), gen))
     emit("sample_warmup_seconds", warmup_s)
-    sample_s, lengths = timed(args.device, lambda: sample_in_chunks(module, args.stories, chunk, gen))
+    sample_s, drawn = timed(args.device, lambda: sample_in_chunks(module, args.stories, chunk, gen))
+    lengths = drawn["lengths"]
     sample_tokens = int(lengths.sum())
     emit("sample_seconds", sample_s)
     emit("sample_tokens_per_s", sample_tokens / sample_s)
     per_story_train = train_tokens / args.stories
     per_story_sample = sample_tokens / args.stories
     emit("sample_mean_tokens", per_story_sample)
+    # Scoring, as the recipe's rank 0 does after each generation's test (the others wait for it).
+    scorer = StorySampleEvaluator(DiversityConfig(), data)
+    rare_s, _ = timed("cpu", scorer.rare_words)  # once per run: left out of the per-generation projection
+    emit("rare_words_seconds", rare_s)
+    with tempfile.TemporaryDirectory() as stage:
+        score_s, _ = timed("cpu", lambda: scorer(Path(stage), drawn, 0))
+    emit("score_seconds", score_s)
+    emit("score_stories_per_s", args.stories / score_s)
     projected = (
         PUBLISHED_TRAIN_STORIES * per_story_train / result["train_tokens_per_s"]
         + PUBLISHED_TEST_STORIES * per_story_train / result["test_tokens_per_s"]
         + PUBLISHED_TRAIN_STORIES * per_story_sample / result["sample_tokens_per_s"]
+        + PUBLISHED_TRAIN_STORIES / result["score_stories_per_s"]
         + warmup_s
         + train_warmup_s
     ) / 60
@@ -209,11 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return result
 
 
-def sample_in_chunks(module: CausalLMModule, n: int, chunk: int, gen: torch.Generator) -> np.ndarray:
-    """The lengths of ``n`` stories drawn as the recipe draws them: one sampler call per chunk of ``chunk`` stories
-    (each chunk ends when its longest story does, so the chunk size shows in the rate)."""
-    lengths = [module.sample(min(chunk, n - start), gen)["lengths"] for start in range(0, n, chunk)]
-    return np.concatenate(lengths)
+def sample_in_chunks(module: CausalLMModule, n: int, chunk: int, gen: torch.Generator) -> dict[str, np.ndarray]:
+    """``n`` stories drawn as the recipe draws them: one sampler call per chunk of ``chunk`` stories (each chunk
+    ends when its longest story does, so the chunk size shows in the rate); the chunks' arrays concatenated."""
+    chunks = [module.sample(min(chunk, n - start), gen) for start in range(0, n, chunk)]
+    return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
 
 def module_backend(module: CausalLMModule) -> str:

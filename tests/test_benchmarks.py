@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 KEYS = (
     "context", "train_warmup_seconds", "train_seconds", "train_tokens_per_s", "test_seconds", "test_tokens_per_s",
-    "sample_warmup_seconds", "sample_seconds", "sample_tokens_per_s", "projected_minutes_per_generation_published",
+    "sample_warmup_seconds", "sample_seconds", "sample_tokens_per_s", "rare_words_seconds", "score_seconds",
+    "score_stories_per_s", "projected_minutes_per_generation_published",
 )  # fmt: skip
 
 
