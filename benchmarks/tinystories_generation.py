@@ -52,8 +52,8 @@ from benchmarks.lm_training import add_training_flags, recipe_defaults  # noqa: 
 from benchmarks.mfu import counting_text, flop_shape, mfu_text, resolve_peak, training_flops  # noqa: E402
 from collapse.hardware import retain_freed_memory, tf32_matmuls  # noqa: E402
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule  # noqa: E402
-from evaluation.stories import DiversityConfig, StorySampleEvaluator  # noqa: E402
 from datamodules.tokenizer import EOT_ID, PAD_ID  # noqa: E402
+from evaluation.stories import DiversityConfig, StorySampleEvaluator  # noqa: E402
 from lit_modules.causal_lm import CausalLMConfig, CausalLMModule, default_context  # noqa: E402
 from recipes.tinystories import CPU_CHUNK, GPU_CHUNK_WAVES  # noqa: E402
 from samplers.story_sampler import SamplingConfig, auto_batch_size  # noqa: E402
