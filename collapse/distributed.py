@@ -96,43 +96,42 @@ class Dist:
         the first failed rank's), instead of the others waiting for it."""
         if not self.active:
             return fn()
-        error: BaseException | None = None
-        outcome: tuple[str, Any] = ("ok", None)
-        result: Any = None
-        try:
-            result = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others know
-            error = exc
-            outcome = ("error", (type(exc).__name__, str(exc), isinstance(exc, UserError)))
+        outcome, error = _run(fn)
         outcomes: list[Any] = [None] * self.world_size
         torch_dist.all_gather_object(outcomes, outcome, group=self.group)
         if error is not None:
             raise error
-        for rank, (kind, value) in enumerate(outcomes):
-            if kind == "error":
-                name, message, user = value
-                raise (UserError(message) if user else RuntimeError(f"rank {rank} failed: {name}: {message}"))
-        return result
+        for rank, theirs in enumerate(outcomes):
+            _raise_failure(theirs, rank)
+        return outcome[1]
 
     def on_zero(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and return its result on every rank; rank 0's error is raised on all."""
         if not self.active:
             return fn()
-        outcome: tuple[str, Any] = ("ok", None)
-        error: BaseException | None = None
-        if self.is_zero:
-            try:
-                outcome = ("ok", fn())
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others know
-                error = exc
-                outcome = ("error", (type(exc).__name__, str(exc), isinstance(exc, UserError)))
-        kind, value = self.broadcast(outcome)
+        outcome, error = _run(fn) if self.is_zero else (("ok", None), None)
+        outcome = self.broadcast(outcome)
         if error is not None:
             raise error
-        if kind == "error":
-            name, message, user = value
-            raise (UserError(message) if user else RuntimeError(f"rank 0 failed: {name}: {message}"))
-        return value
+        _raise_failure(outcome, 0)
+        return outcome[1]
+
+
+def _run(fn: Callable[[], T]) -> tuple[tuple[str, Any], BaseException | None]:
+    """``(("ok", result), None)``, or ``(("error", (type name, message, is a UserError)), the error)``: what the
+    other ranks are told of ``fn``'s run on this one, and the error to re-raise here once they know."""
+    try:
+        return ("ok", fn()), None
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller, after the others know
+        return ("error", (type(exc).__name__, str(exc), isinstance(exc, UserError))), exc
+
+
+def _raise_failure(outcome: tuple[str, Any], rank: int) -> None:
+    """Raise, on another rank, the failure that ``outcome`` (from :func:`_run` on ``rank``) reports, if any."""
+    kind, value = outcome
+    if kind == "error":
+        name, message, user = value
+        raise (UserError(message) if user else RuntimeError(f"rank {rank} failed: {name}: {message}"))
 
 
 def wants_processes(trainer_kwargs: Mapping[str, Any]) -> int:
@@ -163,7 +162,7 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
             f"(the recipe re-launches itself once per device) or launch with torchrun"
         )
     name = strategy if isinstance(strategy, str) else type(strategy).__name__
-    if any(word in str(name).lower() for word in ("fsdp", "deepspeed")):
+    if any(word in name.lower() for word in ("fsdp", "deepspeed")):
         raise UserError(
             f"--trainer.strategy {name} shards the model across processes, but after each fit every process samples "
             "its share of the synthetic set and rank 0 saves the weights, which needs the whole model on each; "

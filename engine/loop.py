@@ -698,14 +698,14 @@ def _test_batches_exist(trainer: pl.Trainer, dm: Any, g: int, model: Any = None)
     """
     world = max(1, int(getattr(trainer, "world_size", 1) or 1))
     for stage, limit in (("test", trainer.limit_test_batches), ("val", trainer.limit_val_batches)):
-        if stage == "val" and (limit == 0 or not _validates(model) or not _has_validation(dm)):
+        if stage == "val" and (limit == 0 or not _validates(model)):
             continue
         fraction = isinstance(limit, float) and 0 < limit < 1
         if world == 1 and not fraction:
             continue
         try:
             loader = getattr(dm, f"{stage}_dataloader")()
-            batches = len(loader)
+            batches = len(loader)  # an empty list of loaders (no validation set): 0
         except (TypeError, NotImplementedError, AttributeError):  # no loader, or none with a length
             continue
         if not batches:
@@ -732,14 +732,6 @@ def _validates(model: Any) -> bool:
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     return model is not None and is_overridden("validation_step", model, pl.LightningModule)
-
-
-def _has_validation(dm: Any) -> bool:
-    try:
-        loader = dm.val_dataloader()
-    except (NotImplementedError, AttributeError):
-        return False
-    return bool(loader) if isinstance(loader, (list, tuple)) else loader is not None
 
 
 def _dataset_size(loader: Any) -> int | None:
