@@ -155,14 +155,14 @@ step generation_gpt2-9m 95 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_gener
     --preset gpt2-9m --stories 1000 --batch_size 32
 
 # The recipe itself, end to end on the GPU at a small size (eager, context 512, for time): data, generation 0's
-# fit, its synthetic set and test, then generation 1 trained on that set (the last generation draws none). Its sampling line (a line a second) must say "on cuda" (Lightning moves the model to the
+# fit, its synthetic set and test, then generation 1 trained on that set (the last generation draws none). Its sampling line (a line every 0.2 s) must say "on cuda" (Lightning moves the model to the
 # CPU when a fit ends; the sampling callback moves it back), and its result line gives the test loss. Needs jsonargparse
 # (from $WHEELS); the run directory stays out of $OUT, its metrics.csv is copied there.
 RECIPE_OUT=${GPU_CHECK_RECIPE_DIR:-/tmp/gpu_check_recipe}
 [ "$DRY" = 1 ] || rm -rf "$RECIPE_OUT"
 step recipe_gpt2-9m 40 "$RECIPE_KEYS" "$PY" recipes/tinystories.py --model.preset gpt2-9m --data.num_real 256 \
     --data.num_test 64 --data.max_seq_len 512 --generations 2 --workflow replace --batch_size 32 \
-    --trainer.compile false --sampling.compile off --wandb.mode disabled --progress_every 1 --out_dir "$RECIPE_OUT"
+    --trainer.compile false --sampling.compile off --wandb.mode disabled --progress_every 0.2 --out_dir "$RECIPE_OUT"
 [ -f "$RECIPE_OUT/metrics.csv" ] && cp "$RECIPE_OUT/metrics.csv" "$OUT/recipe_metrics.csv"
 
 # Only with GPU_CHECK_FLEX=1 (its 40 s are beyond the call's 600 s otherwise): packed training with flex

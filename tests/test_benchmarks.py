@@ -305,7 +305,7 @@ runpy.run_path("recipes/tinystories.py", run_name="__main__")
 """
     flags = ["--model.preset", "gpt2-tiny", "--data.num_real", "32", "--data.num_test", "8", "--generations", "2"]
     flags += ["--batch_size", "8", "--trainer.compile", "false", "--sampling.compile", "off", "--wandb.mode"]
-    flags += ["disabled", "--data.max_seq_len", "64", "--progress_every", "0.2", "--out_dir", str(tmp_path / "run")]
+    flags += ["disabled", "--data.max_seq_len", "64", "--progress_every", "0.005", "--out_dir", str(tmp_path / "run")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-c", code, *flags]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
