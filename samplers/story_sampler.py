@@ -1179,8 +1179,9 @@ class StorySampler:
     def _sync(
         self, s: dict[str, torch.Tensor], tokens: np.ndarray, lengths: np.ndarray, finished: np.ndarray
     ) -> tuple[bool, int]:
-        """The static path's sync point, one read from the device: flush the finished stories and return
-        (whether any story is still running or waiting, the attention length of the next steps)."""
+        """The static path's sync point: flush the finished stories and return (whether any story is still
+        running or waiting, the attention length of the next steps). Two reads from the device: the counts,
+        then (when stories finished) their rows and metadata together."""
         blocks = (torch.div(s["pos"], FLEX_BLOCK, rounding_mode="floor") + 1).sum()  # flex: blocks the slots read
         count, active, pos_max, blocks = torch.stack(
             [s["q_ptr"], (s["story"] < s["n"]).sum(), s["pos"].max(), blocks]
@@ -1203,8 +1204,10 @@ class StorySampler:
         if count:
             meta = s["q_meta"][:count]
             rows = s["q_tok"][:count].masked_fill(s["positions"][None, :] >= meta[:, 1:2], self.pad_id)
-            ids, lens, fins = meta.cpu().numpy().T
-            tokens[ids] = rows.cpu().numpy()
+            # One read from the device for both (the metadata as the first three columns).
+            read = torch.cat((meta, rows.to(meta.dtype)), dim=1).cpu().numpy()
+            ids, lens, fins = read[:, :3].T
+            tokens[ids] = read[:, 3:]
             lengths[ids] = lens
             finished[ids] = fins.astype(bool)
             self._stories_done += count
