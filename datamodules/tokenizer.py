@@ -237,7 +237,14 @@ def to_token_stream(encoded: Iterable[Sequence[int]], vocab_size: int | None = N
 
 def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
     """Decode ids to text, skipping special tokens (``EOT``, ``PAD``, reserved)."""
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+    values = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]  # Python ints either way
+    return tokenizer.decode(values, skip_special_tokens=True)
+
+
+def decode_rows(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """:func:`decode` of each row ``tokens[i, :lengths[i]]`` of a (n, L) array, the rows decoded in parallel."""
+    rows = [tokens[i, : int(length)].tolist() for i, length in enumerate(lengths)]
+    return tokenizer.decode_batch(rows, skip_special_tokens=True)
 
 
 # Lone surrogates U+DC80..U+DCFF are what ``surrogateescape`` makes of undecodable bytes, one per byte.

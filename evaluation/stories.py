@@ -8,8 +8,8 @@ for each generation's synthetic stories:
 - ``word_types``: distinct words used;
 - ``rare_word_coverage``: the fraction of the real training set's rare words (those in fewer than
   ``rare_doc_freq`` of its stories) that the synthetic corpus still uses;
-- ``mean_tokens``, ``finished_fraction`` (stories that ended with EOT rather than at the length limit)
-  and ``empty_stories``;
+- ``mean_tokens``, ``finished_fraction`` (stories that ended with EOT rather than at the length limit),
+  ``empty_stories`` and ``separator_stories`` (stories left out of ``stories.txt``, whose format cannot hold them);
 
 and writes the whole corpus as ``stories.txt`` (the TinyStories ``.txt`` format) and a few stories as
 ``samples.txt`` for reading.
@@ -18,18 +18,18 @@ and writes the whole corpus as ``stories.txt`` (the TinyStories ``.txt`` format)
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from collapse.atomic import atomic_write_text
+from collapse.atomic import atomic_open, atomic_write_text
 from collapse.errors import ConfigError
 from collapse.progress import Progress
-from datamodules.story_corpus import format_corpus, rare_words, tokenize_words
-from datamodules.tokenizer import decode
+from datamodules.story_corpus import EOT_SEPARATOR, STORIES_PER_CHUNK, NgramDiversity, format_corpus, rare_words
+from datamodules.tokenizer import decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,35 +55,25 @@ class DiversityConfig:
             raise ConfigError(f"--diversity.shown_stories must be an integer >= 0, got {self.shown_stories!r}")
 
 
-def corpus_diversity(stories: list[str], rare: set[str]) -> dict[str, float]:
-    """Distinct-1/2/3, word types and the coverage of ``rare`` (real rare words) of a list of stories.
+def corpus_diversity(stories: Iterable[str], rare: set[str]) -> dict[str, float]:
+    """Distinct-1/2/3, word types and the coverage of ``rare`` (real rare words) of a corpus of stories.
 
-    One pass, each story split into words once: the values of :func:`~datamodules.story_corpus.distinct_n` for
-    n = 1, 2, 3 (n-grams within each story, pooled), a third of the time of three passes (a published-size
-    synthetic set has millions of stories).
+    The values of :func:`~datamodules.story_corpus.distinct_n` for n = 1, 2, 3 (n-grams within each story,
+    pooled), counted on word ids (:class:`~datamodules.story_corpus.NgramDiversity`).
     """
-    words_seen: set[str] = set()
-    pairs: set[tuple[str, str]] = set()
-    triples: set[tuple[str, str, str]] = set()
-    total = 0  # words; a story of k words has k - 1 pairs and k - 2 triples
-    pair_total = triple_total = 0
-    for story in stories:
-        words = tokenize_words(story)
-        k = len(words)
-        total += k
-        words_seen.update(words)
-        if k >= 2:
-            pair_total += k - 1
-            pairs.update(zip(words, words[1:]))
-        if k >= 3:
-            triple_total += k - 2
-            triples.update(zip(words, words[1:], words[2:]))
+    counts = NgramDiversity()
+    counts.add(stories)
+    return diversity_metrics(counts, rare)
+
+
+def diversity_metrics(counts: NgramDiversity, rare: set[str]) -> dict[str, float]:
+    """:func:`corpus_diversity`'s values from the n-gram counts of a corpus."""
     return {
-        "distinct_1": len(words_seen) / total if total else 0.0,
-        "distinct_2": len(pairs) / pair_total if pair_total else 0.0,
-        "distinct_3": len(triples) / triple_total if triple_total else 0.0,
-        "word_types": float(len(words_seen)),
-        "rare_word_coverage": len(rare & words_seen) / len(rare) if rare else 1.0,
+        "distinct_1": counts.distinct_ratio(1),
+        "distinct_2": counts.distinct_ratio(2),
+        "distinct_3": counts.distinct_ratio(3),
+        "word_types": float(counts.distinct(1)),
+        "rare_word_coverage": len(rare.intersection(counts.ids.words)) / len(rare) if rare else 1.0,
     }
 
 
@@ -102,27 +92,49 @@ class StorySampleEvaluator:
         self._rare: set[str] | None = None
 
     def __call__(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
-        """Texts and metrics of the synthetic set (``tokens`` (n, L) with ``lengths`` (n,), optional ``finished``)."""
+        """Texts and metrics of the synthetic set (``tokens`` (n, L) with ``lengths`` (n,), optional ``finished``).
+
+        Chunk by chunk (:data:`~datamodules.story_corpus.STORIES_PER_CHUNK` stories): decode, count, append to
+        ``stories.txt``. A story whose text holds the separator ``<|endoftext|>`` (the model spelled it out
+        in ordinary tokens) cannot be written in that format: it is left out of the files, counted
+        (``sample_separator_stories``) and scored with the others.
+        """
         if "tokens" not in arrays:  # no synthetic set (a one-generation run draws none)
             return {}
         tokens, lengths = arrays["tokens"], np.asarray(arrays["lengths"])
-        stories = []
-        with Progress(len(lengths), f"decoding gen {generation}", "stories") as progress:
-            for i in range(len(lengths)):
-                stories.append(decode(self.real.tokenizer, tokens[i, : lengths[i]]))
-                progress.update()
-        blank = sum(1 for s in stories if not s.strip())
-        kept = [s.strip() for s in stories if s.strip()]
-        atomic_write_text(Path(stage) / STORIES_FILE, format_corpus(kept))
-        atomic_write_text(Path(stage) / SAMPLES_FILE, format_corpus(kept[: self.config.shown_stories]))
-        metrics = {f"sample_{k}": v for k, v in corpus_diversity(kept, self.rare_words()).items()}
+        counts = NgramDiversity()
+        shown: list[str] = []
+        blank = unwritable = 0
+        with (
+            atomic_open(Path(stage) / STORIES_FILE, "w") as out,
+            Progress(len(lengths), f"scoring gen {generation}", "stories") as progress,
+        ):
+            for start in range(0, len(lengths), STORIES_PER_CHUNK):
+                stop = min(start + STORIES_PER_CHUNK, len(lengths))
+                kept = [s.strip() for s in decode_rows(self.real.tokenizer, tokens[start:stop], lengths[start:stop])]
+                blank += kept.count("")
+                kept = [s for s in kept if s]
+                counts.add(kept)
+                written = [s for s in kept if EOT_SEPARATOR not in s]
+                unwritable += len(kept) - len(written)
+                out.write(format_corpus(written))
+                shown.extend(written[: self.config.shown_stories - len(shown)])
+                progress.update(stop - start)
+        atomic_write_text(Path(stage) / SAMPLES_FILE, format_corpus(shown))
+        metrics = {f"sample_{k}": v for k, v in diversity_metrics(counts, self.rare_words()).items()}
         metrics["sample_mean_tokens"] = float(lengths.mean()) if len(lengths) else 0.0
         if "finished" in arrays:
             finished = np.asarray(arrays["finished"])
             metrics["sample_finished_fraction"] = float(finished.mean()) if len(finished) else 0.0
         metrics["sample_empty_stories"] = float(blank)
+        metrics["sample_separator_stories"] = float(unwritable)
         if blank:
-            log.warning("generation %d: %d of %d synthetic stories are empty text", generation, blank, len(stories))
+            log.warning("generation %d: %d of %d synthetic stories are empty text", generation, blank, len(lengths))
+        if unwritable:
+            log.warning(
+                "generation %d: %d synthetic stories hold the text %s and are left out of %s (scored, and kept "
+                "as tokens)", generation, unwritable, EOT_SEPARATOR, STORIES_FILE,
+            )  # fmt: skip
         return metrics
 
     def rare_words(self) -> set[str]:
