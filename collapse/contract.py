@@ -116,6 +116,12 @@ class SamplingModule(pl.LightningModule, abc.ABC):
     :meth:`sample`.
     """
 
+    ragged_samples: Mapping[str, str] = {}
+    """Optional: sample arrays whose rows are padded, each mapped to the name of its lengths array (integers
+    ``(n,)``, also returned by :meth:`sample`): row i of such an array holds ``lengths[i]`` entries, then padding.
+    The store keeps it without the padding, the rows back to back (``sum(lengths)`` entries), and
+    :meth:`RealDataModule.synthetic_dataset` receives it so. Example: ``{"tokens": "lengths"}`` for stories."""
+
     @abc.abstractmethod
     def sample(self, n: int, generator: torch.Generator) -> Mapping[str, Any]:
         """``n`` synthetic examples as a dict name -> array with ``n`` rows, every random draw from ``generator``.

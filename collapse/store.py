@@ -5,7 +5,8 @@ Layout of a run directory::
     <out_dir>/
         gen_000/                 what generation 0 produced, complete
             manifest.json        num_samples, sampling settings, sha256 + size of every file
-            samples.npy          synthetic set 0 (any number of named .npy arrays)
+            samples.npy          synthetic set 0 (any number of named .npy arrays; a ragged one holds its
+                                 rows back to back, unpadded, with a lengths array beside it)
             ...                  metrics.json, model checkpoint, pictures, ...
         .gen_001.partial/        generation 1 while it is being made (never read as finished)
 
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -156,15 +158,22 @@ class GenerationStore:
         num_samples: int,
         sampling: dict[str, Any],
         sample_arrays: list[str] | None = None,
+        ragged_arrays: Mapping[str, str] | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
         """Checksum the staging folder, write its manifest and publish it as ``gen_XXX``.
 
         ``sample_arrays`` names the arrays that hold the synthetic set (default: every ``.npy``
-        file); each must have ``num_samples`` rows.
+        file); each must have ``num_samples`` rows, except the ragged ones: ``ragged_arrays`` maps such an
+        array to its lengths array (``num_samples`` integers), and it holds the rows back to back, ``sum(lengths)``
+        entries (row i is entries ``sum(lengths[:i])`` on, ``lengths[i]`` of them).
         """
         stage = self.staging(generation)
-        reserved = {"format", "generation", "num_samples", "sampling", "sample_arrays", "arrays", "files", "created"}
+        ragged = dict(ragged_arrays or {})
+        reserved = {
+            "format", "generation", "num_samples", "sampling", "sample_arrays", "ragged_arrays", "arrays", "files",
+            "created",
+        }  # fmt: skip
         if reserved & extra.keys():
             raise ValueError(f"commit: {sorted(reserved & extra.keys())} are manifest fields, not extras")
         if not stage.is_dir():
@@ -181,12 +190,22 @@ class GenerationStore:
                 shape, dtype = _npy_header(p)
                 arrays[p.stem] = {"file": p.name, "shape": list(shape), "dtype": dtype.str}
         names = list(arrays) if sample_arrays is None else sample_arrays
-        for name in names:
+        for name in [*names, *ragged.values()]:
             if name not in arrays:
                 raise StoreError(f"{stage / (name + '.npy')}: sample array missing from generation {generation}")
-            if arrays[name]["shape"][:1] != [num_samples]:
+            if name not in ragged and arrays[name]["shape"][:1] != [num_samples]:
                 raise StoreError(
                     f"{stage / arrays[name]['file']}: has {arrays[name]['shape'][:1]} rows, expected {num_samples}"
+                )
+        for name, by in ragged.items():
+            lengths = np.load(stage / arrays[by]["file"], mmap_mode="r", allow_pickle=False)
+            if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+                raise StoreError(f"{stage / arrays[by]['file']}: the lengths of {name!r} must be integers (n,)")
+            total = int(np.asarray(lengths, dtype=np.int64).sum())
+            if arrays[name]["shape"][:1] != [total]:
+                raise StoreError(
+                    f"{stage / arrays[name]['file']}: has {arrays[name]['shape'][:1]} entries, but its lengths "
+                    f"({arrays[by]['file']}) sum to {total}"
                 )
         manifest = {
             "format": FORMAT,
@@ -194,6 +213,7 @@ class GenerationStore:
             "num_samples": int(num_samples),
             "sampling": sampling,
             "sample_arrays": names,
+            "ragged_arrays": ragged,
             "arrays": arrays,
             "files": files,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

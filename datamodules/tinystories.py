@@ -864,33 +864,91 @@ class TokenStories(Dataset):
         return list(ids.split(lengths.tolist()))
 
 
-class SyntheticStories(Dataset):
-    """Sampled stories ``tokens (n, L)`` + ``lengths (n,)`` as items like the real ones, read row by row.
+class StoredStories:
+    """A stored synthetic story set: ``lengths`` (integers ``(n,)``, 1.. tokens of each story, the leading ``EOT``
+    included) and ``tokens``, either rows padded to a width L (``(n, L)``, as sampled) or the stories back to back
+    without padding (``(sum(lengths),)``, as the store keeps them: ``ragged_samples``). Raises UserError for
+    arrays that are neither."""
 
-    Item ``i`` is the first ``min(lengths[i], max_seq_len)`` tokens of row ``i``, a 1-D int64 tensor.
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray):
+        if tokens.ndim not in (1, 2) or tokens.dtype.kind not in "iu":
+            raise UserError(
+                f"synthetic story tokens must be integers, (n, L) rows or (total,) back to back, "
+                f"got {tokens.dtype} {tokens.shape}"
+            )
+        if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or (tokens.ndim == 2 and len(lengths) != len(tokens)):
+            rows = f"({len(tokens)},)" if tokens.ndim == 2 else "(n,)"
+            raise UserError(
+                f"synthetic story lengths must be integers of shape {rows}, got {lengths.dtype} {lengths.shape}"
+            )
+        self.tokens = tokens
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # (n,) integers: small next to the tokens
+        low, high = (int(self.lengths.min()), int(self.lengths.max())) if len(self.lengths) else (1, 1)
+        if tokens.ndim == 2:
+            self.offsets: np.ndarray | None = None
+            if low < 1 or high > tokens.shape[1]:
+                raise UserError(
+                    f"synthetic story lengths must be in 1..{tokens.shape[1]} (the row width), got {low}..{high}"
+                )
+        else:
+            if low < 1:
+                raise UserError(f"synthetic story lengths must be >= 1 (the leading EOT), got {low}")
+            self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # story i: tokens[offsets[i]:offsets[i+1]]
+            if int(self.offsets[-1]) != len(tokens):
+                raise UserError(
+                    f"synthetic story tokens: {len(tokens)} stored back to back, but the lengths sum to "
+                    f"{int(self.offsets[-1])}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def rows(self, start: int, stop: int, limit: int | None = None) -> list[np.ndarray]:
+        """Stories ``start..stop-1``, each its first ``min(lengths[i], limit)`` tokens (views or copies)."""
+        lengths = self.lengths[start:stop] if limit is None else np.minimum(self.lengths[start:stop], limit)
+        if self.offsets is None:
+            block = np.asarray(self.tokens[start:stop, : int(lengths.max(initial=0))])  # one read
+            return [block[k, : lengths[k]] for k in range(len(lengths))]
+        block = np.asarray(self.tokens[self.offsets[start] : self.offsets[stop]])  # one read
+        return [
+            row[:n] for row, n in zip(np.split(block, self.offsets[start + 1 : stop] - self.offsets[start]), lengths)
+        ]
+
+    def gather(self, rows: np.ndarray, limit: int) -> list[np.ndarray]:
+        """Stories ``rows`` (int64 ``(B,)``), each its first ``min(lengths[i], limit)`` tokens, in one read."""
+        lengths = np.minimum(self.lengths[rows], limit)  # (B,)
+        if self.offsets is None:
+            block = np.asarray(self.tokens[rows, : int(lengths.max(initial=0))])  # (B, T)
+            return [block[k, : lengths[k]] for k in range(len(rows))]
+        if not len(rows):
+            return []
+        before = np.cumsum(lengths) - lengths  # (B,) position of each story in the gathered array
+        where = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(self.offsets[rows] - before, lengths)
+        return np.split(np.asarray(self.tokens[where]), np.cumsum(lengths)[:-1])
+
+
+class SyntheticStories(Dataset):
+    """A stored synthetic set (:class:`StoredStories`) as items like the real ones, read story by story.
+
+    Item ``i`` is the first ``min(lengths[i], max_seq_len)`` tokens of story ``i``, a 1-D int64 tensor.
     """
 
-    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, max_seq_len: int):
-        self.tokens = tokens
-        self.lengths = lengths
+    def __init__(self, stories: StoredStories, max_seq_len: int):
+        self.stories = stories
         self.max_seq_len = max_seq_len
 
     def __len__(self) -> int:
-        return int(self.tokens.shape[0])
+        return len(self.stories)
 
     def _row(self, index: int) -> int:
         return _checked_row(index, len(self), "sample", "a synthetic set")
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        row = self._row(int(index))
-        n = min(int(self.lengths[row]), self.max_seq_len)
-        return torch.from_numpy(np.array(self.tokens[row, :n], dtype=np.int64))
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
         rows = np.array([self._row(int(i)) for i in indices], dtype=np.int64)  # (B,)
-        lengths = np.minimum(np.asarray(self.lengths[rows], dtype=np.int64), self.max_seq_len)  # (B,)
-        block = np.asarray(self.tokens[rows, : int(lengths.max(initial=0))], dtype=np.int64)  # (B, T) one read
-        return [torch.from_numpy(block[k, : lengths[k]].copy()) for k in range(len(rows))]
+        return [torch.from_numpy(np.array(row, dtype=np.int64)) for row in self.stories.gather(rows, self.max_seq_len)]
 
 
 def collate_stories(items: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1205,30 +1263,18 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
     def synthetic_dataset(self, arrays: Mapping[str, np.ndarray]) -> SyntheticStories:
         """A stored synthetic set as items like the real ones (indexed lazily, never read whole).
 
-        ``arrays``: ``tokens`` (integer ``(n, L)``, padded with ``PAD``), ``lengths`` (integer ``(n,)``,
-        1..L tokens of each row, the leading ``EOT`` included) and optionally ``finished`` (bool ``(n,)``,
-        not used here). Raises UserError for missing keys or wrong shapes.
+        ``arrays``: ``tokens`` and ``lengths`` (:class:`StoredStories`: padded rows, or the stories back to
+        back as the store keeps them) and optionally ``finished`` (bool ``(n,)``, not used here). Raises
+        UserError for missing keys or wrong shapes.
         """
         missing = [key for key in ("tokens", "lengths") if key not in arrays]
         if missing:
             raise UserError(f"a synthetic story set needs 'tokens' and 'lengths' arrays, got {sorted(arrays)}")
-        tokens, lengths = arrays["tokens"], arrays["lengths"]
-        if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
-            raise UserError(
-                f"synthetic story tokens must be integers of shape (n, L), got {tokens.dtype} {tokens.shape}"
-            )
-        n, width = tokens.shape
-        if lengths.shape != (n,) or lengths.dtype.kind not in "iu":
-            raise UserError(
-                f"synthetic story lengths must be integers of shape ({n},), got {lengths.dtype} {lengths.shape}"
-            )
+        stories = StoredStories(arrays["tokens"], arrays["lengths"])
+        n = len(stories)
         if "finished" in arrays and arrays["finished"].shape != (n,):
             raise UserError(f"synthetic story 'finished' flags must have shape ({n},), got {arrays['finished'].shape}")
-        if n:
-            low, high = int(lengths.min()), int(lengths.max())  # (n,) integers: small next to the tokens
-            if low < 1 or high > width:
-                raise UserError(f"synthetic story lengths must be in 1..{width} (the row width), got {low}..{high}")
-        return SyntheticStories(tokens, lengths, self.config.max_seq_len)
+        return SyntheticStories(stories, self.config.max_seq_len)
 
 
 __all__ = [
@@ -1240,6 +1286,7 @@ __all__ = [
     "IGNORE_INDEX",
     "SOURCES",
     "SPLITS",
+    "StoredStories",
     "V2_FILES",
     "SyntheticStories",
     "TinyStoriesDataConfig",

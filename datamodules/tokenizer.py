@@ -241,10 +241,9 @@ def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
     return tokenizer.decode(values, skip_special_tokens=True)
 
 
-def decode_rows(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
-    """:func:`decode` of each row ``tokens[i, :lengths[i]]`` of a (n, L) array, the rows decoded in parallel."""
-    rows = [tokens[i, : int(length)].tolist() for i, length in enumerate(lengths)]
-    return tokenizer.decode_batch(rows, skip_special_tokens=True)
+def decode_rows(tokenizer: Tokenizer, rows: Sequence[np.ndarray]) -> list[str]:
+    """:func:`decode` of each of ``rows`` (1-D integer arrays), decoded in parallel."""
+    return tokenizer.decode_batch([row.tolist() for row in rows], skip_special_tokens=True)
 
 
 # Lone surrogates U+DC80..U+DCFF are what ``surrogateescape`` makes of undecodable bytes, one per byte.

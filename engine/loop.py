@@ -427,6 +427,7 @@ class _GenerationContext:
             num_samples=self.num_synthetic,
             sampling=settings,
             sample_arrays=sampler.recorded_arrays(),
+            ragged_arrays=sampler.recorded_ragged(),
             workflow=self.wf.label,
             seed=self.cfg.seed,
             warm_start=self.cfg.warm_start,

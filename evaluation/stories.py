@@ -29,6 +29,7 @@ from collapse.atomic import atomic_open, atomic_write_text
 from collapse.errors import ConfigError
 from collapse.progress import Progress
 from datamodules.story_corpus import EOT_SEPARATOR, STORIES_PER_CHUNK, NgramDiversity, format_corpus, rare_words
+from datamodules.tinystories import StoredStories
 from datamodules.tokenizer import decode_rows
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ class StorySampleEvaluator:
         """
         if "tokens" not in arrays:  # no synthetic set (a one-generation run draws none)
             return {}
-        tokens, lengths = arrays["tokens"], np.asarray(arrays["lengths"])
+        stored = StoredStories(arrays["tokens"], arrays["lengths"])  # padded rows or back to back (as stored)
+        lengths = stored.lengths
         counts = NgramDiversity()
         shown: list[str] = []
         blank = unwritable = 0
@@ -111,7 +113,7 @@ class StorySampleEvaluator:
         ):
             for start in range(0, len(lengths), STORIES_PER_CHUNK):
                 stop = min(start + STORIES_PER_CHUNK, len(lengths))
-                kept = [s.strip() for s in decode_rows(self.real.tokenizer, tokens[start:stop], lengths[start:stop])]
+                kept = [s.strip() for s in decode_rows(self.real.tokenizer, stored.rows(start, stop))]
                 blank += kept.count("")
                 kept = [s for s in kept if s]
                 counts.add(kept)

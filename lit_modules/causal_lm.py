@@ -604,6 +604,9 @@ class CausalLMModule(SamplingModule):
     is ``exp(test_loss)``, computed from the logged value.
     """
 
+    ragged_samples = {"tokens": "lengths"}
+    """The sampled stories are stored without their padding (a story's row is as long as the context)."""
+
     def __init__(
         self,
         config: CausalLMConfig | None = None,

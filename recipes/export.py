@@ -104,12 +104,14 @@ def story_texts(source: Source, tokenizer: Any) -> list[str]:
     The same texts as the run's ``stories.txt``, except that a story that decodes to nothing stays (as ``""``),
     so there is one text per sample.
     """
-    from datamodules.tokenizer import decode
+    from datamodules.tinystories import StoredStories
+    from datamodules.tokenizer import decode_rows
 
     tokens, lengths = source.array("tokens"), source.array("lengths")
     if tokens is None or lengths is None:
         return []
-    return [decode(tokenizer, tokens[i, : int(lengths[i])]).strip() for i in range(len(lengths))]
+    stories = StoredStories(tokens, lengths)  # padded rows, or back to back as the store keeps them
+    return [text.strip() for text in decode_rows(tokenizer, stories.rows(0, len(stories)))]
 
 
 def run_tokenizer(source: Source) -> Any:

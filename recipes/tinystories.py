@@ -13,8 +13,9 @@ so losses compare across generations. Each generation is scored on the same real
   ``sample_rare_word_coverage`` (the fraction of the real training set's rare words, those in
   fewer than 0.5% of its stories, that the synthetic corpus still uses), ``sample_word_types``,
   ``sample_mean_tokens`` and ``sample_finished_fraction`` (stories that ended with EOT rather than
-  at the length limit). Generation g's synthetic stories are stored as token ids (``tokens.npy``,
-  ``lengths.npy``) and as text (``stories.txt``); ``samples.txt`` holds a few for reading.
+  at the length limit). Generation g's synthetic stories are stored as token ids (``tokens.npy``: the
+  stories back to back, without padding; ``lengths.npy``) and as text (``stories.txt``); ``samples.txt``
+  holds a few for reading.
 
 The default data is an offline stand-in corpus made by this project (simple-English stories with a
 heavy-tailed vocabulary; :mod:`datamodules.story_corpus`), never to be reported as TinyStories;

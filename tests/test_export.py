@@ -102,7 +102,8 @@ def test_stories_load_as_a_dataset_and_as_jsonl_one_per_sample(lm_run, tmp_path)
     summary = export(lm_run, out, 0)
     a = arrays(lm_run)
     tokenizer = Tokenizer.from_file(str(lm_run / "tokenizer.json"))
-    expected = [decode(tokenizer, a["tokens"][i, : a["lengths"][i]]).strip() for i in range(SAMPLES)]
+    starts = np.cumsum(a["lengths"]) - a["lengths"]  # the stories are stored back to back
+    expected = [decode(tokenizer, a["tokens"][s : s + n]).strip() for s, n in zip(starts, a["lengths"])]
     assert summary["num_samples"] == SAMPLES and len(expected) == SAMPLES
     assert load_from_disk(str(out / "stories"))["text"] == expected
     lines = (out / "stories.jsonl").read_text(encoding="utf-8").splitlines()
@@ -128,7 +129,7 @@ def test_lm_folder_loads_with_transformers_and_gives_the_modules_logits(lm_run, 
     out = tmp_path / "lm"
     export(lm_run, out, 0)
     model = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True).eval()
-    batch = torch.as_tensor(arrays(lm_run)["tokens"][:4, :40].astype(np.int64))  # (4, 40)
+    batch = torch.as_tensor(arrays(lm_run)["tokens"][:160].reshape(4, 40).astype(np.int64))  # (4, 40) sampled ids
     with torch.no_grad():
         ours = lightning_lm(lm_run)(batch)  # (4, 40, V)
         theirs = model(input_ids=batch).logits
@@ -157,7 +158,7 @@ def test_lm_folder_is_a_model_init_from_for_the_recipe(lm_run, tmp_path):
         )
     )
     module = CausalLMModule(cfg.model, bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=PAD_ID).eval()
-    batch = torch.as_tensor(arrays(lm_run)["tokens"][:2, :24].astype(np.int64))
+    batch = torch.as_tensor(arrays(lm_run)["tokens"][:48].reshape(2, 24).astype(np.int64))
     with torch.no_grad():
         torch.testing.assert_close(module(batch), lightning_lm(lm_run)(batch), rtol=1e-5, atol=1e-5)
 

@@ -511,6 +511,7 @@ def test_sampling_callback_writes_staging_and_skips_when_done(tmp_path):
         "seed": 5,
         "temperature": 1.0,
         "sample_arrays": ["x", "label"],
+        "ragged_arrays": {},
     }
 
     assert cb.sample_into_store(model) == ["x", "label"] and model.calls == 3  # skipped
@@ -580,6 +581,90 @@ def test_sampling_killed_half_way_keeps_its_finished_chunks(tmp_path):
         np.testing.assert_array_equal(
             np.load(store.staged(0, f"{name}.npy")), np.load(unbroken.staged(0, f"{name}.npy"))
         )
+
+
+class RaggedModel(CountingModel):
+    """Rows of tokens padded to 6 with -1 after ``lengths`` (0..6) entries, declared ragged."""
+
+    ragged_samples = {"tokens": "lengths"}
+
+    def __init__(self, declare: bool = True, fail_at: int | None = None):
+        super().__init__()
+        if not declare:
+            self.ragged_samples = {}
+        self.fail_at = fail_at
+
+    def sample(self, n, generator):
+        if self.calls == self.fail_at:
+            raise Boom("killed while sampling")
+        self.calls += 1
+        lengths = torch.randint(0, 7, (n,), generator=generator)
+        tokens = torch.randint(0, 100, (n, 6), generator=generator)
+        tokens[torch.arange(6) >= lengths[:, None]] = -1
+        return {"tokens": tokens.numpy(), "lengths": lengths.numpy()}
+
+
+def _unpad(tokens, lengths):
+    return np.concatenate([row[:n] for row, n in zip(tokens, lengths)])
+
+
+def test_ragged_arrays_are_stored_without_padding(tmp_path):
+    padded = GenerationStore(tmp_path / "padded")
+    SyntheticDataCallback(padded, 0, num_samples=11, batch_size=4, seed=2).sample_into_store(RaggedModel(False))
+    tokens, lengths = np.load(padded.staged(0, "tokens.npy")), np.load(padded.staged(0, "lengths.npy"))
+    assert tokens.shape == (11, 6) and (tokens == -1).any()
+
+    store = GenerationStore(tmp_path / "run")
+    cb = SyntheticDataCallback(store, 0, num_samples=11, batch_size=4, seed=2)
+    with pytest.raises(Boom):  # killed after chunk 0: the resumed draw assembles old and new chunks alike
+        cb.sample_into_store(RaggedModel(fail_at=1))
+    assert cb.sample_into_store(RaggedModel()) == ["tokens", "lengths"]
+    assert cb.recorded_ragged() == {"tokens": "lengths"}
+    np.testing.assert_array_equal(np.load(store.staged(0, "tokens.npy")), _unpad(tokens, lengths))
+    np.testing.assert_array_equal(np.load(store.staged(0, "lengths.npy")), lengths)
+    manifest = store.commit(0, 11, cb.settings, sample_arrays=cb.recorded_arrays(), ragged_arrays=cb.recorded_ragged())
+    assert manifest["ragged_arrays"] == {"tokens": "lengths"}
+    assert manifest["arrays"]["tokens"]["shape"] == [int(lengths.sum())]
+    assert store.load(0).arrays["tokens"].shape == (int(lengths.sum()),)
+
+
+def test_chunks_drawn_padded_before_a_resume_are_unpadded_when_assembled(tmp_path):
+    store = GenerationStore(tmp_path / "run")
+    old = SyntheticDataCallback(store, 0, num_samples=11, batch_size=4, seed=2)
+    with pytest.raises(Boom):  # chunk 0 written padded, by a model that did not declare its arrays ragged
+        old.sample_into_store(RaggedModel(declare=False, fail_at=1))
+    cb = SyntheticDataCallback(store, 0, num_samples=11, batch_size=4, seed=2)
+    cb.sample_into_store(RaggedModel())
+    reference = GenerationStore(tmp_path / "ref")
+    ref = SyntheticDataCallback(reference, 0, num_samples=11, batch_size=4, seed=2)
+    ref.sample_into_store(RaggedModel())
+    for name in ("tokens", "lengths"):
+        np.testing.assert_array_equal(
+            np.load(store.staged(0, f"{name}.npy")), np.load(reference.staged(0, f"{name}.npy"))
+        )
+
+
+def test_ragged_arrays_are_checked_when_drawn_and_when_committed(tmp_path):
+    class Mislabelled(RaggedModel):
+        ragged_samples = {"tokens": "sizes"}
+
+    class TooLong(RaggedModel):
+        def sample(self, n, generator):
+            out = super().sample(n, generator)
+            return {**out, "lengths": out["lengths"] + 7}
+
+    for model, message in ((Mislabelled(), "declares 'tokens' ragged by 'sizes'"), (TooLong(), "outside 0..6")):
+        with pytest.raises(ValueError, match=message):
+            SyntheticDataCallback(GenerationStore(tmp_path / type(model).__name__), 0, 5, 4, seed=0).sample_into_store(
+                model
+            )
+    store = GenerationStore(tmp_path / "commit")
+    cb = SyntheticDataCallback(store, 0, num_samples=5, batch_size=4, seed=0)
+    cb.sample_into_store(RaggedModel())
+    lengths = np.load(store.staged(0, "lengths.npy"))
+    np.save(store.staged(0, "lengths.npy"), lengths + 1)  # no longer what the tokens hold
+    with pytest.raises(StoreError, match="lengths.npy\\) sum to"):
+        store.commit(0, 5, cb.settings, sample_arrays=cb.recorded_arrays(), ragged_arrays=cb.recorded_ragged())
 
 
 class SlowFirstChunk(CountingModel):

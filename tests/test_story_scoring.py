@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import datamodules.story_corpus as sc
+from collapse.errors import UserError
 from datamodules.story_corpus import (
     EOT_SEPARATOR,
     NgramDiversity,
@@ -20,6 +21,7 @@ from datamodules.story_corpus import (
     tokenize_words,
     word_id_chunks,
 )
+from datamodules.tinystories import StoredStories
 from datamodules.tokenizer import EOT_ID, decode, decode_rows, train_bpe
 from evaluation.stories import DiversityConfig, StorySampleEvaluator, corpus_diversity
 
@@ -136,9 +138,46 @@ def _rows(tokenizer, texts: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
     return tokens, np.array([len(r) for r in rows])
 
 
+def _flat(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Padded rows as the store keeps a ragged array: the stories back to back, without padding."""
+    return np.concatenate([np.empty(0, dtype=tokens.dtype), *(t[:n] for t, n in zip(tokens, lengths))])
+
+
 def test_decode_rows_equals_decode_per_row(real):
     tokens, lengths = _rows(real.tokenizer, [[s] for s in real.stories[:20]] + [[""]])
-    assert decode_rows(real.tokenizer, tokens, lengths) == [decode(real.tokenizer, t[:n]) for t, n in zip(tokens, lengths)]
+    expected = [decode(real.tokenizer, t[:n]) for t, n in zip(tokens, lengths)]
+    assert decode_rows(real.tokenizer, [t[:n] for t, n in zip(tokens, lengths)]) == expected
+
+
+def test_stored_stories_read_padded_rows_and_back_to_back_alike():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 12, 30)
+    tokens = np.full((30, 12), 1, dtype=np.uint16)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(2, 500, n)
+    dense, flat = StoredStories(tokens, lengths), StoredStories(_flat(tokens, lengths), lengths)
+    rows = np.array([5, 0, 29, 5, 17])
+    for limit in (3, 12):
+        for a, b in (
+            (dense.rows(3, 20, limit), flat.rows(3, 20, limit)),
+            (dense.gather(rows, limit), flat.gather(rows, limit)),
+        ):
+            assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert [len(x) for x in flat.rows(0, 30)] == lengths.tolist()
+    assert flat.rows(7, 7) == [] and flat.gather(np.empty(0, dtype=np.int64), 5) == []
+    with pytest.raises(UserError, match="lengths sum to"):
+        StoredStories(_flat(tokens, lengths)[:-1], lengths)
+    with pytest.raises(UserError, match="row width"):
+        StoredStories(tokens[:, :5], lengths)
+
+
+def test_evaluator_scores_stories_stored_back_to_back_as_rows(tmp_path, real):
+    tokens, lengths = _rows(real.tokenizer, [[s] for s in generate_stories(12, seed=8)] + [[" "]])
+    evaluator = StorySampleEvaluator(DiversityConfig(), real)
+    rows = evaluator(tmp_path / "rows", {"tokens": tokens, "lengths": lengths}, 0)
+    flat = evaluator(tmp_path / "flat", {"tokens": _flat(tokens, lengths), "lengths": lengths}, 0)
+    assert rows == flat and rows["sample_empty_stories"] == 1.0
+    assert (tmp_path / "rows" / "stories.txt").read_text() == (tmp_path / "flat" / "stories.txt").read_text()
 
 
 def test_evaluator_writes_and_scores_in_chunks(tmp_path, real, monkeypatch):

@@ -431,11 +431,16 @@ def test_collate_pads_to_the_longest_story_with_masks_and_ignored_labels():
         collate_stories([])
 
 
-def store_like(items: list[torch.Tensor], tmp_path: Path, width: int, extra: int = 0) -> dict[str, np.ndarray]:
-    """What the sampler stores for these stories: PAD-padded uint16 rows, int32 lengths, finished flags, as memmaps."""
+def store_like(
+    items: list[torch.Tensor], tmp_path: Path, width: int, extra: int = 0, flat: bool = False
+) -> dict[str, np.ndarray]:
+    """What the sampler draws for these stories: PAD-padded uint16 rows, int32 lengths, finished flags, as memmaps;
+    ``flat``: the tokens as the store keeps them (the stories back to back, without padding)."""
     tokens = np.full((len(items), width), PAD_ID, dtype=np.uint16)
     for row, item in enumerate(items):
         tokens[row, : len(item)] = item.numpy()
+    if flat:
+        tokens = np.concatenate([item.numpy().astype(np.uint16) for item in items])
     arrays = {
         "tokens": tokens,
         "lengths": np.array([len(item) + extra for item in items], dtype=np.int32),
@@ -446,11 +451,12 @@ def store_like(items: list[torch.Tensor], tmp_path: Path, width: int, extra: int
     return {name: np.load(tmp_path / f"{name}.npy", mmap_mode="r") for name in arrays}
 
 
-def test_synthetic_items_look_exactly_like_real_ones(tmp_path):
+@pytest.mark.parametrize("flat", [False, True])
+def test_synthetic_items_look_exactly_like_real_ones(tmp_path, flat):
     dm = prepared(config(tmp_path, num_real=12, num_test=4))
     real = dm.train_dataset
     items = [real[i] for i in range(len(real))]
-    arrays = store_like(items, tmp_path, width=max(map(len, items)) + 7)
+    arrays = store_like(items, tmp_path, width=max(map(len, items)) + 7, flat=flat)
     synthetic = dm.synthetic_dataset(arrays)
     assert len(synthetic) == len(real)
     for i in range(len(real)):
@@ -463,11 +469,12 @@ def test_synthetic_items_look_exactly_like_real_ones(tmp_path):
     assert torch.equal(synthetic[-1], real[11])
 
 
-def test_synthetic_stories_are_truncated_to_max_seq_len(tmp_path):
+@pytest.mark.parametrize("flat", [False, True])
+def test_synthetic_stories_are_truncated_to_max_seq_len(tmp_path, flat):
     dm = prepared(config(tmp_path, num_real=6, num_test=2, max_seq_len=LONG))
     items = [dm.train_dataset[i] for i in range(6)]
     short = TinyStoriesDataModule(config(tmp_path, num_real=6, num_test=2, max_seq_len=10))
-    synthetic = short.synthetic_dataset(store_like(items, tmp_path, width=max(map(len, items))))
+    synthetic = short.synthetic_dataset(store_like(items, tmp_path, width=max(map(len, items)), flat=flat))
     assert [len(x) for x in synthetic.__getitems__(range(6))] == [10] * 6
     assert torch.equal(synthetic[2], items[2][:10])
 
@@ -476,7 +483,9 @@ def test_synthetic_stories_are_truncated_to_max_seq_len(tmp_path):
     "arrays, fragment",
     [
         ({"samples": np.zeros((3, 5), np.uint16)}, "'tokens' and 'lengths'"),
-        ({"tokens": np.zeros((3,), np.uint16), "lengths": np.ones(3, np.int32)}, "(n, L)"),
+        ({"tokens": np.zeros((4,), np.uint16), "lengths": np.ones(3, np.int32)}, "the lengths sum to 3"),
+        ({"tokens": np.zeros((3, 5, 1), np.uint16), "lengths": np.ones(3, np.int32)}, "(n, L)"),
+        ({"tokens": np.zeros((3,), np.uint16), "lengths": np.array([0, 1, 2], np.int32)}, ">= 1"),
         ({"tokens": np.zeros((3, 5), np.float32), "lengths": np.ones(3, np.int32)}, "(n, L)"),
         ({"tokens": np.zeros((3, 5), np.uint16), "lengths": np.ones(4, np.int32)}, "(3,)"),
         ({"tokens": np.zeros((3, 5), np.uint16), "lengths": np.array([1, 6, 2], np.int32)}, "1..5"),
