@@ -91,8 +91,9 @@ class ConformerSampleEvaluator:
             )
         n = max(1, len(mol_id))
         metrics = {"sample_bond_w1": bonds["bond_w1/all"]}
-        resampled = np.asarray(arrays["resampled"]) if "resampled" in arrays else np.zeros(len(mol_id))
-        replaced = np.asarray(arrays["replaced_by_real"]) if "replaced_by_real" in arrays else np.zeros(len(mol_id))
+        none = np.zeros(len(mol_id), dtype=np.int64)  # a set drawn without these counts
+        resampled = np.asarray(arrays.get("resampled", none))
+        replaced = np.asarray(arrays.get("replaced_by_real", none), dtype=bool)
         metrics["sample_broken_first_draw"] = float((resampled > 0).sum() + (replaced & (resampled == 0)).sum()) / n
         metrics["sample_resampled"] = float((resampled > 0).sum())
         metrics["sample_replaced_by_real"] = float(replaced.sum())

@@ -231,9 +231,13 @@ class SampleQuality:
 
     @torch.no_grad()
     def evaluate_with_histogram(self, images: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-        """Metrics of uint8 ``images`` (n, 28, 28), n >= 2, and the predicted-class counts (int64, length 10)."""
-        if len(images) < 2:
-            raise ValueError("evaluating sample quality needs at least 2 images")
+        """Metrics of uint8 ``images`` (n, 28, 28), n >= 1, and the predicted-class counts (int64, length 10).
+
+        The FID of a single image is NaN (a covariance needs two): a synthetic set of one image (``mix(real=64,
+        synthetic=1)``) is still scored, never a failure after it was drawn.
+        """
+        if len(images) < 1:
+            raise ValueError("evaluating sample quality needs at least 1 image")
         self.fid.reset()  # drops the previous generated set only (reset_real_features=False)
         counts = torch.zeros(NUM_CLASSES, dtype=torch.long)
         max_prob_sum = 0.0
@@ -248,7 +252,7 @@ class SampleQuality:
         freq = counts.double() / counts.sum()  # (10,)
         entropy = -(freq[freq > 0] * freq[freq > 0].log()).sum() + 0.0  # H = -sum_k p_k log p_k, 0 log 0 = 0
         metrics = {
-            "fid": float(self.fid.compute()),
+            "fid": float(self.fid.compute()) if len(images) >= 2 else math.nan,
             "class_entropy": float(entropy),
             "confidence": max_prob_sum / len(images),
         }

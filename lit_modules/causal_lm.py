@@ -34,7 +34,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from collapse.contract import SamplingModule
-from collapse.errors import ConfigError
+from collapse.errors import ConfigError, UserError
 from lit_modules import config_with_overrides
 
 IGNORE_INDEX = -100
@@ -683,6 +683,7 @@ class CausalLMModule(SamplingModule):
 
         if self.sampling is None:
             self.configure_sampling(SamplingConfig())
+        self._check_finite_weights()
         if self._sampler is None or self._sampler.model is not self.model:
             self._sampler = StorySampler(
                 self.model,
@@ -693,6 +694,21 @@ class CausalLMModule(SamplingModule):
                 first_tokens=self._first_tokens,
             )
         return self._sampler.sample(n, generator)
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to sample a model whose weights hold NaN or inf (its training diverged): its stories would be
+        noise, and the next generation would train on them. One read from the device per call."""
+        params = [p for p in self.model.parameters() if p.is_floating_point()]
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(p).all() for p in params])
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise UserError(
+                f"the trained model has NaN or inf in {bad} of its {len(params)} weight tensors: its training "
+                "diverged (see train_loss), and it cannot be sampled; start again in a new --out_dir with a lower "
+                "--model.lr (the generations before this one are complete)"
+            )
 
     def end_sampling(self) -> None:
         """Free what :meth:`sample` keeps between calls (the sampler's decoder, KV caches and CUDA graphs, which

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from collapse.contract import SamplingModule
-from collapse.errors import ConfigError
+from collapse.errors import ConfigError, UserError
 from datamodules.mol_graph import (
     ATOM_FEATURE_SIZES,
     MAX_ATOMIC_NUMBER,
@@ -675,10 +675,15 @@ class ConformerDiffusionModule(SamplingModule):
             "replaced_by_real": int(replaced.sum()),
         }
         if failed:
-            raise RuntimeError(
+            message = (
                 f"{len(failed)} of {n} generated conformers were broken (non-finite or beyond "
                 f"{cfg.broken_threshold} Angstrom) with on_broken={cfg.on_broken!r}"
-                + ("" if self.real_pos_fallback else " and real_pos_fallback=False")
+            )
+            if not self.real_pos_fallback:
+                raise RuntimeError(message + " and real_pos_fallback=False")
+            raise UserError(  # asked for (--model.on_broken fail): one line that says how to go on, no traceback
+                message + "; this generation's model cannot be sampled so: start again in a new --out_dir with "
+                "--model.on_broken resample or real (the generations before this one are complete)"
             )
         ids = np.arange(n) % len(graphs)
         return {

@@ -707,8 +707,10 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     before = torch.where(j > 0, block_cdf.gather(1, (j - 1).clamp_(min=0)), zero)  # mass of blocks < j
     inner_cdf = blocks.gather(1, j[:, :, None].expand(b, 1, width)).squeeze(1).cumsum(dim=-1)  # (B, width)
     rest = torch.minimum(target - before, torch.nextafter(inner_cdf[:, -1:], zero))
-    k = torch.searchsorted(inner_cdf, rest, right=True)
-    return (j * width + k).squeeze(-1)
+    k = torch.searchsorted(inner_cdf, rest, right=True).clamp_(max=width - 1)
+    # Weights that are not finite (a diverged model's NaN logits) order nothing: the clamps keep the id a token
+    # of the vocabulary even then, so the step cannot index past the embedding (the module refuses such a model).
+    return (j * width + k).squeeze(-1).clamp_(max=vocab - 1)
 
 
 @dataclass(frozen=True)

@@ -642,6 +642,20 @@ def test_the_module_keeps_its_sampler_between_chunks_and_frees_it_when_sampling_
     assert module._sampler is None
 
 
+def test_a_diverged_model_is_refused_before_it_is_sampled():
+    from collapse.errors import UserError
+    from samplers.story_sampler import SamplingConfig
+
+    module = CausalLMModule(CausalLMConfig(preset="gpt2-tiny", vocab_size=64, max_seq_len=16), bos_token_id=0,
+                            eos_token_id=0, pad_token_id=1)  # fmt: skip
+    module.configure_sampling(SamplingConfig(batch_size=4))
+    assert module.sample(2, torch.Generator().manual_seed(0))["lengths"].shape == (2,)
+    with torch.no_grad():
+        next(module.model.parameters())[0, 0] = float("nan")  # as after a step with a far too high learning rate
+    with pytest.raises(UserError, match=r"NaN or inf in 1 of its \d+ weight tensors: its training diverged"):
+        module.sample(2, torch.Generator().manual_seed(0))
+
+
 def test_an_attention_kernel_the_model_or_machine_cannot_train_with_is_refused_before_training():
     from lit_modules.causal_lm import check_attention, model_config
 

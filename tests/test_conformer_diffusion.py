@@ -13,7 +13,7 @@ from rdkit import Chem
 from rdkit.Chem import AllChem
 from torch.utils.data import DataLoader
 
-from collapse.errors import ConfigError
+from collapse.errors import ConfigError, UserError
 from datamodules.mol_graph import BOND_CODES, HYBRID_CODES, MolGraph, collate_molecules
 from lit_modules import conformer_diffusion
 from lit_modules.conformer_diffusion import (
@@ -372,7 +372,7 @@ def test_broken_conformer_policies(graphs, monkeypatch, policy):
     model.configure_sampling(chosen)
     monkeypatch.setattr(model, "generate", FlakyGenerate(always={12}, first={11}))
     if policy == "fail":
-        with pytest.raises(RuntimeError, match="4 of 6 generated conformers were broken"):
+        with pytest.raises(UserError, match="4 of 6 generated conformers were broken .* --model.on_broken resample"):
             model.sample(6, torch.Generator())
         assert model.last_sample_stats["broken_first_draw"] == 4
         return

@@ -206,6 +206,20 @@ def test_two_level_inverse_cdf_equals_one_cumulative_sum(vocab):
     assert torch.isfinite(logits[torch.arange(64), got]).all()
 
 
+@pytest.mark.parametrize("vocab", [3, 300, 8000, 8001])
+def test_logits_that_are_not_finite_still_draw_tokens_of_the_vocabulary(vocab):
+    # A diverged model's NaN (or inf) logits order nothing; the drawn id must still index the embedding.
+    logits = torch.randn(6, vocab)
+    logits[0] = float("nan")
+    logits[1, vocab // 2] = float("nan")
+    logits[2, -1] = float("inf")
+    logits[3] = float("inf")
+    logits[4] = float("-inf")
+    for filters in ({}, {"top_k": 2, "top_p": 0.9}):
+        got = sample_tokens(logits, torch.rand(6, generator=torch.Generator().manual_seed(vocab)), **filters)
+        assert ((got >= 0) & (got < vocab)).all()
+
+
 # ------------------------------------------------------------------------------ cached == uncached
 
 

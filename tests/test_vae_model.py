@@ -351,5 +351,7 @@ def test_class_entropy_and_histogram(quality, digits):
     one_class, counts = quality.evaluate_with_histogram(sevens)
     assert one_class["class_entropy"] < 0.5
     assert counts.sum() == len(sevens) and counts.argmax() == 7
+    single, counts = quality.evaluate_with_histogram(sevens[:1])  # a synthetic set of one image is still scored
+    assert math.isnan(single["fid"]) and single["class_entropy"] == 0.0 and counts.sum() == 1
     with pytest.raises(ValueError):
-        quality.evaluate(sevens[:1])
+        quality.evaluate(sevens[:0])
