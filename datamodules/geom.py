@@ -1258,8 +1258,20 @@ class MolGraphSet(Dataset):
         return _set_positions(mol, self._a["pos"][lo:hi])
 
 
+def conformer_rows(pos: np.ndarray, num_atoms: np.ndarray) -> Callable[[int], np.ndarray]:
+    """Sample i's coordinates ``(num_atoms[i], 3)`` of a stored ``pos``: rows padded to the largest molecule
+    (``(n, max_atoms, 3)``, as sampled) or the molecules back to back (``(sum(num_atoms), 3)``, as the store keeps
+    them: ``ragged_samples``)."""
+    counts = np.asarray(num_atoms, dtype=np.int64)
+    if pos.ndim == 3:
+        return lambda i: pos[i, : counts[i]]
+    starts = np.cumsum(counts) - counts
+    return lambda i: pos[starts[i] : starts[i] + counts[i]]
+
+
 class SyntheticConformers(Dataset):
-    """Generated conformations of training graphs: item ``i`` is ``train[mol_id[i]]`` with ``pos[i, :num_atoms[i]]``.
+    """Generated conformations of training graphs: item ``i`` is ``train[mol_id[i]]`` with sample i's coordinates
+    (:func:`conformer_rows`).
 
     ``mol_id`` and ``num_atoms`` (small) are checked when the dataset is made; ``pos`` (possibly a
     memory map) is read one row at a time.
@@ -1270,6 +1282,7 @@ class SyntheticConformers(Dataset):
         self.mol_id = mol_id
         self.num_atoms = num_atoms
         self.pos = pos
+        self._row = conformer_rows(pos, num_atoms)
 
     def __len__(self) -> int:
         return int(self.mol_id.shape[0])
@@ -1285,7 +1298,7 @@ class SyntheticConformers(Dataset):
                 f"synthetic sample {index}: num_atoms {count} but training molecule {graph.mol_id} "
                 f"has {graph.num_atoms}"
             )
-        return graph.with_pos(np.asarray(self.pos[index, :count], dtype=np.float32))
+        return graph.with_pos(np.asarray(self._row(index % n), dtype=np.float32))
 
 
 # ---- the cache entry's files ---------------------------------------------------------------------------------------
@@ -1577,9 +1590,10 @@ class GeomDataModule(RealDataModuleBase[MolGraphSet]):
         """A stored synthetic set as items like the real ones (rows read lazily).
 
         ``arrays``: ``mol_id`` (integer ``(n,)``, index into :attr:`train_dataset`), ``num_atoms`` (integer
-        ``(n,)``, each equal to its molecule's atom count) and ``pos`` (float ``(n, max_atoms, 3)``, Angstrom,
-        zero-padded beyond ``num_atoms``). Item ``i`` is ``train_dataset[mol_id[i]].with_pos(pos[i, :num_atoms[i]])``.
-        Raises ValueError for missing arrays, wrong shapes, ``mol_id`` out of range or atom counts that differ.
+        ``(n,)``, each equal to its molecule's atom count) and ``pos`` (float, Angstrom: ``(n, max_atoms, 3)``
+        zero-padded beyond ``num_atoms``, or ``(sum(num_atoms), 3)``, the molecules back to back as the store keeps
+        them). Item ``i`` is ``train_dataset[mol_id[i]].with_pos(...)`` of sample i's coordinates. Raises ValueError
+        for missing arrays, wrong shapes, ``mol_id`` out of range or atom counts that differ.
         """
         missing = [k for k in ("mol_id", "num_atoms", "pos") if k not in arrays]
         if missing:
@@ -1592,8 +1606,12 @@ class GeomDataModule(RealDataModuleBase[MolGraphSet]):
             raise ValueError(
                 f"synthetic num_atoms must be integers of shape ({n},), got {num_atoms.dtype} {num_atoms.shape}"
             )
-        if pos.ndim != 3 or pos.shape[0] != n or pos.shape[2] != 3 or pos.dtype.kind != "f":
-            raise ValueError(f"synthetic pos must be floats of shape ({n}, max_atoms, 3), got {pos.dtype} {pos.shape}")
+        padded = pos.ndim == 3 and pos.shape[0] == n
+        if not (padded or pos.ndim == 2) or pos.shape[-1] != 3 or pos.dtype.kind != "f":
+            raise ValueError(
+                f"synthetic pos must be floats of shape ({n}, max_atoms, 3) or (sum(num_atoms), 3), "
+                f"got {pos.dtype} {pos.shape}"
+            )
         train = self.train_dataset
         ids = np.asarray(mol_id, dtype=np.int64)  # (n,) small next to pos
         if n and (ids.min() < 0 or ids.max() >= len(train)):
@@ -1608,8 +1626,12 @@ class GeomDataModule(RealDataModuleBase[MolGraphSet]):
                 f"synthetic sample {i}: num_atoms {counts[i]} but training molecule {ids[i]} has "
                 f"{train.num_atoms[ids[i]]} atoms ({wrong.size} samples disagree)"
             )
-        if n and counts.max() > pos.shape[1]:
+        if padded and n and counts.max() > pos.shape[1]:
             raise ValueError(f"synthetic pos has room for {pos.shape[1]} atoms, but num_atoms reaches {counts.max()}")
+        if not padded and int(counts.sum()) != pos.shape[0]:
+            raise ValueError(
+                f"synthetic pos holds {pos.shape[0]} atoms back to back, but num_atoms sum to {counts.sum()}"
+            )
         return SyntheticConformers(train, mol_id, num_atoms, pos)
 
 
@@ -1628,6 +1650,7 @@ __all__ = [
     "SyntheticConformers",
     "UnusableMolecule",
     "checked_molecule",
+    "conformer_rows",
     "default_cache_dir",
     "featurize",
     "molecule_key",

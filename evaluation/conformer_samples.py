@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from collapse.errors import ConfigError
+from datamodules.geom import conformer_rows
 from evaluation.conformers import bond_length_distance, draw_conformers
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class ConformerSampleEvaluator:
         graphs = self.real.train_graphs()
         mol_id, num_atoms, pos = np.asarray(arrays["mol_id"]), np.asarray(arrays["num_atoms"]), arrays["pos"]
         chosen = [graphs[int(i)] for i in mol_id]
-        generated = [np.asarray(pos[k, : num_atoms[k]]) for k in range(len(mol_id))]
+        row = conformer_rows(pos, num_atoms)  # padded rows, or back to back as the store keeps them
+        generated = [np.asarray(row(k)) for k in range(len(mol_id))]
         bonds = bond_length_distance(chosen, None, generated)
         shown = list(range(min(self.config.shown_molecules, len(chosen))))
         if shown:

@@ -431,6 +431,9 @@ class ConformerDiffusionModule(SamplingModule):
     Synthetic data: call :meth:`configure_sampling` with the training graphs, then ``sample(n, generator)``.
     """
 
+    ragged_samples = {"pos": "num_atoms"}
+    """The sampled coordinates are stored without the padding of their rows (room for the largest molecule)."""
+
     def __init__(self, config: ConformerDiffusionConfig | None = None, **overrides: Any):
         super().__init__()
         self.config = config_with_overrides(ConformerDiffusionConfig, config, overrides, "conformer diffusion")

@@ -189,9 +189,10 @@ def export_geom_diffusion(source: Source, dest: Path) -> list[str]:
     from rdkit import Chem
     from rdkit.Geometry import Point3D
 
-    from datamodules.geom import GeomDataConfig, GeomDataModule
+    from datamodules.geom import GeomDataConfig, GeomDataModule, conformer_rows
 
     mol_id, num_atoms, pos = source.array("mol_id"), source.array("num_atoms"), source.array("pos")
+    row = None if pos is None or num_atoms is None else conformer_rows(pos, num_atoms)  # padded or back to back
     real = GeomDataModule(settings(GeomDataConfig, source, "data"))
     real.prepare_data()  # the run's real data, from the cache (or parsed again, the same seeded split)
     train = real.train_dataset
@@ -212,7 +213,7 @@ def export_geom_diffusion(source: Source, dest: Path) -> list[str]:
                     "the run's real data is not what it was (data.* settings or data files changed)"
                 )
             conformer = mol.GetConformer()
-            for atom, (x, y, z) in enumerate(np.asarray(pos[i, :count], dtype=np.float64)):
+            for atom, (x, y, z) in enumerate(np.asarray(row(i), dtype=np.float64)):
                 conformer.SetAtomPosition(atom, Point3D(x, y, z))
             mol.SetProp("_Name", f"gen_{source.generation.index:03d} sample {i}")
             mol.SetProp("smiles", train.molecule_smiles[int(train.molecule[index])])

@@ -199,7 +199,8 @@ def test_sdf_holds_each_samples_real_graph_at_its_generated_coordinates(geom_run
         edges = graph.edge_index.T.tolist()
         real_bonds = {(s, d, int(t)) for (s, d), t in zip(edges, graph.bond_type.tolist()) if s < d}
         assert bonds == real_bonds
-        np.testing.assert_allclose(mol.GetConformer().GetPositions(), a["pos"][i, :n], atol=1e-4)
+        start = int(a["num_atoms"][:i].sum())  # the molecules' coordinates are stored back to back
+        np.testing.assert_allclose(mol.GetConformer().GetPositions(), a["pos"][start : start + n], atol=1e-4)
         assert mol.GetIntProp("mol_id") == int(a["mol_id"][i]) and mol.GetProp("smiles") == graph.smiles
     assert hydrogens > 0
 

@@ -636,6 +636,12 @@ def test_synthetic_dataset_round_trip_and_mismatch(sdf_module):
         np.testing.assert_array_equal(item.pos.numpy(), pos[row, : counts[row]])
     batch = dm.collate_fn([synthetic[0], train[1]])  # real and synthetic items collate together
     assert isinstance(batch, MoleculeBatch) and batch.num_graphs == 2
+    # As the store keeps them: the molecules' coordinates back to back, without the padding.
+    flat = np.concatenate([pos[row, :n] for row, n in enumerate(counts)])
+    stored = dm.synthetic_dataset({"mol_id": ids, "num_atoms": counts, "pos": flat})
+    assert all(torch.equal(stored[row].pos, synthetic[row].pos) for row in range(4))
+    with pytest.raises(ValueError, match="atoms back to back, but num_atoms sum to"):
+        dm.synthetic_dataset({"mol_id": ids, "num_atoms": counts, "pos": flat[:-1]})
     wrong = counts.copy()
     wrong[2] += 1
     with pytest.raises(ValueError, match="synthetic sample 2: num_atoms"):
