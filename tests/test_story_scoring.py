@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import numpy as np
@@ -180,16 +181,22 @@ def test_evaluator_scores_stories_stored_back_to_back_as_rows(tmp_path, real):
     assert (tmp_path / "rows" / "stories.txt").read_text() == (tmp_path / "flat" / "stories.txt").read_text()
 
 
-def test_evaluator_writes_and_scores_in_chunks(tmp_path, real, monkeypatch):
+def test_evaluator_writes_and_scores_in_chunks(tmp_path, real, monkeypatch, caplog):
     """Stories spelling out the separator are left out of stories.txt and counted, not a crash after sampling."""
     monkeypatch.setattr("evaluation.stories.STORIES_PER_CHUNK", 4)
+    monkeypatch.setattr("collapse.progress._interval", 0.0)  # a progress line at every update
     texts = [[s] for s in generate_stories(9, seed=5)]
     texts[2] = ["Lily saw a dog. ", "<|", "endoftext", "|>", " The end."]
     texts[6] = ["   "]
     texts[7] = ["Tom ran.\n", "<|", "endoftext", "|>", "\nHe sat."]  # the separator on a line of its own
     tokens, lengths = _rows(real.tokenizer, texts)
     evaluator = StorySampleEvaluator(DiversityConfig(shown_stories=3), real)
-    metrics = evaluator(tmp_path, {"tokens": tokens, "lengths": lengths, "finished": np.ones(9, bool)}, 1)
+    with caplog.at_level(logging.INFO, logger="collapse.progress"):
+        metrics = evaluator(tmp_path, {"tokens": tokens, "lengths": lengths, "finished": np.ones(9, bool)}, 1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "collapse.progress"]
+    assert "scoring gen 1: 4/9 stories (44%)" in "\n".join(lines)  # the long phases say how far they are
+    assert any(line.startswith("scoring gen 1: done, 9 stories") for line in lines)
+    assert any(line.startswith("finding the real training set's rare words: done, 300 stories") for line in lines)
     decoded = [decode(real.tokenizer, t[:n]).strip() for t, n in zip(tokens, lengths)]
     assert EOT_SEPARATOR in decoded[2] and EOT_SEPARATOR in decoded[7]
     written = [s for i, s in enumerate(decoded) if i not in (2, 6, 7)]
