@@ -162,6 +162,7 @@ from datamodules.mol_graph import (
     MAX_ATOMIC_NUMBER,
     MolGraph,
     collate_molecules,
+    conformer_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -1258,17 +1259,6 @@ class MolGraphSet(Dataset):
         return _set_positions(mol, self._a["pos"][lo:hi])
 
 
-def conformer_rows(pos: np.ndarray, num_atoms: np.ndarray) -> Callable[[int], np.ndarray]:
-    """Sample i's coordinates ``(num_atoms[i], 3)`` of a stored ``pos``: rows padded to the largest molecule
-    (``(n, max_atoms, 3)``, as sampled) or the molecules back to back (``(sum(num_atoms), 3)``, as the store keeps
-    them: ``ragged_samples``)."""
-    counts = np.asarray(num_atoms, dtype=np.int64)
-    if pos.ndim == 3:
-        return lambda i: pos[i, : counts[i]]
-    starts = np.cumsum(counts) - counts
-    return lambda i: pos[starts[i] : starts[i] + counts[i]]
-
-
 class SyntheticConformers(Dataset):
     """Generated conformations of training graphs: item ``i`` is ``train[mol_id[i]]`` with sample i's coordinates
     (:func:`conformer_rows`).
@@ -1650,7 +1640,6 @@ __all__ = [
     "SyntheticConformers",
     "UnusableMolecule",
     "checked_molecule",
-    "conformer_rows",
     "default_cache_dir",
     "featurize",
     "molecule_key",

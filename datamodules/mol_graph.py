@@ -27,7 +27,7 @@ edges a model adds itself (radius edges between atoms that are not bonded).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -147,6 +147,17 @@ def collate_molecules(graphs: Sequence[MolGraph]) -> MoleculeBatch:
     )
 
 
+def conformer_rows(pos: np.ndarray, num_atoms: np.ndarray) -> Callable[[int], np.ndarray]:
+    """Sample i's coordinates ``(num_atoms[i], 3)`` of a stored ``pos``: rows padded to the largest molecule
+    (``(n, max_atoms, 3)``, as sampled) or the molecules back to back (``(sum(num_atoms), 3)``, as the store keeps
+    them: ``ragged_samples``)."""
+    counts = np.asarray(num_atoms, dtype=np.int64)
+    if pos.ndim == 3:
+        return lambda i: pos[i, : counts[i]]
+    starts = np.cumsum(counts) - counts
+    return lambda i: pos[starts[i] : starts[i] + counts[i]]
+
+
 __all__ = [
     "ATOM_FEATURES",
     "ATOM_FEATURE_SIZES",
@@ -157,4 +168,5 @@ __all__ = [
     "MolGraph",
     "MoleculeBatch",
     "collate_molecules",
+    "conformer_rows",
 ]

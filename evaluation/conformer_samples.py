@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from collapse.errors import ConfigError
-from datamodules.geom import conformer_rows
+from datamodules.mol_graph import conformer_rows
 from evaluation.conformers import bond_length_distance, draw_conformers
 
 log = logging.getLogger(__name__)

@@ -93,7 +93,8 @@ class StorySampleEvaluator:
         self._rare: set[str] | None = None
 
     def __call__(self, stage: Path, arrays: Mapping[str, np.ndarray], generation: int) -> dict[str, float]:
-        """Texts and metrics of the synthetic set (``tokens`` (n, L) with ``lengths`` (n,), optional ``finished``).
+        """Texts and metrics of the synthetic set: ``tokens`` and ``lengths`` (n,) (:class:`StoredStories`: rows
+        padded to L, or the stories back to back as the store keeps them), optional ``finished`` (n,).
 
         Chunk by chunk (:data:`~datamodules.story_corpus.STORIES_PER_CHUNK` stories): decode, count, append to
         ``stories.txt``. A story whose text holds the separator ``<|endoftext|>`` (the model spelled it out

@@ -71,6 +71,7 @@ from datamodules.mol_graph import (
     MoleculeBatch,
     MolGraph,
     collate_molecules,
+    conformer_rows,
 )
 from lit_modules import config_with_overrides
 
@@ -699,8 +700,10 @@ class ConformerDiffusionModule(SamplingModule):
 
 
 def graphs_from_sample(graphs: Sequence[MolGraph], arrays: dict[str, np.ndarray]) -> list[MolGraph]:
-    """The synthetic examples of a :meth:`ConformerDiffusionModule.sample` result as graphs: row i is
-    ``graphs[i % len(graphs)]`` with the generated coordinates (the same ``graphs`` sample() was configured with)."""
+    """The synthetic examples of a :meth:`ConformerDiffusionModule.sample` result (or of a stored set, its
+    coordinates back to back) as graphs: row i is ``graphs[i % len(graphs)]`` with the generated coordinates
+    (the same ``graphs`` sample() was configured with)."""
+    row = conformer_rows(arrays["pos"], arrays["num_atoms"])
     out = []
     for i, (mol_id, n) in enumerate(zip(arrays["mol_id"].tolist(), arrays["num_atoms"].tolist())):
         graph = graphs[i % len(graphs)]
@@ -709,7 +712,7 @@ def graphs_from_sample(graphs: Sequence[MolGraph], arrays: dict[str, np.ndarray]
                 f"sample row {i} (mol_id {mol_id}, {n} atoms) does not match graph {i % len(graphs)} "
                 f"(mol_id {graph.mol_id}, {graph.num_atoms} atoms)"
             )
-        out.append(graph.with_pos(arrays["pos"][i, :n]))
+        out.append(graph.with_pos(np.asarray(row(i))))
     return out
 
 

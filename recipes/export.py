@@ -101,9 +101,11 @@ def settings(cls: type, source: Source, key: str) -> Any:
 def story_texts(source: Source, tokenizer: Any) -> list[str]:
     """Every sampled story as text, in sample order: its ``lengths[i]`` tokens decoded, specials skipped, stripped.
 
-    The same texts as the run's ``stories.txt``, except that a story that decodes to nothing stays (as ``""``),
-    so there is one text per sample.
+    The texts of the run's ``stories.txt``, except that a story that decodes to nothing stays (as ``""``), so
+    there is one text per sample, and so does one that spells out ``<|endoftext|>`` (which ``stories.txt``
+    cannot hold). Decoded a chunk of stories at a time: a published-size set is never read whole.
     """
+    from datamodules.story_corpus import STORIES_PER_CHUNK
     from datamodules.tinystories import StoredStories
     from datamodules.tokenizer import decode_rows
 
@@ -111,7 +113,11 @@ def story_texts(source: Source, tokenizer: Any) -> list[str]:
     if tokens is None or lengths is None:
         return []
     stories = StoredStories(tokens, lengths)  # padded rows, or back to back as the store keeps them
-    return [text.strip() for text in decode_rows(tokenizer, stories.rows(0, len(stories)))]
+    texts: list[str] = []
+    for start in range(0, len(stories), STORIES_PER_CHUNK):
+        rows = stories.rows(start, min(start + STORIES_PER_CHUNK, len(stories)))
+        texts.extend(text.strip() for text in decode_rows(tokenizer, rows))
+    return texts
 
 
 def run_tokenizer(source: Source) -> Any:
@@ -189,7 +195,8 @@ def export_geom_diffusion(source: Source, dest: Path) -> list[str]:
     from rdkit import Chem
     from rdkit.Geometry import Point3D
 
-    from datamodules.geom import GeomDataConfig, GeomDataModule, conformer_rows
+    from datamodules.geom import GeomDataConfig, GeomDataModule
+    from datamodules.mol_graph import conformer_rows
 
     mol_id, num_atoms, pos = source.array("mol_id"), source.array("num_atoms"), source.array("pos")
     row = None if pos is None or num_atoms is None else conformer_rows(pos, num_atoms)  # padded or back to back

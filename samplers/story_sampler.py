@@ -1206,8 +1206,9 @@ class StorySampler:
         if count:
             meta = s["q_meta"][:count]
             rows = s["q_tok"][:count].masked_fill(s["positions"][None, :] >= meta[:, 1:2], self.pad_id)
-            # One read from the device for both (the metadata as the first three columns).
-            read = torch.cat((meta, rows.to(meta.dtype)), dim=1).cpu().numpy()
+            # One read from the device for both (the metadata as the first three columns, in int32 like the
+            # tokens: story ids, lengths and flags all fit).
+            read = torch.cat((meta.to(torch.int32), rows.to(torch.int32)), dim=1).cpu().numpy()
             ids, lens, fins = read[:, :3].T
             tokens[ids] = read[:, 3:]
             lengths[ids] = lens

@@ -334,6 +334,8 @@ def test_sample_shapes_padding_and_cycling(graphs):
     synthetic = graphs_from_sample(chosen, out)
     assert [g.mol_id for g in synthetic] == out["mol_id"].tolist()
     torch.testing.assert_close(synthetic[4].pos, torch.from_numpy(out["pos"][4, : chosen[1].num_atoms]))
+    stored = np.concatenate([out["pos"][i, :n] for i, n in enumerate(out["num_atoms"])])  # as the store keeps it
+    assert all(torch.equal(a.pos, b.pos) for a, b in zip(graphs_from_sample(chosen, {**out, "pos": stored}), synthetic))
     assert model.sample(0, torch.Generator())["pos"].shape == (0, max_atoms, 3)
 
 
