@@ -15,7 +15,7 @@ the sample arrays for :meth:`GenerationStore.commit`) and removes the chunk file
 A model may name ragged arrays (``ragged_samples``, see :class:`collapse.contract.SamplingModule`): each row
 of such an array holds only its first ``lengths[i]`` entries, the rest padding. Those are kept without the
 padding, in the chunk files as in the store: the rows back to back, one ``.npy`` of ``sum(lengths)``
-entries (a published-size story set: about 1 GB instead of 8.7 GB of rows padded to 2,048 tokens).
+entries (a published-size story set: under 1 GB instead of 8.7 GB of rows padded to 2,048 tokens).
 
 The callback samples at the end of the fit, on the fit's device(s): Lightning's teardown has moved the
 module to the CPU by then, so the callback moves it to the strategy's device for the draw and back after

@@ -820,7 +820,7 @@ def word_frequencies(stories: Iterable[str]) -> Counter:
 
 
 WORD_ID_BITS = 21
-"""Bits of a word id in the packed n-gram keys of :func:`ngram_keys`: three ids fit one int64 while a corpus has
+"""Bits of a word id in the packed n-gram keys of :class:`NgramDiversity`: three ids fit one int64 while a corpus has
 at most 2**21 (about 2.1M) distinct words."""
 STORIES_PER_CHUNK = 8192
 """Stories split into words at once by :func:`word_id_chunks`."""

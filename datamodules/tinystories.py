@@ -854,14 +854,18 @@ class TokenStories(Dataset):
         return torch.from_numpy(np.array(self.tokens[start:stop], dtype=np.int64))
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
-        # One fancy-indexed read of the batch's tokens from the memory map, then split per story.
         rows = np.array([self._row(int(i)) for i in indices], dtype=np.int64)  # (B,)
         starts = np.asarray(self.offsets[rows])  # (B,)
         lengths = np.asarray(self.offsets[rows + 1]) - starts  # (B,)
-        before = np.cumsum(lengths) - lengths  # (B,) position of each story in the gathered array
-        gather = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - before, lengths)
-        ids = torch.from_numpy(np.asarray(self.tokens[gather], dtype=np.int64))
+        ids = torch.from_numpy(np.asarray(_gathered(self.tokens, starts, lengths), dtype=np.int64))
         return list(ids.split(lengths.tolist()))
+
+
+def _gathered(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``tokens[starts[k] : starts[k] + lengths[k]]`` for every k, back to back, in one fancy-indexed read (of a
+    memory map too)."""
+    before = np.cumsum(lengths) - lengths  # (B,) position of each story in the gathered array
+    return np.asarray(tokens[np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - before, lengths)])
 
 
 class StoredStories:
@@ -904,27 +908,18 @@ class StoredStories:
         return len(self.lengths)
 
     def rows(self, start: int, stop: int, limit: int | None = None) -> list[np.ndarray]:
-        """Stories ``start..stop-1``, each its first ``min(lengths[i], limit)`` tokens (views or copies)."""
-        lengths = self.lengths[start:stop] if limit is None else np.minimum(self.lengths[start:stop], limit)
-        if self.offsets is None:
-            block = np.asarray(self.tokens[start:stop, : int(lengths.max(initial=0))])  # one read
-            return [block[k, : lengths[k]] for k in range(len(lengths))]
-        block = np.asarray(self.tokens[self.offsets[start] : self.offsets[stop]])  # one read
-        return [
-            row[:n] for row, n in zip(np.split(block, self.offsets[start + 1 : stop] - self.offsets[start]), lengths)
-        ]
+        """Stories ``start..stop-1``, each its first ``min(lengths[i], limit)`` tokens."""
+        return self.gather(np.arange(start, stop, dtype=np.int64), limit)
 
-    def gather(self, rows: np.ndarray, limit: int) -> list[np.ndarray]:
+    def gather(self, rows: np.ndarray, limit: int | None = None) -> list[np.ndarray]:
         """Stories ``rows`` (int64 ``(B,)``), each its first ``min(lengths[i], limit)`` tokens, in one read."""
-        lengths = np.minimum(self.lengths[rows], limit)  # (B,)
-        if self.offsets is None:
-            block = np.asarray(self.tokens[rows, : int(lengths.max(initial=0))])  # (B, T)
-            return [block[k, : lengths[k]] for k in range(len(rows))]
+        lengths = self.lengths[rows] if limit is None else np.minimum(self.lengths[rows], limit)  # (B,)
         if not len(rows):
             return []
-        before = np.cumsum(lengths) - lengths  # (B,) position of each story in the gathered array
-        where = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(self.offsets[rows] - before, lengths)
-        return np.split(np.asarray(self.tokens[where]), np.cumsum(lengths)[:-1])
+        if self.offsets is None:
+            block = np.asarray(self.tokens[rows, : int(lengths.max())])  # (B, T)
+            return [block[k, : lengths[k]] for k in range(len(rows))]
+        return np.split(_gathered(self.tokens, self.offsets[rows], lengths), np.cumsum(lengths)[:-1])
 
 
 class SyntheticStories(Dataset):
