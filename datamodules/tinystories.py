@@ -1235,9 +1235,20 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
             raise UserError(f"{self.cache_entry}: the data is not prepared; call prepare_data() first")
 
     def train_texts(self, limit: int | None = None) -> list[str]:
-        """The real training stories as cleaned text (the first ``limit``), e.g. for rare-word statistics."""
+        """The real training stories as cleaned text (the first ``limit``), as one list."""
         self._require_prepared()
         return list(self._iter_texts("train", limit))
+
+    def iter_train_texts(self) -> Iterator[str]:
+        """The real training stories as cleaned text, read from the cache a chunk at a time: what the rare-word
+        statistics read, since a published-size set (2.12M stories) is about 2 GB as one list of strings."""
+        self._require_prepared()
+        return self._iter_texts("train")
+
+    def num_train_texts(self) -> int:
+        """How many real training stories :meth:`iter_train_texts` yields."""
+        self._require_prepared()
+        return self._split_size("train")
 
     def val_texts(self) -> list[str]:
         """The validation stories as cleaned text."""

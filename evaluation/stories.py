@@ -83,8 +83,9 @@ class StorySampleEvaluator:
 
     Args:
         config: the ``--diversity.*`` settings.
-        real: the real stories, read lazily: anything with ``setup("fit")``, ``train_texts()`` (the real
-            training stories) and ``tokenizer`` (a TinyStories real data module).
+        real: the real stories, read lazily: anything with ``setup("fit")``, ``iter_train_texts()`` and
+            ``num_train_texts()`` (the real training stories, streamed) and ``tokenizer`` (a TinyStories real
+            data module).
     """
 
     def __init__(self, config: DiversityConfig, real: Any):
@@ -144,12 +145,13 @@ class StorySampleEvaluator:
         """The real training set's rare words (computed once)."""
         if self._rare is None:
             self.real.setup("fit")
-            texts = self.real.train_texts()
             # Once per run, but minutes for a published-size real set (2.12M stories): a progress line says so.
-            with Progress(len(texts), "finding the real training set's rare words", "stories") as progress:
+            # The stories are streamed from the cache, never held as one list.
+            total = self.real.num_train_texts()
+            with Progress(total, "finding the real training set's rare words", "stories") as progress:
 
                 def counted() -> Iterator[str]:
-                    for text in texts:
+                    for text in self.real.iter_train_texts():
                         yield text
                         progress.update()
 

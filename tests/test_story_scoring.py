@@ -118,8 +118,11 @@ class _Real:
     def setup(self, stage):
         pass
 
-    def train_texts(self):
-        return self.stories
+    def iter_train_texts(self):
+        return iter(self.stories)  # an iterator, as the data module streams them
+
+    def num_train_texts(self):
+        return len(self.stories)
 
 
 @pytest.fixture(scope="module")

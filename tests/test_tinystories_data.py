@@ -70,6 +70,7 @@ def assert_one_line_user_error(excinfo: pytest.ExceptionInfo, *fragments: str) -
 def check_splits(dm: TinyStoriesDataModule, train: list[str], val: list[str], test: list[str]) -> None:
     """The module's splits hold exactly these stories, as texts and as EOT-framed tokens that decode back."""
     assert dm.train_texts() == train and dm.val_texts() == val and dm.test_texts() == test
+    assert list(dm.iter_train_texts()) == train and dm.num_train_texts() == len(train)
     datasets = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}
     for split, texts in (("train", train), ("val", val), ("test", test)):
         dataset = datasets[split]
@@ -502,11 +503,14 @@ def test_bad_synthetic_arrays_are_one_line_errors(arrays, fragment):
     assert_one_line_user_error(excinfo, fragment)
 
 
-def test_first_tokens_texts_and_loaders(tmp_path):
+def test_first_tokens_texts_and_loaders(tmp_path, monkeypatch):
     dm = prepared(config(tmp_path, num_real=10, num_val=3, num_test=4))
     firsts = dm.first_tokens()
     assert firsts.dtype == np.int64 and firsts.tolist() == [int(dm.train_dataset[i][1]) for i in range(10)]
     assert dm.train_texts(3) == dm.train_texts()[:3]
+    monkeypatch.setattr(ts, "_ENCODE_CHUNK", 3)  # the stream crosses chunk boundaries
+    streamed = dm.iter_train_texts()
+    assert not isinstance(streamed, list) and list(streamed) == dm.train_texts() and dm.num_train_texts() == 10
     batches = list(dm.train_dataloader())
     assert sum(b["input_ids"].shape[0] for b in batches) == 10
     for batch in batches:
