@@ -907,6 +907,21 @@ class StoredStories:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def max_id(self, chunk: int = 1 << 24) -> int:
+        """The largest token id of the stories (padding not included), read ``chunk`` tokens at a time (-1 for
+        no stories)."""
+        high = -1
+        if self.offsets is not None:
+            for start in range(0, len(self.tokens), chunk):
+                high = max(high, int(np.asarray(self.tokens[start : start + chunk]).max()))
+            return high
+        rows = max(1, chunk // max(1, self.tokens.shape[1]))
+        for start in range(0, len(self), rows):
+            block = np.asarray(self.tokens[start : start + rows])  # (R, L)
+            inside = np.arange(block.shape[1]) < self.lengths[start : start + rows, None]  # (R, L) story tokens
+            high = max(high, int(block[inside].max()))
+        return high
+
     def rows(self, start: int, stop: int, limit: int | None = None) -> list[np.ndarray]:
         """Stories ``start..stop-1``, each its first ``min(lengths[i], limit)`` tokens."""
         return self.gather(np.arange(start, stop, dtype=np.int64), limit)
@@ -1271,7 +1286,8 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
 
         ``arrays``: ``tokens`` and ``lengths`` (:class:`StoredStories`: padded rows, or the stories back to
         back as the store keeps them) and optionally ``finished`` (bool ``(n,)``, not used here). Raises
-        UserError for missing keys or wrong shapes.
+        UserError for missing keys, wrong shapes, or token ids outside the vocabulary (which would fail deep
+        inside the embedding, on a GPU as an unreadable device-side assert).
         """
         missing = [key for key in ("tokens", "lengths") if key not in arrays]
         if missing:
@@ -1280,6 +1296,13 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
         n = len(stories)
         if "finished" in arrays and arrays["finished"].shape != (n,):
             raise UserError(f"synthetic story 'finished' flags must have shape ({n},), got {arrays['finished'].shape}")
+        vocab = self.tokenizer.get_vocab_size() if self.tokenizer is not None else self.config.vocab_size
+        high = stories.max_id()
+        if high >= vocab:
+            raise UserError(
+                f"synthetic story tokens must be ids below the vocabulary size {vocab}, got id {high}: this set "
+                f"was not drawn with this run's tokenizer"
+            )
         return SyntheticStories(stories, self.config.max_seq_len)
 
 

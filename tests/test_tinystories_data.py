@@ -495,12 +495,28 @@ def test_synthetic_stories_are_truncated_to_max_seq_len(tmp_path, flat):
             {"tokens": np.zeros((3, 5), np.uint16), "lengths": np.ones(3, np.int32), "finished": np.ones(2, bool)},
             "(3,)",
         ),
+        ({"tokens": np.array([0, 5, 0, 8192, 0], np.uint16), "lengths": np.array([2, 3])}, "got id 8192"),
+        ({"tokens": np.array([[0, 5, 1], [0, 9000, 1]], np.uint16), "lengths": np.array([2, 3])}, "got id 9000"),
     ],
 )
 def test_bad_synthetic_arrays_are_one_line_errors(arrays, fragment):
     with pytest.raises(UserError) as excinfo:
         TinyStoriesDataModule(TinyStoriesDataConfig()).synthetic_dataset(arrays)
     assert_one_line_user_error(excinfo, fragment)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_synthetic_ids_are_checked_against_the_vocabulary_of_the_story_tokens_only(flat):
+    """Ids below the vocabulary size pass; in padded rows only the story tokens count, not what follows them."""
+    vocab = TinyStoriesDataConfig().vocab_size
+    dm = TinyStoriesDataModule(TinyStoriesDataConfig())
+    if flat:
+        tokens, lengths = np.array([0, vocab - 1, 0, 7], np.uint16), np.array([2, 2])
+    else:  # beyond each length: ids the check must not read
+        tokens, lengths = np.array([[0, vocab - 1, vocab + 3], [0, 7, vocab + 9]], np.uint16), np.array([2, 2])
+    stories = dm.synthetic_dataset({"tokens": tokens, "lengths": lengths})
+    assert stories.stories.max_id(chunk=2) == vocab - 1  # several chunks read
+    assert [s.tolist() for s in stories] == [[0, vocab - 1], [0, 7]]
 
 
 def test_first_tokens_texts_and_loaders(tmp_path, monkeypatch):
