@@ -146,6 +146,28 @@ def wants_processes(trainer_kwargs: Mapping[str, Any]) -> int:
     return int(probe.world_size)
 
 
+def launch_strategy(strategy: Any) -> Any:
+    """The Fabric strategy that starts a run's processes and its default process group, for the Trainer's
+    ``strategy`` (a name or a strategy object).
+
+    ``ddp``, with a strategy object's own process-group backend and timeout (a longer NCCL timeout for a
+    cluster, gloo on GPUs): every later Trainer finds the group already made and keeps it, so they would be
+    ignored otherwise.
+    """
+    if isinstance(strategy, str):
+        return "ddp"
+    from lightning.fabric.strategies import DDPStrategy
+
+    settings: dict[str, Any] = {}
+    timeout = getattr(strategy, "_timeout", None)  # Lightning's DDPStrategy keeps its arguments as these
+    backend = getattr(strategy, "_process_group_backend", None)
+    if timeout is not None:
+        settings["timeout"] = timeout
+    if backend is not None:
+        settings["process_group_backend"] = backend
+    return DDPStrategy(**settings)
+
+
 def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
     """Start the run's processes and their process group now, if the Trainer settings ask for several.
 
@@ -174,7 +196,7 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
         accelerator=trainer_kwargs.get("accelerator", "auto"),
         devices=trainer_kwargs.get("devices", "auto"),
         num_nodes=trainer_kwargs.get("num_nodes", 1),
-        strategy="ddp",  # only to start the processes and the group; the Trainer's strategy reuses them
+        strategy=launch_strategy(strategy),  # starts the processes and the group; the Trainer's strategy reuses them
     )
     fabric.launch()
     if torch.cuda.is_available() and fabric.device.type == "cuda":
@@ -182,4 +204,4 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
     return Dist()
 
 
-__all__ = ["Dist", "LAUNCH_KEYS", "WAIT_TIMEOUT", "launch", "wants_processes"]
+__all__ = ["Dist", "LAUNCH_KEYS", "WAIT_TIMEOUT", "launch", "launch_strategy", "wants_processes"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -99,3 +102,46 @@ def test_sharded_strategies_are_refused_for_several_processes(monkeypatch, strat
     monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
     with pytest.raises(UserError, match=f"--trainer.strategy {strategy} shards the model across processes"):
         distributed.launch({"strategy": strategy, "devices": 2})
+
+
+def test_a_strategy_object_s_timeout_and_backend_reach_the_launch():
+    from lightning.fabric.strategies import DDPStrategy as FabricDDP
+    from lightning.pytorch.strategies import DDPStrategy
+
+    assert distributed.launch_strategy("ddp") == "ddp"
+    made = distributed.launch_strategy(DDPStrategy(timeout=timedelta(hours=3), process_group_backend="gloo"))
+    assert isinstance(made, FabricDDP)
+    assert made._timeout == timedelta(hours=3) and made._process_group_backend == "gloo"
+    default = distributed.launch_strategy(DDPStrategy())
+    assert default._timeout == DDPStrategy()._timeout and default._process_group_backend is None
+
+
+@pytest.mark.slow
+def test_two_launched_processes_make_their_group_with_the_strategy_s_timeout(tmp_path):
+    """launch() starts the second process and the default group with the strategy object's timeout (the
+    Trainer's strategy finds the group made and would never apply its own)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"launched{r}.json").read_text()) for r in range(2)]
+    assert ranks == [{"world": 2, "rank": r, "timeout_s": 4321.0, "backend": "gloo"} for r in range(2)]
+
+
+def _launched(folder: Path) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = DDPStrategy(timeout=timedelta(seconds=4321), process_group_backend="gloo")
+    dist = distributed.launch({"accelerator": "cpu", "devices": 2, "strategy": strategy})
+    world = torch_dist.group.WORLD
+    timeout = world._get_backend(torch.device("cpu")).options._timeout
+    got = {"world": dist.world_size, "rank": dist.rank, "timeout_s": timeout.total_seconds()}
+    got["backend"] = torch_dist.get_backend(world)
+    (folder / f"launched{dist.rank}.json").write_text(json.dumps(got))
+    dist.barrier()
+    torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the run of test_two_launched_processes_make_their_group_with_the_strategy_s_timeout
+    _launched(Path(sys.argv[1]))
