@@ -128,13 +128,23 @@ class ConvVAE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode, reparameterise z = mu + exp(logvar / 2) * eps and decode: ``(logits, mu, logvar)``.
 
-        ``eps`` (B, L) is the standard normal noise; drawn from the global RNG when not given.
+        ``eps`` (B, L) is the standard normal noise; drawn from the global RNG when not given. The
+        reparameterisation runs in float32 whatever the precision (under bf16 autocast ``mu`` comes out in
+        bf16, which would round the noise and the KL term's inputs); ``mu`` and ``logvar`` are returned in
+        float32 (float64 stays float64) and ``z`` goes to the decoder in the encoder's output dtype.
         """
         mu, logvar = self.encode(x)  # (B, L), (B, L)
+        dtype = mu.dtype
+        mu, logvar = at_least_float32(mu), at_least_float32(logvar)
         if eps is None:
             eps = torch.randn_like(mu)  # (B, L)
-        z = mu + torch.exp(0.5 * logvar) * eps.to(mu)  # (B, L)
-        return self.decode(z), mu, logvar
+        z = mu + torch.exp(0.5 * logvar) * eps.to(mu)  # (B, L) float32 (or float64)
+        return self.decode(z.to(dtype)), mu, logvar
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is half precision (bf16, fp16), else unchanged (float32, float64)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def elbo_terms(
@@ -143,8 +153,10 @@ def elbo_terms(
     """The two terms of the single-sample negative ELBO of each image, in nats: ``(recon, kl)``, each ``(B,)``.
 
     recon = sum over pixels of BCE-with-logits(logits, x) (a cross-entropy for grayscale targets x in
-    [0, 1]); kl = 1/2 sum_j (mu_j^2 + exp(logvar_j) - logvar_j - 1) = KL(N(mu, sigma^2) || N(0, 1)).
+    [0, 1]); kl = 1/2 sum_j (mu_j^2 + exp(logvar_j) - logvar_j - 1) = KL(N(mu, sigma^2) || N(0, 1)). Both are
+    summed in float32 when the inputs are half precision (float64 stays float64).
     """
+    logits, x, mu, logvar = (at_least_float32(t) for t in (logits, x, mu, logvar))
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)  # (B,)
     kl = 0.5 * (mu.square() + logvar.exp() - logvar - 1).sum(1)  # (B,)
     return recon, kl

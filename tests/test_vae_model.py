@@ -124,6 +124,29 @@ def test_model_loss_is_the_reparameterised_single_sample_elbo():
     torch.testing.assert_close(model.negative_elbo((x, torch.zeros(4)), batch_idx=7), loss)  # tuple batches too
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_half_precision_losses_use_the_exact_noise_and_float32_sums(precision):
+    """Under bf16 autocast (the GPU default) or with bf16 weights, the encoder and decoder run in bf16, but the
+    noise is not rounded to bf16 and the ELBO terms are summed in float32: they match a float64 computation
+    from the same encoder and decoder outputs."""
+    torch.manual_seed(0)
+    model = VAEModule(latent_dim=16, channels=(4, 8), hidden=32).eval()
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    if precision == "bf16-true":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss, recon, kl = model.loss_terms(x)
+        mu, logvar = model.vae.encode(x)  # bf16 (B, L) either way
+        eps = model.eval_noise(x).double()
+        z = mu.double() + torch.exp(logvar.double() / 2) * eps
+        logits = model.vae.decode(z.to(mu.dtype)).double()
+    assert mu.dtype == torch.bfloat16 and loss.dtype == recon.dtype == kl.dtype == torch.float32
+    want_kl = -0.5 * (1 + logvar.double() - mu.double() ** 2 - logvar.double().exp()).sum(1)
+    want_recon = F.binary_cross_entropy_with_logits(logits, x.double(), reduction="none").sum(dim=(1, 2, 3))
+    torch.testing.assert_close(kl.double(), want_kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recon.double(), want_recon, rtol=1e-5, atol=1e-3)
+
+
 def test_eval_noise_is_a_standard_normal_function_of_each_image():
     model = VAEModule(**TINY)
     x = torch.rand(400, 1, 28, 28, generator=torch.Generator().manual_seed(0))
