@@ -134,6 +134,14 @@ class SamplingModule(pl.LightningModule, abc.ABC):
         """Optional: called once a sampling phase has drawn its last chunk; free what :meth:`sample` kept
         between calls (caches on the device, say). Default: nothing to free."""
 
+    def loader_batch_fn(self) -> Callable[[Any], Any] | None:
+        """Optional: a function the generation loop's data loaders apply to each collated batch (training, validation
+        and test), in their worker processes when ``--num_workers`` > 0: host-side work a step would otherwise
+        do in the main process while the device waits (packing, counting). It must be picklable, run on the
+        CPU, and be a pure function of the batch. Asked for when the loaders are made, after the module is on
+        its device. Default: None (batches reach the module as collated)."""
+        return None
+
     def throughput_counts(self) -> Mapping[str, int]:
         """What this process has trained on so far in the current fit, by unit: ``{"tokens": 123456}``.
 

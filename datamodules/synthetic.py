@@ -19,13 +19,24 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 from collapse.contract import RealDataModule
 from collapse.seeding import derive_seed
 from collapse.store import GenerationStore
 from datamodules.workflows import REAL, TrainingSet, Workflow, WorkflowError
+
+
+class ThenApply:
+    """A loader's ``collate_fn``: ``collate`` the items, then apply ``after`` to the batch (picklable when both are,
+    for worker processes started by ``spawn``)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any], after: Callable[[Any], Any]):
+        self.collate, self.after = collate, after
+
+    def __call__(self, items: list[Any]) -> Any:
+        return self.after(self.collate(items))
 
 
 class WorkflowDataset(Dataset):
@@ -253,6 +264,10 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Any, batch_size: int, sampler: Any = None) -> DataLoader:
         collate: Callable | None = getattr(self.real, "collate_fn", None)
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        after = module.loader_batch_fn() if hasattr(module, "loader_batch_fn") else None
+        if after is not None:  # the module's host-side batch work, in the loader's workers when there are some
+            collate = ThenApply(collate or default_collate, after)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -295,4 +310,4 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
 
-__all__ = ["DisjointSampler", "SyntheticAccumulatingDataModule", "WorkflowDataset"]
+__all__ = ["DisjointSampler", "SyntheticAccumulatingDataModule", "ThenApply", "WorkflowDataset"]

@@ -587,6 +587,92 @@ def lr_factor(step: int, warmup_steps: int, total_steps: float, final_ratio: flo
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def count_predicted(labels: torch.Tensor) -> int:
+    """Predicted tokens of a batch with ``labels`` (B, T): labels[:, 1:] != -100 (a host sync on a GPU)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass(frozen=True)
+class HostBatcher:
+    """What a training or test batch goes through on the host before it reaches the device: checked, labelled,
+    padded to a multiple, packed (with ``pack``), its predicted tokens counted. A small picklable object, so the
+    data loader's worker processes can run it (:meth:`CausalLMModule.loader_batch_fn`) while the main process
+    drives the GPU; :meth:`CausalLMModule.host_batch` runs the same in the main process.
+
+    Args:
+        max_seq_len: the context; a longer batch is refused.
+        pad_token_id: the pad id (padding without a mask is found by it; packed rows are padded with it).
+        multiple: rows are padded to a multiple of this many positions (64 on a GPU: fewer distinct shapes).
+        pack: pack the stories of a batch into rows of the batch's width (:func:`pack_rows`).
+        graphs: the model runs as CUDA graphs: widths and packed row counts are rounded further
+            (:func:`graph_width`, :func:`graph_rows`), since each new shape is a new graph recording.
+    """
+
+    max_seq_len: int
+    pad_token_id: int | None
+    multiple: int = 1
+    pack: bool = False
+    graphs: bool = False
+
+    def prepare(
+        self, batch: Mapping[str, torch.Tensor] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(input_ids, attention_mask, labels)`` of a batch: see :meth:`CausalLMModule.prepare_batch`."""
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ValueError(f"expected a dict batch with 'input_ids', got {type(batch).__name__}")
+        input_ids = batch["input_ids"]
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be int64 of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequences of {input_ids.shape[1]} tokens exceed max_seq_len={self.max_seq_len}")
+        attention_mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = input_ids.clone()
+            if attention_mask is not None:
+                labels[attention_mask == 0] = IGNORE_INDEX
+            elif self.pad_token_id is not None:
+                labels[input_ids == self.pad_token_id] = IGNORE_INDEX
+        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+            if tensor is not None and tensor.shape != input_ids.shape:
+                raise ValueError(
+                    f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(tensor.shape)}"
+                )
+        return input_ids, attention_mask, labels
+
+    def __call__(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, Any]:
+        """The batch ready-made for :meth:`CausalLMModule.token_loss`: see :meth:`CausalLMModule.host_batch`."""
+        input_ids, attention_mask, labels = self.prepare(batch)
+        n = count_predicted(labels)
+        width = min(-(-input_ids.shape[1] // self.multiple) * self.multiple, self.max_seq_len)
+        if self.graphs:  # CUDA graphs record one graph per shape: a few widths and row counts
+            width = graph_width(width, self.max_seq_len, self.pack and attention_mask is not None)
+        pad_id = self.pad_token_id or 0
+        if width > input_ids.shape[1]:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            extra = width - input_ids.shape[1]
+            input_ids = nn.functional.pad(input_ids, (0, extra), value=pad_id)
+            attention_mask = nn.functional.pad(attention_mask, (0, extra), value=0)
+            labels = nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
+        if self.pack and attention_mask is not None:
+            packed = pack_rows(input_ids, attention_mask, labels, pad_id)
+            if self.graphs:
+                packed = pad_rows(packed, graph_rows(packed["input_ids"].shape[0]), pad_id)
+            return {**packed, PREDICTED: n}
+        if attention_mask is not None and input_ids.device.type == "cpu" and right_padded(attention_mask):
+            # Right padding needs no mask for the loss: the causal mask already keeps every real token from the
+            # padding after it, and padding has no loss. Without a mask, attention runs its causal kernel
+            # (flash attention on a GPU) and transformers does not read the mask back to inspect it.
+            attention_mask = None
+        out = {"input_ids": input_ids, "labels": labels, PREDICTED: n}
+        if attention_mask is not None:
+            out["attention_mask"] = attention_mask
+        return out
+
+
 class CausalLMModule(SamplingModule):
     """Lightning wrapper of a transformers causal LM: token cross-entropy training and per-token logging.
 
@@ -644,9 +730,7 @@ class CausalLMModule(SamplingModule):
     @property
     def packs(self) -> bool:
         """Whether training batches are packed: ``pack`` if set, else :func:`packs_by_default` on this device."""
-        if self.config.pack is not None:
-            return self.config.pack
-        return packs_by_default(self.model.config, self.config.attn_implementation, self.device.type == "cuda")
+        return self.host_batcher().pack
 
     @property
     def num_parameters(self) -> int:
@@ -727,38 +811,28 @@ class CausalLMModule(SamplingModule):
         mask, or the eos tokens lose their loss too), else nowhere. Raises ``ValueError`` for a batch
         of the wrong shape or longer than :attr:`max_seq_len`.
         """
-        if isinstance(batch, torch.Tensor):
-            batch = {"input_ids": batch}
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise ValueError(f"expected a dict batch with 'input_ids', got {type(batch).__name__}")
-        input_ids = batch["input_ids"]
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be int64 of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.max_seq_len:
-            raise ValueError(f"sequences of {input_ids.shape[1]} tokens exceed max_seq_len={self.max_seq_len}")
-        attention_mask = batch.get("attention_mask")
-        labels = batch.get("labels")
-        if labels is None:
-            labels = input_ids.clone()
-            if attention_mask is not None:
-                labels[attention_mask == 0] = IGNORE_INDEX
-            elif self.pad_token_id is not None:
-                labels[input_ids == self.pad_token_id] = IGNORE_INDEX
-        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
-            if tensor is not None and tensor.shape != input_ids.shape:
-                raise ValueError(
-                    f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(tensor.shape)}"
-                )
-        return input_ids, attention_mask, labels
+        return self.host_batcher().prepare(batch)
 
-    def count_predicted(self, labels: torch.Tensor) -> int:
-        """Predicted tokens of a batch with ``labels`` (B, T): labels[:, 1:] != -100 (a host sync on a GPU)."""
-        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    def host_batcher(self, device_type: str | None = None) -> HostBatcher:
+        """The host-side preparation of this module's batches (:class:`HostBatcher`), for a model on a device of
+        ``device_type`` (default: where the model is now): padding multiple and packing follow the device."""
+        on_cuda = (device_type or self.device.type) == "cuda"
+        pack = self.config.pack
+        if pack is None:
+            pack = packs_by_default(self.model.config, self.config.attn_implementation, on_cuda)
+        multiple = self.config.pad_to_multiple or (64 if on_cuda else 1)
+        return HostBatcher(self.max_seq_len, self.pad_token_id, multiple, pack, self.cuda_graph_steps)
+
+    def loader_batch_fn(self) -> HostBatcher:
+        """The data loaders run :meth:`host_batcher` on each batch, in their worker processes when there are some
+        (``--num_workers``), so packing and counting overlap the GPU's step instead of delaying the next one."""
+        return self.host_batcher()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """On the host, before Lightning moves ``batch`` to the device: count its predicted tokens and, with
         ``pack``, pack its stories (:meth:`host_batch`), so a training step never waits for the GPU to read a
-        count back and packing costs no per-story kernels there."""
+        count back and packing costs no per-story kernels there. A batch the loader already prepared
+        (:meth:`loader_batch_fn`) passes as it is."""
         if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
             if batch["input_ids"].device.type == "cpu" and PREDICTED not in batch:
                 ready = self.host_batch(batch)
@@ -774,34 +848,7 @@ class CausalLMModule(SamplingModule):
         ``attention_mask`` where every row is right-padded, :func:`right_padded`), and ``num_predicted`` (an
         int). Under CUDA graphs (:attr:`cuda_graph_steps`) the width is padded further to :func:`graph_width`
         and packed rows are added up to :func:`graph_rows`: each new shape would be a new graph recording."""
-        input_ids, attention_mask, labels = self.prepare_batch(batch)
-        n = self.count_predicted(labels)
-        multiple = self.config.pad_to_multiple or (64 if self.device.type == "cuda" else 1)
-        width = min(-(-input_ids.shape[1] // multiple) * multiple, self.max_seq_len)
-        graphs = self.cuda_graph_steps  # CUDA graphs record one graph per shape: a few widths and row counts
-        if graphs:
-            width = graph_width(width, self.max_seq_len, self.packs and attention_mask is not None)
-        if width > input_ids.shape[1]:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            extra = width - input_ids.shape[1]
-            input_ids = nn.functional.pad(input_ids, (0, extra), value=self.pad_token_id or 0)
-            attention_mask = nn.functional.pad(attention_mask, (0, extra), value=0)
-            labels = nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
-        if self.packs and attention_mask is not None:
-            packed = pack_rows(input_ids, attention_mask, labels, self.pad_token_id or 0)
-            if graphs:
-                packed = pad_rows(packed, graph_rows(packed["input_ids"].shape[0]), self.pad_token_id or 0)
-            return {**packed, PREDICTED: n}
-        if attention_mask is not None and input_ids.device.type == "cpu" and right_padded(attention_mask):
-            # Right padding needs no mask for the loss: the causal mask already keeps every real token from the
-            # padding after it, and padding has no loss. Without a mask, attention runs its causal kernel
-            # (flash attention on a GPU) and transformers does not read the mask back to inspect it.
-            attention_mask = None
-        out = {"input_ids": input_ids, "labels": labels, PREDICTED: n}
-        if attention_mask is not None:
-            out["attention_mask"] = attention_mask
-        return out
+        return self.host_batcher()(batch)
 
     def token_loss(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, int]:
         """``(loss, n)``: mean cross-entropy (nats) over the batch's ``n`` predicted tokens, and ``n``.

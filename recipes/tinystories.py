@@ -76,6 +76,8 @@ STAND_IN_EPOCHS = 2
 too poor to say anything about collapse (test loss 4.8 nats against 3.7 after two)."""
 CPU_CHUNK = 512
 """Default ``--sample_batch_size`` on a CPU."""
+GPU_LOADER_WORKERS = 4
+"""Default ``--num_workers`` on a GPU (at most; see :func:`gpu_loader_workers`)."""
 GPU_CHUNK_WAVES = 8
 """Default ``--sample_batch_size`` on a GPU, in multiples of ``--sampling.batch_size``."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -206,6 +208,10 @@ class TinyStoriesConfig(LoopConfig):
     """Stories per sampling chunk file (part of the sampling seed; a chunk is what a killed run keeps); default:
     512 on a CPU, 8 x --sampling.batch_size on a GPU (so each slot draws several stories per chunk and the slots
     idle little while a chunk's longest story finishes). --sampling.batch_size run concurrently."""
+    num_workers: int | None = None
+    """Data loader worker processes per device; default: 0 on a CPU (the steps use its cores), on a GPU up to 4
+    (fewer where the machine has fewer cores per device), which collate, pad and pack the next batches while the
+    GPU runs a step. The batches are the same either way."""
     dry_run: bool = False
     """Build the data (read, tokenised, cached), the model (on the meta device: prints parameters: N) and the
     sampler, print them, and exit without touching out_dir."""
@@ -271,6 +277,9 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
         dtype_bytes = 4 if backend == "hf" else 2  # generate() samples in float32
         slots = auto_batch_size(model_config(model), sampling.max_len or seq, on_gpu, dtype_bytes)
         sampling = dataclasses.replace(sampling, batch_size=slots)
+    workers = cfg.num_workers
+    if workers is None:
+        workers = gpu_loader_workers(trainer.devices, available_cores()) if on_gpu else 0
     chunk = cfg.sample_batch_size
     if chunk is None:
         chunk = GPU_CHUNK_WAVES * sampling.batch_size if on_gpu else CPU_CHUNK
@@ -282,7 +291,32 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
         model = dataclasses.replace(model, pack=pack)
     if trainer.compile is None:
         trainer = dataclasses.replace(trainer, compile=compiled)
-    return dataclasses.replace(cfg, trainer=trainer, model=model, data=data, sampling=sampling, sample_batch_size=chunk)
+    return dataclasses.replace(
+        cfg, trainer=trainer, model=model, data=data, sampling=sampling, sample_batch_size=chunk, num_workers=workers
+    )
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def gpu_loader_workers(devices: int | str, cores: int) -> int:
+    """Loader workers per process on a GPU: :data:`GPU_LOADER_WORKERS`, or fewer so that the processes of this
+    machine (one per device of ``devices``: a count, ``"0,1"``, or ``auto``/-1 for every visible GPU) and
+    their workers do not outnumber its ``cores`` (each process keeps one core for itself)."""
+    text = str(devices).strip()
+    if "," in text or text.startswith("["):
+        processes = len([d for d in text.strip("[]").split(",") if d.strip()])
+    elif text.lstrip("-").isdigit() and int(text) > 0:
+        processes = int(text)
+    else:  # auto, -1: every visible GPU
+        import torch
+
+        processes = max(1, torch.cuda.device_count())
+    return max(0, min(GPU_LOADER_WORKERS, cores // processes - 1))
 
 
 def has_triton() -> bool:

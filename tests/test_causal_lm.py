@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import transformers
 from torch.utils.data import DataLoader
 
+import lit_modules.causal_lm as causal_lm
 from collapse.errors import ConfigError
 from lit_modules.causal_lm import (
     IGNORE_INDEX,
@@ -429,12 +430,12 @@ def test_training_and_test_steps_read_no_count_back_from_the_device(pack, monkey
     torch.manual_seed(0)
     module = CausalLMModule(**TINY, pack=pack, pad_token_id=1)
     in_step, counted_in_step, steps = [False], [], []
-    count = CausalLMModule.count_predicted
+    count = causal_lm.count_predicted
     step = CausalLMModule.model_step
 
-    def counting(self, labels):
+    def counting(labels):
         counted_in_step.append(in_step[0])
-        return count(self, labels)
+        return count(labels)
 
     def stepping(self, batch, stage):
         in_step[0] = True
@@ -444,7 +445,7 @@ def test_training_and_test_steps_read_no_count_back_from_the_device(pack, monkey
         finally:
             in_step[0] = False
 
-    monkeypatch.setattr(CausalLMModule, "count_predicted", counting)
+    monkeypatch.setattr(causal_lm, "count_predicted", counting)
     monkeypatch.setattr(CausalLMModule, "model_step", stepping)
     batches = [padded_stories([9, 4, 7]), padded_stories([5, 12])]
     quiet_trainer(max_steps=4).fit(module, DataLoader(batches, batch_size=None))

@@ -165,6 +165,36 @@ def test_sampling_concurrency_and_chunks_follow_the_device_type_and_are_recorded
     assert (cpu.sampling.batch_size, cpu.sample_batch_size) == (64, 512)
 
 
+def test_loader_workers_follow_the_device_type_and_the_cores(tmp_path, monkeypatch):
+    from recipes.tinystories import GPU_LOADER_WORKERS, gpu_loader_workers, resolve
+
+    def config(*extra: str) -> TinyStoriesConfig:
+        return resolve(parse_config(TinyStoriesConfig, ["--out_dir", str(tmp_path / "run"), *extra]))
+
+    assert config().num_workers == 0 and config_dict(config())["num_workers"] == 0  # CPU: the steps use the cores
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve() only asks; nothing runs on a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr("recipes.tinystories.available_cores", lambda: 16)
+    assert config("--model.preset", "gpt2-9m").num_workers == GPU_LOADER_WORKERS == 4
+    assert config("--model.preset", "gpt2-9m", "--num_workers", "1").num_workers == 1  # an explicit setting is kept
+    # Processes of this machine x (1 + workers) stay within its cores.
+    assert [gpu_loader_workers(d, 16) for d in (1, 2, 4, "4", "0,1,2", "auto", -1, 16)] == [4, 4, 3, 3, 4, 1, 1, 0]
+    assert gpu_loader_workers(1, 2) == 1 and gpu_loader_workers(1, 1) == 0
+
+
+@pytest.mark.slow
+def test_loader_workers_prepare_the_same_batches_as_the_main_process(tmp_path):
+    """Packed batches made in two loader worker processes train, test and sample exactly as those made in the
+    main process: every metric and every stored story the same."""
+    runs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers{workers}"
+        result = main(tiny(out, "accumulate", "--model.pack", "true", "--num_workers", workers))
+        runs[workers] = (result.metrics, [GenerationStore(out).load(g).arrays["tokens"] for g in (0, 1)])
+    (metrics0, tokens0), (metrics2, tokens2) = runs["0"], runs["2"]
+    assert metrics0 == metrics2 and all(np.array_equal(a, b) for a, b in zip(tokens0, tokens2))
+
+
 def test_trainer_compile_takes_a_mode_and_cuda_graphs_copy_the_loss_out(tmp_path):
     from recipes.tinystories import LMModality, resolve
 
