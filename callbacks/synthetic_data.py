@@ -246,7 +246,14 @@ class SyntheticDataCallback(pl.Callback):
             before, size = progress.done, stop - start
             # A model that reports its finished samples inside a chunk (the story sampler does) moves the line on.
             with progress_within(lambda k, at=before, size=size: progress.update(done=at + min(k, size))):
-                drawn = model.sample(size, self.chunk_generator(chunk, device))
+                generator = self.chunk_generator(chunk, device)
+                # Examples start.. of the set (a conditional model draws for conditions start..); a model without
+                # sample_chunk (no SamplingModule) draws n examples that do not depend on their place.
+                drawn = (
+                    model.sample_chunk(start, size, generator)
+                    if hasattr(model, "sample_chunk")
+                    else model.sample(size, generator)
+                )
             if not drawn:
                 raise ValueError(f"{type(model).__name__}.sample() returned no arrays in chunk {chunk}")
             rows: dict[str, np.ndarray] = {}

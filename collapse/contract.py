@@ -130,6 +130,16 @@ class SamplingModule(pl.LightningModule, abc.ABC):
         synthetic set (``gen_XXX/<name>.npy``) and given back to :meth:`RealDataModule.synthetic_dataset`.
         """
 
+    def sample_chunk(self, start: int, n: int, generator: torch.Generator) -> Mapping[str, Any]:
+        """Examples ``start .. start + n - 1`` of a synthetic set drawn chunk by chunk: what the loop calls.
+
+        Default: :meth:`sample` (``n`` examples, ``start`` unused), right for a model whose examples do not
+        depend on their place in the set. A model that draws example i for a condition of its own (the conformer
+        model: a conformation of training graph i mod N) overrides it, so that the chunks together cover every
+        condition instead of each chunk starting again at the first.
+        """
+        return self.sample(n, generator)
+
     def end_sampling(self) -> None:
         """Optional: called once a sampling phase has drawn its last chunk; free what :meth:`sample` kept
         between calls (caches on the device, say). Default: nothing to free."""

@@ -620,9 +620,15 @@ class ConformerDiffusionModule(SamplingModule):
         self.sampling_graphs = graphs
         self.real_pos_fallback = bool(real_pos_fallback)
 
+    def sample_chunk(self, start: int, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+        """Examples ``start .. start + n - 1`` of a synthetic set drawn chunk by chunk: :meth:`sample` from ``start``,
+        so that the chunks together give every configured graph its conformers (each chunk starting again at
+        graph 0 would leave all graphs past the first chunk's without any)."""
+        return self.sample(n, generator, start=start)
+
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
-        """``n`` generated conformers; example i is a new conformation of ``graphs[i % len(graphs)]``.
+    def sample(self, n: int, generator: torch.Generator, start: int = 0) -> dict[str, np.ndarray]:
+        """``n`` generated conformers; example i is a new conformation of ``graphs[(start + i) % len(graphs)]``.
 
         Returns ``mol_id`` int64 (n,), ``num_atoms`` int32 (n,), ``pos`` float32 (n, max_atoms, 3) centred and
         zero-padded (max_atoms over all configured graphs), ``resampled`` int32 (n,) redraws of that row,
@@ -634,8 +640,8 @@ class ConformerDiffusionModule(SamplingModule):
         ``generator``: a fixed seed, ``sample_batch_size`` and device give the same conformers (other batch
         sizes give other, equally distributed draws).
         """
-        if n < 0:
-            raise ValueError(f"n must be non-negative, got {n}")
+        if n < 0 or start < 0:
+            raise ValueError(f"n and start must be non-negative, got {n} and {start}")
         if self.sampling_graphs is None:
             raise RuntimeError("call configure_sampling(graphs) before sample()")
         cfg = self.config
@@ -646,11 +652,11 @@ class ConformerDiffusionModule(SamplingModule):
         replaced = np.zeros(n, dtype=bool)
         broken_first = 0
         failed: list[int] = []
-        for start in range(0, n, cfg.sample_batch_size):
-            todo = list(range(start, min(n, start + cfg.sample_batch_size)))
+        for first in range(0, n, cfg.sample_batch_size):
+            todo = list(range(first, min(n, first + cfg.sample_batch_size)))  # rows of this call
             attempt = 0
             while todo:
-                batch = collate_molecules([graphs[i % len(graphs)] for i in todo])
+                batch = collate_molecules([graphs[(start + i) % len(graphs)] for i in todo])
                 out = self.generate(batch, generator).cpu()
                 broken = self.broken_mask(out, batch).cpu().tolist()
                 for row, coords, bad in zip(todo, batch.split_pos(out), broken):
@@ -667,7 +673,7 @@ class ConformerDiffusionModule(SamplingModule):
                     failed.extend(todo)
                 elif todo and self.real_pos_fallback:
                     for row in todo:
-                        real = graphs[row % len(graphs)].pos.double()
+                        real = graphs[(start + row) % len(graphs)].pos.double()
                         pos[row, : real.shape[0]] = (real - real.mean(0)).float().numpy()
                         replaced[row] = True
                 elif todo:
@@ -689,7 +695,7 @@ class ConformerDiffusionModule(SamplingModule):
                 message + "; this generation's model cannot be sampled so: start again in a new --out_dir with "
                 "--model.on_broken resample or real (the generations before this one are complete)"
             )
-        ids = np.arange(n) % len(graphs)
+        ids = (start + np.arange(n)) % len(graphs)
         return {
             "mol_id": np.array([graphs[i].mol_id for i in ids], dtype=np.int64),
             "num_atoms": np.array([graphs[i].num_atoms for i in ids], dtype=np.int32),
@@ -700,9 +706,10 @@ class ConformerDiffusionModule(SamplingModule):
 
 
 def graphs_from_sample(graphs: Sequence[MolGraph], arrays: dict[str, np.ndarray]) -> list[MolGraph]:
-    """The synthetic examples of a :meth:`ConformerDiffusionModule.sample` result (or of a stored set, its
-    coordinates back to back) as graphs: row i is ``graphs[i % len(graphs)]`` with the generated coordinates
-    (the same ``graphs`` sample() was configured with)."""
+    """The synthetic examples of a :meth:`ConformerDiffusionModule.sample` result from ``start`` 0 (or of a whole
+    stored set, its coordinates back to back, drawn chunk by chunk with :meth:`~ConformerDiffusionModule.sample_chunk`)
+    as graphs: row i is ``graphs[i % len(graphs)]`` with the generated coordinates (the same ``graphs`` sample()
+    was configured with)."""
     row = conformer_rows(arrays["pos"], arrays["num_atoms"])
     out = []
     for i, (mol_id, n) in enumerate(zip(arrays["mol_id"].tolist(), arrays["num_atoms"].tolist())):

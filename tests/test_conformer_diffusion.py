@@ -339,6 +339,30 @@ def test_sample_shapes_padding_and_cycling(graphs):
     assert model.sample(0, torch.Generator())["pos"].shape == (0, max_atoms, 3)
 
 
+def test_a_set_drawn_in_chunks_gives_every_graph_its_conformers(graphs, tmp_path):
+    """Example i of the whole set is a conformation of graph i mod N, however the set is cut into chunks: the
+    loop's chunks (of --sample_batch_size) each start where the one before ended, not at graph 0 again."""
+    from callbacks.synthetic_data import SyntheticDataCallback
+    from collapse.store import GenerationStore
+
+    torch.manual_seed(0)
+    model = ConformerDiffusionModule(**TINY, sample_steps=2, sample_batch_size=2)
+    chosen = graphs[:5]
+    model.configure_sampling(chosen)
+    ids = [g.mol_id for g in chosen]
+    part = model.sample_chunk(7, 4, torch.Generator().manual_seed(0))
+    assert part["mol_id"].tolist() == [ids[(7 + i) % 5] for i in range(4)]
+    assert part["num_atoms"].tolist() == [chosen[(7 + i) % 5].num_atoms for i in range(4)]
+    store = GenerationStore(tmp_path / "run")
+    SyntheticDataCallback(store, 0, num_samples=12, batch_size=3, seed=0).sample_into_store(model)  # 4 chunks
+    mol_id = np.load(store.staging(0) / "mol_id.npy")
+    num_atoms = np.load(store.staging(0) / "num_atoms.npy")
+    assert mol_id.tolist() == [ids[i % 5] for i in range(12)]  # every graph, not graphs 0-2 four times
+    assert num_atoms.tolist() == [chosen[i % 5].num_atoms for i in range(12)]
+    with pytest.raises(ValueError, match="non-negative"):
+        model.sample(2, torch.Generator(), start=-1)
+
+
 def test_broken_mask_flags_non_finite_and_exploded(graphs):
     model = ConformerDiffusionModule(**TINY, broken_threshold=50.0)
     batch = collate_molecules(graphs[:3])
