@@ -314,6 +314,7 @@ def open_generation(run_dir: str | os.PathLike, generation: int | None = None) -
         if store.staging(generation).is_dir():
             raise ExportError(f"generation {generation} of {run} is not finished (it is still being made; {have})")
         raise ExportError(f"{run} has no generation {generation} ({have})")
+    store.verify(generation)  # every file against its sha256: the export reads the model too, not only the arrays
     return Source(run, recipe, config, store.load(generation))
 
 
