@@ -445,7 +445,9 @@ class ConformerDiffusionModule(SamplingModule):
         self.abar64 = abar  # CPU float64 copy: sampling coefficients are computed from it in double precision
         self.register_buffer("sqrt_abar", abar.sqrt().float(), persistent=False)  # (T + 1,)
         self.register_buffer("sqrt_one_minus_abar", (1 - abar).sqrt().float(), persistent=False)  # (T + 1,)
-        self.sampling_graphs: list[MolGraph] | None = None
+        self.sampling_graphs: Sequence[MolGraph] | None = None
+        self._sampling_lazy = False
+        self._sampling_max_atoms = 0
         self.real_pos_fallback = True
         self.last_sample_stats: dict[str, int] = {}
 
@@ -608,16 +610,25 @@ class ConformerDiffusionModule(SamplingModule):
     def configure_sampling(self, graphs: Sequence[MolGraph], real_pos_fallback: bool = True) -> None:
         """Set the graphs :meth:`sample` draws conformers for (usually the generation's real training graphs).
 
+        ``graphs``: a list of graphs (each checked here), or a lazily indexed set with a ``num_atoms`` array (the
+        data module's training set: ``len``, ``graphs[i]``), which is never built whole: each draw builds and
+        checks the graphs it uses (a published-size set is 200k graphs, about 1.3 GB as objects).
         ``real_pos_fallback``: whether a graph's own ``pos`` may stand in for a broken conformer
         (``on_broken`` = ``real``, or ``resample`` after ``max_resample`` redraws); when False (e.g. the
         graphs carry synthetic coordinates) those cases raise RuntimeError instead.
         """
-        graphs = list(graphs)
-        if not graphs:
+        counts = getattr(graphs, "num_atoms", None)
+        lazy = isinstance(counts, np.ndarray) and counts.shape == (len(graphs),)
+        if not lazy:
+            graphs = list(graphs)
+            for graph in graphs:
+                graph.validate()
+            counts = np.array([g.num_atoms for g in graphs], dtype=np.int64)
+        if len(graphs) == 0:
             raise ValueError("configure_sampling needs at least one molecular graph")
-        for graph in graphs:
-            graph.validate()
         self.sampling_graphs = graphs
+        self._sampling_lazy = lazy
+        self._sampling_max_atoms = int(np.max(counts))
         self.real_pos_fallback = bool(real_pos_fallback)
 
     def sample_chunk(self, start: int, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
@@ -646,17 +657,25 @@ class ConformerDiffusionModule(SamplingModule):
             raise RuntimeError("call configure_sampling(graphs) before sample()")
         cfg = self.config
         graphs = self.sampling_graphs
-        max_atoms = max(g.num_atoms for g in graphs)
+        max_atoms = self._sampling_max_atoms
+        mol_id = np.zeros(n, dtype=np.int64)
+        num_atoms = np.zeros(n, dtype=np.int32)
         pos = np.zeros((n, max_atoms, 3), dtype=np.float32)
         resampled = np.zeros(n, dtype=np.int32)
         replaced = np.zeros(n, dtype=bool)
         broken_first = 0
         failed: list[int] = []
         for first in range(0, n, cfg.sample_batch_size):
-            todo = list(range(first, min(n, first + cfg.sample_batch_size)))  # rows of this call
+            rows = list(range(first, min(n, first + cfg.sample_batch_size)))  # rows of this call
+            chosen = {row: graphs[(start + row) % len(graphs)] for row in rows}  # built once per row
+            for row, graph in chosen.items():
+                if self._sampling_lazy:  # a lazily read set: its graphs are checked as they are built
+                    graph.validate()
+                mol_id[row], num_atoms[row] = graph.mol_id, graph.num_atoms
+            todo = rows
             attempt = 0
             while todo:
-                batch = collate_molecules([graphs[(start + i) % len(graphs)] for i in todo])
+                batch = collate_molecules([chosen[row] for row in todo])
                 out = self.generate(batch, generator).cpu()
                 broken = self.broken_mask(out, batch).cpu().tolist()
                 for row, coords, bad in zip(todo, batch.split_pos(out), broken):
@@ -673,7 +692,7 @@ class ConformerDiffusionModule(SamplingModule):
                     failed.extend(todo)
                 elif todo and self.real_pos_fallback:
                     for row in todo:
-                        real = graphs[(start + row) % len(graphs)].pos.double()
+                        real = chosen[row].pos.double()
                         pos[row, : real.shape[0]] = (real - real.mean(0)).float().numpy()
                         replaced[row] = True
                 elif todo:
@@ -695,10 +714,9 @@ class ConformerDiffusionModule(SamplingModule):
                 message + "; this generation's model cannot be sampled so: start again in a new --out_dir with "
                 "--model.on_broken resample or real (the generations before this one are complete)"
             )
-        ids = (start + np.arange(n)) % len(graphs)
         return {
-            "mol_id": np.array([graphs[i].mol_id for i in ids], dtype=np.int64),
-            "num_atoms": np.array([graphs[i].num_atoms for i in ids], dtype=np.int32),
+            "mol_id": mol_id,
+            "num_atoms": num_atoms,
             "pos": pos,
             "resampled": resampled,
             "replaced_by_real": replaced,

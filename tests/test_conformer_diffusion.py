@@ -363,6 +363,36 @@ def test_a_set_drawn_in_chunks_gives_every_graph_its_conformers(graphs, tmp_path
         model.sample(2, torch.Generator(), start=-1)
 
 
+class LazyGraphs:
+    """A lazily indexed graph set, as the data module's training set: ``len``, ``[i]`` and a ``num_atoms`` array."""
+
+    def __init__(self, graphs):
+        self.graphs, self.built = graphs, []
+        self.num_atoms = np.array([g.num_atoms for g in graphs], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.graphs)
+
+    def __getitem__(self, index):
+        self.built.append(index)
+        return self.graphs[index]
+
+
+def test_a_lazily_indexed_graph_set_is_never_built_whole_and_samples_as_a_list(graphs):
+    torch.manual_seed(0)
+    model = ConformerDiffusionModule(**TINY, sample_steps=2, sample_batch_size=2)
+    model.configure_sampling(list(graphs))
+    listed = model.sample_chunk(3, 3, torch.Generator().manual_seed(5))
+    lazy = LazyGraphs(list(graphs))
+    model.configure_sampling(lazy)
+    assert lazy.built == []  # nothing built when configured
+    drawn = model.sample_chunk(3, 3, torch.Generator().manual_seed(5))
+    assert sorted(lazy.built) == [0, 3, 4]  # only the graphs of the rows drawn, once each
+    for key in listed:
+        np.testing.assert_array_equal(drawn[key], listed[key])
+    assert drawn["pos"].shape[1] == max(g.num_atoms for g in graphs)  # padded to the largest of the whole set
+
+
 def test_broken_mask_flags_non_finite_and_exploded(graphs):
     model = ConformerDiffusionModule(**TINY, broken_threshold=50.0)
     batch = collate_molecules(graphs[:3])
