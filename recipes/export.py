@@ -206,14 +206,13 @@ def export_geom_diffusion(source: Source, dest: Path) -> list[str]:
     extra = {name: source.array(name) for name in ("resampled", "replaced_by_real") if name in source.generation.arrays}
     writer = Chem.SDWriter(str(dest / "molecules.sdf"))
     try:
-        graphs: dict[int, Chem.Mol] = {}
         for i in range(0 if mol_id is None else len(mol_id)):
             index, count = int(mol_id[i]), int(num_atoms[i])
             if not 0 <= index < len(train):
                 raise ExportError(f"sample {i}: mol_id {index} is not a training molecule of this run's data")
-            if index not in graphs:
-                graphs[index] = real.rdkit_molecule("train", index)
-            mol = Chem.Mol(graphs[index])
+            # Built per sample, not kept: sample i is graph i mod N, so a cache would hold every training
+            # molecule (gigabytes at published size) and rarely be hit.
+            mol = real.rdkit_molecule("train", index)
             if mol.GetNumAtoms() != count:
                 raise ExportError(
                     f"sample {i}: {count} atoms, but training molecule {index} has {mol.GetNumAtoms()}; "
