@@ -305,6 +305,43 @@ def test_bond_lengths_of_an_embedded_molecule_are_plausible():
     assert "H-C" not in lengths  # heavy atom first
 
 
+def test_bond_lengths_match_a_bond_by_bond_count_on_awkward_edge_lists():
+    """Each unordered bonded pair once (its first stored edge's type), whichever directions are stored; code-0
+    edges and self-loops left out; element pairs keyed heavy atom first; several graphs at once."""
+    from evaluation.conformers import _element_pair_key
+
+    rng = np.random.default_rng(3)
+    graphs, expected = [], {}
+    for n in (4, 1, 6, 3):
+        z = rng.choice([1, 6, 7, 8, 16], size=n)
+        pos = rng.normal(size=(n, 3))
+        pairs = [(int(a), int(b)) for a, b in rng.integers(0, n, size=(3 * n, 2))]  # repeats, both ways, loops
+        codes = [int(c) for c in rng.integers(0, 5, size=len(pairs))]
+        seen = set()
+        for (a, b), code in zip(pairs, codes):
+            key = (min(a, b), max(a, b))
+            if key in seen:
+                continue
+            seen.add(key)
+            if code != 0 and a != b:
+                name = _element_pair_key(z[a], z[b], code)
+                expected.setdefault(name, []).append(float(np.linalg.norm(pos[a] - pos[b])))
+        edge_index = torch.tensor(pairs, dtype=torch.long).T.reshape(2, -1)
+        graphs.append(
+            MolGraph(
+                z=torch.tensor(z), atom_feat=torch.zeros(n, 5, dtype=torch.long), edge_index=edge_index,
+                bond_type=torch.tensor(codes, dtype=torch.long), pos=torch.tensor(pos, dtype=torch.float32),
+            )
+        )  # fmt: skip
+    got = bond_lengths(graphs)
+    pair_keys = {k: v for k, v in got.items() if k != "all" and k not in ("single", "double", "triple", "aromatic")}
+    assert sorted(pair_keys) == sorted(expected)
+    for key, lengths in expected.items():
+        np.testing.assert_allclose(np.sort(pair_keys[key]), np.sort(lengths), rtol=1e-6)
+    assert got["all"].size == sum(len(v) for v in expected.values())
+    assert not any(k.startswith("H") and not k.endswith("H") for k in pair_keys)  # hydrogen last
+
+
 def test_bond_length_distance(qm9_mol):
     graph = to_graph(qm9_mol)
     real = [p for p in positions(qm9_mol)]
