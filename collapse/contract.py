@@ -39,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torchmetrics import Metric
 
 
 @runtime_checkable
@@ -107,13 +108,31 @@ class SamplingModel(Protocol):
     def sample(self, n: int, generator: torch.Generator) -> Mapping[str, Any]: ...
 
 
+class _WeightedMean(Metric):
+    """sum(value x weight) / sum(weight), in float64, summed across processes (:meth:`SamplingModule.log_mean`)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: torch.Tensor) -> None:
+        self.total += value.to(torch.float64) * weight.to(torch.float64)
+        self.weight += weight.to(torch.float64)
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight
+
+
 class SamplingModule(pl.LightningModule, abc.ABC):
     """A LightningModule that can draw synthetic data: the model of a modality.
 
     Implement Lightning's ``training_step``, ``test_step`` (log the real-data test metrics as ``test_<name>``,
-    e.g. ``test_loss``: the name metrics.json, metrics.csv and W&B use; with several processes use
-    ``sync_dist=True``: each rank tests a disjoint part of the test set) and ``configure_optimizers``, and
-    :meth:`sample`.
+    e.g. ``test_loss``: the name metrics.json, metrics.csv and W&B use; log them with :meth:`log_mean`, exact
+    with several processes, where each rank tests a disjoint part of the test set) and ``configure_optimizers``,
+    and :meth:`sample`.
     """
 
     ragged_samples: Mapping[str, str] = {}
@@ -143,6 +162,25 @@ class SamplingModule(pl.LightningModule, abc.ABC):
     def end_sampling(self) -> None:
         """Optional: called once a sampling phase has drawn its last chunk; free what :meth:`sample` kept
         between calls (caches on the device, say). Default: nothing to free."""
+
+    def log_mean(self, name: str, value: torch.Tensor, weight: float | torch.Tensor) -> None:
+        """Log ``name`` as the exact weighted mean of the stage (an epoch of validation or test) over every process:
+        sum(value x weight) / sum(weight), ``value`` the batch's mean and ``weight`` its examples (or tokens).
+
+        Use it for the validation and test metrics. Each process tests a disjoint share of the set, and shares
+        may differ by one batch; Lightning 2.6's ``self.log(..., batch_size=n, sync_dist=True)`` averages the
+        per-process weights as integers, rounding them down, which inflates the mean whenever the shares differ
+        (5 test points on 2 processes: 1.25x). The sums are kept in float64 torchmetrics states, summed across
+        processes when the epoch ends, and reset for the next one; a NaN value makes the mean NaN.
+        """
+        means = self._modules.get("exact_means")
+        if means is None:
+            means = self.exact_means = torch.nn.ModuleDict()  # a child module: it follows the model's device
+        if name not in means:
+            means[name] = _WeightedMean().to(value.device)
+        metric = means[name]
+        metric.update(value.detach(), torch.as_tensor(weight, device=value.device))
+        self.log(name, metric, on_step=False, on_epoch=True, metric_attribute=f"exact_means.{name}")
 
     def loader_batch_fn(self) -> Callable[[Any], Any] | None:
         """Optional: a function the generation loop's data loaders apply to each collated batch (training, validation
@@ -191,8 +229,8 @@ class Modality(abc.ABC):
         ``default_root_dir`` is the generation's staging folder). ``accelerator``, ``devices``,
         ``num_nodes`` and ``strategy`` must be the same for every generation: the loop starts the
         run's processes once, from generation 0's settings (:mod:`collapse.distributed`). With several
-        processes, log test metrics with ``sync_dist=True``: each rank tests a disjoint part of the
-        real test set.
+        processes, log test metrics with :meth:`SamplingModule.log_mean`: each rank tests a disjoint part of
+        the real test set.
         """
         return {}
 

@@ -297,7 +297,7 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
             trainer = self.trainer
             if trainer is not None and trainer.world_size > 1:
                 # Each rank scores a disjoint part, no example twice (Lightning's default sampler would
-                # pad the last part with repeats and bias the mean); sync_dist then sums exactly.
+                # pad the last part with repeats and bias the mean); SamplingModule.log_mean then sums exactly.
                 sampler = DisjointSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
                 return self._loader(dataset, self.eval_batch_size, sampler=sampler)
             return self._loader(dataset, self.eval_batch_size)

@@ -893,8 +893,8 @@ class CausalLMModule(SamplingModule):
     def model_step(self, batch: Mapping[str, torch.Tensor] | torch.Tensor, stage: str) -> torch.Tensor:
         """Mean token cross-entropy of a batch, logged as ``<stage>_loss``.
 
-        Validation and test: with weight = predicted tokens, so Lightning accumulates
-        sum_batches(loss * n) / sum_batches(n) (summed over ranks with ``sync_dist``), i.e. the per-token mean
+        Validation and test: with weight = predicted tokens (:meth:`log_mean`), so the logged value is
+        sum_batches(loss * n) / sum_batches(n) (summed over ranks), i.e. the per-token mean
         of the whole stage; exp(test_loss) is the test perplexity. Training: the step's own loss (this rank's
         batch), a point of the training curve at every ``--trainer.log_every_n_steps`` (read back from the
         device only then, not every step).
@@ -904,7 +904,7 @@ class CausalLMModule(SamplingModule):
             self._tokens_trained += n  # a host count (host_batch): no wait for the device
             self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=n)
         else:
-            self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log_mean(f"{stage}_loss", loss, n)  # exact per-token mean over the stage and every process
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -530,7 +530,10 @@ class ConformerDiffusionModule(SamplingModule):
         else:
             per_molecule = self.eval_loss(batch)
         loss = per_molecule.mean()
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=batch.num_graphs, sync_dist=True)
+        if stage == "train":
+            self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=batch.num_graphs, sync_dist=True)
+        else:  # exact over the disjoint shares of the processes
+            self.log_mean(f"{stage}_loss", loss, batch.num_graphs)
         return loss
 
     def training_step(self, batch: MoleculeBatch, batch_idx: int) -> torch.Tensor:

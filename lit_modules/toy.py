@@ -80,8 +80,11 @@ class GaussianDensity(SamplingModule):
     def model_step(self, batch: torch.Tensor, stage: str) -> torch.Tensor:
         """Mean NLL of a batch (B, D), logged as ``<stage>_loss`` (epoch mean, weighted by batch size)."""
         loss = self.nll(batch).mean()
-        # sync_dist: with several processes each tests its own share of the set; the logged loss is over all.
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0], sync_dist=True)
+        # With several processes each tests its own share of the set; the logged loss is over all, exactly.
+        if stage == "train":
+            self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0], sync_dist=True)
+        else:
+            self.log_mean(f"{stage}_loss", loss, batch.shape[0])
         return loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

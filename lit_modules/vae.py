@@ -234,7 +234,10 @@ class VAEModule(SamplingModule):
         loss, recon, kl = (t.mean() for t in self.loss_terms(x))  # batch means, nats per image
         size = x.shape[0]
         for name, value in (("loss", loss), ("recon", recon), ("kl", kl)):
-            self.log(f"{stage}_{name}", value, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+            if stage == "train":
+                self.log(f"train_{name}", value, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+            else:  # exact over the disjoint shares of the processes
+                self.log_mean(f"{stage}_{name}", value, size)
         return loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

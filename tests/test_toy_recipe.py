@@ -41,6 +41,37 @@ def test_command_line_runs_resumes_and_reports(tmp_path):
     assert (tmp_path / "report" / "toy_gaussian_test_loss.png").is_file()
 
 
+@pytest.mark.slow
+def test_two_processes_with_unequal_test_shares_log_the_exact_test_loss(tmp_path):
+    """5 test points on 2 processes (3 and 2): the logged test and validation losses are the means over all
+    points, as one process computes them from the saved model (Lightning's own weighted mean gave 1.25x)."""
+    import json
+
+    import torch
+    import yaml
+
+    from datamodules.toy import GaussianPointsDataModule
+    from lit_modules.toy import GaussianDensity
+
+    out = tmp_path / "ddp"
+    flags = ["--data.num_test", "5", "--data.num_val", "3", "--data.num_train", "64", "--batch_size", "2"]
+    res = recipe("--out_dir", str(out), "--generations", "1", "--trainer.max_epochs", "1", "--wandb.mode",
+                 "disabled", "--trainer.devices", "2", "--trainer.strategy", "ddp", *flags)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    data = GaussianPointsDataModule(**config["data"])
+    data.prepare_data()
+    data.setup("test")
+    model = GaussianDensity(**config["model"])
+    model.load_state_dict(torch.load(out / "gen_000" / "model.pt", weights_only=True))
+    points = torch.stack([data.test_dataset[i] for i in range(len(data.test_dataset))])
+    assert len(points) == 5
+    with torch.no_grad():
+        exact = float(model.nll(points).mean())
+    logged = json.loads((out / "gen_000" / "metrics.json").read_text())["test_loss"]
+    assert logged == pytest.approx(exact, rel=1e-6)
+
+
 def test_bad_workflow_is_one_line(tmp_path):
     res = recipe("--workflow", "replcae", "--out_dir", str(tmp_path / "x"), *TINY)
     assert res.returncode == 2
