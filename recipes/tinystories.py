@@ -279,7 +279,7 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
         sampling = dataclasses.replace(sampling, batch_size=slots)
     workers = cfg.num_workers
     if workers is None:
-        workers = gpu_loader_workers(trainer.devices, available_cores()) if on_gpu else 0
+        workers = gpu_loader_workers(trainer.devices, *available_cores()) if on_gpu else 0
     chunk = cfg.sample_batch_size
     if chunk is None:
         chunk = GPU_CHUNK_WAVES * sampling.batch_size if on_gpu else CPU_CHUNK
@@ -296,17 +296,24 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
     )
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on."""
+def available_cores() -> tuple[int, bool]:
+    """``(cores this process may run on, whether they are its own)``: its own under ``srun`` with
+    ``--cpus-per-task`` (each task bound to its share), shared by the machine's processes otherwise (the recipe's
+    own launcher, ``torchrun``)."""
     import os
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    own = "SLURM_CPUS_PER_TASK" in os.environ and "SLURM_PROCID" in os.environ
+    return cores, own
 
 
-def gpu_loader_workers(devices: int | str, cores: int) -> int:
+def gpu_loader_workers(devices: int | str, cores: int, own_cores: bool = False) -> int:
     """Loader workers per process on a GPU: :data:`GPU_LOADER_WORKERS`, or fewer so that the processes of this
     machine (one per device of ``devices``: a count, ``"0,1"``, or ``auto``/-1 for every visible GPU) and
-    their workers do not outnumber its ``cores`` (each process keeps one core for itself)."""
+    their workers do not outnumber its ``cores`` (each process keeps one core for itself). With ``own_cores``
+    (a scheduler gave this process its share, SLURM's ``--cpus-per-task``) the cores are not divided again."""
+    if own_cores:
+        return max(0, min(GPU_LOADER_WORKERS, cores - 1))
     text = str(devices).strip()
     if "," in text or text.startswith("["):
         processes = len([d for d in text.strip("[]").split(",") if d.strip()])

@@ -166,7 +166,7 @@ def test_sampling_concurrency_and_chunks_follow_the_device_type_and_are_recorded
 
 
 def test_loader_workers_follow_the_device_type_and_the_cores(tmp_path, monkeypatch):
-    from recipes.tinystories import GPU_LOADER_WORKERS, gpu_loader_workers, resolve
+    from recipes.tinystories import GPU_LOADER_WORKERS, available_cores, gpu_loader_workers, resolve
 
     def config(*extra: str) -> TinyStoriesConfig:
         return resolve(parse_config(TinyStoriesConfig, ["--out_dir", str(tmp_path / "run"), *extra]))
@@ -174,12 +174,19 @@ def test_loader_workers_follow_the_device_type_and_the_cores(tmp_path, monkeypat
     assert config().num_workers == 0 and config_dict(config())["num_workers"] == 0  # CPU: the steps use the cores
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve() only asks; nothing runs on a GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    monkeypatch.setattr("recipes.tinystories.available_cores", lambda: 16)
+    monkeypatch.setattr("recipes.tinystories.available_cores", lambda: (16, False))
     assert config("--model.preset", "gpt2-9m").num_workers == GPU_LOADER_WORKERS == 4
     assert config("--model.preset", "gpt2-9m", "--num_workers", "1").num_workers == 1  # an explicit setting is kept
     # Processes of this machine x (1 + workers) stay within its cores.
     assert [gpu_loader_workers(d, 16) for d in (1, 2, 4, "4", "0,1,2", "auto", -1, 16)] == [4, 4, 3, 3, 4, 1, 1, 0]
     assert gpu_loader_workers(1, 2) == 1 and gpu_loader_workers(1, 1) == 0
+    # An srun task bound to its own share of the cores (--cpus-per-task) does not divide it again.
+    assert gpu_loader_workers(4, 8, own_cores=True) == 4 and gpu_loader_workers(4, 3, own_cores=True) == 2
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert available_cores()[1]  # the real probe (imported before the stand-in above): an srun task's own cores
+    monkeypatch.delenv("SLURM_PROCID")
+    assert not available_cores()[1]  # the job's batch script itself, not a task
 
 
 @pytest.mark.slow
