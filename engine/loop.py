@@ -315,6 +315,7 @@ class _GenerationContext:
         stage = store.begin(g)
         for stale in stage.rglob(".*.tmp-*"):  # half-written files of a killed run (this loop is the only writer)
             stale.unlink()
+        _remove_hpc_checkpoints(stage)
         staged_metrics = store.staged(g, METRICS_FILE)
         return {
             "fitted": store.staged(g, MODEL_FILE) is not None,
@@ -401,6 +402,7 @@ class _GenerationContext:
         with atomic_open(stage / MODEL_FILE, "wb") as fh:
             torch.save(model.state_dict(), fh)
         shutil.rmtree(stage / CHECKPOINT_DIR, ignore_errors=True)
+        _remove_hpc_checkpoints(stage)
 
     def _finish_metrics(
         self, g: int, stage: Path, sampler: SyntheticDataCallback, tested: dict[str, float], dm: Any
@@ -460,6 +462,7 @@ class _GenerationContext:
         user = dict(self.modality.trainer_kwargs(g))
         user_callbacks = list(user.pop("callbacks", None) or [])
         kwargs.update(user)
+        kwargs.update(_without_slurm_requeue(kwargs.get("plugins")))
         kwargs["logger"], logging = tracker_logging(kwargs.get("logger"), self.tracker, g, user_callbacks)
         callbacks: list[Callback] = [*user_callbacks, *logging, *self.callbacks, sampler, RngStateCallback()]
         if not kwargs.get("enable_progress_bar"):
@@ -559,6 +562,36 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     except Exception as exc:  # torch raises several types for a torn or foreign file
         raise StoreError(f"{path}: cannot be loaded as a state_dict ({exc})") from None
     model.load_state_dict(state)
+
+
+HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
+"""What Lightning's SLURM auto-requeue saves into ``default_root_dir`` (the staging folder) on SIGUSR1."""
+
+
+def _without_slurm_requeue(plugins: Any) -> dict[str, Any]:
+    """The ``plugins`` Trainer argument with Lightning's SLURM auto-requeue switched off, on SLURM ({} elsewhere,
+    or when the settings bring their own cluster environment).
+
+    On SIGUSR1 Lightning saves a mid-epoch ``hpc_ckpt_N.ckpt`` into the staging folder and requeues the job;
+    then any fit or test without an explicit checkpoint loads it: a fit would resume mid-epoch (not exactly),
+    and the test would score that checkpoint's stale weights instead of the fitted model. The loop resumes
+    by itself from its own checkpoints when the same command runs again (a requeued job included).
+    """
+    from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return {}
+    given = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(p, ClusterEnvironment) for p in given):
+        return {}
+    return {"plugins": [*given, SLURMEnvironment(auto_requeue=False)]}
+
+
+def _remove_hpc_checkpoints(stage: Path) -> None:
+    """Delete Lightning's SLURM requeue checkpoints from a staging folder (:func:`_without_slurm_requeue`): read by
+    nothing of the loop, they would be loaded into its next fit or test, and committed with the generation."""
+    for path in stage.glob(HPC_CHECKPOINTS):
+        path.unlink()
 
 
 def _resumable_checkpoint(path: Path) -> str | None:

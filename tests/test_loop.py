@@ -873,3 +873,25 @@ def test_evaluation_settings_that_leave_a_process_without_batches_are_refused_be
     with pytest.raises(UserError, match="the val set of generation 0 has 1 examples, fewer than the 2 processes"):
         check(Trainer(2), Data(3, val=1), 0, Validating())
     check(Trainer(2, limit_val_batches=0), Data(3, val=1), 0, Validating())  # validation switched off
+
+
+def test_slurm_requeue_is_switched_off_and_its_checkpoints_never_loaded_or_committed(tmp_path, monkeypatch):
+    """Lightning's SLURM auto-requeue saves a mid-epoch hpc_ckpt_N.ckpt into the staging folder, which any later
+    fit or test without an explicit checkpoint would load (the test would score stale weights)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    (plugin,) = loop._without_slurm_requeue(None)["plugins"]
+    assert isinstance(plugin, SLURMEnvironment) and not plugin.auto_requeue
+    other = LightningEnvironment()
+    assert loop._without_slurm_requeue([other]) == {}  # the settings' own cluster environment is kept
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: False))
+    assert loop._without_slurm_requeue(None) == {}  # not on SLURM: nothing added
+
+    out = tmp_path / "run"
+    run(out, generations=2)
+    shutil.rmtree(out / "gen_001")  # as if the job had been requeued before generation 1 was committed
+    stage = GenerationStore(out).begin(1)
+    torch.save({"stale": torch.zeros(1)}, stage / "hpc_ckpt_1.ckpt")  # left by a requeued job
+    run(out, generations=2)
+    assert (out / "gen_001").is_dir() and not list(out.glob("*/hpc_ckpt_*")) and not list(out.glob(".*/hpc_ckpt_*"))
