@@ -411,16 +411,26 @@ def resolve_trainer(
     gpu_precision: str = "bf16-mixed",
     cpu_precision: str = "32-true",
 ) -> T:
-    """``trainer`` with its hardware-dependent defaults filled: accelerator, precision and epochs per generation.
+    """``trainer`` with its hardware-dependent defaults filled: accelerator, devices, precision and epochs per
+    generation.
 
-    Explicit settings are kept; ``auto`` becomes ``gpu`` or ``cpu``. "CPU" below means any accelerator
-    other than a CUDA GPU.
+    Explicit settings are kept; an ``auto`` accelerator becomes ``gpu`` or ``cpu``, and ``auto`` or -1 devices
+    on a GPU the number of visible GPUs (1 on a CPU), so that config.yaml records how many processes train: a
+    run resumed on another number of GPUs is then refused as a different config instead of mixing two
+    experiments (other global batch, data shards, seeds) in one run. "CPU" below means any accelerator other
+    than a CUDA GPU.
     """
     on_gpu = uses_gpu(trainer.accelerator)
     accelerator = "gpu" if on_gpu else ("cpu" if trainer.accelerator == "auto" else trainer.accelerator)
+    devices = trainer.devices
+    if str(devices).strip() in ("auto", "-1") and accelerator in ("gpu", "cpu"):
+        import torch
+
+        devices = max(1, torch.cuda.device_count()) if on_gpu else 1
     return dataclasses.replace(
         trainer,
         accelerator=accelerator,
+        devices=devices,
         precision=trainer.precision or (gpu_precision if on_gpu else cpu_precision),
         max_epochs=trainer.max_epochs or (gpu_epochs if on_gpu else cpu_epochs),
     )

@@ -98,3 +98,22 @@ def test_tf32_leaves_a_process_without_torch_alone():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False False"
+
+
+def test_auto_devices_are_resolved_to_the_process_count_config_yaml_records(monkeypatch):
+    """``--trainer.devices auto`` (or -1) becomes the number of visible GPUs (1 on a CPU): config.yaml then says how
+    many processes trained, and a resume on another number of GPUs is refused as a different config."""
+    import torch
+
+    from engine.trainer import TrainerConfig, resolve_trainer
+
+    def resolved(**settings):
+        return resolve_trainer(TrainerConfig(**settings), gpu_epochs=3, cpu_epochs=2)
+
+    assert resolved(devices="auto").devices == 1 and resolved(devices=-1).devices == 1  # no GPU: one CPU process
+    assert resolved(devices=2, accelerator="cpu").devices == 2  # explicit counts are kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve only asks; nothing runs on a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    gpu = resolved(devices="auto")
+    assert (gpu.accelerator, gpu.devices, gpu.max_epochs) == ("gpu", 4, 3)
+    assert resolved(devices=-1).devices == 4 and resolved(devices="0,1").devices == "0,1"
