@@ -163,8 +163,9 @@ class SyntheticDataCallback(pl.Callback):
         dist = Dist()
         if dist.active:  # a rank that fails (out of memory, a full disk) stops the others instead of hanging them
             dist.all_ok(lambda: self._draw_in_eval(model, rank, world_size))  # every rank's chunks are on disk
-            dist.on_zero(self._record)  # sampling.json is written, or rank 0's error is raised on every rank
-            return self.recorded_arrays()
+            # sampling.json is written, or rank 0's error is raised on every rank; the other ranks take the names
+            # from rank 0 rather than read the file just written (a shared file system may not show it yet)
+            return dist.on_zero(lambda: (self._record(), self.recorded_arrays())[1])
         self._draw_in_eval(model, rank, world_size)
         if barrier is not None:
             barrier()  # every rank's chunks are on disk
