@@ -109,18 +109,26 @@ class SamplingModel(Protocol):
 
 
 class _WeightedMean(Metric):
-    """sum(value x weight) / sum(weight), in float64, summed across processes (:meth:`SamplingModule.log_mean`)."""
+    """sum(value x weight) / sum(weight), summed across processes (:meth:`SamplingModule.log_mean`): in float64, or
+    float32 on a device without float64 (Apple's MPS)."""
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
-        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.sum_dtype = dtype
+        self.add_state("total", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
 
-    def update(self, value: torch.Tensor, weight: torch.Tensor) -> None:
-        self.total += value.to(torch.float64) * weight.to(torch.float64)
-        self.weight += weight.to(torch.float64)
+    def update(self, value: torch.Tensor, weight: float | torch.Tensor) -> None:
+        if self.total.dtype != self.sum_dtype:  # a Trainer moved the module to bf16 or fp16 (bf16-true ...)
+            self.total, self.weight = self.total.to(self.sum_dtype), self.weight.to(self.sum_dtype)
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(device=self.total.device, dtype=self.sum_dtype)
+        else:
+            weight = float(weight)  # a host number: no copy to the device, so no wait for it
+        self.total += value.to(self.sum_dtype) * weight
+        self.weight += weight
 
     def compute(self) -> torch.Tensor:
         return self.total / self.weight
@@ -170,16 +178,18 @@ class SamplingModule(pl.LightningModule, abc.ABC):
         Use it for the validation and test metrics. Each process tests a disjoint share of the set, and shares
         may differ by one batch; Lightning 2.6's ``self.log(..., batch_size=n, sync_dist=True)`` averages the
         per-process weights as integers, rounding them down, which inflates the mean whenever the shares differ
-        (5 test points on 2 processes: 1.25x). The sums are kept in float64 torchmetrics states, summed across
-        processes when the epoch ends, and reset for the next one; a NaN value makes the mean NaN.
+        (5 test points on 2 processes: 1.25x). The sums are kept in float64 torchmetrics states (float32 on
+        MPS), summed across processes when the epoch ends, and reset for the next one; a NaN value makes the
+        mean NaN. The weight stays a host number: adding it waits for no device.
         """
         means = self._modules.get("exact_means")
         if means is None:
             means = self.exact_means = torch.nn.ModuleDict()  # a child module: it follows the model's device
         if name not in means:
-            means[name] = _WeightedMean().to(value.device)
+            dtype = torch.float32 if value.device.type == "mps" else torch.float64  # MPS has no float64
+            means[name] = _WeightedMean(dtype).to(value.device)
         metric = means[name]
-        metric.update(value.detach(), torch.as_tensor(weight, device=value.device))
+        metric.update(value.detach(), weight)
         self.log(name, metric, on_step=False, on_epoch=True, metric_attribute=f"exact_means.{name}")
 
     def loader_batch_fn(self) -> Callable[[Any], Any] | None:

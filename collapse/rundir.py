@@ -445,9 +445,15 @@ def _first_difference(
             diff = _first_difference(before, after, prefix=f"{prefix}{key}.", defaults=below)
             if diff:
                 return diff
-        elif before != after:
+        elif before != after and not _resolved_from(f"{prefix}{key}", before, after):
             return f"{prefix}{key}: {before!r} -> {after!r}"
     return None
+
+
+def _resolved_from(path: str, before: Any, after: Any) -> bool:
+    """Whether ``after`` is what a setting recorded as ``before`` by an earlier version now resolves to: runs made
+    before ``--trainer.devices auto`` was recorded as its number of devices recorded ``auto`` (or -1)."""
+    return path == "trainer.devices" and str(before).strip() in ("auto", "-1") and isinstance(after, int)
 
 
 def config_defaults(cls: type) -> dict[str, Any]:

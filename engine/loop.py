@@ -462,7 +462,6 @@ class _GenerationContext:
         user = dict(self.modality.trainer_kwargs(g))
         user_callbacks = list(user.pop("callbacks", None) or [])
         kwargs.update(user)
-        kwargs.update(_without_slurm_requeue(kwargs.get("plugins")))
         kwargs["logger"], logging = tracker_logging(kwargs.get("logger"), self.tracker, g, user_callbacks)
         callbacks: list[Callback] = [*user_callbacks, *logging, *self.callbacks, sampler, RngStateCallback()]
         if not kwargs.get("enable_progress_bar"):
@@ -495,6 +494,7 @@ class _GenerationContext:
             )
             kwargs["enable_checkpointing"] = True
         trainer = trainer_cls(callbacks=callbacks, **kwargs)
+        _without_slurm_requeue(trainer)
         if isinstance(trainer, FixedStepsTrainer):
             trainer.fixed_steps = steps
         return trainer
@@ -568,23 +568,22 @@ HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
 """What Lightning's SLURM auto-requeue saves into ``default_root_dir`` (the staging folder) on SIGUSR1."""
 
 
-def _without_slurm_requeue(plugins: Any) -> dict[str, Any]:
-    """The ``plugins`` Trainer argument with Lightning's SLURM auto-requeue switched off, on SLURM ({} elsewhere,
-    or when the settings bring their own cluster environment).
+def _without_slurm_requeue(trainer: pl.Trainer) -> None:
+    """Switch Lightning's SLURM auto-requeue off for ``trainer`` (whatever cluster environment it found or was given).
 
     On SIGUSR1 Lightning saves a mid-epoch ``hpc_ckpt_N.ckpt`` into the staging folder and requeues the job;
     then any fit or test without an explicit checkpoint loads it: a fit would resume mid-epoch (not exactly),
     and the test would score that checkpoint's stale weights instead of the fitted model. The loop resumes
-    by itself from its own checkpoints when the same command runs again (a requeued job included).
+    by itself from its own checkpoints when the same command runs again (a requeued job included). The
+    environment itself is left as Lightning chose it (torchrun under SLURM keeps its own ranks); only the flag
+    that Lightning reads when a fit starts is cleared.
     """
-    from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+    from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    if not SLURMEnvironment.detect():
-        return {}
-    given = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    if any(isinstance(p, ClusterEnvironment) for p in given):
-        return {}
-    return {"plugins": [*given, SLURMEnvironment(auto_requeue=False)]}
+    connector = getattr(trainer, "_accelerator_connector", None)
+    environment = getattr(connector, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment):
+        environment.auto_requeue = False
 
 
 def _remove_hpc_checkpoints(stage: Path) -> None:

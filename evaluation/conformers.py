@@ -407,8 +407,11 @@ def _bond_table(
         n = g.num_atoms
         if pos.shape[0] != n:
             raise ValueError(f"molecule {k}: {pos.shape[0]} coordinates for {n} atoms")
+        ei = np.asarray(g.edge_index, dtype=np.int64).reshape(2, -1)
+        if ei.size and (ei.min() < 0 or ei.max() >= n):  # would point into the next graph's atoms once offset
+            raise ValueError(f"molecule {k}: bond indices outside 0..{n - 1}")
         zs.append(np.asarray(g.z, dtype=np.int64).reshape(-1))
-        edges.append(np.asarray(g.edge_index, dtype=np.int64).reshape(2, -1) + offset)
+        edges.append(ei + offset)
         types.append(np.asarray(g.bond_type, dtype=np.int64).reshape(-1))
         coords.append(np.asarray(pos, dtype=np.float64).reshape(n, 3))
         offset += n

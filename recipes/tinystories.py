@@ -298,12 +298,13 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
 
 def available_cores() -> tuple[int, bool]:
     """``(cores this process may run on, whether they are its own)``: its own under ``srun`` with
-    ``--cpus-per-task`` (each task bound to its share), shared by the machine's processes otherwise (the recipe's
-    own launcher, ``torchrun``)."""
+    ``--cpus-per-task`` and one process per task (each task bound to its share), shared by the machine's
+    processes otherwise (the recipe's own launcher; ``torchrun``, also inside an ``srun`` task)."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    own = "SLURM_CPUS_PER_TASK" in os.environ and "SLURM_PROCID" in os.environ
+    env = os.environ
+    own = "SLURM_CPUS_PER_TASK" in env and "SLURM_PROCID" in env and "LOCAL_WORLD_SIZE" not in env
     return cores, own
 
 

@@ -340,6 +340,11 @@ def test_bond_lengths_match_a_bond_by_bond_count_on_awkward_edge_lists():
         np.testing.assert_allclose(np.sort(pair_keys[key]), np.sort(lengths), rtol=1e-6)
     assert got["all"].size == sum(len(v) for v in expected.values())
     assert not any(k.startswith("H") and not k.endswith("H") for k in pair_keys)  # hydrogen last
+    bad = graphs[0]
+    bad = MolGraph(z=bad.z, atom_feat=bad.atom_feat, edge_index=torch.tensor([[0], [bad.num_atoms]]),
+                   bond_type=torch.tensor([1]), pos=bad.pos)  # fmt: skip
+    with pytest.raises(ValueError, match="molecule 0: bond indices outside"):
+        bond_lengths([bad, *graphs])  # never a bond into the next molecule's atoms
 
 
 def test_bond_length_distance(qm9_mol):

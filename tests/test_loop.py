@@ -878,15 +878,20 @@ def test_evaluation_settings_that_leave_a_process_without_batches_are_refused_be
 def test_slurm_requeue_is_switched_off_and_its_checkpoints_never_loaded_or_committed(tmp_path, monkeypatch):
     """Lightning's SLURM auto-requeue saves a mid-epoch hpc_ckpt_N.ckpt into the staging folder, which any later
     fit or test without an explicit checkpoint would load (the test would score stale weights)."""
+    from types import SimpleNamespace
+
     from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
-    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
-    (plugin,) = loop._without_slurm_requeue(None)["plugins"]
-    assert isinstance(plugin, SLURMEnvironment) and not plugin.auto_requeue
-    other = LightningEnvironment()
-    assert loop._without_slurm_requeue([other]) == {}  # the settings' own cluster environment is kept
-    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: False))
-    assert loop._without_slurm_requeue(None) == {}  # not on SLURM: nothing added
+    monkeypatch.setattr(SLURMEnvironment, "_validate_srun_used", staticmethod(lambda: None))
+    monkeypatch.setattr(SLURMEnvironment, "_validate_srun_variables", staticmethod(lambda: None))
+    slurm = SLURMEnvironment()  # auto_requeue=True, Lightning's default on SLURM
+    loop._without_slurm_requeue(SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=slurm)))
+    assert not slurm.auto_requeue
+    other = LightningEnvironment()  # torchrun, the default: nothing to switch off, nothing replaced
+    loop._without_slurm_requeue(SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=other)))
+    trainer = loop.pl.Trainer(accelerator="cpu", plugins=[SLURMEnvironment()], logger=False)
+    loop._without_slurm_requeue(trainer)  # the attribute Lightning's signal connector reads
+    assert trainer._accelerator_connector.cluster_environment.auto_requeue is False
 
     out = tmp_path / "run"
     run(out, generations=2)

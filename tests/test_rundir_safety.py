@@ -347,3 +347,16 @@ def test_options_added_after_a_run_was_made_do_not_stop_its_resume(tmp_path):
     away = {**BASE, "trainer": {"max_epochs": 3, "precision": "32-true", "accumulate_grad_batches": 4}}
     with pytest.raises(RunDirError, match=r"trainer\.accumulate_grad_batches: None -> 4"):
         prepare_run_dir(fresh, "toy", away, defaults=defaults)  # a new option set away from its default
+
+
+def test_a_run_that_recorded_auto_devices_resumes_with_their_resolved_number(tmp_path):
+    """Earlier versions recorded ``--trainer.devices auto``; it is now recorded as a number, and the old run goes on."""
+    old = {**BASE, "trainer": {"max_epochs": 3, "devices": "auto"}}
+    out = prepare_run_dir(tmp_path / "run", "toy", old)
+    release_run_dir(out)
+    prepare_run_dir(out, "toy", {**BASE, "trainer": {"max_epochs": 3, "devices": 1}})
+    release_run_dir(out)
+    two = prepare_run_dir(tmp_path / "two", "toy", {**BASE, "trainer": {"max_epochs": 3, "devices": 2}})
+    release_run_dir(two)
+    with pytest.raises(RunDirError, match=r"trainer\.devices: 2 -> 1"):  # a recorded number is kept to
+        prepare_run_dir(two, "toy", {**BASE, "trainer": {"max_epochs": 3, "devices": 1}})

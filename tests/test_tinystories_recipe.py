@@ -185,6 +185,9 @@ def test_loader_workers_follow_the_device_type_and_the_cores(tmp_path, monkeypat
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert available_cores()[1]  # the real probe (imported before the stand-in above): an srun task's own cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert not available_cores()[1]  # torchrun started 4 processes inside the task: they share its cores
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.delenv("SLURM_PROCID")
     assert not available_cores()[1]  # the job's batch script itself, not a task
 

@@ -72,6 +72,26 @@ def test_two_processes_with_unequal_test_shares_log_the_exact_test_loss(tmp_path
     assert logged == pytest.approx(exact, rel=1e-6)
 
 
+def test_the_exact_mean_is_weighted_float64_keeps_nan_and_survives_a_half_precision_move():
+    import torch
+
+    from collapse.contract import _WeightedMean
+
+    mean = _WeightedMean()
+    mean.update(torch.tensor(2.0), 3)  # a host weight
+    mean.update(torch.tensor(1.0), torch.tensor(1))  # or a tensor one
+    assert mean.compute().dtype == torch.float64 and float(mean.compute()) == 1.75  # not (2 + 1) / 2
+    mean.reset()
+    mean.to(torch.bfloat16)  # what a bf16-true Trainer does to the whole module
+    mean.update(torch.tensor(2.0, dtype=torch.bfloat16), 3)
+    mean.update(torch.tensor(1.0, dtype=torch.bfloat16), 1)
+    assert mean.total.dtype == torch.float64 and float(mean.compute()) == 1.75
+    mean.reset()
+    mean.update(torch.tensor(float("nan")), 2)  # a diverged model's loss stays NaN, never dropped
+    assert torch.isnan(mean.compute())
+    assert _WeightedMean(torch.float32).total.dtype == torch.float32  # for MPS, which has no float64
+
+
 def test_bad_workflow_is_one_line(tmp_path):
     res = recipe("--workflow", "replcae", "--out_dir", str(tmp_path / "x"), *TINY)
     assert res.returncode == 2
