@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,26 +98,61 @@ def settings(cls: type, source: Source, key: str) -> Any:
 # ---- the modalities ----------------------------------------------------------------------------------------------
 
 
-def story_texts(source: Source, tokenizer: Any) -> list[str]:
-    """Every sampled story as text, in sample order: its ``lengths[i]`` tokens decoded, specials skipped, stripped.
-
-    The texts of the run's ``stories.txt``, except that a story that decodes to nothing stays (as ``""``), so
-    there is one text per sample, and so does one that spells out ``<|endoftext|>`` (which ``stories.txt``
-    cannot hold). Decoded a chunk of stories at a time: a published-size set is never read whole.
-    """
+def iter_story_texts(source: Source, tokenizer: Any) -> Iterator[list[str]]:
+    """Every sampled story as text, in sample order, a chunk of stories at a time (see :func:`story_texts`)."""
     from datamodules.story_corpus import STORIES_PER_CHUNK
     from datamodules.tinystories import StoredStories
     from datamodules.tokenizer import decode_rows
 
     tokens, lengths = source.array("tokens"), source.array("lengths")
     if tokens is None or lengths is None:
-        return []
+        return
     stories = StoredStories(tokens, lengths)  # padded rows, or back to back as the store keeps them
-    texts: list[str] = []
     for start in range(0, len(stories), STORIES_PER_CHUNK):
         rows = stories.rows(start, min(start + STORIES_PER_CHUNK, len(stories)))
-        texts.extend(text.strip() for text in decode_rows(tokenizer, rows))
-    return texts
+        yield [text.strip() for text in decode_rows(tokenizer, rows)]
+
+
+def story_texts(source: Source, tokenizer: Any) -> list[str]:
+    """Every sampled story as text, in sample order: its ``lengths[i]`` tokens decoded, specials skipped, stripped.
+
+    The texts of the run's ``stories.txt``, except that a story that decodes to nothing stays (as ``""``), so
+    there is one text per sample, and so does one that spells out ``<|endoftext|>`` (which ``stories.txt``
+    cannot hold). The export itself never holds them all: it writes each chunk of :func:`iter_story_texts`.
+    """
+    return [text for chunk in iter_story_texts(source, tokenizer) for text in chunk]
+
+
+def write_story_files(source: Source, tokenizer: Any, dest: Path) -> int:
+    """Write ``dest/stories.jsonl`` and the ``datasets`` folder ``dest/stories``; return the number of stories.
+
+    Host memory stays bounded by one chunk of stories: the jsonl is written a chunk at a time, and the
+    ``datasets`` folder is built from it by the library's JSON reader into a scratch cache inside ``dest``
+    (removed at the end), then saved in shards. A published-size set (millions of stories) is never held.
+    """
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string")})  # typed even when there are no stories
+    jsonl, folder = dest / "stories.jsonl", dest / "stories"
+    count = 0
+    with open(jsonl, "w", encoding="utf-8") as fh:
+        for chunk in iter_story_texts(source, tokenizer):
+            fh.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in chunk)
+            count += len(chunk)
+    if count == 0:
+        # One empty shard: a set saved with none cannot be opened again by load_from_disk.
+        datasets.Dataset.from_dict({"text": []}, features=features).save_to_disk(folder, num_shards=1)
+        return 0
+    scratch = dest / ".stories-cache"
+    try:
+        stories = datasets.Dataset.from_json(str(jsonl), features=features, cache_dir=str(scratch))
+        if len(stories) != count:  # a line the reader split or merged: never publish a set that differs
+            raise ExportError(f"{jsonl}: {count} stories written, {len(stories)} read back")
+        stories.save_to_disk(folder)
+        del stories
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return count
 
 
 def run_tokenizer(source: Source) -> Any:
@@ -177,12 +212,7 @@ def export_tinystories(source: Source, dest: Path) -> list[str]:
         raise ExportError(
             f"{source.run_dir / 'tokenizer.json'}: {tokenizer.get_vocab_size()} tokens, but the model has {vocab}"
         )
-    texts = story_texts(source, tokenizer)
-    with open(dest / "stories.jsonl", "w", encoding="utf-8") as fh:
-        for text in texts:
-            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    features = datasets.Features({"text": datasets.Value("string")})  # typed even when there are no stories
-    datasets.Dataset.from_dict({"text": texts}, features=features).save_to_disk(dest / "stories")
+    write_story_files(source, tokenizer, dest)
     wrapped = to_transformers(tokenizer)
     wrapped.model_max_length = module.max_seq_len  # the context the run trained and sampled with
     module.model.save_pretrained(dest / "model")
@@ -472,4 +502,4 @@ if __name__ == "__main__":
     cli()
 
 
-__all__ = ["EXPORTERS", "ExportError", "Source", "cli", "export", "open_generation", "story_texts"]
+__all__ = ["EXPORTERS", "ExportError", "Source", "cli", "export", "iter_story_texts", "open_generation", "story_texts", "write_story_files"]

@@ -332,3 +332,55 @@ def test_the_readme_command_is_one_the_parser_takes():
     assert tokens[:3] == ["python", "-m", "recipes.export"]
     args = build_parser().parse_args(tokens[3:])
     assert (args.run_dir, args.generation, args.out, args.overwrite) == ("runs/lm_replace", 2, "exports/lm_gen2", False)
+
+
+class _PieceTokenizer:
+    """Decodes each id to a fixed piece of text: stories with the characters that JSON and Arrow treat specially."""
+
+    PIECES = ["a", " ", "\n", "\u2028", '"', "\\", "é", "\U0001f600", "\x00", "\t", "}{", "<|endoftext|>"]
+
+    def decode_batch(self, rows, skip_special_tokens=True):
+        return ["".join(self.PIECES[i] for i in row) for row in rows]
+
+
+class _ArraysOnly:
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def array(self, name):
+        return self.arrays.get(name)
+
+
+def test_story_files_are_written_a_chunk_at_a_time_and_match_text_for_text(tmp_path):
+    from datasets import load_from_disk
+
+    from datamodules.story_corpus import STORIES_PER_CHUNK
+    from recipes.export import iter_story_texts, write_story_files
+
+    rng = np.random.default_rng(0)
+    n = 2 * STORIES_PER_CHUNK + 5  # three chunks, the last one short
+    lengths = rng.integers(1, 12, n)  # stored stories hold at least their leading token
+    tokens = rng.integers(0, len(_PieceTokenizer.PIECES), int(lengths.sum())).astype(np.uint16)
+    source = _ArraysOnly({"tokens": tokens, "lengths": lengths})
+    chunks = list(iter_story_texts(source, _PieceTokenizer()))
+    assert [len(c) for c in chunks] == [STORIES_PER_CHUNK, STORIES_PER_CHUNK, 5]
+    expected = [text for chunk in chunks for text in chunk]
+    assert "" in expected and any("\u2028" in t for t in expected) and any("\x00" in t for t in expected)
+
+    assert write_story_files(source, _PieceTokenizer(), tmp_path) == n
+    assert load_from_disk(str(tmp_path / "stories"))["text"] == expected
+    with open(tmp_path / "stories.jsonl", encoding="utf-8", newline="\n") as fh:
+        assert [json.loads(line)["text"] for line in fh] == expected  # one line per story, U+2028 kept inside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stories", "stories.jsonl"]  # no scratch cache left
+
+
+def test_story_files_of_no_stories_are_an_empty_typed_set(tmp_path):
+    from datasets import load_from_disk
+
+    from recipes.export import write_story_files
+
+    source = _ArraysOnly({})  # a generation that drew no synthetic set
+    assert write_story_files(source, _PieceTokenizer(), tmp_path) == 0
+    stories = load_from_disk(str(tmp_path / "stories"))
+    assert len(stories) == 0 and stories.features["text"].dtype == "string"
+    assert (tmp_path / "stories.jsonl").read_text() == ""
