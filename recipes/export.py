@@ -502,4 +502,14 @@ if __name__ == "__main__":
     cli()
 
 
-__all__ = ["EXPORTERS", "ExportError", "Source", "cli", "export", "iter_story_texts", "open_generation", "story_texts", "write_story_files"]
+__all__ = [
+    "EXPORTERS",
+    "ExportError",
+    "Source",
+    "cli",
+    "export",
+    "iter_story_texts",
+    "open_generation",
+    "story_texts",
+    "write_story_files",
+]
