@@ -98,6 +98,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mmap
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -906,6 +907,23 @@ class StoredStories:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Loader workers started by spawn or forkserver (macOS; Linux from Python 3.14) get the dataset pickled:
+        # a token file mapped whole (as the store opens it) travels as its name, not as gigabytes of tokens.
+        state = dict(self.__dict__)
+        tokens = self.tokens
+        if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) and tokens.filename:
+            order = "F" if tokens.flags.f_contiguous and not tokens.flags.c_contiguous else "C"
+            state["tokens"] = ("memmap", tokens.filename, tokens.offset, tokens.dtype.str, tokens.shape, order)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        tokens = state["tokens"]
+        if isinstance(tokens, tuple):
+            _, filename, offset, dtype, shape, order = tokens
+            state["tokens"] = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+        self.__dict__.update(state)
 
     def max_id(self, chunk: int = 1 << 24) -> int:
         """The largest token id of the stories (padding not included), read ``chunk`` tokens at a time (-1 for

@@ -11,7 +11,7 @@ from collapse.errors import UserError
 from collapse.seeding import derive_seed
 from collapse.store import GenerationStore, StoreError
 from datamodules.base import RealDataModuleBase
-from datamodules.synthetic import SyntheticAccumulatingDataModule, WorkflowDataset
+from datamodules.synthetic import ShuffledShardSampler, SyntheticAccumulatingDataModule, WorkflowDataset
 from datamodules.toy import GaussianPointsDataModule, PointsDataset
 from datamodules.workflows import REAL, Workflow, WorkflowError
 
@@ -238,6 +238,25 @@ def test_shuffling_depends_on_seed_generation_and_epoch_only(tmp_path, real):
     unshuffled = SyntheticAccumulatingDataModule(real, wf, store, 1, real_size=N, shuffle=False, batch_size=N)
     first = next(iter(unshuffled.train_dataloader()))
     np.testing.assert_array_equal(first.numpy(), real.train_dataset.points[:N])
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 17, 1000])
+@pytest.mark.parametrize("world", [1, 3, 8])
+@pytest.mark.parametrize(("shuffle", "drop_last"), [(True, False), (False, False), (True, True)])
+def test_the_compact_sampler_gives_torchs_order_on_every_rank(n, world, shuffle, drop_last, monkeypatch):
+    from torch.utils.data.distributed import DistributedSampler
+
+    monkeypatch.setattr(ShuffledShardSampler, "BLOCK", 4)  # several blocks per rank even at these sizes
+    data = range(n)
+    for rank in range(world):
+        for epoch in (0, 3):
+            ours = ShuffledShardSampler(data, world, rank, shuffle=shuffle, seed=11, drop_last=drop_last)
+            theirs = DistributedSampler(data, world, rank, shuffle=shuffle, seed=11, drop_last=drop_last)
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            got = list(ours)
+            assert got == list(theirs) and len(got) == len(ours)
+            assert all(type(i) is int for i in got)  # indices as torch's are, not 0-d tensors
 
 
 def test_derive_seed_separates_streams():

@@ -471,6 +471,20 @@ def test_synthetic_items_look_exactly_like_real_ones(tmp_path, flat):
 
 
 @pytest.mark.parametrize("flat", [False, True])
+def test_synthetic_sets_pickle_as_file_names_and_unmapped_tokens_as_data(tmp_path, flat):
+    dm = prepared(config(tmp_path, num_real=12, num_test=4))
+    items = [dm.train_dataset[i] for i in range(12)]
+    arrays = store_like(items, tmp_path, width=max(map(len, items)) + 7, flat=flat)
+    mapped = dm.synthetic_dataset(arrays)
+    in_memory = dm.synthetic_dataset({name: np.array(array) for name, array in arrays.items()})
+    token_bytes = arrays["tokens"].nbytes
+    assert len(pickle.dumps(mapped)) < len(pickle.dumps(in_memory)) - token_bytes // 2  # the name, not the tokens
+    for copy in (pickle.loads(pickle.dumps(mapped)), pickle.loads(pickle.dumps(in_memory))):
+        assert all(torch.equal(copy[i], items[i]) for i in range(12))
+    assert isinstance(pickle.loads(pickle.dumps(mapped)).stories.tokens, np.memmap)
+
+
+@pytest.mark.parametrize("flat", [False, True])
 def test_synthetic_stories_are_truncated_to_max_seq_len(tmp_path, flat):
     dm = prepared(config(tmp_path, num_real=6, num_test=2, max_seq_len=LONG))
     items = [dm.train_dataset[i] for i in range(6)]
