@@ -284,9 +284,9 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
         return WorkflowDataset(ts, datasets)
 
     def _sampler(self, dataset: WorkflowDataset) -> ShuffledShardSampler:
-        # A DistributedSampler (torch's order, held compactly) even on one process: its permutation depends only on (seed, epoch), which
-        # Lightning sets each epoch, so a fit resumed from a checkpoint sees the same batches as an
-        # unbroken one; with several processes it also gives each rank its shard.
+        # A DistributedSampler (torch's order, held compactly) even on one process: its permutation depends
+        # only on (seed, epoch), which Lightning sets each epoch, so a fit resumed from a checkpoint sees the
+        # same batches as an unbroken one; with several processes it also gives each rank its shard.
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return ShuffledShardSampler(
