@@ -7,13 +7,17 @@ process is killed (SIGKILL, OOM, pre-emption) half-way.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from collapse.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -89,3 +93,36 @@ def make_folder(path: str | os.PathLike, what: str) -> Path:
     except OSError as exc:
         raise UserError(f"{what} {path}: cannot be created ({exc.strerror or exc})") from None
     return path
+
+
+@contextmanager
+def entry_lock(entry: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the cache entry ``entry`` while it is built, so that side-by-side runs on one
+    machine (a grid of sweep agents, several runs on one cold cache) build it once: the others wait, then find
+    it finished. The lock is the file ``.<entry name>.lock`` beside the entry (``flock``: released when this
+    process ends, even when killed); on a system without ``fcntl`` nothing is locked. ``what`` names the
+    entry in the one log line a waiting process writes. Where the lock file cannot be created (a read-only
+    cache), nothing is locked either."""
+    entry = Path(entry)
+    if sys.platform == "win32":  # no fcntl: each process builds; atomic writes still keep the entry whole
+        yield
+        return
+    import fcntl
+
+    make_folder(entry.parent, "the cache folder")
+    path = entry.parent / f".{entry.name}.lock"
+    try:
+        fh = open(path, "a")
+    except OSError:  # a read-only cache (prepared elsewhere): nothing to build, or the build says why it cannot
+        yield
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another process is preparing %s; waiting for it to finish", entry, what)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -152,7 +152,7 @@ from rdkit.Geometry import Point3D
 from rdkit.rdBase import BlockLogs
 from torch.utils.data import Dataset
 
-from collapse.atomic import atomic_open, atomic_write_json, check_writable_folder, make_folder
+from collapse.atomic import atomic_open, atomic_write_json, check_writable_folder, entry_lock, make_folder
 from collapse.errors import ConfigError, UserError
 from datamodules.base import RealDataModuleBase, first_line
 from datamodules.mol_graph import (
@@ -1454,32 +1454,33 @@ class GeomDataModule(RealDataModuleBase[MolGraphSet]):
     def prepare_data(self) -> None:
         """Parse, check, split and featurise the source into the cache entry (only once per entry)."""
         entry = self.cache_entry
-        if not (entry / STATS_FILE).is_file():
-            start = time.perf_counter()
-            counts = _Counts()
-            # RDKit warns once per odd record; the skips are counted instead. BlockLogs restores the state on exit.
-            blocker = BlockLogs()
-            try:
-                splits = _fill(self._pools(counts), self.config, counts)
-            finally:
-                del blocker
-            arrays = {s: b.arrays() for s, b in splits.items()}
-            stats = self._stats(arrays, counts, time.perf_counter() - start)
-            make_folder(entry, "the data cache folder")
-            atomic_write_json(entry / "identity.json", self._identity)
-            _write_cache(entry, arrays)
-            atomic_write_json(entry / STATS_FILE, stats)
-            log.info(
-                "%s: %d train / %d val / %d test molecules from %d read (skipped %s) in %.1f s, cached in %s",
-                self.label,
-                stats["train_molecules"],
-                stats["val_molecules"],
-                stats["test_molecules"],
-                stats["molecules_read"],
-                stats["skipped"] or "none",
-                stats["prepare_seconds"],
-                entry,
-            )
+        with entry_lock(entry, "this molecule cache entry"):  # another run on this machine may be building it
+            if not (entry / STATS_FILE).is_file():
+                start = time.perf_counter()
+                counts = _Counts()
+                # RDKit warns once per odd record; the skips are counted instead. BlockLogs restores the state on exit.
+                blocker = BlockLogs()
+                try:
+                    splits = _fill(self._pools(counts), self.config, counts)
+                finally:
+                    del blocker
+                arrays = {s: b.arrays() for s, b in splits.items()}
+                stats = self._stats(arrays, counts, time.perf_counter() - start)
+                make_folder(entry, "the data cache folder")
+                atomic_write_json(entry / "identity.json", self._identity)
+                _write_cache(entry, arrays)
+                atomic_write_json(entry / STATS_FILE, stats)
+                log.info(
+                    "%s: %d train / %d val / %d test molecules from %d read (skipped %s) in %.1f s, cached in %s",
+                    self.label,
+                    stats["train_molecules"],
+                    stats["val_molecules"],
+                    stats["test_molecules"],
+                    stats["molecules_read"],
+                    stats["skipped"] or "none",
+                    stats["prepare_seconds"],
+                    entry,
+                )
         self.data_stats = json.loads((entry / STATS_FILE).read_text())
 
     def _load_datasets(self) -> dict[str, MolGraphSet | None]:

@@ -113,7 +113,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 import datamodules.tokenizer as tok
-from collapse.atomic import atomic_open, atomic_write_json, check_writable_folder, make_folder
+from collapse.atomic import atomic_open, atomic_write_json, check_writable_folder, entry_lock, make_folder
 from collapse.errors import ConfigError, UserError
 from collapse.progress import Progress
 from datamodules.base import RealDataModuleBase, first_line
@@ -1110,17 +1110,18 @@ class TinyStoriesDataModule(RealDataModuleBase[TokenStories]):
         """Read, clean and split the source; resolve or train the tokenizer; tokenise. Each step only once per cache."""
         entry = self.cache_entry
         assert self._location is not None
-        texts = entry / "texts"
-        if not (texts / STATS_FILE).is_file():
-            make_folder(entry, "the data cache folder")
-            atomic_write_json(entry / "identity.json", self._identity)
-            counts = _write_texts(self.config, self._location, texts)
-            atomic_write_json(texts / STATS_FILE, counts)
-            log.info("%s: %s stories (train/val/test) cached in %s", self.label, counts["stories"], entry)
-        self._resolve_tokenizer(train=True)
-        tokens = self._tokens_dir()
-        if not (tokens / STATS_FILE).is_file():
-            self._write_tokens(tokens)
+        with entry_lock(entry, "this data cache entry"):  # another run on this machine may be building it
+            texts = entry / "texts"
+            if not (texts / STATS_FILE).is_file():
+                make_folder(entry, "the data cache folder")
+                atomic_write_json(entry / "identity.json", self._identity)
+                counts = _write_texts(self.config, self._location, texts)
+                atomic_write_json(texts / STATS_FILE, counts)
+                log.info("%s: %s stories (train/val/test) cached in %s", self.label, counts["stories"], entry)
+            self._resolve_tokenizer(train=True)
+            tokens = self._tokens_dir()
+            if not (tokens / STATS_FILE).is_file():
+                self._write_tokens(tokens)
         self._load_stats()
 
     def _load_datasets(self) -> dict[str, TokenStories | None]:
