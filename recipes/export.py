@@ -44,6 +44,7 @@ import yaml
 
 from collapse.atomic import atomic_write_json, fsync_dir
 from collapse.errors import UserError
+from collapse.progress import Progress, console
 from collapse.rundir import CONFIG
 from collapse.store import Generation, GenerationStore
 
@@ -135,10 +136,15 @@ def write_story_files(source: Source, tokenizer: Any, dest: Path) -> int:
     features = datasets.Features({"text": datasets.Value("string")})  # typed even when there are no stories
     jsonl, folder = dest / "stories.jsonl", dest / "stories"
     count = 0
-    with open(jsonl, "w", encoding="utf-8") as fh:
+    lengths = source.array("lengths")
+    with (
+        open(jsonl, "w", encoding="utf-8") as fh,
+        Progress(0 if lengths is None else len(lengths), "decoding stories", "stories") as progress,
+    ):
         for chunk in iter_story_texts(source, tokenizer):
             fh.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in chunk)
             count += len(chunk)
+            progress.update(len(chunk))
     if count == 0:
         # One empty shard: a set saved with none cannot be opened again by load_from_disk.
         datasets.Dataset.from_dict({"text": []}, features=features).save_to_disk(folder, num_shards=1)
@@ -235,8 +241,10 @@ def export_geom_diffusion(source: Source, dest: Path) -> list[str]:
     train = real.train_dataset
     extra = {name: source.array(name) for name in ("resampled", "replaced_by_real") if name in source.generation.arrays}
     writer = Chem.SDWriter(str(dest / "molecules.sdf"))
+    total = 0 if mol_id is None else len(mol_id)
     try:
-        for i in range(0 if mol_id is None else len(mol_id)):
+        progress = Progress(total, "writing molecules", "molecules")
+        for i in range(total):
             index, count = int(mol_id[i]), int(num_atoms[i])
             if not 0 <= index < len(train):
                 raise ExportError(f"sample {i}: mol_id {index} is not a training molecule of this run's data")
@@ -259,6 +267,8 @@ def export_geom_diffusion(source: Source, dest: Path) -> list[str]:
             for name, values in extra.items():
                 mol.SetIntProp(name, int(values[i]))
             writer.write(mol)
+            progress.update()
+        progress.close()
     finally:
         writer.close()
     return ["molecules.sdf"]
@@ -275,8 +285,10 @@ def export_mnist_vae(source: Source, dest: Path) -> list[str]:
     folder = dest / "digits"
     folder.mkdir()
     width = max(5, len(str(max(len(images) - 1, 0))))
-    for i in range(len(images)):
-        Image.fromarray(np.ascontiguousarray(images[i])).save(folder / f"{i:0{width}d}.png")
+    with Progress(len(images), "writing digits", "images") as progress:
+        for i in range(len(images)):
+            Image.fromarray(np.ascontiguousarray(images[i])).save(folder / f"{i:0{width}d}.png")
+            progress.update()
     arrays = {"images": np.asarray(images)}
     if "labels" in source.generation.arrays:
         arrays["labels"] = np.asarray(source.generation.arrays["labels"])
@@ -487,7 +499,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
     """Console entry point (``collapse-export``): export, or exit 2 with one ``error:`` line on bad input."""
     args = build_parser().parse_args(argv)
     try:
-        summary = export(args.run_dir, args.out, args.generation, overwrite=args.overwrite)
+        with console(name="export"):  # a progress line every 30 s while a large set is written
+            summary = export(args.run_dir, args.out, args.generation, overwrite=args.overwrite)
     except UserError as exc:
         sys.stderr.write("error: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) + "\n")
         sys.exit(2)

@@ -277,6 +277,18 @@ def test_missing_unfinished_corrupt_and_unknown_runs_are_one_line(toy_run, tmp_p
     assert not Path(out).exists() and not list(tmp_path.glob(".out.*"))
 
 
+def test_the_command_shows_progress_while_it_writes_samples(vae_run, tmp_path, caplog, monkeypatch):
+    import functools
+
+    import recipes.export as export_module
+    from collapse import progress
+
+    monkeypatch.setattr(export_module, "console", functools.partial(progress.console, interval=0))  # every update
+    cli([str(vae_run), "--out", str(tmp_path / "vae")])  # pytest's handler takes the lines (no console handler)
+    assert f"writing digits: 1/{SAMPLES} images" in caplog.text
+    assert f"writing digits: done, {SAMPLES} images in " in caplog.text
+
+
 def test_only_an_earlier_export_is_replaced_and_only_with_overwrite(toy_run, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
