@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A setting out of range, found while a config dataclass is built (a ``ValueError`` for library callers)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``<type>: <first line of the message>`` of ``exc``, for one-line :class:`UserError` messages."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

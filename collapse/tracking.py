@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collapse.errors import UserError
+from collapse.errors import UserError, first_line
 
 MODES = ("offline", "online", "disabled")
 DEFAULT_MODE = "offline"
@@ -58,6 +58,10 @@ class WandbConfig:
     """Extra W&B tags (besides the recipe, workflow=... and seed=...); default: $WANDB_TAGS (comma-separated)."""
 
 
+MAX_TAG = 64
+"""The longest tag W&B accepts (characters)."""
+
+
 def resolve(cfg: WandbConfig, environ: Mapping[str, str] | None = None) -> WandbConfig:
     """``cfg`` with every unset setting taken from W&B's environment variables, then from the defaults."""
     env = os.environ if environ is None else environ
@@ -86,7 +90,8 @@ def resolve(cfg: WandbConfig, environ: Mapping[str, str] | None = None) -> Wandb
 
 
 def check_mode(cfg: WandbConfig) -> None:
-    """Refuse an unknown --wandb.mode, or online mode without W&B credentials, before anything is written.
+    """Refuse an unknown --wandb.mode, a tag W&B would refuse, or online mode without W&B credentials, before
+    anything is written.
 
     Every process of a multi-process run checks for itself (they share the environment), so none starts on
     settings that rank 0 would refuse.
@@ -95,6 +100,10 @@ def check_mode(cfg: WandbConfig) -> None:
     if mode not in MODES:
         source = "--wandb.mode" if cfg.mode is not None else "WANDB_MODE"
         raise UserError(f"{source} must be one of {', '.join(MODES)}, got {mode!r}")
+    for tag in resolve(cfg).tags or []:
+        if not isinstance(tag, str) or not 1 <= len(tag.strip()) <= MAX_TAG:
+            source = "--wandb.tags" if cfg.tags is not None else "WANDB_TAGS"
+            raise UserError(f"{source}: a W&B tag must be 1 to {MAX_TAG} characters, got {tag!r}")
     if mode == "online" and not has_credentials():
         raise UserError(
             "--wandb.mode online needs W&B credentials: run 'wandb login' (or set WANDB_API_KEY), "
@@ -140,16 +149,21 @@ class Tracker:
 
         out = Path(out_dir)
         os.environ.setdefault("WANDB_SILENT", "true")
+        # WANDB_TAGS is read into cfg.tags (empty entries dropped); W&B would read it again, and refuse ",,".
+        hidden_tags = os.environ.pop("WANDB_TAGS", None)
         try:
             self.run = self._init(wandb, cfg, recipe, out, config, part)
         except UserError:
             raise
         except Exception as exc:  # wandb raises its own types (network, auth, settings) as tracebacks
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            other = "offline or disabled" if cfg.mode == "online" else "disabled"
             raise UserError(
-                f"W&B could not start a {cfg.mode} run ({type(exc).__name__}: {first}); "
-                "use --wandb.mode offline or disabled, or fix the W&B settings"
+                f"W&B could not start an {cfg.mode} run ({first_line(exc)}); fix the W&B settings (--wandb.* "
+                f"flags, WANDB_* variables), or use --wandb.mode {other}"
             ) from None
+        finally:
+            if hidden_tags is not None:
+                os.environ["WANDB_TAGS"] = hidden_tags
         self.run.define_metric("generation")
         self.run.define_metric(TRAIN_STEP)
         self.run.define_metric("*", step_metric="generation")
@@ -167,7 +181,7 @@ class Tracker:
             job_type=str(config.get("workflow", recipe)),
             tags=[
                 recipe,
-                *(f"{key}={config[key]}" for key in ("workflow", "seed") if key in config),
+                *(f"{key}={config[key]}"[:MAX_TAG] for key in ("workflow", "seed") if key in config),
                 *(cfg.tags or []),
             ],
             name=name,

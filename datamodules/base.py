@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
-from collapse.errors import ConfigError, UserError
+from collapse.errors import ConfigError, UserError, first_line
 
 SPLITS = ("train", "val", "test")
 """The keys of the dict :meth:`RealDataModuleBase._load_datasets` returns."""
@@ -23,12 +23,6 @@ D = TypeVar("D", bound=Dataset)
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def first_line(exc: BaseException) -> str:
-    """``<type>: <first line of the message>`` of ``exc``, for one-line :class:`~collapse.errors.UserError` messages."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class RealDataModuleBase(pl.LightningDataModule, Generic[D]):

@@ -33,7 +33,7 @@ import numpy as np
 
 from collapse.cells import cell_problem, write_cell
 from collapse.cli import die_with_parent, positive_ints, watch_parent
-from collapse.errors import UserError
+from collapse.errors import UserError, first_line
 from collapse.progress import (
     DEFAULT_INTERVAL,
     Progress,
@@ -272,12 +272,17 @@ def _run_cell(job: _CellJob) -> dict[str, np.ndarray]:
             print(f"{head} gen {g}/{last} {shown} ({now - t0:.1f}s)", flush=True)
             printed[0] = now
 
-    problem = job.make_problem(job.cell, np.random.default_rng([job.seed, job.cell.stream, 0]))
     try:
+        problem = job.make_problem(job.cell, np.random.default_rng([job.seed, job.cell.stream, 0]))
         values = simulate(
             problem, job.cell.workflow, job.real_size, job.generations, job.num_seeds, job.seed, job.cell.stream,
             progress, job.scratch,
         )  # fmt: skip
+    except MemoryError as exc:  # NumPy's "Unable to allocate 37.3 GiB ...": sizes beyond this machine
+        raise UserError(
+            f"cell {job.cell.describe()} does not fit in memory ({first_line(exc)}); choose smaller sizes "
+            "(dimension, samples per generation, --num_seeds)"
+        ) from None
     finally:
         shutil.rmtree(job.scratch, ignore_errors=True)
     write_cell(job.path, job.columns, cell_rows(job.cell, values, job.seed))

@@ -774,22 +774,31 @@ def _dataset_size(loader: Any) -> int | None:
         return None
 
 
+_MONITOR_MISSING = re.compile(r"conditioned on metric .* which is not available|could not find the monitored key")
+"""Lightning's refusal of a callback's ``monitor`` that the module does not log (EarlyStopping, ModelCheckpoint)."""
+
+
 @contextlib.contextmanager
 def _settings_fit_the_data(g: int) -> Iterator[None]:
     """Turn Lightning's refusal of a Trainer setting that only the data shows to be wrong into one UserError.
 
     ``--trainer.limit_val_batches 0.01`` of a one-batch validation set, or ``--trainer.val_check_interval``
     beyond the epoch's batches, pass every check made before the data is read and are refused inside
-    ``fit``/``test``. Only errors that name a Trainer argument are turned; any other error keeps its traceback.
+    ``fit``/``test``; so is a callback that monitors a metric the module does not log. Only errors that name a
+    Trainer argument or such a metric are turned; any other error keeps its traceback.
     """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
         yield
-    except (MisconfigurationException, ValueError) as exc:
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:
         text = " ".join(str(exc).split())
+        if _MONITOR_MISSING.search(text):  # an EarlyStopping or ModelCheckpoint of --trainer.callbacks
+            raise UserError(
+                f"a --trainer.callbacks monitor names a metric that generation {g} does not log: {text}"
+            ) from None
         named = [k for k in _trainer_argument_names() if f"`{k}`" in text or f"`{k}=" in text]
-        if not named:
+        if isinstance(exc, RuntimeError) or not named:
             raise
         for key in named:
             text = text.replace(f"`{key}`", f"--trainer.{key}").replace(f"`{key}=", f"`--trainer.{key} ")

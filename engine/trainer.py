@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import logging
 import re
@@ -144,6 +145,14 @@ class TrainerConfig(LightningTrainerArgs):
         # built, after config.yaml is written (and the corrected command would then be a different config).
         if self.precision is not None and str(self.precision) not in PRECISIONS:
             raise ConfigError(f"--trainer.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if (
+            str(self.precision).startswith("transformer-engine")
+            and importlib.util.find_spec("transformer_engine") is None
+        ):
+            raise ConfigError(
+                f"--trainer.precision {self.precision} needs NVIDIA's transformer_engine package, which is not "
+                "installed; use bf16-mixed (or install it)"
+            )
         from lightning.pytorch.accelerators import AcceleratorRegistry
         from lightning.pytorch.strategies import StrategyRegistry
 

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from collapse.contract import SamplingModule
-from collapse.errors import ConfigError, UserError
+from collapse.errors import ConfigError, UserError, first_line
 from lit_modules import config_with_overrides
 
 IGNORE_INDEX = -100
@@ -159,6 +159,15 @@ PUBLISHED_PARAMETERS: dict[str, int] = {
 """Parameter counts of the published TinyStories models (vocabulary 8,000); the presets reproduce them exactly."""
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+"""The weight files of a ``save_pretrained`` folder (one of them, or the index of its shards)."""
+
+
 @dataclass
 class CausalLMConfig:
     """Settings of the causal language model (the ``--model.*`` flags)."""
@@ -244,10 +253,16 @@ class CausalLMConfig:
         if self.init_from is not None:
             path = Path(self.init_from).expanduser()
             if not path.is_dir():
-                raise ConfigError(f"--model.init_from must be a local checkpoint directory; {path} does not exist")
+                what = "is a file" if path.exists() else "does not exist"
+                raise ConfigError(f"--model.init_from must be a local checkpoint directory; {path} {what}")
             if not (path / "config.json").is_file():
                 raise ConfigError(
                     f"--model.init_from must be a Hugging Face checkpoint directory; {path} has no config.json"
+                )
+            if not any((path / name).is_file() for name in WEIGHT_FILES):
+                raise ConfigError(
+                    f"--model.init_from {path} holds no weights (none of {', '.join(WEIGHT_FILES)}); a "
+                    "save_pretrained folder has them"
                 )
             self.init_from = str(path)
 
@@ -346,7 +361,12 @@ def model_config(
             raise ValueError(f"{name} must be None or an integer in [0, {cfg.vocab_size}), got {value!r}")
     if cfg.init_from is None:
         return AutoConfig.for_model(**PRESETS[cfg.preset], vocab_size=cfg.vocab_size, **ids)
-    config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
+    except Exception as exc:  # invalid JSON, no or an unknown model_type, a field of the wrong type: several types
+        raise ConfigError(
+            f"--model.init_from {cfg.init_from}: its config.json is not one transformers can read ({first_line(exc)})"
+        ) from None
     if config.vocab_size != cfg.vocab_size:
         raise ConfigError(
             f"--model.vocab_size is {cfg.vocab_size} but the checkpoint in --model.init_from {cfg.init_from} "
@@ -381,9 +401,17 @@ def build_model(
     if cfg.init_from is None or torch.empty(0).device.type == "meta":
         model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.init_from, config=config, local_files_only=True, attn_implementation=cfg.attn_implementation
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.init_from, config=config, local_files_only=True, attn_implementation=cfg.attn_implementation
+            )
+        except Exception as exc:  # damaged files, weights of another shape: transformers raises several types
+            reason = (
+                "its weights do not have the shapes its config.json describes"
+                if "mismatched" in str(exc)
+                else f"its weights cannot be loaded ({first_line(exc)})"
+            )
+            raise UserError(f"--model.init_from {cfg.init_from}: {reason}") from None
         model = model.to(torch.float32).train()  # from_pretrained returns eval mode (dropout off)
     if getattr(model, "loss_type", "ForCausalLM") is None:
         # transformers >= 4.46 picks the loss from the class name; "GPT2LMHeadModel" matches none and would
@@ -989,6 +1017,7 @@ __all__ = [
     "PRESETS",
     "PRESET_CONTEXT",
     "PUBLISHED_CONTEXT",
+    "WEIGHT_FILES",
     "PUBLISHED_PARAMETERS",
     "CausalLMConfig",
     "CausalLMModule",

@@ -61,6 +61,7 @@ from lit_modules.causal_lm import (
     describe,
     model_config,
     packs_by_default,
+    position_limit,
 )
 from samplers.story_sampler import SamplingConfig, auto_batch_size, choose_backend
 
@@ -265,6 +266,13 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
     # One context for the data, the model and the sampler: the one set, else the preset's (2,048 for the
     # published presets, so no story is cut at a laptop length; 256 for the laptop presets).
     seq = data_seq or default_context(cfg.model)
+    if data_seq is not None:  # beyond the model's positions: name the flag that was set, not the model's
+        limit = position_limit(model_config(dataclasses.replace(cfg.model, max_seq_len=None)))
+        if data_seq > limit:
+            of = f"the checkpoint in --model.init_from {cfg.model.init_from}" if cfg.model.init_from else "the preset"
+            raise ConfigError(
+                f"--data.max_seq_len must be at most {limit} (the position limit of {of}), got {data_seq}"
+            )
     model = dataclasses.replace(cfg.model, max_seq_len=seq)  # re-checks the position limit
     data = dataclasses.replace(cfg.data, max_seq_len=seq)
     if cfg.sampling.max_len is not None and cfg.sampling.max_len > seq:

@@ -257,6 +257,16 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
+def test_a_cell_beyond_the_machine_s_memory_is_one_line(tmp_path):
+    # 1.46 TiB of kernel centres: refused by the allocator on any machine, at once (nothing is touched).
+    args = ["--dataset", "moons", "--bandwidth", "0.5", "--n_samples", "100000000000", "--generations", "2",
+            "--num_seeds", "2", "--wandb.mode", "disabled", "--out_dir", str(tmp_path / "x")]  # fmt: skip
+    res = subprocess.run([sys.executable, "recipes/kde.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: cell replace dataset=moons"), res.stderr
+    assert "does not fit in memory" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_out_dir_with_a_different_config_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     _run_gaussian(out)

@@ -24,6 +24,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     T5Config,
+    T5ForConditionalGeneration,
 )
 
 from collapse.cli import parse_config
@@ -91,6 +92,8 @@ def test_dry_run_tells_the_backend_of_each_checkpoint(tmp_path, kind, capsys):
     main(config(out, "--model.init_from", str(ckpt), "--dry_run", "true", "--sampling.backend", "hf"))
     assert "sampling backend: hf" in capsys.readouterr().out
     assert not out.exists()
+    with pytest.raises(ConfigError, match=f"--data.max_seq_len must be at most {POSITIONS} .*--model.init_from"):
+        resolve(config(out, "--model.init_from", str(ckpt), "--data.max_seq_len", str(POSITIONS + 1)))
 
 
 def test_native_backend_of_an_unsupported_checkpoint_is_refused(tmp_path):
@@ -142,7 +145,8 @@ def run_recipe(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
 
 def test_a_model_that_cannot_be_sampled_is_refused_in_one_line_before_training(tmp_path):
     folder = tmp_path / "t5"
-    T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8).save_pretrained(folder)
+    config = T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    T5ForConditionalGeneration(config).save_pretrained(folder)  # a whole checkpoint: config and weights
     proc = run_recipe(tmp_path, "--model.init_from", str(folder))
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]

@@ -5,6 +5,7 @@ Each case goes through the recipe's own command line (:func:`collapse.cli.run`),
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ TRAINER_CASES = [
     (["--trainer.val_check_interval", "0.0"], "--trainer.val_check_interval must be a number of batches >= 1"),
     (["--trainer.overfit_batches", "-1"], "--trainer.overfit_batches must be an integer >= 0"),
     (["--trainer.barebones", "true"], "--trainer.barebones must stay false"),
+    pytest.param(
+        ["--trainer.precision", "transformer-engine"],
+        "needs NVIDIA's transformer_engine package",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("transformer_engine") is not None, reason="transformer_engine is installed here"
+        ),
+    ),
 ]
 
 TOY_CASES = [
@@ -255,3 +263,24 @@ def test_only_errors_that_name_a_trainer_argument_become_one_line():
     with pytest.raises(MisconfigurationException, match="No `training_step"):
         with _settings_fit_the_data(0):
             raise MisconfigurationException("No `training_step()` method defined.")
+    with pytest.raises(RuntimeError, match="CUDA error"):  # a runtime failure, even one that names a setting
+        with _settings_fit_the_data(0):
+            raise RuntimeError("CUDA error: device-side assert with `precision`")
+
+
+def test_a_callback_that_monitors_a_metric_nobody_logs_is_one_line(tmp_path, capsys):
+    # (A ModelCheckpoint of one's own is refused before the run: the loop keeps its own checkpoints.)
+    callback, message = "lightning.pytorch.callbacks.EarlyStopping", "conditioned on metric `no_such_metric`"
+    config = tmp_path / "callbacks.yaml"
+    config.write_text(
+        f"trainer:\n  callbacks:\n    - class_path: {callback}\n      init_args:\n        monitor: no_such_metric\n"
+    )
+    main, config_cls = RECIPES["toy_gaussian"]
+    small = ["--data.num_train", "64", "--data.num_val", "16", "--data.num_test", "32", "--batch_size", "32"]
+    with pytest.raises(SystemExit) as exc:
+        run(main, config_cls, ["--out_dir", str(tmp_path / "run"), "--wandb.mode", "disabled", *small,
+                               "--trainer.max_epochs", "1", "--config", str(config)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.startswith("error: a --trainer.callbacks monitor names a metric that generation 0 does not log: "), err
+    assert err.count("\n") == 1 and message in err, err

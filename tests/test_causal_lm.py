@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import warnings
 
 import lightning.pytorch as pl
@@ -13,7 +15,7 @@ import transformers
 from torch.utils.data import DataLoader
 
 import lit_modules.causal_lm as causal_lm
-from collapse.errors import ConfigError
+from collapse.errors import ConfigError, UserError
 from lit_modules.causal_lm import (
     IGNORE_INDEX,
     PREDICTED,
@@ -25,6 +27,7 @@ from lit_modules.causal_lm import (
     count_parameters,
     describe,
     lr_factor,
+    model_config,
 )
 
 TINY = {"preset": "tiny", "vocab_size": 64, "warmup_steps": 0}
@@ -114,6 +117,44 @@ def test_bad_settings_name_the_flag(settings, flag):
 def test_init_from_without_config_json(tmp_path):
     with pytest.raises(ConfigError, match=f"--model.init_from .*{tmp_path}.*config.json"):
         CausalLMConfig(init_from=str(tmp_path))
+
+
+def test_init_from_a_file_or_without_weights_says_so(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=f"checkpoint directory; {tmp_path / 'model.bin'} is a file"):
+        CausalLMConfig(init_from=str(tmp_path / "model.bin"))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConfigError, match="holds no weights .*model.safetensors"):
+        CausalLMConfig(init_from=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["", "{not json", '{"vocab_size": 64}', '{"model_type": "no-such-model"}', '{"model_type": "gpt2", "n_embd": "x"}'],
+)
+def test_init_from_an_unreadable_config_is_one_config_error(tmp_path, config):
+    (tmp_path / "config.json").write_text(config)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"--model.init_from {tmp_path}: its config.json is not one") as excinfo:
+        model_config(CausalLMConfig(init_from=str(tmp_path), vocab_size=64))
+    assert "\n" not in str(excinfo.value)
+
+
+def test_init_from_damaged_or_misshapen_weights_is_one_user_error(tmp_path):
+    source = build_model(CausalLMConfig(**TINY))
+    source.save_pretrained(tmp_path / "good")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "good", damaged)
+    (damaged / "model.safetensors").write_bytes(b"\xff" * 64)
+    misshapen = tmp_path / "misshapen"
+    shutil.copytree(tmp_path / "good", misshapen)
+    wider = json.loads((misshapen / "config.json").read_text())
+    wider["intermediate_size"] *= 2  # the config no longer describes the stored weights
+    (misshapen / "config.json").write_text(json.dumps(wider))
+    for folder, reason in [(damaged, "its weights cannot be loaded"), (misshapen, "do not have the shapes")]:
+        with pytest.raises(UserError, match=reason) as excinfo:
+            build_model(CausalLMConfig(init_from=str(folder), vocab_size=64))
+        assert "\n" not in str(excinfo.value)
 
 
 def test_module_rejects_unknown_settings_and_long_batches():

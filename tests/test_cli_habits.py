@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import sys
+import types
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -202,6 +205,28 @@ def test_online_mode_from_the_environment_without_credentials_is_one_line(tmp_pa
     assert "W&B credentials" in err and not (tmp_path / "run").exists()
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     assert "WANDB_MODE must be one of" in _one_line_exit(capsys, [*TINY, "--out_dir", str(tmp_path / "run")])
+
+
+def test_tags_w_and_b_would_refuse_are_one_line_and_empty_env_entries_are_dropped(tmp_path, capsys, monkeypatch):
+    for argv, source in [
+        (["--wandb.tags", '[""]'], "--wandb.tags"),
+        (["--wandb.tags", f"[{'t' * 65}]"], "--wandb.tags"),
+    ]:
+        err = _one_line_exit(capsys, [*TINY, "--out_dir", str(tmp_path / "run"), *argv])
+        assert err.startswith(f"error: {source}: a W&B tag must be 1 to 64 characters"), err
+        assert not (tmp_path / "run").exists()
+    seen = {}
+
+    def init(**kwargs):  # the real W&B reads WANDB_TAGS itself and refuses ",,,": it must not see it
+        seen["env"], seen["tags"] = os.environ.get("WANDB_TAGS"), kwargs["tags"]
+        raise RuntimeError("stop here")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setenv("WANDB_TAGS", ",a,,")
+    with pytest.raises(UserError, match=r"^W&B could not start an offline run \(RuntimeError: stop here\); fix the"):
+        tracking.Tracker(WandbConfig(mode="offline"), "toy_gaussian", tmp_path / "w", {"workflow": "x" * 80})
+    assert seen["env"] is None and "a" in seen["tags"] and ("workflow=" + "x" * 80)[:64] in seen["tags"]
+    assert os.environ["WANDB_TAGS"] == ",a,,"  # put back
 
 
 # ---- command-line habits ------------------------------------------------------------------------------------------

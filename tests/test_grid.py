@@ -290,3 +290,15 @@ def test_ctrl_c_stops_the_running_cells_and_exits_130(tmp_path):
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid_file.read_text()), 0)
     assert all("# interrupted" in p.read_text() for p in logs.glob("*.log"))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"\x88\x00\xff binary", "is not a text file"), (b"a: [1, 2", "is not valid YAML"), (b"- 1\n- 2\n", "a mapping")],
+)
+def test_a_sweep_file_that_is_not_a_yaml_mapping_is_one_error(tmp_path, content, message):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(content)
+    with pytest.raises(grid.GridError, match=message) as excinfo:
+        grid.load_sweep(path)
+    assert "\n" not in str(excinfo.value)

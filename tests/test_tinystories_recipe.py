@@ -282,7 +282,7 @@ def test_published_presets_use_their_own_context_and_the_laptop_default_a_short_
         assert context("--model.preset", preset) == (2048, 2048)
     assert context("--model.preset", "gpt2-9m", "--data.max_seq_len", "512") == (512, 512)
     assert context("--model.preset", "llama2-42m", "--model.max_seq_len", "1024") == (1024, 1024)
-    with pytest.raises(Exception, match="at most 512"):
+    with pytest.raises(ConfigError, match=r"--data.max_seq_len must be at most 512 \(the position limit of the pre"):
         context("--data.max_seq_len", "1024")  # beyond gpt2-2m's position limit
     out = tmp_path / "run"
     main(parse_config(TinyStoriesConfig, ["--out_dir", str(out), "--dry_run", "true", "--model.preset", "llama2-42m"]))

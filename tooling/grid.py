@@ -89,6 +89,8 @@ def load_sweep(path: str | Path) -> Sweep:
         spec = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise GridError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise GridError(f"{path} is not a text file (byte {exc.start} is not UTF-8); a sweep file is YAML") from None
     except yaml.YAMLError as exc:
         raise GridError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(spec, dict):
