@@ -45,6 +45,7 @@ from collapse.atomic import atomic_write_json, atomic_write_text
 from collapse.cli import run
 from collapse.contract import Modality
 from collapse.errors import ConfigError, UserError
+from collapse.progress import console
 from collapse.rundir import config_dict, resolve_out_dir
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule
 from datamodules.tokenizer import EOT_ID, PAD_ID, TOKENIZER_FILE, encodes_alike, tokenizer_hash
@@ -437,7 +438,8 @@ def main(cfg: TinyStoriesConfig) -> LoopResult | None:
     """Run (or resume) the generations; return what the loop did (None for a dry run)."""
     cfg = resolve(cfg)
     if cfg.dry_run:
-        dry_run(cfg)
+        with console(cfg.log_level, "tinystories", cfg.progress_every):  # preparing a large corpus: progress lines
+            dry_run(cfg)
         return None
     # With --overwrite the folder may hold another run's tokenizer, about to be deleted: never reuse it.
     run_dir = None if cfg.overwrite else resolve_out_dir(cfg.out_dir, config_dict(cfg))

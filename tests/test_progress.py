@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -345,6 +346,20 @@ def test_toy_recipe_shows_progress_lines_on_a_non_terminal(tmp_path):
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert quiet.returncode == 0 and "[toy_gaussian]" not in quiet.stderr  # a resumed run under another level
+
+
+def test_a_tinystories_dry_run_shows_progress_while_it_prepares_the_data(tmp_path):
+    args = ["--data.num_real", "200", "--data.num_test", "20", "--data.vocab_size", "300", "--model.vocab_size",
+            "300", "--dry_run", "true", "--progress_every", "0", "--out_dir", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(
+        [sys.executable, "recipes/tinystories.py", *args], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    err = res.stderr.splitlines()
+    assert any(line.startswith("[tinystories] reading the train split: 1/200 stories (") for line in err), res.stderr
+    assert any(line.startswith("[tinystories] tokenising train split: done, 200 stories in ") for line in err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_analytic_grid_shows_cells_done(tmp_path):
