@@ -139,7 +139,7 @@ import os
 import pickle
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,7 @@ from torch.utils.data import Dataset
 
 from collapse.atomic import atomic_open, atomic_write_json, check_writable_folder, entry_lock, make_folder
 from collapse.errors import ConfigError, UserError
+from collapse.progress import Progress
 from datamodules.base import RealDataModuleBase, first_line
 from datamodules.mol_graph import (
     ATOM_FEATURES,
@@ -1145,44 +1146,52 @@ def _fill(pools: Sequence[_Pool], cfg: GeomDataConfig, counts: _Counts) -> dict[
     seen: set[str] = set()
     for pool in pools:
         quotas = [(s, n) for s, n in pool.quotas if n > 0]
-        for candidate in pool.candidates if quotas else ():
-            split, quota = quotas[0]
-            counts.molecules_read += 1
-            key, kept = candidate.key, []
-            if key is not None and key in seen:
-                counts.skip("duplicate_molecule")
-                continue
-            for record_id, load in candidate.records():
-                try:
-                    mol = checked_molecule(load())
-                    if mol.GetNumAtoms() > cfg.max_atoms:
-                        raise UnusableMolecule("too_many_atoms", f"{mol.GetNumAtoms()} atoms")
-                    this = molecule_key(mol)
-                    if key is not None and this != key:
-                        raise UnusableMolecule("graph_mismatch", f"{this} in a record of {key}")
-                except UnusableMolecule as exc:
-                    counts.skip(exc.reason)
-                    if exc.reason == "too_many_atoms":
-                        break  # the other conformers have the same atoms
-                    continue
-                if key is None:
-                    key = this
-                    if key in seen:
-                        break
-                kept.append((record_id, mol, _graph_arrays(mol)))
-                if len(kept) == cfg.conformers(split):
-                    break
-            if not kept:
+        total = len(pool.candidates) if isinstance(pool.candidates, Sized) else None
+
+        def kept_so_far(pool: _Pool = pool) -> str:
+            return "kept " + ", ".join(f"{s} {splits[s].num_molecules}/{n}" for s, n in pool.quotas if n > 0)
+
+        # Parsing a whole source (QM9: 134k molecules) takes minutes; a line every --progress_every seconds.
+        with Progress(total, f"reading {pool.where}", "molecules") as progress:
+            for candidate in pool.candidates if quotas else ():
+                split, quota = quotas[0]
+                counts.molecules_read += 1
+                progress.update(extra=kept_so_far)
+                key, kept = candidate.key, []
                 if key is not None and key in seen:
                     counts.skip("duplicate_molecule")
-                continue
-            assert key is not None
-            seen.add(key)
-            splits[split].add(key, kept)
-            if splits[split].num_molecules == quota:
-                quotas.pop(0)
-                if not quotas:
-                    break
+                    continue
+                for record_id, load in candidate.records():
+                    try:
+                        mol = checked_molecule(load())
+                        if mol.GetNumAtoms() > cfg.max_atoms:
+                            raise UnusableMolecule("too_many_atoms", f"{mol.GetNumAtoms()} atoms")
+                        this = molecule_key(mol)
+                        if key is not None and this != key:
+                            raise UnusableMolecule("graph_mismatch", f"{this} in a record of {key}")
+                    except UnusableMolecule as exc:
+                        counts.skip(exc.reason)
+                        if exc.reason == "too_many_atoms":
+                            break  # the other conformers have the same atoms
+                        continue
+                    if key is None:
+                        key = this
+                        if key in seen:
+                            break
+                    kept.append((record_id, mol, _graph_arrays(mol)))
+                    if len(kept) == cfg.conformers(split):
+                        break
+                if not kept:
+                    if key is not None and key in seen:
+                        counts.skip("duplicate_molecule")
+                    continue
+                assert key is not None
+                seen.add(key)
+                splits[split].add(key, kept)
+                if splits[split].num_molecules == quota:
+                    quotas.pop(0)
+                    if not quotas:
+                        break
         close = getattr(pool.candidates, "close", None)
         if close is not None:  # a lazy reader stopped early: release its open files now
             close()

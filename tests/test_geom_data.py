@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -588,6 +589,21 @@ def test_too_many_atoms_and_too_few_molecules(tmp_path):
     with pytest.raises(UserError) as excinfo:
         prepared(config(tmp_path / "b", source="sdf", path=str(path), num_real=5, num_test=1, max_atoms=12))
     assert_one_line_user_error(excinfo, "only 3 usable molecules", "lower --data.num_real", "--data.max_atoms")
+
+
+def test_reading_a_source_shows_progress_with_what_was_kept(tmp_path, caplog, monkeypatch):
+    from collapse import progress
+
+    monkeypatch.setattr(progress, "_interval", 0.0)  # as --progress_every 0: a line per molecule read
+    mols = [embed(s, seed=40 + i) for i, s in enumerate(["CCO", "CCCCCCCC", "c1ccccc1", "CCN"])]
+    path = write_sdf(tmp_path / "m.sdf", mols)
+    with caplog.at_level("INFO", logger="collapse.progress"):
+        prepared(config(tmp_path, source="sdf", path=str(path), num_real=2, num_test=1, max_atoms=12))
+    lines = [r.getMessage() for r in caplog.records if r.name == "collapse.progress"]
+    head = f"reading --data.path {path}: "
+    assert any(line.startswith(head + "1 molecules") and "kept test 0/1, train 0/2" in line for line in lines)
+    assert any(line.startswith(head) and "kept test 1/1, train 1/2" in line for line in lines), lines
+    assert any(re.match(re.escape(head) + r"done, [34] molecules in ", line) for line in lines), lines
 
 
 def test_bad_paths_and_flags(tmp_path):
