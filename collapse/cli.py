@@ -78,7 +78,7 @@ def build_parser(config_cls: type, prog: str | None = None, description: str | N
 def parse_config(config_cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None) -> C:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into an instance of the dataclass ``config_cls``."""
     parser = build_parser(config_cls, prog=prog)
-    argv = _habits(parser, list(sys.argv[1:] if argv is None else argv))
+    argv = _habits(parser, list(sys.argv[1:] if argv is None else argv), _recipe_of(config_cls))
     ns = parser.parse_args(argv)
     return _instance(config_cls, ns.as_dict())
 
@@ -106,11 +106,19 @@ def _instance(cls: type[C], values: dict[str, Any], prefix: str = "--") -> C:
     return cls(**kwargs)
 
 
-def _habits(parser: Any, argv: list[str]) -> list[str]:
+def _recipe_of(config_cls: type) -> str | None:
+    """The recipe whose settings ``config_cls`` holds: the name of its file in ``recipes/`` (None elsewhere)."""
+    module = sys.modules.get(config_cls.__module__)
+    path = Path(getattr(module, "__file__", None) or "")
+    return path.stem if path.parent.name == "recipes" and path.suffix == ".py" else None
+
+
+def _habits(parser: Any, argv: list[str], recipe: str | None = None) -> list[str]:
     """``argv`` with the usual command-line habits made explicit for jsonargparse.
 
     A bare boolean flag gets ``true``; ``None``/``none`` for a flag that may be empty becomes ``null``; a
-    ``--config`` file that is a run's config.yaml is passed without its :data:`RUN_ONLY_KEYS`.
+    ``--config`` file that is a run's config.yaml is passed without its :data:`RUN_ONLY_KEYS` (and refused when
+    it is another ``recipe``'s run).
     """
     hints = {}
     for action in parser._actions:  # jsonargparse keeps each flag's type hint on its action
@@ -124,11 +132,11 @@ def _habits(parser: Any, argv: list[str]) -> list[str]:
         following = argv[i + 1] if i + 1 < len(argv) else None
         if flag == "--config":
             if eq:
-                out.append(f"--config={_config_text(value)}")
+                out.append(f"--config={_config_text(value, recipe)}")
             else:
                 out.append(token)
                 if following is not None:
-                    out.append(_config_text(following))
+                    out.append(_config_text(following, recipe))
                     i += 1
             i += 1
             continue
@@ -159,8 +167,11 @@ def _allows(hint: Any, kind: type) -> bool:
     return False
 
 
-def _config_text(value: str) -> str:
-    """A ``--config`` value: a run's config.yaml becomes its flags alone (YAML text); anything else is unchanged."""
+def _config_text(value: str, recipe: str | None = None) -> str:
+    """A ``--config`` value: a run's config.yaml becomes its flags alone (YAML text); anything else is unchanged.
+
+    A file that holds no mapping of flags (empty, a list, a number) is a UserError, and so is the config.yaml of a
+    run of another recipe than ``recipe``."""
     path = Path(value)
     if not path.is_file():
         return value
@@ -174,8 +185,13 @@ def _config_text(value: str) -> str:
         raise UserError(f"--config {value}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError:
         return value  # jsonargparse reports it, with the file's name
-    if not isinstance(data, dict) or not any(key in data for key in RUN_ONLY_KEYS):
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"a YAML {type(data).__name__}"
+        raise UserError(f"--config {value}: {what}, not a mapping of flags (as --print_config writes)")
+    if not any(key in data for key in RUN_ONLY_KEYS):
         return value
+    if recipe is not None and isinstance(data.get("recipe"), str) and data["recipe"] != recipe:
+        raise UserError(f"--config {value}: the config of a {data['recipe']} run, not of {recipe}")
     flags = {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
     return yaml.safe_dump(flags, sort_keys=False)
 

@@ -296,6 +296,20 @@ def test_only_a_runs_own_keys_are_read_past_in_a_config_file(tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
     typo.write_text("recipe: toy_gaussian\ngeneration: 4\n")  # a misspelt key is still an error
     assert "generation" in _one_line_exit(capsys, ["--config", str(typo)])
+    other = tmp_path / "other.yaml"
+    other.write_text("recipe: mnist_vae\ngenerations: 4\n")  # another recipe's run: said so, not "not accepted"
+    assert f"--config {other}: the config of a mnist_vae run, not of toy_gaussian" in _one_line_exit(
+        capsys, ["--config", str(other)]
+    )
+
+
+@pytest.mark.parametrize(("text", "what"), [("", "empty"), ("- 1\n- 2\n", "a YAML list"), ("5\n", "a YAML int")])
+def test_a_config_file_that_is_no_mapping_says_what_it_is(tmp_path, capsys, text, what):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    err = _one_line_exit(capsys, ["--config", str(path), "--out_dir", str(tmp_path / "run")])
+    assert err == f"error: --config {path}: {what}, not a mapping of flags (as --print_config writes)\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_training_rows_get_the_rate_of_each_count_the_model_keeps(monkeypatch):
