@@ -370,13 +370,16 @@ def _alive(pid: int) -> bool:
 
 
 def _check_out(out: Path, run: Path, overwrite: bool) -> None:
-    """Refuse an --out that is a file, is or contains the run, or holds something other than an empty folder.
+    """Refuse an --out that is a file, is, contains or lies inside the run, or holds something other than an empty
+    folder.
 
     ``overwrite`` lets an earlier export (a folder with ``export.json``) be replaced, never any other folder.
     """
     target, source = out.resolve(), run.resolve()
     if target == source or target in source.parents:
         raise ExportError(f"--out {out} is or contains the run folder {run}; choose another folder")
+    if source in target.parents:  # inside the run: its generations and --overwrite are the run's own business
+        raise ExportError(f"--out {out} is inside the run folder {run}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder")
     if not out.is_dir() or not any(out.iterdir()):

@@ -275,6 +275,11 @@ def test_missing_unfinished_corrupt_and_unknown_runs_are_one_line(toy_run, tmp_p
     samples.write_bytes(bytes(data))
     assert "sha256 mismatch" in fail(capsys, [str(copy), "--generation", "0", "--out", out])
     assert not Path(out).exists() and not list(tmp_path.glob(".out.*"))
+    for where in (toy_run, toy_run.parent):
+        assert "is or contains the run folder" in fail(capsys, [str(toy_run), "--out", str(where)])
+    inside = toy_run / "gen_000" / "export"
+    assert "is inside the run folder" in fail(capsys, [str(toy_run), "--out", str(inside)])
+    assert not inside.exists()
 
 
 def test_the_command_shows_progress_while_it_writes_samples(vae_run, tmp_path, caplog, monkeypatch):
