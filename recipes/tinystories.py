@@ -300,6 +300,12 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
         model = dataclasses.replace(model, pack=pack)
     if trainer.compile is None:
         trainer = dataclasses.replace(trainer, compile=compiled)
+    elif trainer.compile in CUDA_GRAPH_MODES and not on_gpu:
+        log.warning(
+            "--trainer.compile %s replays CUDA graphs, which need a CUDA GPU: on the %s it only compiles, and "
+            "recompiles for new batch shapes (slower than --trainer.compile false at first)",
+            trainer.compile, trainer.accelerator,
+        )  # fmt: skip
     return dataclasses.replace(
         cfg, trainer=trainer, model=model, data=data, sampling=sampling, sample_batch_size=chunk, num_workers=workers
     )

@@ -239,6 +239,16 @@ def test_cuda_graph_modes_refuse_gradient_accumulation_before_the_run(tmp_path):
     assert tiny(tmp_path / "one", "replace", "--trainer.compile", "reduce-overhead")
 
 
+def test_cuda_graph_modes_on_the_cpu_are_warned_about(tmp_path, caplog):
+    from recipes.tinystories import resolve
+
+    with caplog.at_level("WARNING", logger="recipes.tinystories"):
+        resolve(tiny(tmp_path / "a", "replace", "--trainer.compile", "true"))
+        assert not caplog.records
+        resolve(tiny(tmp_path / "b", "replace", "--trainer.compile", "reduce-overhead"))
+    assert "--trainer.compile reduce-overhead replays CUDA graphs, which need a CUDA GPU: on the cpu" in caplog.text
+
+
 def test_a_fused_optimizer_that_cannot_clip_under_16_mixed_is_refused_before_the_data_is_read(tmp_path):
     from recipes.tinystories import resolve
 
