@@ -314,13 +314,24 @@ def packs_by_default(config: PretrainedConfig, attn_implementation: str, on_gpu:
     return bool(on_gpu and kind in FAST_TRAINING_MODELS and attn_implementation in PACK_ATTENTION)
 
 
+def attends_ahead(config: PretrainedConfig) -> bool:
+    """Whether a model built by ``AutoModelForCausalLM`` with ``config`` (the built model's own config, which some
+    classes change) lets each token attend to later ones: an encoder family (BERT, RoBERTa, ...) that is causal
+    only when ``is_decoder`` is set. Decoder-only families are never masked-LM families."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    causal = getattr(config, "is_decoder", False) or getattr(config, "causal", False)  # XLM's flag is "causal"
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not causal
+
+
 def check_attention(cfg: CausalLMConfig, config: PretrainedConfig, on_gpu: bool) -> None:
     """Refuse, before anything is trained, an ``attn_implementation`` that this model or machine cannot train with.
 
     Flex attention has no backward on a CPU and no attention dropout; the flash-attention kernels run only on a
     GPU. Then the model class must offer the kernel and its package must be installed: transformers' own checks,
-    on the architecture built on the meta device (nothing allocated). ``config``: the model's transformers
-    config (:func:`model_config`). Raises :class:`ConfigError`.
+    on the architecture built on the meta device (nothing allocated); and the model must be causal
+    (:func:`attends_ahead`). ``config``: the model's transformers config (:func:`model_config`). Raises
+    :class:`ConfigError`.
     """
     name = cfg.attn_implementation
     flag = f"--model.attn_implementation {name}"
@@ -330,11 +341,17 @@ def check_attention(cfg: CausalLMConfig, config: PretrainedConfig, on_gpu: bool)
         raise ConfigError(f"{flag} runs only on a GPU; use sdpa")
     try:
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config, attn_implementation=name)
+            built = AutoModelForCausalLM.from_config(config, attn_implementation=name)
     except (ValueError, ImportError) as exc:  # transformers: unsupported by the class, or the package is missing
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         reason = reason.split(". Please")[0].rstrip(".")  # drop the advice to file an issue with transformers
         raise ConfigError(f"{flag}: {reason}") from None
+    if attends_ahead(built.config):
+        raise ConfigError(
+            f"--model.init_from {cfg.init_from}: a {built.config.model_type} model lets every token attend to the "
+            'tokens after it unless its config.json says "is_decoder": true, so it would learn to copy the next '
+            "token; set that to train it as a causal LM"
+        )
     if name == "flex_attention":
         dropout = max(float(getattr(config, key, 0.0) or 0.0) for key in ("attention_dropout", "attn_pdrop"))
         if dropout > 0:
@@ -1018,6 +1035,7 @@ __all__ = [
     "PRESET_CONTEXT",
     "PUBLISHED_CONTEXT",
     "WEIGHT_FILES",
+    "attends_ahead",
     "PUBLISHED_PARAMETERS",
     "CausalLMConfig",
     "CausalLMModule",

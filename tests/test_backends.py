@@ -96,6 +96,18 @@ def test_dry_run_tells_the_backend_of_each_checkpoint(tmp_path, kind, capsys):
         resolve(config(out, "--model.init_from", str(ckpt), "--data.max_seq_len", str(POSITIONS + 1)))
 
 
+def test_an_encoder_that_would_see_the_next_token_is_refused_and_its_decoder_form_taken(tmp_path):
+    from transformers import BertConfig, BertLMHeadModel
+
+    shape = {"vocab_size": VOCAB, "max_position_embeddings": POSITIONS, **SMALL, **IDS}
+    BertLMHeadModel(BertConfig(**shape)).save_pretrained(tmp_path / "bert")  # bidirectional: is_decoder false
+    with pytest.raises(ConfigError, match='a bert model lets every token attend .*"is_decoder": true'):
+        resolve(config(tmp_path / "run", "--model.init_from", str(tmp_path / "bert")))
+    BertLMHeadModel(BertConfig(**shape, is_decoder=True)).save_pretrained(tmp_path / "bert_decoder")
+    cfg = resolve(config(tmp_path / "run", "--model.init_from", str(tmp_path / "bert_decoder")))
+    assert cfg.model.init_from == str(tmp_path / "bert_decoder")
+
+
 def test_native_backend_of_an_unsupported_checkpoint_is_refused(tmp_path):
     ckpt = checkpoint(tmp_path, "gpt_neox")
     with pytest.raises(ConfigError, match="--sampling.backend native: the native decoder runs"):
