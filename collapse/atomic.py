@@ -6,6 +6,7 @@ process is killed (SIGKILL, OOM, pre-emption) half-way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,12 +96,27 @@ def make_folder(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def _remove_unfinished(folder: Path) -> None:
+    """Delete the temporary files (:func:`tmp_name`) that writers killed mid-write left anywhere in ``folder``."""
+    if not folder.is_dir():
+        return
+    stale = [p for p in folder.rglob(".*.tmp-*") if p.is_file() and p.name.rpartition(".tmp-")[2].isdigit()]
+    size = 0
+    for path in stale:
+        with contextlib.suppress(OSError):
+            size += path.stat().st_size
+            path.unlink()
+    if stale:
+        log.info("%s: removed %d unfinished files of a killed run (%.1f MB)", folder, len(stale), size / 1e6)
+
+
 @contextmanager
 def entry_lock(entry: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an exclusive lock on the cache entry ``entry`` while it is built, so that side-by-side runs on one
     machine (a grid of sweep agents, several runs on one cold cache) build it once: the others wait, then find
     it finished. The lock is the file ``.<entry name>.lock`` beside the entry (``flock``: released when this
-    process ends, even when killed); on a system without ``fcntl`` nothing is locked. ``what`` names the
+    process ends, even when killed); on a system without ``fcntl`` nothing is locked. Once it holds the lock, the
+    process deletes the temporary files that a builder killed mid-write left in the entry. ``what`` names the
     entry in the one log line a waiting process writes. Where the lock file cannot be created (a read-only
     cache), nothing is locked either."""
     entry = Path(entry)
@@ -123,6 +139,7 @@ def entry_lock(entry: str | os.PathLike, what: str) -> Iterator[None]:
             log.warning("%s: another process is preparing %s; waiting for it to finish", entry, what)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
+            _remove_unfinished(entry)  # the lock's holder is the entry's only writer: every temporary file is stale
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)

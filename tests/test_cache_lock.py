@@ -110,3 +110,18 @@ def test_two_runs_on_a_cold_story_cache_build_it_once(tmp_path):
     assert both.count("training a 300-token BPE") == 1, both  # one tokenizer, trained by one of them
     finals = [line for out in outputs for line in out.splitlines() if line.startswith("train stories")]
     assert len(finals) == 2 and finals[0] == finals[1] and finals[0].startswith("train stories 400 ")
+
+
+def test_the_holder_removes_what_a_killed_builder_left_and_nothing_else(tmp_path, caplog):
+    entry = tmp_path / "entry"
+    (entry / "texts" / "train").mkdir(parents=True)
+    stale = [entry / "texts" / "train" / ".text.utf8.tmp-99999", entry / ".tokenizer.json.tmp-123"]
+    for path in stale:
+        path.write_bytes(b"x" * 1000)
+    kept = [entry / "texts" / "train" / "text.utf8", entry / ".hidden-but-finished", entry / "notes.tmp-1"]
+    for path in kept:
+        path.write_text("finished")
+    with caplog.at_level("INFO", logger="collapse.atomic"), entry_lock(entry, "a test entry"):
+        assert not any(path.exists() for path in stale)
+    assert all(path.read_text() == "finished" for path in kept)
+    assert "removed 2 unfinished files of a killed run" in caplog.text
