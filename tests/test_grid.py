@@ -127,13 +127,13 @@ def test_out_root_and_wandb_options_rewrite_the_fixed_flags(tmp_path):
 
 def test_only_and_set_filter_and_override_cells(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", {**TINY, "workflow": {"values": ["replace", "mix(real=8, synthetic=4)"]}})
-    args = [str(path), "--dry_run", "--out_root", str(tmp_path / "o"), "--set", "generations=2", "--set", "sigma=1.5"]
+    args = [str(path), "--dry_run", "--out_root", str(tmp_path / "o"), "--set", "generations=2", "--set", "noise_var=1.5"]
     assert grid.main([*args, "--only", "workflow=mix(real=8, synthetic=4),n_samples=10"]) == 0
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if not line.startswith(("#", "[grid]"))]
     assert len(commands) == 1
     assert "'--workflow=mix(real=8, synthetic=4)' --n_samples=10 --dim=2 --generations=2" in commands[0]
-    assert commands[0].endswith("--sigma=1.5")  # a new key extends every cell
+    assert commands[0].endswith("--noise_var=1.5")  # a new key extends every cell
     assert "1 of 4 cells" in out
     # Two --only filters: either may match; a float value matches as written or as a number.
     assert grid.main([*args, "--only", "n_samples=8", "--only", "workflow=replace,n_samples=10.0"]) == 0
@@ -302,3 +302,25 @@ def test_a_sweep_file_that_is_not_a_yaml_mapping_is_one_error(tmp_path, content,
     with pytest.raises(grid.GridError, match=message) as excinfo:
         grid.load_sweep(path)
     assert "\n" not in str(excinfo.value)
+
+
+def test_a_dry_run_names_the_cells_whose_flags_the_recipe_refuses(tmp_path, capsys):
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "program": "recipes/gaussian.py",
+                "method": "grid",
+                "parameters": {"dimm": {"values": [2, 3]}, "n_samples": {"value": 10}},
+                "command": ["${env}", "python", "${program}", "--out_dir=runs/x/{hash}", "${args}"],
+            }
+        )
+    )
+    assert grid.main([str(path), "--dry_run", "--out_root", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("(refused by recipes/gaussian.py: unrecognized arguments: --dimm=") == 2
+    assert "error: 2 of 2 cells have flags that recipes/gaussian.py refuses" in captured.err
+    assert not (tmp_path / "o").exists()
+    good = ROOT / "sweeps" / "gaussian.yaml"
+    assert grid.main([str(good), "--dry_run", "--out_root", str(tmp_path / "o")]) == 0
+    assert "refused by" not in capsys.readouterr().out

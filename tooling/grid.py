@@ -628,9 +628,16 @@ def _main(args: argparse.Namespace) -> int:
     head = f"sweep {sweep.name}: {len(jobs)} of {len(cells)} cells, {skipped} finished earlier"
     if args.dry_run:
         _say(f"{head}; dry run, logs would go to {log_dir}")
+        refused = dict(refused_cells(sweep, jobs))
         for job in jobs:
             tag = " (finished earlier: skipped)" if id(job) in earlier else ""
+            tag += f" (refused by {sweep.program}: {refused[id(job)]})" if id(job) in refused else ""
             print(f"# {job.label}{tag}\n{shlex.join(job.argv)}", flush=True)
+        if refused:
+            raise GridError(
+                f"{len(refused)} of {len(jobs)} cells have flags that {sweep.program} refuses (the # lines above "
+                f"say why), e.g. {next(iter(refused.values()))}"
+            )
         return 0
     if todo:
         gpus = f" on GPUs {','.join(str(s) for s in slots)}" if slots[0] is not None else ""
@@ -653,6 +660,43 @@ def _main(args: argparse.Namespace) -> int:
     for job, code in failed:
         _say(f"failed: {job.cell.describe()} (exit {code}): log {job.log}")
     return 1 if failed else 0
+
+
+def refused_cells(sweep: Sweep, jobs: Sequence[Job]) -> list[tuple[int, str]]:
+    """``(id(job), reason)`` for each cell whose flags the recipe's own command line refuses (a misspelt
+    parameter, a value out of range), parsed here without running anything; only for this project's recipes
+    (a program in its ``recipes/`` folder), none for other programs."""
+    import dataclasses
+    import importlib
+    import io
+
+    program = Path(sweep.program).resolve()
+    if program.parent != Path(__file__).resolve().parents[1] / "recipes" or program.suffix != ".py":
+        return []
+    module = importlib.import_module(f"recipes.{program.stem}")
+    configs = [
+        value
+        for name, value in vars(module).items()
+        if name.endswith("Config") and isinstance(value, type) and dataclasses.is_dataclass(value)
+        and value.__module__ == module.__name__ and "out_dir" in {f.name for f in dataclasses.fields(value)}
+    ]  # fmt: skip
+    if len(configs) != 1:
+        return []
+    from collapse.cli import parse_config
+
+    refused = []
+    for job in jobs:
+        flags = job.argv[job.argv.index(sweep.program) + 1 :] if sweep.program in job.argv else []
+        said = io.StringIO()  # a parser writes its reason to stderr before it exits
+        try:
+            with contextlib.redirect_stderr(said):
+                parse_config(configs[0], flags)
+        except SystemExit:
+            lines = said.getvalue().strip().splitlines()
+            refused.append((id(job), (lines[-1] if lines else "refused").removeprefix("error: ")))
+        except UserError as exc:
+            refused.append((id(job), " ".join(str(exc).split())))
+    return refused
 
 
 def _slots(args: argparse.Namespace, cells: int) -> tuple[list[str | None], int | None]:
