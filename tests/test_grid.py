@@ -127,7 +127,8 @@ def test_out_root_and_wandb_options_rewrite_the_fixed_flags(tmp_path):
 
 def test_only_and_set_filter_and_override_cells(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", {**TINY, "workflow": {"values": ["replace", "mix(real=8, synthetic=4)"]}})
-    args = [str(path), "--dry_run", "--out_root", str(tmp_path / "o"), "--set", "generations=2", "--set", "noise_var=1.5"]
+    sets = ["--set", "generations=2", "--set", "noise_var=1.5"]
+    args = [str(path), "--dry_run", "--out_root", str(tmp_path / "o"), *sets]
     assert grid.main([*args, "--only", "workflow=mix(real=8, synthetic=4),n_samples=10"]) == 0
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if not line.startswith(("#", "[grid]"))]
