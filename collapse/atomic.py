@@ -7,10 +7,12 @@ process is killed (SIGKILL, OOM, pre-emption) half-way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,18 +98,38 @@ def make_folder(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+"""``flock`` errors that mean "this file system cannot lock" (NFS without a lock daemon, some FUSE mounts)."""
+STALE_AFTER_S = 600.0
+"""A temporary file untouched this long, of a process that is not running here, is left by a killed writer."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def _remove_unfinished(folder: Path) -> None:
-    """Delete the temporary files (:func:`tmp_name`) that writers killed mid-write left anywhere in ``folder``."""
+    """Delete the temporary files (:func:`tmp_name`) that writers killed mid-write left anywhere in ``folder``:
+    those of a process not running on this machine and untouched for :data:`STALE_AFTER_S` (a writer on another
+    machine of a shared cache, which this machine's lock may not see, keeps touching its file)."""
     if not folder.is_dir():
         return
-    stale = [p for p in folder.rglob(".*.tmp-*") if p.is_file() and p.name.rpartition(".tmp-")[2].isdigit()]
-    size = 0
-    for path in stale:
+    now, removed, size = time.time(), 0, 0
+    for path in folder.rglob(".*.tmp-*"):
+        pid = path.name.rpartition(".tmp-")[2]
         with contextlib.suppress(OSError):
-            size += path.stat().st_size
-            path.unlink()
-    if stale:
-        log.info("%s: removed %d unfinished files of a killed run (%.1f MB)", folder, len(stale), size / 1e6)
+            info = path.stat()
+            if path.is_file() and pid.isdigit() and now - info.st_mtime > STALE_AFTER_S and not _pid_alive(int(pid)):
+                path.unlink()
+                removed, size = removed + 1, size + info.st_size
+    if removed:
+        log.info("%s: removed %d unfinished files of a killed run (%.1f MB)", folder, removed, size / 1e6)
 
 
 @contextmanager
@@ -115,31 +137,40 @@ def entry_lock(entry: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold an exclusive lock on the cache entry ``entry`` while it is built, so that side-by-side runs on one
     machine (a grid of sweep agents, several runs on one cold cache) build it once: the others wait, then find
     it finished. The lock is the file ``.<entry name>.lock`` beside the entry (``flock``: released when this
-    process ends, even when killed); on a system without ``fcntl`` nothing is locked. Once it holds the lock, the
-    process deletes the temporary files that a builder killed mid-write left in the entry. ``what`` names the
-    entry in the one log line a waiting process writes. Where the lock file cannot be created (a read-only
-    cache), nothing is locked either."""
+    process ends, even when killed). Once it holds the lock, the process deletes the temporary files that a
+    builder killed mid-write left in the entry. ``what`` names the entry in the one log line a waiting process
+    writes. Nothing is locked on a system without ``fcntl``, on a file system that cannot lock (one log line),
+    or where the lock file cannot be created (a read-only cache): each process then builds for itself, and
+    atomic writes keep the entry whole."""
     entry = Path(entry)
-    if sys.platform == "win32":  # no fcntl: each process builds; atomic writes still keep the entry whole
+    if sys.platform == "win32":
         yield
         return
     import fcntl
 
     make_folder(entry.parent, "the cache folder")
     path = entry.parent / f".{entry.name}.lock"
+    try:  # read-only is enough for flock, and opens a lock file another user of a shared cache created
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        fd = None  # a read-only cache (prepared elsewhere): nothing to build, or the build says why it cannot
+    locked = False
     try:
-        fh = open(path, "a")
-    except OSError:  # a read-only cache (prepared elsewhere): nothing to build, or the build says why it cannot
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                log.warning("%s: another process is preparing %s; waiting for it to finish", entry, what)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError as exc:
+                if exc.errno not in NO_FLOCK:
+                    raise
+                log.info("%s: this file system cannot lock files; %s is not locked while it is built", entry, what)
+        if locked:
+            _remove_unfinished(entry)
         yield
-        return
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("%s: another process is preparing %s; waiting for it to finish", entry, what)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            _remove_unfinished(entry)  # the lock's holder is the entry's only writer: every temporary file is stale
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import csv
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from collapse.atomic import atomic_open, atomic_write_text
+from collapse.atomic import NO_FLOCK, atomic_open, atomic_write_text
 from collapse.errors import UserError
 from collapse.store import GenerationStore
 
@@ -277,9 +276,6 @@ class _Lock:
 _HELD: dict[Path, _Lock] = {}
 """Run directories this process has locked: their lock file stays open (and so locked) while listed here."""
 
-# flock errors that mean "this file system cannot lock" (NFS without a lock daemon, some FUSE mounts).
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
-
 
 def lock_run_dir(out_dir: str | Path) -> bool:
     """Lock the existing folder ``out_dir`` for this process; True if taken now, False if already held here.
@@ -340,7 +336,7 @@ def _flock(out: Path, path: Path) -> int | None:
             raise RunDirError(_busy(out, holder)) from None
         except OSError as exc:
             os.close(fd)
-            if exc.errno in _NO_FLOCK:
+            if exc.errno in NO_FLOCK:
                 return None
             raise
         # The previous holder removes the file when it releases: if it did so after our open, this lock is on a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -61,18 +62,17 @@ def test_a_lock_held_by_a_killed_process_is_released(tmp_path):
 
 
 def test_a_read_only_cache_is_not_locked(tmp_path, monkeypatch):
-    import builtins
-
-    real_open = builtins.open
+    real_open = os.open
 
     def refuse_lock_files(path, *args, **kwargs):
         if str(path).endswith(".lock"):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", refuse_lock_files)
+    monkeypatch.setattr(os, "open", refuse_lock_files)
     with entry_lock(tmp_path / "entry", "a test entry"):
-        pass
+        ran = True
+    assert ran
 
 
 @pytest.mark.slow  # two processes tokenise the stand-in corpus (about 15 s on 2 cores)
@@ -112,16 +112,41 @@ def test_two_runs_on_a_cold_story_cache_build_it_once(tmp_path):
     assert len(finals) == 2 and finals[0] == finals[1] and finals[0].startswith("train stories 400 ")
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # not reused this soon on Linux or macOS (pids are handed out in order)
+
+
 def test_the_holder_removes_what_a_killed_builder_left_and_nothing_else(tmp_path, caplog):
-    entry = tmp_path / "entry"
+    entry, dead, old = tmp_path / "entry", _dead_pid(), time.time() - 3600
     (entry / "texts" / "train").mkdir(parents=True)
-    stale = [entry / "texts" / "train" / ".text.utf8.tmp-99999", entry / ".tokenizer.json.tmp-123"]
-    for path in stale:
+    stale = [entry / "texts" / "train" / f".text.utf8.tmp-{dead}", entry / f".tokenizer.json.tmp-{dead}"]
+    live = [
+        entry / f".tokens.npy.tmp-{os.getpid()}",  # an old file of a process that runs: being written
+        entry / f".offsets.npy.tmp-{dead}",  # touched a moment ago: a writer elsewhere (a shared cache)
+    ]
+    for path in [*stale, *live]:
         path.write_bytes(b"x" * 1000)
+    for path in [*stale, live[0]]:
+        os.utime(path, (old, old))
     kept = [entry / "texts" / "train" / "text.utf8", entry / ".hidden-but-finished", entry / "notes.tmp-1"]
     for path in kept:
         path.write_text("finished")
     with caplog.at_level("INFO", logger="collapse.atomic"), entry_lock(entry, "a test entry"):
         assert not any(path.exists() for path in stale)
-    assert all(path.read_text() == "finished" for path in kept)
+    assert all(path.read_text() == "finished" for path in kept) and all(path.is_file() for path in live)
     assert "removed 2 unfinished files of a killed run" in caplog.text
+
+
+def test_a_file_system_that_cannot_lock_builds_unlocked_with_one_line(tmp_path, caplog, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("INFO", logger="collapse.atomic"), entry_lock(tmp_path / "entry", "a test entry"):
+        ran = True
+    assert ran and "this file system cannot lock files; a test entry is not locked" in caplog.text
