@@ -100,8 +100,8 @@ def check_mode(cfg: WandbConfig) -> None:
     if mode not in MODES:
         source = "--wandb.mode" if cfg.mode is not None else "WANDB_MODE"
         raise UserError(f"{source} must be one of {', '.join(MODES)}, got {mode!r}")
-    for tag in resolve(cfg).tags or []:
-        if not isinstance(tag, str) or not 1 <= len(tag.strip()) <= MAX_TAG:
+    for tag in (resolve(cfg).tags or []) if mode != "disabled" else []:  # no W&B run: its tags do not matter
+        if not isinstance(tag, str) or not tag.strip() or len(tag) > MAX_TAG:
             source = "--wandb.tags" if cfg.tags is not None else "WANDB_TAGS"
             raise UserError(f"{source}: a W&B tag must be 1 to {MAX_TAG} characters, got {tag!r}")
     if mode == "online" and not has_credentials():

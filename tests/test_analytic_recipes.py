@@ -258,10 +258,18 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
 
 
 def test_a_cell_beyond_the_machine_s_memory_is_one_line(tmp_path):
-    # 1.46 TiB of kernel centres: refused by the allocator on any machine, at once (nothing is touched).
+    # 1.46 TiB of kernel centres, in a process whose address space is capped at 16 GiB: refused at once by the
+    # allocator whatever the machine's overcommit policy (nothing is touched).
+    resource = pytest.importorskip("resource")  # POSIX
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+
     args = ["--dataset", "moons", "--bandwidth", "0.5", "--n_samples", "100000000000", "--generations", "2",
             "--num_seeds", "2", "--wandb.mode", "disabled", "--out_dir", str(tmp_path / "x")]  # fmt: skip
-    res = subprocess.run([sys.executable, "recipes/kde.py", *args], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "recipes/kde.py", *args], cwd=ROOT, capture_output=True, text=True, preexec_fn=cap
+    )
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: cell replace dataset=moons"), res.stderr
     assert "does not fit in memory" in res.stderr and "Traceback" not in res.stderr

@@ -215,6 +215,8 @@ def test_tags_w_and_b_would_refuse_are_one_line_and_empty_env_entries_are_droppe
         err = _one_line_exit(capsys, [*TINY, "--out_dir", str(tmp_path / "run"), *argv])
         assert err.startswith(f"error: {source}: a W&B tag must be 1 to 64 characters"), err
         assert not (tmp_path / "run").exists()
+    disabled = parse_config(ToyGaussianConfig, [*TINY, "--wandb.mode", "disabled", "--wandb.tags", f"[{'t' * 65}]"])
+    check_mode(disabled.wandb)  # no W&B run: a tag it would refuse stops nothing
     seen = {}
 
     def init(**kwargs):  # the real W&B reads WANDB_TAGS itself and refuses ",,,": it must not see it

@@ -86,7 +86,7 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep file; refuse what a local grid cannot enumerate (random/bayes, continuous distributions)."""
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise GridError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
