@@ -271,12 +271,22 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+PADDED_POSITIONS = frozenset(
+    {"roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod"}
+)
+"""Families whose position ids start after the padding id (``pad_token_id + 1``), as RoBERTa's do."""
+
+
 def position_limit(config: PretrainedConfig) -> int:
-    """Longest sequence a model of ``config`` handles: ``max_position_embeddings`` (``n_positions`` for GPT-2)."""
+    """Longest sequence a model of ``config`` handles: ``max_position_embeddings`` (``n_positions`` for GPT-2),
+    less the ``pad_token_id + 1`` positions that RoBERTa-style models (:data:`PADDED_POSITIONS`) never use."""
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if value is not None:
-            return int(value)
+            skipped = (
+                (int(getattr(config, "pad_token_id", None) or 0) + 1) if config.model_type in PADDED_POSITIONS else 0
+            )
+            return int(value) - skipped
     raise ValueError(f"cannot tell the position limit of a {type(config).__name__}")
 
 
@@ -314,14 +324,31 @@ def packs_by_default(config: PretrainedConfig, attn_implementation: str, on_gpu:
     return bool(on_gpu and kind in FAST_TRAINING_MODELS and attn_implementation in PACK_ATTENTION)
 
 
-def attends_ahead(config: PretrainedConfig) -> bool:
-    """Whether a model built by ``AutoModelForCausalLM`` with ``config`` (the built model's own config, which some
-    classes change) lets each token attend to later ones: an encoder family (BERT, RoBERTa, ...) that is causal
-    only when ``is_decoder`` is set. Decoder-only families are never masked-LM families."""
+CAUSAL_FLAGS = {"xlm": "causal", "flaubert": "causal"}
+"""Encoder families made causal by a config flag other than ``is_decoder``."""
+NEVER_CAUSAL = frozenset({"xlnet"})
+"""Families ``AutoModelForCausalLM`` builds that attend to later tokens whatever their config says (permutation LM)."""
+
+
+def causal_flag(config: PretrainedConfig) -> str | None:
+    """The config flag that makes a model of ``config`` causal (``is_decoder`` for BERT, RoBERTa, ...; ``causal``
+    for XLM), or None for a family that is causal by construction (GPT-2, Llama, ...) or never (XLNet)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    causal = getattr(config, "is_decoder", False) or getattr(config, "causal", False)  # XLM's flag is "causal"
-    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not causal
+    kind = config.model_type
+    if kind in CAUSAL_FLAGS:
+        return CAUSAL_FLAGS[kind]
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES or kind == "bert-generation":
+        return "is_decoder"
+    return None
+
+
+def attends_ahead(config: PretrainedConfig) -> bool:
+    """Whether a model built by ``AutoModelForCausalLM`` with ``config`` (the built model's own config, which some
+    classes change) lets each token attend to later ones: an encoder family whose :func:`causal_flag` is not set,
+    or one that is never causal. The tests check this against the models' behaviour."""
+    flag = causal_flag(config)
+    return config.model_type in NEVER_CAUSAL or (flag is not None and not getattr(config, flag, False))
 
 
 def check_attention(cfg: CausalLMConfig, config: PretrainedConfig, on_gpu: bool) -> None:
@@ -347,10 +374,15 @@ def check_attention(cfg: CausalLMConfig, config: PretrainedConfig, on_gpu: bool)
         reason = reason.split(". Please")[0].rstrip(".")  # drop the advice to file an issue with transformers
         raise ConfigError(f"{flag}: {reason}") from None
     if attends_ahead(built.config):
+        kind, flag = built.config.model_type, causal_flag(built.config)
+        fix = (
+            f'unless its config.json says "{flag}": true, so it would learn to copy the next token; set that to '
+            "train it as a causal LM"
+            if flag is not None
+            else "(it is not a causal LM), so it would learn to copy the next token; use a causal model"
+        )
         raise ConfigError(
-            f"--model.init_from {cfg.init_from}: a {built.config.model_type} model lets every token attend to the "
-            'tokens after it unless its config.json says "is_decoder": true, so it would learn to copy the next '
-            "token; set that to train it as a causal LM"
+            f"--model.init_from {cfg.init_from}: a {kind} model lets every token attend to the tokens after it {fix}"
         )
     if name == "flex_attention":
         dropout = max(float(getattr(config, key, 0.0) or 0.0) for key in ("attention_dropout", "attn_pdrop"))
@@ -1035,7 +1067,11 @@ __all__ = [
     "PRESET_CONTEXT",
     "PUBLISHED_CONTEXT",
     "WEIGHT_FILES",
+    "CAUSAL_FLAGS",
+    "NEVER_CAUSAL",
+    "PADDED_POSITIONS",
     "attends_ahead",
+    "causal_flag",
     "PUBLISHED_PARAMETERS",
     "CausalLMConfig",
     "CausalLMModule",

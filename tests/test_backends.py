@@ -108,6 +108,57 @@ def test_an_encoder_that_would_see_the_next_token_is_refused_and_its_decoder_for
     assert cfg.model.init_from == str(tmp_path / "bert_decoder")
 
 
+ENCODER_SHAPE = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                 "intermediate_size": 64}  # fmt: skip
+XLM_SHAPE = {"vocab_size": 50, "emb_dim": 32, "n_layers": 1, "n_heads": 2}
+XLNET_SHAPE = {"vocab_size": 50, "d_model": 32, "n_layer": 1, "n_head": 2, "d_inner": 64}
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [
+        ("bert", {}), ("bert", {"is_decoder": True}), ("roberta", {}), ("roberta", {"is_decoder": True}),
+        ("bert-generation", {}), ("bert-generation", {"is_decoder": True}),
+        ("xlm", {**XLM_SHAPE, "is_decoder": True}), ("xlm", {**XLM_SHAPE, "causal": True}), ("xlnet", XLNET_SHAPE),
+        ("gpt2", {"vocab_size": 50, "n_embd": 32, "n_layer": 1, "n_head": 2}), ("llama", {}),
+    ],
+)  # fmt: skip
+def test_the_rule_for_models_that_attend_ahead_matches_what_they_do(kind, settings):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_modules.causal_lm import attends_ahead
+
+    shape = settings if "vocab_size" in settings else {**ENCODER_SHAPE, **settings}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **shape)).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    later = ids.clone()
+    later[0, 3] = 9  # only the last token differs: a causal model's first position cannot tell
+    with torch.no_grad():
+        sees = not torch.allclose(model(input_ids=ids).logits[0, 0], model(input_ids=later).logits[0, 0])
+    assert attends_ahead(model.config) == sees
+
+
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta", "camembert", "bert", "gpt2", "llama"])
+def test_the_position_limit_is_the_longest_input_the_model_takes(kind):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_modules.causal_lm import position_limit
+
+    if kind == "gpt2":
+        config = AutoConfig.for_model(kind, vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=20)
+    else:
+        shape = {**ENCODER_SHAPE, "max_position_embeddings": 20}
+        config = AutoConfig.for_model(kind, **shape, **({"is_decoder": True} if kind != "llama" else {}))
+    model = AutoModelForCausalLM.from_config(config).eval()
+    limit = position_limit(model.config)  # RoBERTa's positions start after its padding id: 18 of 20
+    with torch.no_grad():
+        assert model(input_ids=torch.full((1, limit), 5)).logits.shape[1] == limit
+    if kind != "llama":  # rotary positions have no table to run out of
+        with pytest.raises((IndexError, RuntimeError)), torch.no_grad():
+            model(input_ids=torch.full((1, limit + 1), 5))
+
+
 def test_native_backend_of_an_unsupported_checkpoint_is_refused(tmp_path):
     ckpt = checkpoint(tmp_path, "gpt_neox")
     with pytest.raises(ConfigError, match="--sampling.backend native: the native decoder runs"):
