@@ -31,6 +31,7 @@ if __spec__ is None:  # run as `python recipes/x.py`: check this python has the 
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -47,6 +48,8 @@ from collapse.errors import UserError
 from collapse.progress import Progress, console
 from collapse.rundir import CONFIG
 from collapse.store import Generation, GenerationStore
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 """A generation's fitted weights (the generation loop's name for them)."""
@@ -150,6 +153,7 @@ def write_story_files(source: Source, tokenizer: Any, dest: Path) -> int:
         datasets.Dataset.from_dict({"text": []}, features=features).save_to_disk(folder, num_shards=1)
         return 0
     scratch = dest / ".stories-cache"
+    log.info("building the datasets folder of %d stories from %s", count, jsonl.name)  # minutes for millions
     try:
         stories = datasets.Dataset.from_json(str(jsonl), features=features, cache_dir=str(scratch))
         if len(stories) != count:  # a line the reader split or merged: never publish a set that differs
