@@ -104,7 +104,8 @@ STALE_AFTER_S = 600.0
 """A temporary file untouched this long, of a process that is not running here, is left by a killed writer."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's process counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -125,7 +126,7 @@ def _remove_unfinished(folder: Path) -> None:
         pid = path.name.rpartition(".tmp-")[2]
         with contextlib.suppress(OSError):
             info = path.stat()
-            if path.is_file() and pid.isdigit() and now - info.st_mtime > STALE_AFTER_S and not _pid_alive(int(pid)):
+            if path.is_file() and pid.isdigit() and now - info.st_mtime > STALE_AFTER_S and not pid_alive(int(pid)):
                 path.unlink()
                 removed, size = removed + 1, size + info.st_size
     if removed:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from collapse.atomic import atomic_write_json, fsync_dir
+from collapse.atomic import atomic_write_json, fsync_dir, pid_alive
 from collapse.errors import UserError
 from collapse.progress import Progress, console
 from collapse.rundir import CONFIG
@@ -363,16 +363,6 @@ def open_generation(run_dir: str | os.PathLike, generation: int | None = None) -
     return Source(run, recipe, config, store.load(generation))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # someone else's process: alive
-        return True
-    return True
-
-
 def _check_out(out: Path, run: Path, overwrite: bool) -> None:
     """Refuse an --out that is a file, is, contains or lies inside the run, or holds something other than an empty
     folder.
@@ -413,7 +403,7 @@ def export(
         parent.mkdir(parents=True, exist_ok=True)
         for stale in parent.glob(f".{out.name}.export-*"):  # left by a killed export
             pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
         stage = parent / f".{out.name}.export-{os.getpid()}"
         shutil.rmtree(stage, ignore_errors=True)
