@@ -14,7 +14,6 @@ command; the exit status is 1 when any failed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import io
 import shlex
@@ -57,19 +56,13 @@ def check_benchmark(module: ModuleType, argv: list[str]) -> None:
 
 
 def check_recipe(module: ModuleType, argv: list[str]) -> None:
-    """Parse ``argv`` into the recipe's config dataclass (the module's ``...Config`` subclass of ``LoopConfig``)."""
-    from collapse.cli import parse_config
-    from engine.loop import LoopConfig
+    """Parse ``argv`` into the recipe's config dataclass (:func:`collapse.cli.recipe_config_class`)."""
+    from collapse.cli import parse_config, recipe_config_class
 
-    configs = [
-        value
-        for name, value in vars(module).items()
-        if name.endswith("Config") and isinstance(value, type) and dataclasses.is_dataclass(value)
-        and issubclass(value, LoopConfig) and value.__module__ == module.__name__
-    ]  # fmt: skip
-    if len(configs) != 1:
-        raise ValueError(f"cannot tell the config class of {module.__name__}: {[c.__name__ for c in configs]}")
-    parse_config(configs[0], argv)
+    config = recipe_config_class(module)
+    if config is None:
+        raise ValueError(f"cannot tell the config class of {module.__name__}")
+    parse_config(config, argv)
 
 
 def check(tokens: list[str]) -> None:

@@ -106,6 +106,18 @@ def _instance(cls: type[C], values: dict[str, Any], prefix: str = "--") -> C:
     return cls(**kwargs)
 
 
+def recipe_config_class(module: Any) -> type | None:
+    """The config dataclass of a recipe module: the one ``...Config`` dataclass defined there with an ``out_dir``
+    (None when there is not exactly one)."""
+    found = [
+        value
+        for name, value in vars(module).items()
+        if name.endswith("Config") and isinstance(value, type) and dataclasses.is_dataclass(value)
+        and value.__module__ == module.__name__ and "out_dir" in {f.name for f in dataclasses.fields(value)}
+    ]  # fmt: skip
+    return found[0] if len(found) == 1 else None
+
+
 def _recipe_of(config_cls: type) -> str | None:
     """The recipe whose settings ``config_cls`` holds: the name of its file in ``recipes/`` (None elsewhere)."""
     module = sys.modules.get(config_cls.__module__)

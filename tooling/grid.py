@@ -666,31 +666,24 @@ def refused_cells(sweep: Sweep, jobs: Sequence[Job]) -> list[tuple[int, str]]:
     """``(id(job), reason)`` for each cell whose flags the recipe's own command line refuses (a misspelt
     parameter, a value out of range), parsed here without running anything; only for this project's recipes
     (a program in its ``recipes/`` folder), none for other programs."""
-    import dataclasses
     import importlib
     import io
+
+    from collapse.cli import parse_config, recipe_config_class
 
     program = Path(sweep.program).resolve()
     if program.parent != Path(__file__).resolve().parents[1] / "recipes" or program.suffix != ".py":
         return []
-    module = importlib.import_module(f"recipes.{program.stem}")
-    configs = [
-        value
-        for name, value in vars(module).items()
-        if name.endswith("Config") and isinstance(value, type) and dataclasses.is_dataclass(value)
-        and value.__module__ == module.__name__ and "out_dir" in {f.name for f in dataclasses.fields(value)}
-    ]  # fmt: skip
-    if len(configs) != 1:
+    config = recipe_config_class(importlib.import_module(f"recipes.{program.stem}"))
+    if config is None:
         return []
-    from collapse.cli import parse_config
-
     refused = []
     for job in jobs:
         flags = job.argv[job.argv.index(sweep.program) + 1 :] if sweep.program in job.argv else []
         said = io.StringIO()  # a parser writes its reason to stderr before it exits
         try:
             with contextlib.redirect_stderr(said):
-                parse_config(configs[0], flags)
+                parse_config(config, flags)
         except SystemExit:
             lines = said.getvalue().strip().splitlines()
             refused.append((id(job), (lines[-1] if lines else "refused").removeprefix("error: ")))
