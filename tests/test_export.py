@@ -6,6 +6,7 @@ One tiny run per modality (the recipes' own tiny test settings, one generation, 
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 import subprocess
@@ -368,7 +369,7 @@ class _ArraysOnly:
         return self.arrays.get(name)
 
 
-def test_story_files_are_written_a_chunk_at_a_time_and_match_text_for_text(tmp_path):
+def test_story_files_are_written_a_chunk_at_a_time_and_match_text_for_text(tmp_path, caplog, monkeypatch):
     from datasets import load_from_disk
 
     from datamodules.story_corpus import STORIES_PER_CHUNK
@@ -384,7 +385,17 @@ def test_story_files_are_written_a_chunk_at_a_time_and_match_text_for_text(tmp_p
     expected = [text for chunk in chunks for text in chunk]
     assert "" in expected and any("\u2028" in t for t in expected) and any("\x00" in t for t in expected)
 
+    from collapse import progress
+
+    monkeypatch.setattr(progress, "_interval", 0.0)  # as --progress_every 0: a line per chunk
+    caplog.set_level(logging.INFO)
     assert write_story_files(source, _PieceTokenizer(), tmp_path) == n
+    # One pass: a progress line per chunk, counting every story, and the library had nothing to warn about.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoding stories: ")]
+    assert [line.split(" stories (")[0] for line in lines[:3]] == [
+        f"decoding stories: {k}/{n}" for k in (STORIES_PER_CHUNK, 2 * STORIES_PER_CHUNK, n)
+    ], caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert load_from_disk(str(tmp_path / "stories"))["text"] == expected
     with open(tmp_path / "stories.jsonl", encoding="utf-8", newline="\n") as fh:
         assert [json.loads(line)["text"] for line in fh] == expected  # one line per story, U+2028 kept inside
