@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project at reduced size, in one run of at most 600 s (the sum of the steps'
-# timeouts): the environment, training throughput and MFU at the published batch, eager, packed and compiled,
-# and with CUDA graphs (benchmarks/lm_training.py), a profile of the packed, compiled training step
+# Every GPU measurement of the project at reduced size, in one run of at most 550 s (the sum of the steps'
+# timeouts, inside one device call of 600 s): the environment, training throughput and MFU at the published
+# batch, eager and packed and compiled (benchmarks/lm_training.py), a profile of the packed, compiled training step
 # (benchmarks/lm_profile.py), sampling throughput (benchmarks/lm_generation.py), and one TinyStories
 # generation projected to the published corpus (benchmarks/tinystories_generation.py), and the recipe itself at a
 # small size (recipes/tinystories.py).
@@ -9,8 +9,10 @@
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh                      # on a machine with a CUDA GPU
 #   GPU_CHECK_DRY=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_check.sh        # any machine: only parse the flags
 #
-# Each step runs under its own `timeout`, writes its whole output to $OUT/<step>.log (each line prefixed with
-# the seconds since the step started) and one line to $OUT/summary.txt:
+# Each step runs under its own `timeout`, writes its whole output to <step>.log in $GPU_CHECK_LOGS (default
+# /tmp/gpu_check_logs; each line prefixed with the seconds since the step started), packed after every step
+# into $OUT/logs.tgz (a call returns few files, and one killed from outside keeps the steps it finished), and
+# one line to $OUT/summary.txt:
 #   <step>: <status>  <wall>s, longest silence <s>s | <its result lines>   (status: ok, FAILED (exit N) or
 #   TIMED OUT after Ns)
 # A failed or timed-out step does not stop the next; the summary is printed at the end, and the exit
@@ -19,6 +21,9 @@
 # a `pip install --target` folder) when it exists; if it does not and the repository has a folder .whl of
 # wheels (git-ignored), they are installed there first, without an index.
 #
+# GPU_CHECK_EXTRA=1 adds the exploratory steps (another 155 s, so a second call): training with CUDA graphs,
+# sampling with flex attention, and packed training with flex attention.
+#
 # GPU_CHECK_DRY=1: run nothing on a GPU; every benchmark and recipe command line below is parsed by its
 # own parser (benchmarks/check_flags.py) instead, so the flags stay real. PYTHON picks the interpreter.
 set -u
@@ -26,6 +31,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 : "${OUT:?set OUT to the folder for the logs and summary.txt}"
 mkdir -p "$OUT"
+LOGS=${GPU_CHECK_LOGS:-/tmp/gpu_check_logs}
+EXTRA=${GPU_CHECK_EXTRA:-0}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 WHEELS=${WHEELS:-/tmp/wheels}
 DRY=${GPU_CHECK_DRY:-0}
@@ -42,7 +49,7 @@ CHECKS=$OUT/dry_commands.tsv
 : >"$SUMMARY"
 [ "$DRY" = 1 ] && : >"$CHECKS"
 BUDGET=0
-MAX_BUDGET=600  # the sum of the steps' timeouts: one device call of at most 600 s (the last step may be cut)
+MAX_BUDGET=550  # the sum of the steps' timeouts: inside one device call of 600 s, start-up and packing included
 FAILED=0
 
 # Microseconds since the epoch (bash 5's EPOCHREALTIME without its decimal point).
@@ -83,7 +90,8 @@ step() {
         fi
         return
     fi
-    local log=$OUT/$name.log t0 rc silence status found
+    mkdir -p "$LOGS"
+    local log=$LOGS/$name.log t0 rc silence status found
     t0=$(usec)
     echo "== $name (timeout ${seconds}s): $*" | tee "$log"
     { timeout --kill-after=3 "$seconds" "$@" 2>&1; echo "rc=$?" >"$OUT/.rc"; } | stamp >>"$log" 2>"$OUT/.silence"
@@ -99,6 +107,7 @@ step() {
     found=$(tail -n +2 "$log" | cut -c9- | grep -E "$keys" | tr -s ' ' | sed 's/ *$//' | paste -sd'|' - | sed 's/|/ | /g')
     [ "$rc" = 0 ] || found="$found | last: $(tail -n 1 "$log" | cut -c9- | tr -s ' ')"
     echo "$name: $status  $(secs $(($(usec) - t0)))s, longest silence ${silence}s | $found" | tee -a "$SUMMARY"
+    tar -czf "$OUT/.logs.tgz" -C "$LOGS" . && mv -f "$OUT/.logs.tgz" "$OUT/logs.tgz"
 }
 
 TRAIN_KEYS='^(plain loop|lightning) run|^best:|_mfu:|^lightning_vs_plain_loop:'
@@ -106,11 +115,11 @@ SAMPLE_KEYS='^StorySampler:|^speedup_vs_hf_generate:|^warm-up:|^kv_read_efficien
 COMPILE_KEYS='compiles:|^lightning batches:'
 PROFILE_KEYS='^(train|sample)_(wall_ms|device_busy|time_by_kind|library_share|kernels|syncs):|^sample:'
 RECIPE_KEYS='sampling gen 0 (on [a-z]+:?[0-9]*)?: done|^\[lm\] .*test_loss=|^error:'
-GENERATION_KEYS='^(train_warmup_seconds|train_tokens_per_s|train_mfu|test_tokens_per_s|sample_warmup_seconds|sample_tokens_per_s|sample_mean_tokens|score_stories_per_s|projected_minutes_per_generation_published):'
+GENERATION_KEYS='^(train_warmup_seconds|train_tokens_per_s|train_mfu|test_tokens_per_s|sample_warmup_seconds|sample_tokens_per_s|train_mean_tokens|sample_mean_tokens|sample_finished_fraction|score_stories_per_s|projected_minutes_per_generation_published):'
 
 step nvidia_smi 5 '^[^|+ ].*MiB' bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
     --format=csv,noheader && nvidia-smi'
-step versions 15 '^(torch|lightning|device) ' "$PY" -c '
+step versions 30 '^(torch|lightning|device) ' "$PY" -c '
 import torch, lightning, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
 print("lightning", lightning.__version__, "transformers", transformers.__version__)
@@ -119,17 +128,15 @@ print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_devic
 # Training at the published batch (32 stories per step): real tokens/s and MFU of the plain loop and the
 # Lightning path, same batches (goals: llama2-42m MFU >= 0.30, llama2-126m >= 0.40, Lightning >= 0.95x the
 # plain loop). Eager; then packed and compiled, the recipe's defaults on a GPU (the compiles line says whether
-# any compilation fell inside the timed steps); then the same with CUDA graphs (reduce-overhead), which removes
-# the launch cost that the eager profile shows (over 1,300 kernels per step, the GPU mostly waiting for the host).
-step train_llama2-42m 35 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset llama2-42m \
+# any compilation fell inside the timed steps); with GPU_CHECK_EXTRA=1 also with CUDA graphs (reduce-overhead),
+# which removes the launch cost that the eager profile shows (over 1,300 kernels per step, the GPU mostly waiting
+# for the host).
+step train_llama2-42m 30 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset llama2-42m \
     --batch_size 32 --steps 40 --warmup 5 --repeats 1 --no-pack --no-compile
 step train_llama2-42m_pack_compile 75 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
     --preset llama2-42m --batch_size 32 --steps 60 --warmup 15 --repeats 1 --pack --compile
-step train_llama2-42m_cudagraphs 70 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
-    --preset llama2-42m --batch_size 32 --steps 60 --warmup 15 --repeats 1 --pack --compile \
-    --compile_mode reduce-overhead
-# The larger preset at the recipe's GPU defaults (goal: MFU >= 0.40).
-step train_llama2-126m 45 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
+# The larger preset at the recipe's GPU defaults (goal: MFU >= 0.40); nothing of it is compiled yet.
+step train_llama2-126m 100 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
     --preset llama2-126m --batch_size 32 --steps 30 --warmup 10 --repeats 1
 
 # Where the time of a packed, compiled training step goes (kernel kinds, GPU idle time, launches and host waits
@@ -141,18 +148,17 @@ step profile_llama2-42m_pack_compile 40 "$PROFILE_KEYS" "$PY" benchmarks/lm_prof
 # llama2-126m >= 150k, both >= 5x generate()); the warm-up line is the sampler's compilation and CUDA graphs.
 step sample_gpt2-9m 80 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset gpt2-9m \
     --stories 1024 --batch_size 512 --train_steps 100 --train_batch 32 --lr 2e-3
-# The same with --sampling.attention flex (each slot reads only its own KV blocks, not the bucket of the longest
-# story in flight): compare its tokens/s, kv_read_efficiency, mean length and finished fraction with the step above.
-step sample_gpt2-9m_flex 45 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset gpt2-9m \
-    --stories 1024 --batch_size 512 --train_steps 100 --train_batch 32 --lr 2e-3 --attention flex --skip_generate
-step sample_llama2-126m 55 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset llama2-126m \
-    --stories 512 --batch_size 256 --train_steps 60 --train_batch 32 --lr 1e-3
+# (the 5x goal is gpt2-9m's: no generate() loop here)
+step sample_llama2-126m 45 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset llama2-126m \
+    --stories 512 --batch_size 256 --train_steps 60 --train_batch 32 --lr 1e-3 --skip_generate
 
 # One generation (train one epoch, test, sample as many stories) at the preset's context and the recipe's GPU
 # defaults (packed, compiled: the compilation timed apart as train_warmup_seconds), projected to the published
-# 2.12M stories (goal: gpt2-9m <= 20 minutes).
-step generation_gpt2-9m 95 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
-    --preset gpt2-9m --stories 1000 --batch_size 32
+# 2.12M stories (goal: gpt2-9m <= 20 minutes). A short run's schedule (the preset's 100 warm-up steps would
+# leave the peak unreached in 32 steps) so that the model learns to end a story and the draw is not of
+# stories that run on to the 2,048-token context.
+step generation_gpt2-9m 105 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
+    --preset gpt2-9m --stories 1000 --batch_size 32 --lr 2e-3 --warmup_steps 5
 
 # The recipe itself, end to end on the GPU at a small size (eager, context 512, for time): data, generation 0's
 # fit, its synthetic set and test, then generation 1 trained on that set (the last generation draws none). Its sampling line (a line every 0.2 s) must say "on cuda" (Lightning moves the model to the
@@ -165,11 +171,19 @@ step recipe_gpt2-9m 40 "$RECIPE_KEYS" "$PY" recipes/tinystories.py --model.prese
     --trainer.compile false --sampling.compile off --wandb.mode disabled --progress_every 0.2 --out_dir "$RECIPE_OUT"
 [ -f "$RECIPE_OUT/metrics.csv" ] && cp "$RECIPE_OUT/metrics.csv" "$OUT/recipe_metrics.csv"
 
-# Only with GPU_CHECK_FLEX=1 (its 40 s are beyond the call's 600 s otherwise): packed training with flex
-# attention's block-sparse mask of each story's tokens (blocks between stories skipped, not computed and masked
-# as sdpa does), against the pack+compile step above.
-if [ "${GPU_CHECK_FLEX:-0}" = 1 ]; then
-    MAX_BUDGET=640
+# Only with GPU_CHECK_EXTRA=1 (a second call): the exploratory steps.
+if [ "$EXTRA" = 1 ]; then
+    MAX_BUDGET=$((MAX_BUDGET + 155))
+    step train_llama2-42m_cudagraphs 70 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
+        --preset llama2-42m --batch_size 32 --steps 60 --warmup 15 --repeats 1 --pack --compile \
+        --compile_mode reduce-overhead
+    # Sampling with --sampling.attention flex (each slot reads only its own KV blocks, not the bucket of the
+    # longest story in flight): compare its tokens/s, kv_read_efficiency, mean length and finished fraction
+    # with sample_gpt2-9m.
+    step sample_gpt2-9m_flex 45 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset gpt2-9m \
+        --stories 1024 --batch_size 512 --train_steps 100 --train_batch 32 --lr 2e-3 --attention flex --skip_generate
+    # Packed training with flex attention's block-sparse mask of each story's tokens (blocks between stories
+    # skipped, not computed and masked as sdpa does), against the pack+compile step above.
     step train_llama2-42m_flex 40 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
         --preset llama2-42m --batch_size 32 --steps 30 --warmup 10 --repeats 1 --pack --compile \
         --attn_implementation flex_attention

@@ -10,16 +10,22 @@ Training packs and compiles as the recipe does by default for the device (both o
 CPU; ``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` and ``--attn_implementation`` override).
 Each phase prints its seconds and real (non-padding) tokens per second; the projection scales the
 measured rates to the published corpus (2.12M training stories, 21,990 validation stories used as the
-test set), at this run's mean tokens per story:
+test set), at this run's mean tokens per training story:
 
-    minutes = (S * t_train / r_train + S_test * t_train / r_test + S * t_sample / r_sample + S / q + w) / 60,
+    minutes = (S * t / r_train + S_test * t / r_test + S * t / r_sample + S / q + w) / 60,
 
-with S the published stories, t_train / t_sample the mean tokens of a training / sampled story here,
-r the tokens per second of each phase, q the stories scored per second and w the warm-ups: the sampler's (one draw of
-``--sampling_batch_size`` stories before the timed one: on a GPU it compiles the decode step and captures
-its CUDA graphs, a cost paid once per generation, not per story) and, for a compiled model, training's
+with S the published stories, t the mean tokens of a training story here, r the tokens per second of each
+phase (sampling's measured on the stories this model drew), q the stories scored per second and w the
+warm-ups: the sampler's (one draw of ``--sampling_batch_size`` stories before the timed one: on a GPU it
+compiles the decode step and captures its CUDA graphs, a cost paid once per generation, not per story)
+and, for a compiled model, training's
 (``train_warmup_seconds``: ``--train_warmup`` steps and test batches of a throwaway model, which compile
-the training and evaluation graphs before the timed fit). Stand-in stories are not TinyStories stories (their lengths
+the training and evaluation graphs before the timed fit). Sampling is projected at the training stories'
+length, not at this model's: a model trained on the published corpus draws stories like it, while one epoch
+of a few thousand stories leaves a model that seldom ends a story, so that its stories run on to the
+context (``sample_mean_tokens`` and ``sample_finished_fraction`` show how far; ``--lr`` and
+``--warmup_steps`` give a short run a schedule that learns the end of a story, and a draw of runaway
+stories costs more time than the published one will). Stand-in stories are not TinyStories stories (their lengths
 differ), so the projection is a rough estimate; on a real corpus, pass ``--data.source``-like settings
 through the recipe instead. ``train_mfu`` is the training phase's model FLOPs per second over the
 device's dense bf16 peak, counted as ``mfu_counting`` says (:mod:`benchmarks.mfu`, as in
@@ -35,6 +41,7 @@ The last line is ``projected_minutes_per_generation_published: X``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -86,12 +93,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training steps (and test batches) of a throwaway model run first, timed apart (default: 10 compiled, 0)",
     )  # fmt: skip
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's, as the recipe)")
+    p.add_argument("--warmup_steps", type=int, default=None, help="warmup steps (default: the preset's)")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     args = p.parse_args(argv)
     if args.stories < 1 or args.batch_size < 1:
         p.error("--stories and --batch_size must be positive")
     if any(v is not None and v < 1 for v in (args.sampling_batch_size, args.chunk)):
         p.error("--sampling_batch_size and --chunk must be positive")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        p.error("--lr must be a positive number")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        p.error("--warmup_steps must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     args = recipe_defaults(p, args)
@@ -120,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     retain_freed_memory()  # as the recipe's command line does
     tf32_matmuls()
     model_cfg = CausalLMConfig(
-        preset=args.preset, vocab_size=args.vocab_size, pack=args.pack, attn_implementation=args.attn_implementation
-    )
+        preset=args.preset, vocab_size=args.vocab_size, pack=args.pack, attn_implementation=args.attn_implementation,
+        lr=args.lr, warmup_steps=args.warmup_steps,
+    )  # fmt: skip
     context = default_context(model_cfg)
     test = args.test_stories or max(8, args.stories // 4)
     data = TinyStoriesDataModule(
@@ -169,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result[key] = value
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
 
-    for key, value in (("context", context), ("sampling_slots", slots), ("sampling_chunk", chunk)):
+    schedule = (("lr", float(module.config.lr)), ("warmup_steps", int(module.config.warmup_steps)))
+    for key, value in (("context", context), ("sampling_slots", slots), ("sampling_chunk", chunk), *schedule):
         emit(key, value)
     emit("stories", args.stories)
 
@@ -202,8 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     emit("sample_seconds", sample_s)
     emit("sample_tokens_per_s", sample_tokens / sample_s)
     per_story_train = train_tokens / args.stories
-    per_story_sample = sample_tokens / args.stories
-    emit("sample_mean_tokens", per_story_sample)
+    emit("train_mean_tokens", per_story_train)
+    emit("sample_mean_tokens", sample_tokens / args.stories)
+    emit("sample_finished_fraction", float(np.mean(drawn["finished"])))
     # Scoring, as the recipe's rank 0 does after each generation's test (the others wait for it).
     scorer = StorySampleEvaluator(DiversityConfig(), data)
     rare_s, _ = timed("cpu", scorer.rare_words)  # once per run: left out of the per-generation projection
@@ -215,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     projected = (
         PUBLISHED_TRAIN_STORIES * per_story_train / result["train_tokens_per_s"]
         + PUBLISHED_TEST_STORIES * per_story_train / result["test_tokens_per_s"]
-        + PUBLISHED_TRAIN_STORIES * per_story_sample / result["sample_tokens_per_s"]
+        + PUBLISHED_TRAIN_STORIES * per_story_train / result["sample_tokens_per_s"]
         + PUBLISHED_TRAIN_STORIES / result["score_stories_per_s"]
         + warmup_s
         + train_warmup_s

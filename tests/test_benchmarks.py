@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = (
     "context", "train_warmup_seconds", "train_seconds", "train_tokens_per_s", "test_seconds", "test_tokens_per_s",
     "sample_warmup_seconds", "sample_seconds", "sample_tokens_per_s", "rare_words_seconds", "score_seconds",
-    "score_stories_per_s", "projected_minutes_per_generation_published",
+    "score_stories_per_s", "train_mean_tokens", "sample_mean_tokens", "projected_minutes_per_generation_published",
 )  # fmt: skip
 
 
@@ -29,6 +30,7 @@ def test_tinystories_generation_benchmark_prints_each_phase_and_the_projection(t
     cmd = [sys.executable, str(ROOT / "benchmarks" / "tinystories_generation.py"), "--device", "cpu"]
     cmd += ["--preset", "gpt2-tiny", "--stories", "16", "--vocab_size", "320", "--batch_size", "8", "--chunk", "6"]
     cmd += ["--train_warmup", "2"]  # a throwaway model's first steps, timed apart (compiling, on a GPU)
+    cmd += ["--lr", "3e-3", "--warmup_steps", "1"]  # a short run's schedule
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     values = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and "  " not in line)
@@ -40,6 +42,22 @@ def test_tinystories_generation_benchmark_prints_each_phase_and_the_projection(t
     assert proc.stdout.strip().splitlines()[-1].startswith("projected_minutes_per_generation_published: ")
     assert "backend: native" in proc.stdout and "pack: False  compile: False" in proc.stdout  # a CPU's defaults
     assert values["train_mfu"] == NO_PEAK  # a CPU: no peak to divide by
+    assert (values["lr"], values["warmup_steps"]) == ("0.003", "1")  # the flags reach the model's schedule
+    assert 0 <= float(values["sample_finished_fraction"]) <= 1
+    # The projection from the printed phases (4 significant digits each): every phase at the published sizes, at
+    # the training stories' mean length (sampling too: a trained model draws stories like its corpus), plus the
+    # warm-ups once.
+    v = {key: float(values[key]) for key in KEYS}
+    stories, test_stories, t = 2_120_000, 21_990, v["train_mean_tokens"]
+    by_hand = (
+        stories * t / v["train_tokens_per_s"]
+        + test_stories * t / v["test_tokens_per_s"]
+        + stories * t / v["sample_tokens_per_s"]
+        + stories / v["score_stories_per_s"]
+        + v["sample_warmup_seconds"]
+        + v["train_warmup_seconds"]
+    ) / 60
+    assert v["projected_minutes_per_generation_published"] == pytest.approx(by_hand, rel=3e-3)
     assert values["mfu_counting"].startswith("6*N + 12*n_layer*d_attn*T FLOPs per real token")
 
 
@@ -238,18 +256,43 @@ def test_gpu_check_command_lines_parse(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     checked = [line for line in summary.splitlines() if line.endswith(": flags ok")]
     names = {line.split(":")[0] for line in checked}
-    assert {"train_llama2-42m", "train_llama2-42m_pack_compile", "train_llama2-42m_cudagraphs"} <= names
+    assert {"train_llama2-42m", "train_llama2-42m_pack_compile", "train_llama2-126m"} <= names
     assert {"profile_llama2-42m_pack_compile", "sample_gpt2-9m", "sample_llama2-126m", "generation_gpt2-9m"} <= names
-    assert {"sample_gpt2-9m_flex", "train_llama2-126m", "recipe_gpt2-9m"} <= names
-    assert len(checked) == 10
-    assert "timeouts add up to 600s" in proc.stdout
-    # GPU_CHECK_FLEX=1 adds flex attention's packed training, 40 s beyond the 600.
-    flex = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env={**env, "GPU_CHECK_FLEX": "1"},
+    assert "recipe_gpt2-9m" in names and len(checked) == 8
+    assert "timeouts add up to 550s" in proc.stdout  # inside one device call of 600 s
+    # GPU_CHECK_EXTRA=1 adds the exploratory steps, 155 s beyond: a second call.
+    extra = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env={**env, "GPU_CHECK_EXTRA": "1"},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert flex.returncode == 0 and "train_llama2-42m_flex: flags ok" in flex.stdout, flex.stdout[-3000:]
-    assert "timeouts add up to 640s" in flex.stdout
+    assert extra.returncode == 0, extra.stdout[-3000:]
+    for name in ("train_llama2-42m_cudagraphs", "sample_gpt2-9m_flex", "train_llama2-42m_flex"):
+        assert f"{name}: flags ok" in extra.stdout, extra.stdout[-3000:]
+    assert "timeouts add up to 705s" in extra.stdout
+
+
+def test_gpu_check_packs_its_logs_into_one_file_after_every_step(tmp_path):
+    # A device call returns only a few files from $OUT: the step logs travel as one archive, rewritten after each
+    # step. Run with a stand-in python that fails at once, so every step ends quickly and nothing needs a GPU.
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "no GPU here: $*"\nexit 3\n')
+    fake.chmod(0o755)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "GPU_CHECK_LOGS": str(logs), "WHEELS": str(tmp_path)}
+    env["GPU_CHECK_RECIPE_DIR"] = str(tmp_path / "recipe")
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"  # nvidia-smi is missing here: that step fails too
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1  # every step failed
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "summary.txt"]
+    with tarfile.open(out / "logs.tgz") as tar:
+        names = sorted(Path(n).name for n in tar.getnames() if n.endswith(".log"))
+        log = tar.extractfile("./sample_gpt2-9m.log").read().decode()
+    assert len(names) == 10 and "sample_gpt2-9m.log" in names and "versions.log" in names
+    assert "no GPU here: benchmarks/lm_generation.py --device cuda --preset gpt2-9m" in log
+    summary = (out / "summary.txt").read_text()
+    assert "sample_gpt2-9m: FAILED (exit 3)" in summary and "last: no GPU here" in summary
 
 
 def test_flag_check_rejects_a_flag_its_parser_does_not_know(tmp_path):
