@@ -1,7 +1,7 @@
 """Training throughput of the TinyStories recipe's Lightning path against a plain PyTorch loop.
 
 Both train the same model (same preset, same initial weights) on the same batches (one loader order
-for both: the real stand-in stories, one story per row, padded to the longest in the batch) with the
+for both, epoch by epoch, shuffled as the recipe's training set: the real stand-in stories, one story per row, padded to the longest in the batch) with the
 same optimiser, schedule, gradient clipping and precision, for the same number of steps. The
 Lightning path is what the recipe runs: ``CausalLMModule`` under ``lightning.Trainer`` (its per-step
 ``train_loss`` logging, the recipe's callbacks apart from checkpoints). The plain loop calls the
@@ -133,12 +133,16 @@ def make_data(args: argparse.Namespace) -> TinyStoriesDataModule:
 
 
 def loader(data: TinyStoriesDataModule, batch_size: int, device: str) -> DataLoader:
-    """The training batches, the same in the same order for both paths; page-locked for a GPU, as the recipe's."""
-    order = torch.Generator().manual_seed(0)
+    """The training batches, the same in the same order for both paths; page-locked for a GPU, as the recipe's.
+
+    Shuffled as the recipe's training set is (its sampler, whose order depends only on the seed and the epoch
+    that Lightning sets, or the plain loop does), so that both paths see the same batches in every epoch.
+    """
+    from datamodules.synthetic import ShuffledShardSampler
+
     dataset, pin = data.train_dataset, device.startswith("cuda")
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=order, collate_fn=data.collate_fn, pin_memory=pin
-    )
+    order = ShuffledShardSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=data.collate_fn, pin_memory=pin)
 
 
 def make_module(args: argparse.Namespace, vocab_size: int, compile_model: bool = True) -> CausalLMModule:
@@ -269,8 +273,11 @@ def run_plain(args: argparse.Namespace, data: TinyStoriesDataModule, precision: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, float(total)))
     autocast = precision == "bf16-mixed"  # float32 weights, bfloat16 products
     t0, step, graphs_at_start = None, 0, 0
+    batches, epoch = loader(data, args.batch_size, args.device), 0
     while step < total:
-        for batch in loader(data, args.batch_size, args.device):
+        batches.sampler.set_epoch(epoch)  # as Lightning's fit loop does at each epoch's start
+        epoch += 1
+        for batch in batches:
             if step == args.warmup:
                 _sync(args.device)
                 t0 = time.perf_counter()

@@ -184,6 +184,19 @@ def test_training_benchmark_prints_the_mfu_of_each_path_and_keeps_its_last_line(
     assert f"precision: {extra[1] if '--precision' in extra else '32-true'}," in values["torch threads"]
 
 
+def test_both_training_paths_see_the_same_batches_over_several_epochs(tmp_path):
+    # 20 stories in batches of 4: 5 per epoch, 12 steps: three epochs, each reshuffled the same way on both paths
+    # (the batches' shapes and padding differ between orders, so the batch lines tell them apart).
+    env = {**os.environ, "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "lm_training.py"), "--device", "cpu", "--preset", "gpt2-tiny"]
+    cmd += ["--stories", "20", "--batch_size", "4", "--steps", "11", "--warmup", "1", "--repeats", "1"]
+    cmd += ["--max_seq_len", "512", "--peak_tflops", "1"]  # whole stories: each batch pads to its longest
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    values = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    assert values["plain loop batches"] == values["lightning batches"]
+
+
 def test_training_benchmark_takes_only_precisions_its_plain_loop_computes_as_lightning_does(capsys):
     from benchmarks.lm_training import parse_args
 
