@@ -401,6 +401,49 @@ def test_packed_loss_equals_the_one_story_per_row_loss(preset, attention, fresh_
     assert float(loss_packed) == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.parametrize("preset,attention", [("tiny", "sdpa"), ("tiny", "eager"), ("gpt2-tiny", "sdpa")])
+def test_packed_training_step_gives_the_one_story_per_row_gradients(preset, attention):
+    # The loss is not all: what training does with a packed batch is its gradient, so every parameter's must be
+    # the unpacked one's (eval mode: GPT-2's dropout off; the gradients are computed all the same).
+    torch.manual_seed(0)
+    cfg = {"preset": preset, "vocab_size": 64}
+    plain = CausalLMModule(**cfg, pad_token_id=1).eval()
+    packed = CausalLMModule(**cfg, attn_implementation=attention, pack=True, pad_token_id=1).eval()
+    packed.load_state_dict(plain.state_dict())
+    batch = padded_stories([17, 3, 9, 12, 5, 2, 20])
+    for module in (plain, packed):
+        module.zero_grad()
+        module.token_loss(module.on_before_batch_transfer(dict(batch), 0))[0].backward()
+    grads = {name: p.grad for name, p in plain.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    for name, p in packed.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_packed_test_gives_the_exact_mean_per_real_test_token():
+    # End to end under trainer.test: batches packed several stories to a row give the test loss of one story per
+    # row, and both are the mean over every real test token (not a mean of batch means).
+    torch.manual_seed(0)
+    plain = CausalLMModule(**TINY, pad_token_id=1)
+    packed = CausalLMModule(**TINY, pack=True, pad_token_id=1)
+    packed.load_state_dict(plain.state_dict())
+    batches = [padded_stories([9, 4, 7, 3, 3]), padded_stories([5, 12]), padded_stories([2])]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            for ids, m in zip(batch["input_ids"], batch["attention_mask"]):
+                story = ids[: int(m.sum())][None]
+                total += float(F.cross_entropy(plain.eval()(story)[0, :-1], story[0, 1:], reduction="sum"))
+                count += story.shape[1] - 1
+    results = [
+        quiet_trainer().test(module, DataLoader(batches, batch_size=None), verbose=False)[0]["test_loss"]
+        for module in (plain, packed)
+    ]
+    assert count == 37 and packed.packs
+    assert results[0] == pytest.approx(total / count, rel=1e-5)
+    assert results[1] == pytest.approx(total / count, rel=1e-5)
+
+
 def test_packing_by_default_follows_the_device_and_the_model_layout():
     from lit_modules.causal_lm import packs_by_default
 
