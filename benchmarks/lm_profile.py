@@ -227,7 +227,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="training steps before the timed ones")
     p.add_argument("--steps", type=int, default=5, help="training steps timed, then as many profiled")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
-    p.add_argument("--max_seq_len", type=int, default=256)
+    p.add_argument(
+        "--max_seq_len", type=int, default=None,
+        help="context (default: the preset's, as the recipe: 2048 for the published presets, 256 for the laptop ones)",
+    )  # fmt: skip
     add_training_flags(p)
     p.add_argument("--samples", type=int, default=32, help="stories per sampling draw; 0 skips sampling")
     p.add_argument("--sampling_batch_size", type=int, default=16, help="stories decoded concurrently")

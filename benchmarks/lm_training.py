@@ -66,7 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision", default=None, choices=PLAIN_PRECISIONS,
         help="both paths' arithmetic (default: bf16-mixed on cuda, 32-true on cpu)",
     )  # fmt: skip
-    p.add_argument("--max_seq_len", type=int, default=256)
+    p.add_argument(
+        "--max_seq_len", type=int, default=None,
+        help="context (default: the preset's, as the recipe: 2048 for the published presets, 256 for the laptop ones)",
+    )  # fmt: skip
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: the GPU table)")
     add_training_flags(p, "both paths ")
     return recipe_defaults(p, p.parse_args(argv))
@@ -99,7 +102,7 @@ def add_training_flags(p: argparse.ArgumentParser, who: str = "", modes: bool = 
 def recipe_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with ``pack`` and ``compile`` left unset filled as the recipe fills ``--model.pack`` and
     ``--trainer.compile`` for this device and preset (:func:`recipes.tinystories.fast_training`): on a GPU
-    both, on a CPU neither. A ``--compile_mode`` implies compiling; with ``--no-compile`` it is an error of ``p``."""
+    both, on a CPU neither; an unset ``max_seq_len`` as the recipe's context for the preset. A ``--compile_mode`` implies compiling; with ``--no-compile`` it is an error of ``p``."""
     mode = getattr(args, "compile_mode", None)
     if mode is not None and args.compile is False:
         p.error("--compile_mode needs --compile")
@@ -109,6 +112,10 @@ def recipe_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     from recipes.tinystories import fast_training
 
     config = AutoConfig.for_model(**PRESETS[args.preset])
+    if getattr(args, "max_seq_len", 0) is None:  # the recipe's context for the preset
+        from lit_modules.causal_lm import CausalLMConfig, default_context
+
+        args.max_seq_len = default_context(CausalLMConfig(preset=args.preset))
     pack, compiled = fast_training(config, args.attn_implementation, str(args.device).startswith("cuda"), "native")
     if args.pack is None:
         args.pack = pack

@@ -2,7 +2,7 @@
 
 One generation of the recipe, on ``--stories`` stand-in stories at the preset's own context: train one
 epoch (the published setting), evaluate on the test stories, sample as many stories as were trained
-on, in the recipe's chunks and at its concurrency for the device (``--chunk``, ``--sampling_batch_size``),
+on (or ``--sample_stories``), in the recipe's chunks and at its concurrency for the device (``--chunk``, ``--sampling_batch_size``),
 then score them as the recipe does on rank 0 (decode, write ``stories.txt``, distinct-n and rare-word
 coverage: :class:`evaluation.stories.StorySampleEvaluator`; the real corpus's rare words, found once per
 run, are timed apart as ``rare_words_seconds`` and left out of the projection).
@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="gpt2-2m")
     p.add_argument("--stories", type=int, default=200, help="stand-in training stories, and stories sampled")
     p.add_argument("--test_stories", type=int, default=None, help="default: a quarter of --stories, at least 8")
+    p.add_argument(
+        "--sample_stories", type=int, default=None,
+        help="stories sampled and scored (default: --stories, as the recipe; fewer keep a long training run short)",
+    )  # fmt: skip
     p.add_argument("--batch_size", type=int, default=16, help="training batch size, in stories")
     p.add_argument(
         "--sampling_batch_size", type=int, default=None,
@@ -99,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stories < 1 or args.batch_size < 1:
         p.error("--stories and --batch_size must be positive")
-    if any(v is not None and v < 1 for v in (args.sampling_batch_size, args.chunk)):
-        p.error("--sampling_batch_size and --chunk must be positive")
+    if any(v is not None and v < 1 for v in (args.sampling_batch_size, args.chunk, args.sample_stories)):
+        p.error("--sampling_batch_size, --chunk and --sample_stories must be positive")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         p.error("--lr must be a positive number")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -187,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for key, value in (("context", context), ("sampling_slots", slots), ("sampling_chunk", chunk), *schedule):
         emit(key, value)
     emit("stories", args.stories)
+    sampled = args.sample_stories or args.stories
+    emit("sample_stories", sampled)
 
     # A compiled model compiles its training and its evaluation graphs at their first batches: a cost of the
     # process (every later generation of a run reuses the code), timed apart on a throwaway model and added
@@ -209,16 +215,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     emit("test_tokens_per_s", test_tokens / test_s)
     module.to("cuda" if args.device == "cuda" else "cpu")
     gen = torch.Generator(device="cuda" if args.device == "cuda" else "cpu").manual_seed(0)
-    warmup_s, _ = timed(args.device, lambda: module.sample(min(slots, args.stories), gen))
+    warmup_s, _ = timed(args.device, lambda: module.sample(min(slots, sampled), gen))
     emit("sample_warmup_seconds", warmup_s)
-    sample_s, drawn = timed(args.device, lambda: sample_in_chunks(module, args.stories, chunk, gen))
+    sample_s, drawn = timed(args.device, lambda: sample_in_chunks(module, sampled, chunk, gen))
     lengths = drawn["lengths"]
     sample_tokens = int(lengths.sum())
     emit("sample_seconds", sample_s)
     emit("sample_tokens_per_s", sample_tokens / sample_s)
     per_story_train = train_tokens / args.stories
     emit("train_mean_tokens", per_story_train)
-    emit("sample_mean_tokens", sample_tokens / args.stories)
+    emit("sample_mean_tokens", sample_tokens / sampled)
     emit("sample_finished_fraction", float(np.mean(drawn["finished"])))
     # Scoring, as the recipe's rank 0 does after each generation's test (the others wait for it).
     scorer = StorySampleEvaluator(DiversityConfig(), data)
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as stage:
         score_s, _ = timed("cpu", lambda: scorer(Path(stage), drawn, 0))
     emit("score_seconds", score_s)
-    emit("score_stories_per_s", args.stories / score_s)
+    emit("score_stories_per_s", sampled / score_s)
     projected = (
         PUBLISHED_TRAIN_STORIES * per_story_train / result["train_tokens_per_s"]
         + PUBLISHED_TEST_STORIES * per_story_train / result["test_tokens_per_s"]

@@ -29,6 +29,7 @@ def test_tinystories_generation_benchmark_prints_each_phase_and_the_projection(t
     env = {**os.environ, "MODEL_COLLAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "tinystories_generation.py"), "--device", "cpu"]
     cmd += ["--preset", "gpt2-tiny", "--stories", "16", "--vocab_size", "320", "--batch_size", "8", "--chunk", "6"]
+    cmd += ["--sample_stories", "10"]
     cmd += ["--train_warmup", "2"]  # a throwaway model's first steps, timed apart (compiling, on a GPU)
     cmd += ["--lr", "3e-3", "--warmup_steps", "1"]  # a short run's schedule
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -37,7 +38,8 @@ def test_tinystories_generation_benchmark_prints_each_phase_and_the_projection(t
     for key in KEYS:
         assert key in values, proc.stdout
     assert values["context"] == "256"  # the laptop preset's context
-    assert values["sampling_slots"] == "64" and values["sampling_chunk"] == "6"  # the CPU's 64; chunks of 6, 6, 4
+    assert values["sampling_slots"] == "64" and values["sampling_chunk"] == "6"  # the CPU's 64; chunks of 6, 4
+    assert (values["stories"], values["sample_stories"]) == ("16", "10")
     assert all(float(values[k]) > 0 for k in KEYS)
     assert proc.stdout.strip().splitlines()[-1].startswith("projected_minutes_per_generation_published: ")
     assert "backend: native" in proc.stdout and "pack: False  compile: False" in proc.stdout  # a CPU's defaults
@@ -256,6 +258,11 @@ def test_training_benchmarks_pack_and_compile_as_the_recipe_does_by_default(monk
     assert parse_args(["--device", "cpu"]).attn_implementation == "sdpa"
     monkeypatch.setattr(recipe, "has_triton", lambda: False)
     assert settings(parse_args(["--device", "cuda"])) == (True, False)
+    # The context: the recipe's for the preset unless given (whole stories of the published presets, not cut at 256).
+    assert parse_args(["--device", "cpu", "--preset", "llama2-42m"]).max_seq_len == 2048
+    assert profile_args(["--device", "cpu", "--preset", "gpt2-9m"]).max_seq_len == 2048
+    assert parse_args(["--device", "cpu"]).max_seq_len == 256  # gpt2-2m, a laptop preset
+    assert parse_args(["--device", "cpu", "--preset", "llama2-42m", "--max_seq_len", "512"]).max_seq_len == 512
 
 
 def test_gpu_check_command_lines_parse(tmp_path):
