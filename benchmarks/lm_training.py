@@ -1,17 +1,17 @@
 """Training throughput of the TinyStories recipe's Lightning path against a plain PyTorch loop.
 
-Both train the same model (same preset, same initial weights) on the same batches (one loader order
-for both, epoch by epoch, shuffled as the recipe's training set: the real stand-in stories, one story per row, padded to the longest in the batch) with the
-same optimiser, schedule, gradient clipping and precision, for the same number of steps. The
-Lightning path is what the recipe runs: ``CausalLMModule`` under ``lightning.Trainer`` (its per-step
-``train_loss`` logging, the recipe's callbacks apart from checkpoints). The plain loop calls the
-module's own loss function and optimiser (fused AdamW on a GPU) and prepares each batch on the host as
-the module's ``on_before_batch_transfer`` does, so the two differ only in the training-loop machinery.
-Tokens and FLOPs are summed on the device and read back once per run, so the timing itself adds no
-per-step wait for the GPU. Both paths pack and compile as the recipe does by default for the device
-(``--model.pack`` and ``--trainer.compile``: both on a GPU, neither on a CPU); ``--pack`` / ``--no-pack``
-and ``--compile`` / ``--no-compile`` override, ``--attn_implementation`` picks the attention kernel (sdpa;
-flex_attention gives packed rows a block-sparse mask), and the settings are printed.
+Both train the same model (same preset, same initial weights) on the same batches (one loader order for
+both, epoch by epoch, shuffled as the recipe's training set: the real stand-in stories, one story per row,
+padded to the longest in the batch) with the same optimiser, schedule, gradient clipping and precision, for
+the same number of steps. The Lightning path is what the recipe runs: ``CausalLMModule`` under
+``lightning.Trainer`` (its per-step ``train_loss`` logging, the recipe's callbacks apart from checkpoints).
+The plain loop calls the module's own loss function and optimiser (fused AdamW on a GPU) and prepares each
+batch on the host as the module's ``on_before_batch_transfer`` does, so the two differ only in the
+training-loop machinery. Tokens and FLOPs are summed on the device and read back once per run, so the timing
+itself adds no per-step wait for the GPU. Both paths pack and compile as the recipe does by default for the
+device (``--model.pack`` and ``--trainer.compile``: both on a GPU, neither on a CPU); ``--pack`` /
+``--no-pack`` and ``--compile`` / ``--no-compile`` override, ``--attn_implementation`` picks the attention
+kernel (sdpa; flex_attention gives packed rows a block-sparse mask), and the settings are printed.
 
 Throughput is real (non-padding) tokens per second over the steps after ``--warmup`` (so start-up
 and the first, slower steps do not count), best of ``--repeats`` alternating runs of each. Each path's
@@ -102,7 +102,8 @@ def add_training_flags(p: argparse.ArgumentParser, who: str = "", modes: bool = 
 def recipe_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with ``pack`` and ``compile`` left unset filled as the recipe fills ``--model.pack`` and
     ``--trainer.compile`` for this device and preset (:func:`recipes.tinystories.fast_training`): on a GPU
-    both, on a CPU neither; an unset ``max_seq_len`` as the recipe's context for the preset. A ``--compile_mode`` implies compiling; with ``--no-compile`` it is an error of ``p``."""
+    both, on a CPU neither; an unset ``max_seq_len`` as the recipe's context for the preset. A
+    ``--compile_mode`` implies compiling; with ``--no-compile`` it is an error of ``p``."""
     mode = getattr(args, "compile_mode", None)
     if mode is not None and args.compile is False:
         p.error("--compile_mode needs --compile")

@@ -1,16 +1,16 @@
 """Time one TinyStories generation, phase by phase, and project it to the published corpus size.
 
-One generation of the recipe, on ``--stories`` stand-in stories at the preset's own context: train one
-epoch (the published setting), evaluate on the test stories, sample as many stories as were trained
-on (or ``--sample_stories``), in the recipe's chunks and at its concurrency for the device (``--chunk``, ``--sampling_batch_size``),
-then score them as the recipe does on rank 0 (decode, write ``stories.txt``, distinct-n and rare-word
-coverage: :class:`evaluation.stories.StorySampleEvaluator`; the real corpus's rare words, found once per
-run, are timed apart as ``rare_words_seconds`` and left out of the projection).
-Training packs and compiles as the recipe does by default for the device (both on a GPU, neither on a
-CPU; ``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` and ``--attn_implementation`` override).
-Each phase prints its seconds and real (non-padding) tokens per second; the projection scales the
-measured rates to the published corpus (2.12M training stories, 21,990 validation stories used as the
-test set), at this run's mean tokens per training story:
+One generation of the recipe, on ``--stories`` stand-in stories at the preset's own context: train one epoch
+(the published setting), evaluate on the test stories, sample as many stories as were trained on (or
+``--sample_stories``), in the recipe's chunks and at its concurrency for the device (``--chunk``,
+``--sampling_batch_size``), then score them as the recipe does on rank 0 (decode, write ``stories.txt``,
+distinct-n and rare-word coverage: :class:`evaluation.stories.StorySampleEvaluator`; the real corpus's rare
+words, found once per run, are timed apart as ``rare_words_seconds`` and left out of the projection).
+Training packs and compiles as the recipe does by default for the device (both on a GPU, neither on a CPU;
+``--pack`` / ``--no-pack``, ``--compile`` / ``--no-compile`` and ``--attn_implementation`` override). Each
+phase prints its seconds and real (non-padding) tokens per second; the projection scales the measured rates
+to the published corpus (2.12M training stories, 21,990 validation stories used as the test set), at this
+run's mean tokens per training story:
 
     minutes = (S * t / r_train + S_test * t / r_test + S * t / r_sample + S / q + w) / 60,
 
