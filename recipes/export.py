@@ -133,20 +133,21 @@ def write_story_files(source: Source, tokenizer: Any, dest: Path) -> int:
     One pass over the stories: each decoded chunk goes to the jsonl and to the library's Arrow writer (its
     cache in a scratch folder inside ``dest``, removed at the end), with a progress line at least every
     30 s; the set is then saved in shards. Host memory stays bounded by one chunk of stories: a
-    published-size set (millions of stories) is never held.
+    published-size set (millions of stories) is never held. An error while the stories are read or written
+    comes out as itself (the library wraps what its generator raises).
     """
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     features = datasets.Features({"text": datasets.Value("string")})  # typed even when there are no stories
     jsonl, folder, scratch = dest / "stories.jsonl", dest / "stories", dest / ".stories-cache"
     lengths = source.array("lengths")
-    total = 0 if lengths is None else len(lengths)
     written = [0]
 
     def rows() -> Iterator[dict[str, str]]:
         with (
             open(jsonl, "w", encoding="utf-8") as fh,
-            Progress(total, "decoding stories", "stories") as progress,
+            Progress(len(lengths), "decoding stories", "stories") as progress,
         ):
             for chunk in iter_story_texts(source, tokenizer):
                 fh.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in chunk)
@@ -154,21 +155,23 @@ def write_story_files(source: Source, tokenizer: Any, dest: Path) -> int:
                 written[0] += len(chunk)
                 progress.update(len(chunk))
 
-    if total == 0:
+    if lengths is None or len(lengths) == 0 or source.array("tokens") is None:  # no synthetic set: no stories
         jsonl.write_text("", encoding="utf-8")
         # One empty shard: a set saved with none cannot be opened again by load_from_disk.
         datasets.Dataset.from_dict({"text": []}, features=features).save_to_disk(folder, num_shards=1)
         return 0
     try:
-        # A fixed fingerprint: the scratch cache is new, and hashing the generator (a closure) would only warn.
-        stories = datasets.Dataset.from_generator(
-            rows, features=features, cache_dir=str(scratch), fingerprint=f"export-{total}"
-        )
+        stories = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(scratch))
         if len(stories) != written[0]:  # never publish a set that differs from the jsonl
             raise ExportError(f"{jsonl}: {written[0]} stories written, {len(stories)} in the datasets folder")
         log.info("saving the datasets folder of %d stories", len(stories))  # a copy of Arrow files: seconds
         stories.save_to_disk(folder)
         del stories
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, (UserError, OSError)):  # ours, or the disk's: handled as when raised directly
+            raise cause from None
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return written[0]

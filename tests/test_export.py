@@ -21,7 +21,7 @@ import yaml
 
 from collapse.cli import parse_config
 from collapse.store import GenerationStore
-from recipes.export import build_parser, cli, export
+from recipes.export import ExportError, build_parser, cli, export
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 12  # synthetic samples of every tiny run (one generation draws them only when asked: --num_synthetic)
@@ -400,6 +400,23 @@ def test_story_files_are_written_a_chunk_at_a_time_and_match_text_for_text(tmp_p
     with open(tmp_path / "stories.jsonl", encoding="utf-8", newline="\n") as fh:
         assert [json.loads(line)["text"] for line in fh] == expected  # one line per story, U+2028 kept inside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stories", "stories.jsonl"]  # no scratch cache left
+
+
+@pytest.mark.parametrize("error", [ExportError("tokens.npy: not a story set"), OSError(28, "No space left on device")])
+def test_an_error_while_the_stories_are_decoded_comes_out_as_itself(tmp_path, error):
+    # The datasets library wraps what its generator raises; the export's own errors (one `error:` line) and the
+    # disk's (turned into "--out cannot be written") must not become a library traceback.
+    from recipes.export import write_story_files
+
+    class Failing(_PieceTokenizer):
+        def decode_batch(self, rows, skip_special_tokens=True):
+            raise error
+
+    source = _ArraysOnly({"tokens": np.ones(12, np.uint16), "lengths": np.array([4, 4, 4])})
+    with pytest.raises(type(error)) as caught:
+        write_story_files(source, Failing(), tmp_path)
+    assert caught.value is error
+    assert not (tmp_path / ".stories-cache").exists() and not (tmp_path / "stories").exists()
 
 
 def test_story_files_of_no_stories_are_an_empty_typed_set(tmp_path):
