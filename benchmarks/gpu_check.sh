@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project at reduced size, in one run of at most 550 s (the sum of the steps'
+# Every GPU measurement of the project at reduced size, in one run of at most 540 s (the sum of the steps'
 # timeouts, inside one device call of 600 s): the environment, training throughput and MFU at the published
 # batch, eager and packed and compiled (benchmarks/lm_training.py), a profile of the packed, compiled training step
 # (benchmarks/lm_profile.py), sampling throughput (benchmarks/lm_generation.py), and one TinyStories
@@ -9,10 +9,11 @@
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh                      # on a machine with a CUDA GPU
 #   GPU_CHECK_DRY=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_check.sh        # any machine: only parse the flags
 #
-# Each step runs under its own `timeout`, writes its whole output to <step>.log in $GPU_CHECK_LOGS (default
-# /tmp/gpu_check_logs; each line prefixed with the seconds since the step started), packed after every step
-# into $OUT/logs.tgz (a call returns few files, and one killed from outside keeps the steps it finished), and
-# one line to $OUT/summary.txt:
+# Each step runs under its own `timeout` and writes its whole output (each line prefixed with the seconds since
+# the step started) to $OUT/running.log while it runs, then to <step>.log in $GPU_CHECK_LOGS (default
+# /tmp/gpu_check_logs, emptied at the start), and all the finished steps' logs are packed into $OUT/logs.tgz
+# (a call returns few files; one killed from outside keeps the finished steps and the running one's output so
+# far), and one line to $OUT/summary.txt:
 #   <step>: <status>  <wall>s, longest silence <s>s | <its result lines>   (status: ok, FAILED (exit N) or
 #   TIMED OUT after Ns)
 # A failed or timed-out step does not stop the next; the summary is printed at the end, and the exit
@@ -21,8 +22,8 @@
 # a `pip install --target` folder) when it exists; if it does not and the repository has a folder .whl of
 # wheels (git-ignored), they are installed there first, without an index.
 #
-# GPU_CHECK_EXTRA=1 adds the exploratory steps (another 155 s, so a second call): training with CUDA graphs,
-# sampling with flex attention, and packed training with flex attention.
+# GPU_CHECK_EXTRA=1 runs the exploratory steps instead of the main ones (a second call): training with CUDA
+# graphs, sampling with flex attention, and packed training with flex attention.
 #
 # GPU_CHECK_DRY=1: run nothing on a GPU; every benchmark and recipe command line below is parsed by its
 # own parser (benchmarks/check_flags.py) instead, so the flags stay real. PYTHON picks the interpreter.
@@ -48,8 +49,15 @@ SUMMARY=$OUT/summary.txt
 CHECKS=$OUT/dry_commands.tsv
 : >"$SUMMARY"
 [ "$DRY" = 1 ] && : >"$CHECKS"
+if [ "$DRY" != 1 ]; then
+    rm -rf "$LOGS" && mkdir -p "$LOGS" && : >"$LOGS/.writable" || {
+        echo "gpu_check: cannot write the log folder $LOGS (GPU_CHECK_LOGS)" >&2
+        exit 2
+    }
+    rm -f "$LOGS/.writable" "$OUT/running.log" "$OUT/logs.tgz"
+fi
 BUDGET=0
-MAX_BUDGET=550  # the sum of the steps' timeouts: inside one device call of 600 s, start-up and packing included
+MAX_BUDGET=540  # the sum of the steps' timeouts: inside one device call of 600 s, start-up and packing included
 FAILED=0
 
 # Microseconds since the epoch (bash 5's EPOCHREALTIME without its decimal point).
@@ -75,9 +83,9 @@ stamp() {
     secs "$longest" >&2
 }
 
-# step NAME SECONDS KEYS CMD...: run CMD under `timeout SECONDS`, log to $OUT/NAME.log, and summarise it as the
-# lines matching the extended regular expression KEYS. In the dry mode a `python FILE.py ...` command is queued
-# for the flag check and any other command is skipped.
+# step NAME SECONDS KEYS CMD...: run CMD under `timeout SECONDS`, log to $OUT/running.log, then $LOGS/NAME.log,
+# and summarise it as the lines matching the extended regular expression KEYS. In the dry mode a
+# `python FILE.py ...` command is queued for the flag check and any other command is skipped.
 step() {
     local name=$1 seconds=$2 keys=$3
     shift 3
@@ -90,8 +98,7 @@ step() {
         fi
         return
     fi
-    mkdir -p "$LOGS"
-    local log=$LOGS/$name.log t0 rc silence status found
+    local log=$OUT/running.log t0 rc silence status found
     t0=$(usec)
     echo "== $name (timeout ${seconds}s): $*" | tee "$log"
     { timeout --kill-after=3 "$seconds" "$@" 2>&1; echo "rc=$?" >"$OUT/.rc"; } | stamp >>"$log" 2>"$OUT/.silence"
@@ -107,6 +114,7 @@ step() {
     found=$(tail -n +2 "$log" | cut -c9- | grep -E "$keys" | tr -s ' ' | sed 's/ *$//' | paste -sd'|' - | sed 's/|/ | /g')
     [ "$rc" = 0 ] || found="$found | last: $(tail -n 1 "$log" | cut -c9- | tr -s ' ')"
     echo "$name: $status  $(secs $(($(usec) - t0)))s, longest silence ${silence}s | $found" | tee -a "$SUMMARY"
+    mv -f "$log" "$LOGS/$name.log"
     tar -czf "$OUT/.logs.tgz" -C "$LOGS" . && mv -f "$OUT/.logs.tgz" "$OUT/logs.tgz"
 }
 
@@ -115,65 +123,68 @@ SAMPLE_KEYS='^StorySampler:|^speedup_vs_hf_generate:|^warm-up:|^kv_read_efficien
 COMPILE_KEYS='compiles:|^lightning batches:'
 PROFILE_KEYS='^(train|sample)_(wall_ms|device_busy|time_by_kind|library_share|kernels|syncs):|^sample:'
 RECIPE_KEYS='sampling gen 0 (on [a-z]+:?[0-9]*)?: done|^\[lm\] .*test_loss=|^error:'
-GENERATION_KEYS='^(train_warmup_seconds|train_tokens_per_s|train_mfu|test_tokens_per_s|sample_warmup_seconds|sample_tokens_per_s|train_mean_tokens|sample_mean_tokens|sample_finished_fraction|score_stories_per_s|projected_minutes_per_generation_published):'
+GENERATION_KEYS='^(train_warmup_seconds|train_tokens_per_s|train_mfu|test_tokens_per_s|sample_warmup_seconds|sample_tokens_per_s|train_mean_tokens|sample_mean_tokens|sample_finished_fraction|score_tokens_per_s|projected_minutes_per_generation_published):'
 
 step nvidia_smi 5 '^[^|+ ].*MiB' bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
     --format=csv,noheader && nvidia-smi'
-step versions 30 '^(torch|lightning|device) ' "$PY" -c '
+step versions 25 '^(torch|lightning|device) ' "$PY" -c '
 import torch, lightning, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
 print("lightning", lightning.__version__, "transformers", transformers.__version__)
 print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())'
 
-# Training at the published batch (32 stories per step): real tokens/s and MFU of the plain loop and the
-# Lightning path, same batches (goals: llama2-42m MFU >= 0.30, llama2-126m >= 0.40, Lightning >= 0.95x the
-# plain loop). Eager; then packed and compiled, the recipe's defaults on a GPU (the compiles line says whether
-# any compilation fell inside the timed steps); with GPU_CHECK_EXTRA=1 also with CUDA graphs (reduce-overhead),
-# which removes the launch cost that the eager profile shows (over 1,300 kernels per step, the GPU mostly waiting
-# for the host).
-step train_llama2-42m 30 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset llama2-42m \
-    --batch_size 32 --steps 40 --warmup 5 --repeats 1 --no-pack --no-compile
-step train_llama2-42m_pack_compile 75 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
-    --preset llama2-42m --batch_size 32 --steps 60 --warmup 15 --repeats 1 --pack --compile
-# The larger preset at the recipe's GPU defaults (goal: MFU >= 0.40); nothing of it is compiled yet.
-step train_llama2-126m 100 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
-    --preset llama2-126m --batch_size 32 --steps 30 --warmup 10 --repeats 1
+# The main steps: the goals of one device call.
+main_steps() {
+    # Training at the published batch (32 stories per step): real tokens/s and MFU of the plain loop and the
+    # Lightning path, same batches (goals: llama2-42m MFU >= 0.30, llama2-126m >= 0.40, Lightning >= 0.95x the
+    # plain loop). Eager; then packed and compiled, the recipe's defaults on a GPU (the compiles line says whether
+    # any compilation fell inside the timed steps); with GPU_CHECK_EXTRA=1 also with CUDA graphs (reduce-overhead),
+    # which removes the launch cost that the eager profile shows (over 1,300 kernels per step, the GPU mostly waiting
+    # for the host).
+    step train_llama2-42m 25 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset llama2-42m \
+        --batch_size 32 --steps 40 --warmup 5 --repeats 1 --no-pack --no-compile
+    step train_llama2-42m_pack_compile 75 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
+        --preset llama2-42m --batch_size 32 --steps 60 --warmup 15 --repeats 1 --pack --compile
+    # The larger preset at the recipe's GPU defaults (goal: MFU >= 0.40); nothing of it is compiled yet.
+    step train_llama2-126m 100 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
+        --preset llama2-126m --batch_size 32 --steps 30 --warmup 10 --repeats 1
 
-# Where the time of a packed, compiled training step goes (kernel kinds, GPU idle time, launches and host waits
-# per step); the compilation is in the cache of the step above.
-step profile_llama2-42m_pack_compile 40 "$PROFILE_KEYS" "$PY" benchmarks/lm_profile.py --device cuda \
-    --preset llama2-42m --batch_size 32 --steps 8 --warmup 15 --samples 0 --pack --compile
+    # Where the time of a packed, compiled training step goes (kernel kinds, GPU idle time, launches and host waits
+    # per step); the compilation is in the cache of the step above.
+    step profile_llama2-42m_pack_compile 40 "$PROFILE_KEYS" "$PY" benchmarks/lm_profile.py --device cuda \
+        --preset llama2-42m --batch_size 32 --steps 8 --warmup 15 --samples 0 --pack --compile
 
-# Sampling: StorySampler tokens/s against a loop over generate() (goals: gpt2-9m >= 500k tokens/s,
-# llama2-126m >= 150k, both >= 5x generate()); the warm-up line is the sampler's compilation and CUDA graphs.
-step sample_gpt2-9m 80 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset gpt2-9m \
-    --stories 1024 --batch_size 512 --train_steps 100 --train_batch 32 --lr 2e-3
-# (the 5x goal is gpt2-9m's: no generate() loop here)
-step sample_llama2-126m 45 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset llama2-126m \
-    --stories 512 --batch_size 256 --train_steps 60 --train_batch 32 --lr 1e-3 --skip_generate
+    # Sampling: StorySampler tokens/s against a loop over generate() (goals: gpt2-9m >= 500k tokens/s,
+    # llama2-126m >= 150k; gpt2-9m >= 5x generate()); the warm-up line is the sampler's compilation and CUDA graphs.
+    step sample_gpt2-9m 80 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset gpt2-9m \
+        --stories 1024 --batch_size 512 --train_steps 100 --train_batch 32 --lr 2e-3
+    # (the 5x goal is gpt2-9m's: no generate() loop here)
+    step sample_llama2-126m 45 "$SAMPLE_KEYS" "$PY" benchmarks/lm_generation.py --device cuda --preset llama2-126m \
+        --stories 512 --batch_size 256 --train_steps 60 --train_batch 32 --lr 1e-3 --skip_generate
 
-# One generation (train one epoch, test, sample as many stories) at the preset's context and the recipe's GPU
-# defaults (packed, compiled: the compilation timed apart as train_warmup_seconds), projected to the published
-# 2.12M stories (goal: gpt2-9m <= 20 minutes). 4,000 stories (125 steps) at a short run's schedule (the
-# preset's 100 warm-up steps would leave the peak unreached), so that the model may learn to end a story; one
-# wave of 512 sampled (the draw of a model that has not learnt it runs on to the 2,048-token context).
-step generation_gpt2-9m 105 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
-    --preset gpt2-9m --stories 4000 --sample_stories 512 --batch_size 32 --lr 2e-3 --warmup_steps 5
+    # One generation (train one epoch, test, sample as many stories) at the preset's context and the recipe's GPU
+    # defaults (packed, compiled: the compilation timed apart as train_warmup_seconds), projected to the published
+    # 2.12M stories (goal: gpt2-9m <= 20 minutes). 4,000 stories (125 steps) at a short run's schedule (the
+    # preset's 100 warm-up steps would leave the peak unreached), so that the model may learn to end a story; one
+    # wave of 512 sampled (the draw of a model that has not learnt it runs on to the 2,048-token context).
+    step generation_gpt2-9m 105 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
+        --preset gpt2-9m --stories 4000 --sample_stories 512 --batch_size 32 --lr 2e-3 --warmup_steps 5
 
-# The recipe itself, end to end on the GPU at a small size (eager, context 512, for time): data, generation 0's
-# fit, its synthetic set and test, then generation 1 trained on that set (the last generation draws none). Its sampling line (a line every 0.2 s) must say "on cuda" (Lightning moves the model to the
-# CPU when a fit ends; the sampling callback moves it back), and its result line gives the test loss. Needs jsonargparse
-# (from $WHEELS); the run directory stays out of $OUT, its metrics.csv is copied there.
-RECIPE_OUT=${GPU_CHECK_RECIPE_DIR:-/tmp/gpu_check_recipe}
-[ "$DRY" = 1 ] || rm -rf "$RECIPE_OUT"
-step recipe_gpt2-9m 40 "$RECIPE_KEYS" "$PY" recipes/tinystories.py --model.preset gpt2-9m --data.num_real 256 \
-    --data.num_test 64 --data.max_seq_len 512 --generations 2 --workflow replace --batch_size 32 \
-    --trainer.compile false --sampling.compile off --wandb.mode disabled --progress_every 0.2 --out_dir "$RECIPE_OUT"
-[ -f "$RECIPE_OUT/metrics.csv" ] && cp "$RECIPE_OUT/metrics.csv" "$OUT/recipe_metrics.csv"
+    # The recipe itself, end to end on the GPU at a small size (eager, context 512, for time): data, generation 0's
+    # fit, its synthetic set and test, then generation 1 trained on that set (the last generation draws none).
+    # Its sampling line (a line every 0.2 s) must say "on cuda" (Lightning moves the model to the CPU when a fit
+    # ends; the sampling callback moves it back), and its result line gives the test loss. Needs jsonargparse
+    # (from $WHEELS); the run directory stays out of $OUT, its metrics.csv is copied there.
+    RECIPE_OUT=${GPU_CHECK_RECIPE_DIR:-/tmp/gpu_check_recipe}
+    [ "$DRY" = 1 ] || rm -rf "$RECIPE_OUT"
+    step recipe_gpt2-9m 40 "$RECIPE_KEYS" "$PY" recipes/tinystories.py --model.preset gpt2-9m --data.num_real 256 \
+        --data.num_test 64 --data.max_seq_len 512 --generations 2 --workflow replace --batch_size 32 \
+        --trainer.compile false --sampling.compile off --wandb.mode disabled --progress_every 0.2 --out_dir "$RECIPE_OUT"
+    [ -f "$RECIPE_OUT/metrics.csv" ] && cp "$RECIPE_OUT/metrics.csv" "$OUT/recipe_metrics.csv"
+}
 
-# Only with GPU_CHECK_EXTRA=1 (a second call): the exploratory steps.
-if [ "$EXTRA" = 1 ]; then
-    MAX_BUDGET=$((MAX_BUDGET + 155))
+# Only with GPU_CHECK_EXTRA=1, in place of the main steps (a second call): the exploratory steps.
+extra_steps() {
     step train_llama2-42m_cudagraphs 70 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
         --preset llama2-42m --batch_size 32 --steps 60 --warmup 15 --repeats 1 --pack --compile \
         --compile_mode reduce-overhead
@@ -187,7 +198,9 @@ if [ "$EXTRA" = 1 ]; then
     step train_llama2-42m_flex 40 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
         --preset llama2-42m --batch_size 32 --steps 30 --warmup 10 --repeats 1 --pack --compile \
         --attn_implementation flex_attention
-fi
+}
+
+if [ "$EXTRA" = 1 ]; then extra_steps; else main_steps; fi
 
 if [ "$BUDGET" -gt "$MAX_BUDGET" ]; then
     echo "gpu_check: the steps' timeouts add up to ${BUDGET}s, over ${MAX_BUDGET}s" | tee -a "$SUMMARY"

@@ -234,10 +234,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_flags(p)
     p.add_argument("--samples", type=int, default=32, help="stories per sampling draw; 0 skips sampling")
     p.add_argument("--sampling_batch_size", type=int, default=16, help="stories decoded concurrently")
+    p.add_argument(
+        "--sample_len", type=int, default=256,
+        help="longest story drawn, in tokens (a few training steps do not teach a model to end a story: at the "
+        "training context its draw would run on to 2,048 tokens)",
+    )  # fmt: skip
     p.add_argument("--top", type=int, default=8, help="kernels (operators) listed per phase")
     args = p.parse_args(argv)
-    if min(args.stories, args.batch_size, args.steps, args.sampling_batch_size) < 1 or args.warmup < 0:
-        p.error("--stories, --batch_size, --steps and --sampling_batch_size must be positive, --warmup >= 0")
+    if min(args.stories, args.batch_size, args.steps, args.sampling_batch_size, args.sample_len) < 1 or args.warmup < 0:
+        p.error(
+            "--stories, --batch_size, --steps, --sampling_batch_size and --sample_len must be positive, --warmup >= 0"
+        )
     if args.samples < 0:
         p.error("--samples must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -300,7 +307,9 @@ def profile_sampling(args: argparse.Namespace, module: pl.LightningModule, on_gp
     """Draw ``--samples`` stories three times (warm-up, timed, profiled); print the phase."""
     device = "cuda" if on_gpu else "cpu"
     module.to(device)
-    module.configure_sampling(SamplingConfig(batch_size=args.sampling_batch_size), max_len=args.max_seq_len)
+    module.configure_sampling(
+        SamplingConfig(batch_size=args.sampling_batch_size), max_len=min(args.sample_len, args.max_seq_len)
+    )
     gen = torch.Generator(device=device).manual_seed(0)
     module.sample(min(args.samples, args.sampling_batch_size), gen)  # compile, capture, allocate
     seconds, out = _timed(on_gpu, lambda: module.sample(args.samples, gen))

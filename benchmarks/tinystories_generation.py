@@ -12,25 +12,24 @@ phase prints its seconds and real (non-padding) tokens per second; the projectio
 to the published corpus (2.12M training stories, 21,990 validation stories used as the test set), at this
 run's mean tokens per training story:
 
-    minutes = (S * t / r_train + S_test * t / r_test + S * t / r_sample + S / q + w) / 60,
+    minutes = (S * t / r_train + S_test * t / r_test + S * t / r_sample + S * t / r_score + w) / 60,
 
 with S the published stories, t the mean tokens of a training story here, r the tokens per second of each
-phase (sampling's measured on the stories this model drew), q the stories scored per second and w the
-warm-ups: the sampler's (one draw of ``--sampling_batch_size`` stories before the timed one: on a GPU it
-compiles the decode step and captures its CUDA graphs, a cost paid once per generation, not per story)
-and, for a compiled model, training's
-(``train_warmup_seconds``: ``--train_warmup`` steps and test batches of a throwaway model, which compile
-the training and evaluation graphs before the timed fit). Sampling is projected at the training stories'
-length, not at this model's: a model trained on the published corpus draws stories like it, while one epoch
-of a few thousand stories leaves a model that seldom ends a story, so that its stories run on to the
-context (``sample_mean_tokens`` and ``sample_finished_fraction`` show how far; ``--lr`` and
-``--warmup_steps`` give a short run a schedule that learns the end of a story, and a draw of runaway
-stories costs more time than the published one will). Stand-in stories are not TinyStories stories (their lengths
+phase (sampling's and scoring's measured on the stories this model drew) and w the warm-ups: the sampler's
+(one draw of ``--sampling_batch_size`` stories before the timed one: on a GPU it compiles the decode step
+and captures its CUDA graphs, a cost paid once per generation, not per story) and, for a compiled model,
+training's (``train_warmup_seconds``: ``--train_warmup`` steps and test batches of a throwaway model, which
+compile the training and evaluation graphs before the timed fit). Sampling is projected at the training
+stories' length, not at this model's: a model trained on the published corpus draws stories like it, while
+one epoch of a few thousand stories leaves a model that seldom ends a story, so that its stories run on to
+the context (``sample_mean_tokens`` and ``sample_finished_fraction`` show how far; ``--lr`` and
+``--warmup_steps`` give a short run a schedule that learns the end of a story, and a draw of runaway stories
+costs more time than the published one will). Stand-in stories are not TinyStories stories (their lengths
 differ), so the projection is a rough estimate; on a real corpus, pass ``--data.source``-like settings
-through the recipe instead. ``train_mfu`` is the training phase's model FLOPs per second over the
-device's dense bf16 peak, counted as ``mfu_counting`` says (:mod:`benchmarks.mfu`, as in
-``benchmarks/lm_training.py``; the whole ``fit`` is timed, start-up included); ``n/a`` without a known
-peak (a CPU, a GPU not in the table: pass ``--peak_tflops``).
+through the recipe instead. ``train_mfu`` is the training phase's model FLOPs per second over the device's
+dense bf16 peak, counted as ``mfu_counting`` says (:mod:`benchmarks.mfu`, as in
+``benchmarks/lm_training.py``; the whole ``fit`` is timed, start-up included); ``n/a`` without a known peak
+(a CPU, a GPU not in the table: pass ``--peak_tflops``).
 
     python benchmarks/tinystories_generation.py --device cpu --preset gpt2-2m --stories 200
     python benchmarks/tinystories_generation.py --device cuda --preset llama2-42m --stories 20000
@@ -75,7 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="gpt2-2m")
-    p.add_argument("--stories", type=int, default=200, help="stand-in training stories, and stories sampled")
+    p.add_argument(
+        "--stories",
+        type=int,
+        default=200,
+        help="stand-in training stories (and stories sampled, unless --sample_stories)",
+    )
     p.add_argument("--test_stories", type=int, default=None, help="default: a quarter of --stories, at least 8")
     p.add_argument(
         "--sample_stories", type=int, default=None,
@@ -234,11 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         score_s, _ = timed("cpu", lambda: scorer(Path(stage), drawn, 0))
     emit("score_seconds", score_s)
     emit("score_stories_per_s", sampled / score_s)
+    emit("score_tokens_per_s", sample_tokens / score_s)
     projected = (
         PUBLISHED_TRAIN_STORIES * per_story_train / result["train_tokens_per_s"]
         + PUBLISHED_TEST_STORIES * per_story_train / result["test_tokens_per_s"]
         + PUBLISHED_TRAIN_STORIES * per_story_train / result["sample_tokens_per_s"]
-        + PUBLISHED_TRAIN_STORIES / result["score_stories_per_s"]
+        + PUBLISHED_TRAIN_STORIES * per_story_train / result["score_tokens_per_s"]
         + warmup_s
         + train_warmup_s
     ) / 60

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = (
     "context", "train_warmup_seconds", "train_seconds", "train_tokens_per_s", "test_seconds", "test_tokens_per_s",
     "sample_warmup_seconds", "sample_seconds", "sample_tokens_per_s", "rare_words_seconds", "score_seconds",
-    "score_stories_per_s", "train_mean_tokens", "sample_mean_tokens", "projected_minutes_per_generation_published",
+    "score_stories_per_s", "score_tokens_per_s", "train_mean_tokens", "sample_mean_tokens",
+    "projected_minutes_per_generation_published",
 )  # fmt: skip
 
 
@@ -55,7 +56,7 @@ def test_tinystories_generation_benchmark_prints_each_phase_and_the_projection(t
         stories * t / v["train_tokens_per_s"]
         + test_stories * t / v["test_tokens_per_s"]
         + stories * t / v["sample_tokens_per_s"]
-        + stories / v["score_stories_per_s"]
+        + stories * t / v["score_tokens_per_s"]
         + v["sample_warmup_seconds"]
         + v["train_warmup_seconds"]
     ) / 60
@@ -279,40 +280,52 @@ def test_gpu_check_command_lines_parse(tmp_path):
     assert {"train_llama2-42m", "train_llama2-42m_pack_compile", "train_llama2-126m"} <= names
     assert {"profile_llama2-42m_pack_compile", "sample_gpt2-9m", "sample_llama2-126m", "generation_gpt2-9m"} <= names
     assert "recipe_gpt2-9m" in names and len(checked) == 8
-    assert "timeouts add up to 550s" in proc.stdout  # inside one device call of 600 s
-    # GPU_CHECK_EXTRA=1 adds the exploratory steps, 155 s beyond: a second call.
+    assert "timeouts add up to 540s" in proc.stdout  # inside one device call of 600 s
+    # GPU_CHECK_EXTRA=1 runs the exploratory steps instead of the main ones: a second call.
     extra = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env={**env, "GPU_CHECK_EXTRA": "1"},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert extra.returncode == 0, extra.stdout[-3000:]
-    for name in ("train_llama2-42m_cudagraphs", "sample_gpt2-9m_flex", "train_llama2-42m_flex"):
-        assert f"{name}: flags ok" in extra.stdout, extra.stdout[-3000:]
-    assert "timeouts add up to 705s" in extra.stdout
+    ran = [line.split(":")[0] for line in extra.stdout.splitlines() if line.endswith(": flags ok")]
+    assert ran == ["train_llama2-42m_cudagraphs", "sample_gpt2-9m_flex", "train_llama2-42m_flex"], extra.stdout
+    assert "timeouts add up to 185s" in extra.stdout
 
 
 def test_gpu_check_packs_its_logs_into_one_file_after_every_step(tmp_path):
     # A device call returns only a few files from $OUT: the step logs travel as one archive, rewritten after each
-    # step. Run with a stand-in python that fails at once, so every step ends quickly and nothing needs a GPU.
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\necho "no GPU here: $*"\nexit 3\n')
-    fake.chmod(0o755)
+    # step, and the running step's output is in $OUT/running.log until it ends. Stand-in python and nvidia-smi
+    # that fail at once, so every step ends quickly and nothing needs a GPU; a stale log of an earlier run in the
+    # log folder must not travel.
+    for tool in ("python", "nvidia-smi"):
+        (tmp_path / tool).write_text('#!/bin/sh\necho "no GPU here: $*"\nexit 3\n')
+        (tmp_path / tool).chmod(0o755)
     out, logs = tmp_path / "out", tmp_path / "logs"
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "GPU_CHECK_LOGS": str(logs), "WHEELS": str(tmp_path)}
-    env["GPU_CHECK_RECIPE_DIR"] = str(tmp_path / "recipe")
-    env["PATH"] = f"{tmp_path}:{env['PATH']}"  # nvidia-smi is missing here: that step fails too
+    logs.mkdir()
+    (logs / "old_step.log").write_text("an earlier run\n")
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(tmp_path / "python"), "GPU_CHECK_LOGS": str(logs)}
+    env.update(WHEELS=str(tmp_path), GPU_CHECK_RECIPE_DIR=str(tmp_path / "recipe"), PATH=f"{tmp_path}:{env['PATH']}")
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 1  # every step failed
-    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "summary.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "summary.txt"]  # no running.log once all ended
     with tarfile.open(out / "logs.tgz") as tar:
         names = sorted(Path(n).name for n in tar.getnames() if n.endswith(".log"))
         log = tar.extractfile("./sample_gpt2-9m.log").read().decode()
-    assert len(names) == 10 and "sample_gpt2-9m.log" in names and "versions.log" in names
+        smi = tar.extractfile("./nvidia_smi.log").read().decode()
+    assert len(names) == 10 and "sample_gpt2-9m.log" in names and "old_step.log" not in names
     assert "no GPU here: benchmarks/lm_generation.py --device cuda --preset gpt2-9m" in log
+    assert "no GPU here: --query-gpu" in smi
     summary = (out / "summary.txt").read_text()
     assert "sample_gpt2-9m: FAILED (exit 3)" in summary and "last: no GPU here" in summary
+    # A log folder that cannot be written stops the run at once, with one line.
+    (tmp_path / "file").write_text("")
+    unwritable = {**env, "GPU_CHECK_LOGS": str(tmp_path / "file" / "x")}
+    bad = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=unwritable, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and "gpu_check: cannot write the log folder" in bad.stderr, bad.stderr
 
 
 def test_flag_check_rejects_a_flag_its_parser_does_not_know(tmp_path):
