@@ -165,8 +165,9 @@ main_steps() {
     # One generation (train one epoch, test, sample as many stories) at the preset's context and the recipe's GPU
     # defaults (packed, compiled: the compilation timed apart as train_warmup_seconds), projected to the published
     # 2.12M stories (goal: gpt2-9m <= 20 minutes). 4,000 stories (125 steps) at a short run's schedule (the
-    # preset's 100 warm-up steps would leave the peak unreached), so that the model may learn to end a story; one
-    # wave of 512 sampled (the draw of a model that has not learnt it runs on to the 2,048-token context).
+    # preset's 100 warm-up steps would leave the peak unreached), so that the model learns to end a story (checked
+    # on a CPU, same steps and schedule: 32 of 32 stories drawn ended, mean 143 tokens against the corpus's 175;
+    # after 32 steps at the preset's schedule, stories ran on to the 2,048-token context); one wave of 512 sampled.
     step generation_gpt2-9m 105 "$GENERATION_KEYS" "$PY" benchmarks/tinystories_generation.py --device cuda \
         --preset gpt2-9m --stories 4000 --sample_stories 512 --batch_size 32 --lr 2e-3 --warmup_steps 5
 
