@@ -138,9 +138,9 @@ main_steps() {
     # Training at the published batch (32 stories per step): real tokens/s and MFU of the plain loop and the
     # Lightning path, same batches (goals: llama2-42m MFU >= 0.30, llama2-126m >= 0.40, Lightning >= 0.95x the
     # plain loop). Eager; then packed and compiled, the recipe's defaults on a GPU (the compiles line says whether
-    # any compilation fell inside the timed steps); with GPU_CHECK_EXTRA=1 also with CUDA graphs (reduce-overhead),
-    # which removes the launch cost that the eager profile shows (over 1,300 kernels per step, the GPU mostly waiting
-    # for the host).
+    # any compilation fell inside the timed steps). CUDA graphs (reduce-overhead), which remove the launch cost
+    # that the eager profile shows (over 1,300 kernels per step, the GPU mostly waiting for the host), are among
+    # the exploratory steps (GPU_CHECK_EXTRA=1, a second call).
     step train_llama2-42m 25 "$TRAIN_KEYS" "$PY" benchmarks/lm_training.py --device cuda --preset llama2-42m \
         --batch_size 32 --steps 40 --warmup 5 --repeats 1 --no-pack --no-compile
     step train_llama2-42m_pack_compile 75 "$TRAIN_KEYS|$COMPILE_KEYS" "$PY" benchmarks/lm_training.py --device cuda \
@@ -150,7 +150,7 @@ main_steps() {
         --preset llama2-126m --batch_size 32 --steps 30 --warmup 10 --repeats 1
 
     # Where the time of a packed, compiled training step goes (kernel kinds, GPU idle time, launches and host waits
-    # per step); the compilation is in the cache of the step above.
+    # per step); its compilation is in torch's on-disk cache from train_llama2-42m_pack_compile.
     step profile_llama2-42m_pack_compile 40 "$PROFILE_KEYS" "$PY" benchmarks/lm_profile.py --device cuda \
         --preset llama2-42m --batch_size 32 --steps 8 --warmup 15 --samples 0 --pack --compile
 
