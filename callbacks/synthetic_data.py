@@ -195,6 +195,10 @@ class SyntheticDataCallback(pl.Callback):
         ragged = {name: by for name, by in self.ragged.items() if name in names}  # none when no row was drawn
         record = {**self.settings, "sample_arrays": names, "ragged_arrays": ragged}
         self.store.save_json(self.generation, SAMPLING_FILE, record)
+        self.drop_chunks()
+
+    def drop_chunks(self) -> None:
+        """Remove the staged chunks (once ``sampling.json`` is written, the arrays hold them all)."""
         shutil.rmtree(self._chunk_dir(), ignore_errors=True)
 
     def recorded_arrays(self) -> list[str]:

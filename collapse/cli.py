@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from collapse.errors import UserError
+from collapse.errors import Terminated, UserError
 from collapse.hardware import retain_freed_memory, tf32_matmuls
 
 C = TypeVar("C")
@@ -211,7 +211,8 @@ def _config_text(value: str, recipe: str | None = None) -> str:
 def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None):
     """Parse the command line, call ``main(cfg)``, and turn a :class:`UserError` into one ``error:`` line.
 
-    A Ctrl-C (KeyboardInterrupt) ends with one line saying how to resume and exit status 130.
+    A Ctrl-C (KeyboardInterrupt) ends with one line saying how to resume and exit status 130; a SIGTERM that
+    Lightning caught (:class:`Terminated`) likewise, with exit status 143.
     """
     try:
         cfg = parse_config(config_cls, argv, prog=prog)
@@ -226,6 +227,10 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
         if not _secondary_process():  # a Ctrl-C reaches every rank of a multi-process run; one line is enough
             sys.stderr.write("interrupted: finished work is kept; run the same command again to resume\n")
         sys.exit(130)
+    except Terminated:
+        if not _secondary_process():
+            sys.stderr.write("terminated: finished work is kept; run the same command again to resume\n")
+        sys.exit(143)
     finally:
         _close_process_group()
 

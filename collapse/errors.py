@@ -5,6 +5,10 @@ class UserError(Exception):
     """Input the user can fix (a flag, a file, a folder); the message says what to fix."""
 
 
+class Terminated(Exception):
+    """The run was asked to stop (SIGTERM); recipes say how to resume and exit with status 143 (128 + 15)."""
+
+
 class ConfigError(UserError, ValueError):
     """A setting out of range, found while a config dataclass is built (a ``ValueError`` for library callers)."""
 

@@ -66,7 +66,7 @@ from callbacks.synthetic_data import SyntheticDataCallback, on_device
 from collapse.atomic import atomic_open, atomic_write_json
 from collapse.contract import Modality, RealDataModule
 from collapse.distributed import Dist, launch, wants_processes
-from collapse.errors import ConfigError, UserError
+from collapse.errors import ConfigError, Terminated, UserError
 from collapse.progress import DEFAULT_INTERVAL, check_interval, check_log_level, console
 from collapse.rundir import (
     METRICS,
@@ -422,7 +422,13 @@ class _GenerationContext:
         return metrics
 
     def _commit(self, g: int, sampler: SyntheticDataCallback) -> None:
-        (self.store.staging(g) / FIT_FILE).unlink(missing_ok=True)  # its number is in metrics.json now
+        stage = self.store.staging(g)
+        (stage / FIT_FILE).unlink(missing_ok=True)  # its number is in metrics.json now
+        # A run killed after saving the fit but before dropping its mid-fit checkpoints, or after recording the set
+        # but before dropping its chunks, leaves them staged, and a resume skips those steps: never publish them.
+        shutil.rmtree(stage / CHECKPOINT_DIR, ignore_errors=True)
+        if sampler.is_done():
+            sampler.drop_chunks()
         settings = dict(sampler.settings)
         self.store.commit(
             g,
@@ -696,16 +702,24 @@ def _validate(cfg: LoopConfig) -> None:
 
 @contextlib.contextmanager
 def _interrupt_passes_through() -> Iterator[None]:
-    """Let a Ctrl-C inside ``trainer.fit`` or ``trainer.test`` reach the caller as a KeyboardInterrupt.
+    """Let a Ctrl-C inside ``trainer.fit`` or ``trainer.test`` reach the caller as a KeyboardInterrupt, and a
+    SIGTERM as :class:`Terminated`.
 
-    Lightning (2.6) catches it, tears the trainer down, ignores SIGINT from then on and calls
+    Lightning (2.6) catches a Ctrl-C, tears the trainer down, ignores SIGINT from then on and calls
     ``sys.exit(1)``: the recipe would end with status 1, without the line on how to resume, and the
     rest of the loop would never know. That SystemExit is raised while the KeyboardInterrupt is being
     handled, which tells it apart from any other exit. SIGINT gets back the handler it had before.
+    A SIGTERM (a scheduler's time limit, ``kill``, ``docker stop``) Lightning turns into its
+    ``SIGTERMException`` at the next batch, a SystemExit without a status: the recipe would end with
+    status 0, as if it had finished, and a launcher that trusts the status would skip the rest.
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     handler = signal.getsignal(signal.SIGINT)
     try:
         yield
+    except SIGTERMException:
+        raise Terminated("terminated (SIGTERM)") from None
     except SystemExit as exc:
         if not isinstance(exc.__context__, KeyboardInterrupt):
             raise

@@ -270,6 +270,26 @@ def test_crash_mid_generation_resumes_to_the_unbroken_result(tmp_path, unbroken,
     assert file_hashes(out) == file_hashes(unbroken)
 
 
+def test_a_run_killed_before_dropping_its_checkpoints_or_chunks_publishes_neither(tmp_path, unbroken):
+    out = tmp_path / "run"
+    with pytest.raises(Boom):
+        run_generations(
+            TinyModality(), tiny_config(out, "accumulate"), recipe="toy", callbacks=[_raise_at("on_test_start", 1)]
+        )
+    stage = out / ".gen_001.partial"
+    assert (stage / "model.pt").is_file() and (stage / "sampling.json").is_file()
+    # What a SIGKILL leaves between saving the fit (model.pt) and removing the mid-fit checkpoints, and between
+    # recording the set (sampling.json) and removing its chunks: the resume skips both steps.
+    (stage / "checkpoints").mkdir()
+    (stage / "checkpoints" / "last.ckpt").write_bytes(b"weights and optimizer state")
+    (stage / "sample_chunks").mkdir()
+    (stage / "sample_chunks" / "chunk_000000.npz").write_bytes(b"a chunk already in the arrays")
+    result = run(out, "accumulate")
+    assert result.fitted == [2]
+    assert [p for p in out.glob("gen_*/*") if not p.is_file()] == []
+    assert file_hashes(out) == file_hashes(unbroken)
+
+
 class NoisyDensity(GaussianDensity):
     """Trains on jittered points: every step draws from the global torch RNG."""
 

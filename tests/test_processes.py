@@ -2,7 +2,8 @@
 
 A recipe killed with SIGKILL cannot stop its worker processes itself: they must end on their own
 (parent-death signal). A Ctrl-C, in any phase, must end the run with one line on how to resume and
-exit status 130, and leave no worker behind. Processes are read from /proc, so these tests need Linux.
+exit status 130, and leave no worker behind; a SIGTERM during a fit, with such a line and status 143.
+Processes are read from /proc, so these tests need Linux.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESUME = "interrupted: finished work is kept; run the same command again to resume"
+TERMINATED = "terminated: finished work is kept; run the same command again to resume"
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
 
@@ -267,10 +269,34 @@ def test_ctrl_c_during_a_lightning_fit_exits_130_once_and_the_same_command_resum
     assert stopped < _checkpoint_epoch(ckpt) <= stopped + 2
 
 
-def test_lightning_s_exit_on_ctrl_c_reaches_the_loop_as_keyboard_interrupt(tmp_path):
+@pytest.mark.slow
+def test_sigterm_during_a_lightning_fit_exits_143_not_0_and_the_same_command_resumes(tmp_path, start):
+    out = tmp_path / "toy"
+    ckpt = out / ".gen_000.partial" / "checkpoints" / "last.ckpt"
+    proc = start([*TOY, "--out_dir", str(out)], "toy")
+    wait_for(ckpt.is_file, "a checkpoint of the fit", proc)
+    first = ckpt.stat().st_mtime_ns
+    wait_for(lambda: ckpt.stat().st_mtime_ns != first, "a second checkpoint", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.err_path.read_text()
+    err = proc.err_path.read_text()
+    assert err.count(TERMINATED) == 1 and "Traceback" not in err, err
+    stopped = _checkpoint_epoch(ckpt)
+    assert stopped >= 1 and not (out / "gen_000").exists()
+
+    again = start([*TOY, "--out_dir", str(out)], "again")
+    before = ckpt.stat().st_mtime_ns
+    wait_for(lambda: ckpt.stat().st_mtime_ns != before, "a checkpoint of the resumed fit", again)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=60) == 143, again.err_path.read_text()
+    assert stopped < _checkpoint_epoch(ckpt) <= stopped + 2  # went on from the checkpoint
+
+
+def test_lightning_s_exits_on_ctrl_c_and_sigterm_reach_the_loop_as_interrupt_and_termination(tmp_path):
     import lightning.pytorch as pl
     import torch
 
+    from collapse.errors import Terminated
     from engine.loop import _interrupt_passes_through
 
     class Stop(pl.Callback):
@@ -288,17 +314,30 @@ def test_lightning_s_exit_on_ctrl_c_reaches_the_loop_as_keyboard_interrupt(tmp_p
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    class Term(pl.Callback):  # what Lightning's SIGTERM handler does: the flag, read at the batch's end
+        def on_train_batch_end(self, trainer, *args):
+            trainer._signal_connector.received_sigterm = True
+
+    def trainer(stop: pl.Callback) -> pl.Trainer:
+        return pl.Trainer(
+            max_epochs=1, callbacks=[stop], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path),
+        )  # fmt: skip
+
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
-    trainer = pl.Trainer(
-        max_epochs=1, callbacks=[Stop()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path),
-    )  # fmt: skip
     handler = signal.getsignal(signal.SIGINT)
+    stopped = trainer(Stop())
     with pytest.raises(KeyboardInterrupt):
         with _interrupt_passes_through():
-            trainer.fit(Tiny(), train_dataloaders=data)
-    assert trainer.interrupted
+            stopped.fit(Tiny(), train_dataloaders=data)
+    assert stopped.interrupted
     assert signal.getsignal(signal.SIGINT) is handler  # Lightning ignored further Ctrl-Cs; not any more
+    # Lightning's SIGTERMException is a SystemExit without a status (exit 0, as if the run had finished).
+    terminated = trainer(Term())
+    with pytest.raises(Terminated):
+        with _interrupt_passes_through():
+            terminated.fit(Tiny(), train_dataloaders=data)
+    assert terminated.interrupted and terminated.global_step == 1
     with pytest.raises(SystemExit):  # any other exit is left alone
         with _interrupt_passes_through():
             sys.exit(3)

@@ -349,6 +349,16 @@ def test_interrupt_exits_130(capsys):
     assert code == 130 and "run the same command again to resume" in err
 
 
+def test_termination_exits_143_not_0(capsys):
+    from collapse.errors import Terminated
+
+    def main(cfg: TinyConfig) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    code, err = _exit(capsys, main, [])
+    assert code == 143 and err == "terminated: finished work is kept; run the same command again to resume\n"
+
+
 def test_a_recipe_process_prints_one_error_line(tmp_path):
     script = tmp_path / "recipe.py"
     script.write_text(
