@@ -95,6 +95,8 @@ def _instance(cls: type[C], values: dict[str, Any], prefix: str = "--") -> C:
             continue
         value = values[f.name]
         hint = hints.get(f.name)
+        if value is None and not _admits_none(hint):  # jsonargparse checks this on the command line, not in files
+            raise UserError(f"{prefix}{f.name} cannot be empty (null); give it a value or leave it out for its default")
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise UserError(
@@ -104,6 +106,16 @@ def _instance(cls: type[C], values: dict[str, Any], prefix: str = "--") -> C:
             value = _instance(hint, value, prefix=f"{prefix}{f.name}.")
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def _admits_none(hint: Any) -> bool:
+    """Whether a field of type ``hint`` may hold None (``X | None``, ``Optional[X]``, ``Any``, no hint)."""
+    if hint is None or hint is Any or hint is type(None):
+        return True
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return None in typing.get_args(hint)
+    return origin in (typing.Union, types.UnionType) and any(_admits_none(arg) for arg in typing.get_args(hint))
 
 
 def recipe_config_class(module: Any) -> type | None:

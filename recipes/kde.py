@@ -175,15 +175,25 @@ class KDEProblem:
         return picked + kde.h * rng.standard_normal((self.S, count, 2))
 
 
+BANDWIDTH_RANGE = (1e-12, 1e12)
+"""Fixed bandwidths allowed (the data sets span a few units): beyond these the kernel's scale -1 / 2h^2, taken in
+float32, or the normaliser log(2 pi h^2) overflows."""
+
+
 def _bandwidths(values) -> list[float | str]:
     out = []
+    low, high = BANDWIDTH_RANGE
     for v in as_list(values):
         if isinstance(v, str) and v in RULES:
             out.append(v)
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            if not low <= v <= high:
+                raise UserError(f"--bandwidth must be between {low:g} and {high:g} (or {' / '.join(RULES)}), got {v!r}")
             out.append(float(v))
         else:
             raise UserError(f"--bandwidth must be positive numbers or {' / '.join(RULES)}, got {v!r}")
+    if not out:
+        raise UserError(f"--bandwidth is empty; give at least one positive number or {' / '.join(RULES)}")
     return out
 
 
@@ -195,6 +205,8 @@ def make_problem(cell: Cell, rng: np.random.Generator, num_seeds: int, n_test: i
 def main(cfg: KDEConfig):
     """Run the grid; return the path of metrics.csv."""
     datasets = as_list(cfg.dataset)
+    if not datasets:
+        raise UserError(f"--dataset is empty; give at least one of {', '.join(DATASETS)}")
     for name in datasets:
         if name not in DATASETS:
             raise UserError(f"unknown --dataset {name!r}; valid: {', '.join(DATASETS)}")

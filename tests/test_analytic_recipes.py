@@ -257,6 +257,38 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
+KDE_BAD = [
+    (["--dataset", "[]"], "--dataset is empty"),
+    (["--bandwidth", "[]"], "--bandwidth is empty"),
+    (["--bandwidth", "1e-300"], "--bandwidth must be between 1e-12 and 1e+12"),
+    (["--bandwidth", "[0.1, 1e300]"], "--bandwidth must be between 1e-12 and 1e+12"),
+]
+
+
+@pytest.mark.parametrize("args,message", KDE_BAD)
+def test_bad_kde_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    res = subprocess.run(
+        [sys.executable, "recipes/kde.py", "--out_dir", str(tmp_path / "x"), "--wandb.mode", "disabled", *args],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+    assert not (tmp_path / "x").exists()  # so the corrected command is not refused as a different config
+
+
+@pytest.mark.parametrize("flags", ["seed: null\n", "workers: null\n", "log_every: null\n", "out_dir: null\n"])
+def test_a_null_in_a_config_file_for_a_flag_that_needs_a_value_is_one_line(tmp_path, flags):
+    config = tmp_path / "flags.yaml"
+    config.write_text(flags)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "gaussian.py"), "--out_dir", str(tmp_path / "x"), "--wandb.mode",
+         "disabled", "--config", str(config)],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    expected = f"error: --{flags.split(':')[0]} cannot be empty (null); give it a value or leave it out for its default"
+    assert res.returncode == 2 and res.stderr == expected + "\n"
+    assert list(tmp_path.iterdir()) == [config]  # nothing written, not even a folder named after the null
+
+
 def test_a_cell_beyond_the_machine_s_memory_is_one_line(tmp_path):
     # 1.46 TiB of kernel centres, in a process whose address space is capped at 16 GiB: refused at once by the
     # allocator whatever the machine's overcommit policy (nothing is touched).

@@ -156,6 +156,9 @@ def test_an_out_dir_placeholder_other_than_hash_is_one_line(template, tmp_path, 
         (b"data: 5\n", "--data is a group of flags"),
         (b"data: [1, 2]\n", "--data is a group of flags"),
         (b"trainer: 3\n", "--trainer is a group of flags"),
+        (b"model: {lr: null}\n", "--model.lr cannot be empty (null)"),
+        (b"data: {mean: null}\n", "--data.mean cannot be empty (null)"),
+        (b"out_dir: null\n", "--out_dir cannot be empty (null)"),
     ],
 )
 def test_a_config_file_of_the_wrong_shape_is_one_line(content, message, tmp_path, capsys):
