@@ -81,6 +81,8 @@ STRATEGIES = ("bos_fixed_length", "first_token_inclusive")
 COMPILE_MODES = ("auto", "off", "on")
 """Accepted values of :attr:`SamplingConfig.compile`."""
 DTYPES = ("auto", "float32", "bfloat16")
+MIN_TEMPERATURE = 1e-6
+"""The smallest ``--sampling.temperature``: float32 logits of any size a model gives, divided by it, stay finite."""
 """Accepted values of :attr:`SamplingConfig.dtype`."""
 BACKENDS = ("auto", "native", "hf")
 """Accepted values of :attr:`SamplingConfig.backend`."""
@@ -130,7 +132,7 @@ class SamplingConfig:
     """``bos_fixed_length``: stories start from ``[EOT]``; ``first_token_inclusive``: from ``[EOT, t]``, ``t``
     the first token of a random real training story. Both stop at ``EOT`` or ``max_len`` tokens."""
     temperature: float = 1.0
-    """Softmax temperature (> 0): the logits are divided by it before any filtering."""
+    """Softmax temperature (>= 1e-6): the logits are divided by it before any filtering."""
     top_k: int | None = None
     """Keep only the ``top_k`` most likely tokens (>= 1); None: no top-k filtering."""
     top_p: float | None = None
@@ -162,6 +164,11 @@ class SamplingConfig:
         t = self.temperature
         if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0):
             raise ConfigError(f"--sampling.temperature must be > 0, got {t!r}")
+        if t < MIN_TEMPERATURE:
+            raise ConfigError(
+                f"--sampling.temperature must be >= {MIN_TEMPERATURE:g} (logits divided by less can overflow float32 "
+                f"into NaN probabilities), got {t!r}; for greedy decoding use --sampling.top_k 1"
+            )
         if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
             raise ConfigError(f"--sampling.top_k must be an integer >= 1 or None, got {self.top_k!r}")
         p = self.top_p

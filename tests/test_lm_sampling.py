@@ -613,6 +613,7 @@ def test_compiled_static_step_draws_the_same_tokens_on_cpu():
         ({"strategy": "greedy"}, "--sampling.strategy must be one of"),
         ({"temperature": 0}, "--sampling.temperature must be > 0, got 0"),
         ({"temperature": float("nan")}, "--sampling.temperature must be > 0"),
+        ({"temperature": 1e-45}, r"--sampling.temperature must be >= 1e-06 .* use --sampling.top_k 1"),
         ({"top_k": 0}, "--sampling.top_k must be an integer >= 1"),
         ({"top_p": 0.0}, r"--sampling.top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"--sampling.top_p must be in \(0, 1\]"),
@@ -628,6 +629,14 @@ def test_compiled_static_step_draws_the_same_tokens_on_cpu():
 def test_bad_settings_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_the_smallest_temperature_allowed_keeps_the_largest_float32_logits_finite():
+    from samplers.story_sampler import MIN_TEMPERATURE
+
+    logits = torch.tensor([[3.0e32, -3.0e32, 0.0, 1.0]])
+    assert torch.equal(sample_tokens(logits, torch.tensor([0.5]), temperature=MIN_TEMPERATURE), torch.tensor([0]))
+    assert torch.isnan(torch.softmax(logits.float() / 1e-45, dim=-1)).all()  # what a smaller one gave
 
 
 @pytest.mark.parametrize("static", [False, True])
