@@ -55,7 +55,7 @@ Cache layout (``--data.cache_dir``, default ``$MODEL_COLLAPSE_CACHE/tinystories`
 ``~/.cache/model-collapse/tinystories``)::
 
     <cache_dir>/<source>-<key>/          one entry per data identity (key: sha256 of identity.json)
-        identity.json                    source, path, sizes and mtimes of local files, split sizes,
+        identity.json                    source, path, sizes and sha256 of local files, split sizes,
                                          text field, stand-in seed/size, vocab_size, max_seq_len, strict_utf8
         texts/stats.json                 read counts (written last: the texts are complete)
         texts/<split>/text.utf8          the cleaned stories of train / val / test, UTF-8, concatenated
@@ -69,8 +69,8 @@ Cache layout (``--data.cache_dir``, default ``$MODEL_COLLAPSE_CACHE/tinystories`
 Every file is written atomically (:mod:`collapse.atomic`) and streamed (a few thousand stories in
 memory at a time), and the ``stats.json`` markers are written after the files they describe, so a
 killed preparation is redone, never half-read. The source is read and tokenised once per entry;
-later runs and other ranks memory-map the arrays. Local files enter the key by size and mtime, so
-editing them gives a new entry; hub sources by their id only.
+later runs and other ranks memory-map the arrays. Local files enter the key by size and sha256, so
+editing them gives a new entry (touching them does not); hub sources by their id only.
 
 Items and padding. A story is a 1-D int64 tensor ``[EOT] + ids + [EOT]`` truncated to its first
 ``max_seq_len`` tokens (a truncated story has no final ``EOT``; truncations are counted and
@@ -258,7 +258,7 @@ def default_cache_dir() -> Path:
 # ---- where the data is ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Location:
-    """A resolved source: what to read, and the local files whose size and mtime enter the cache key."""
+    """A resolved source: what to read, and the local files whose size and content enter the cache key."""
 
     kind: str  # stand_in | hub_id | hub_v2 | local_dataset | arrow_file | text_files
     spec: str = ""  # the hub id or the resolved local path
@@ -361,12 +361,24 @@ def data_identity(cfg: TinyStoriesDataConfig, location: _Location | None = None)
     if location.files:
         root = Path(location.spec)
         root = root if root.is_dir() else root.parent
-        files = []
-        for path in location.files:
-            st = path.stat()
-            files.append([str(path.relative_to(root)), st.st_size, st.st_mtime_ns])
-        identity["files"] = files
+        identity["files"] = [[str(path.relative_to(root)), *_content_digest(path)] for path in location.files]
     return identity
+
+
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+"""sha256 of local data files already read by this process, by (path, size, mtime, ctime, inode)."""
+
+
+def _content_digest(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a local data file: its content, not its modification time, enters the cache key, so an
+    edit that keeps size and mtime (``touch -r``, a copy that keeps times) gives a new entry and a touch does not.
+    Hashed once per process (about a second per GB)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        with open(path, "rb") as fh:
+            _DIGESTS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return st.st_size, _DIGESTS[key]
 
 
 def cache_key(identity: Mapping[str, Any]) -> str:

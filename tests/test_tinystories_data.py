@@ -365,7 +365,14 @@ def test_the_cache_key_follows_the_data_identity(tmp_path):
     write_corpus(path, 21, seed=1)  # the file changes: new size (and mtime)
     resized = entry(**txt)
     stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, touched
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: the same content
+    assert entry(**txt) == resized != before
+    # Edited in place to the same size, its times put back (touch -r, a copy that keeps them): a new entry.
+    text = path.read_text()
+    assert "cat" in text
+    path.write_text(text.replace("cat", "zqx"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert path.stat().st_size == stat.st_size
     assert len({before, resized, entry(**txt)}) == 3
     identity = json.loads(json.dumps(ts.data_identity(config(tmp_path, **txt))))
     assert identity["files"][0][0] == "a.txt" and identity["path"] == str(path.resolve())
