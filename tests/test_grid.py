@@ -325,3 +325,74 @@ def test_a_dry_run_names_the_cells_whose_flags_the_recipe_refuses(tmp_path, caps
     good = ROOT / "sweeps" / "gaussian.yaml"
     assert grid.main([str(good), "--dry_run", "--out_root", str(tmp_path / "o")]) == 0
     assert "refused by" not in capsys.readouterr().out
+
+
+# ---- folders and GPU ids refused before anything starts -----------------------------------------------
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry_run"])
+@pytest.mark.parametrize(
+    ("flag", "below"),
+    [("--log_dir", ""), ("--out_root", ""), ("--log_dir", "logs"), ("--out_root", "deeper/out")],
+    ids=["log_dir-file", "out_root-file", "log_dir-under-file", "out_root-under-file"],
+)
+def test_a_folder_flag_that_is_or_is_under_a_file_is_one_error_and_nothing_starts(
+    tmp_path, capsys, flag, below, dry_run
+):
+    path = fake_sweep(tmp_path)
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder\n")
+    given = blocker / below if below else blocker
+    other = ["--out_root", str(tmp_path / "out")] if flag == "--log_dir" else []
+    args = [str(path), flag, str(given), *other] + (["--dry_run"] if dry_run else [])
+    assert grid.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {flag} {given}: {blocker} is a file, not a folder\n"
+    assert "[grid] start" not in captured.out and not list((tmp_path / "seen").iterdir())
+    assert not (tmp_path / "out").exists() and blocker.read_text() == "a file, not a folder\n"
+
+
+def test_the_default_log_folder_under_a_file_is_one_error(tmp_path, capsys, monkeypatch):
+    path = fake_sweep(tmp_path)  # its program is an absolute path, so it runs from any folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("")
+    assert grid.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    label = "the logs folder runs/grid/fake/logs (default of --log_dir)"
+    assert err == f"error: {label}: {tmp_path / 'runs'} is a file, not a folder\n"
+    assert not list((tmp_path / "seen").iterdir())
+
+
+def test_a_folder_that_cannot_be_written_is_one_error(tmp_path, capsys, monkeypatch):
+    path = fake_sweep(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # as root a chmod would not stop anything: report the folder as not writable instead
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
+    for flag in ("--log_dir", "--out_root"):
+        assert grid.main([str(path), flag, str(locked / "new"), "--dry_run"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {flag} {locked / 'new'}: cannot write in {locked} (permission denied)\n"
+    assert grid.main([str(path), "--log_dir", ""]) == 2
+    assert capsys.readouterr().err.startswith("error: --log_dir: empty path")
+    assert not list(locked.iterdir()) and not list((tmp_path / "seen").iterdir())
+
+
+@pytest.mark.parametrize("gpus", ["abc", "0,x", "-1", "0,-1", "1.5", "GPU-0", "0 1", "cuda:0"])
+def test_gpu_ids_other_than_indices_are_refused(tmp_path, capsys, gpus):
+    path = write_sweep(tmp_path / "s.yaml", TINY)
+    assert grid.main([str(path), "--dry_run", f"--gpus={gpus}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --gpus {gpus}: ") and "is not a GPU index" in err
+
+
+def test_gpu_ids_are_indices_or_auto(monkeypatch):
+    assert grid.gpu_ids("0,1") == ["0", "1"]
+    assert grid.gpu_ids(" 0, 01 ,3,3") == ["0", "1", "3", "3"]  # listed twice: two cells on GPU 3 at once
+    uuid = "GPU-5f3e2a1b-8c9d-4e0f-a1b2-c3d4e5f60718"  # as nvidia-smi -L lists it; CUDA_VISIBLE_DEVICES takes it
+    assert grid.gpu_ids(f"{uuid},MIG-5f3e2a1b-8c9d-4e0f-a1b2-c3d4e5f60718") == [uuid, "MIG" + uuid[3:]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")  # auto: the GPUs this process may see
+    assert grid.gpu_ids("auto") == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    with pytest.raises(grid.GridError, match="--gpus auto: no GPU found"):
+        grid.gpu_ids("auto")

@@ -605,7 +605,14 @@ def _main(args: argparse.Namespace) -> int:
             f"program {sweep.program} not found from {Path.cwd()}; run from the folder wandb agent would run in "
             "(the repository root)"
         )
+    for flag in ("out_root", "log_dir"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise GridError(f"--{flag}: empty path; give a folder or leave the flag out")
+    if args.out_root is not None:  # the cells' run folders go to OUT_ROOT/<sweep>/{hash}
+        check_folder(f"--out_root {args.out_root}", Path(args.out_root) / sweep.name)
     log_dir = Path(args.log_dir or Path(args.out_root or DEFAULT_ROOT) / sweep.name / "logs")
+    log_label = f"--log_dir {args.log_dir}" if args.log_dir else f"the logs folder {log_dir} (default of --log_dir)"
+    check_folder(log_label, log_dir)
     mode = args.wandb or "offline"
     slots, threads = _slots(args, len(chosen))
 
@@ -639,6 +646,10 @@ def _main(args: argparse.Namespace) -> int:
                 f"say why), e.g. {next(iter(refused.values()))}"
             )
         return 0
+    try:  # made now, before any cell starts, so a folder that cannot be made is one error, not one per cell
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GridError(f"{log_label}: cannot create it: {exc.strerror or exc}") from None
     if todo:
         gpus = f" on GPUs {','.join(str(s) for s in slots)}" if slots[0] is not None else ""
         _say(f"{head}; running {len(todo)}, {min(len(slots), len(todo))} at a time{gpus}; logs in {log_dir}")
@@ -698,10 +709,7 @@ def _slots(args: argparse.Namespace, cells: int) -> tuple[list[str | None], int 
     if args.jobs is not None and args.jobs < 1:
         raise GridError(f"--jobs must be >= 1, got {args.jobs}")
     if args.gpus is not None:
-        gpus = detect_gpus() if args.gpus.strip() == "auto" else [g.strip() for g in args.gpus.split(",")]
-        if not gpus or not all(gpus):
-            what = "no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi)" if args.gpus.strip() == "auto" else "empty id"
-            raise GridError(f"--gpus {args.gpus}: {what}")
+        gpus = gpu_ids(args.gpus)
         if args.jobs is not None and args.jobs != len(gpus):
             raise GridError(
                 f"--jobs {args.jobs} with --gpus {args.gpus}: each listed GPU runs one cell at a time "
@@ -717,6 +725,48 @@ def _slots(args: argparse.Namespace, cells: int) -> tuple[list[str | None], int 
     # Children share the cores: cores // (cells at once) threads each, so the machine is not oversubscribed.
     at_once = min(len(slots), max(1, cells))
     return slots, (max(1, cores // at_once) if at_once > 1 else None)
+
+
+def gpu_ids(text: str) -> list[str]:
+    """The GPU ids of ``--gpus``: ``auto`` (:func:`detect_gpus`) or comma-separated indices such as ``0,1`` (or the
+    ``GPU-``/``MIG-`` UUIDs that CUDA_VISIBLE_DEVICES also takes).
+
+    Anything else is refused: CUDA_VISIBLE_DEVICES set to an id that names no GPU hides every GPU, and a
+    cell would then run on CPU (or fail) without a word. An index listed twice runs two cells on that GPU.
+    """
+    if text.strip() == "auto":
+        found = detect_gpus()
+        if not found:
+            raise GridError("--gpus auto: no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi)")
+        return found
+    ids = [g.strip() for g in text.split(",")]
+    if not all(ids):
+        raise GridError(f"--gpus {text}: empty id; give GPU indices such as 0,1 (or auto)")
+    bad = next((g for g in ids if not re.fullmatch(r"[0-9]+|(GPU|MIG)-[0-9a-fA-F]{8}[0-9A-Za-z/-]*", g)), None)
+    if bad is not None:
+        raise GridError(
+            f"--gpus {text}: {bad!r} is not a GPU index or UUID; give non-negative integers such as 0,1, "
+            "GPU-/MIG- UUIDs as nvidia-smi -L lists them, or auto"
+        )
+    return [str(int(g)) if g.isdigit() else g for g in ids]  # 01 is GPU 1
+
+
+def check_folder(label: str, path: Path) -> None:
+    """Refuse a folder that cannot be made or written (``label`` names it in the error): the path, or a folder
+    above it, is a file, or the nearest existing folder is not writable. Creates nothing (a dry run writes nothing).
+    """
+    here = Path(os.path.abspath(path))
+    try:
+        for existing in (here, *here.parents):
+            if existing.is_dir():
+                break
+            if existing.exists() or existing.is_symlink():
+                what = "a broken link" if not existing.exists() else "a file"
+                raise GridError(f"{label}: {existing} is {what}, not a folder")
+    except OSError as exc:  # a folder above it that cannot be looked into
+        raise GridError(f"{label}: cannot reach it: {exc.strerror or exc}") from None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GridError(f"{label}: cannot write in {existing} (permission denied)")
 
 
 def cli() -> None:
