@@ -98,10 +98,13 @@ def config_hash(config: dict[str, Any]) -> str:
 def resolve_out_dir(template: str, config: dict[str, Any]) -> str:
     """Fill ``{hash}`` in an --out_dir (one folder per distinct config: W&B sweeps, grids of launches).
 
-    An empty --out_dir is refused: it would make the current folder the run directory.
+    An empty --out_dir is refused: it would make the current folder the run directory. A leading ``~`` is the
+    home folder, as a shell would expand it (``--out_dir=~/x`` or a --config file reach here unexpanded; a folder
+    literally named ``~`` in the current one invites ``rm -rf ~``).
     """
     if not str(template).strip():
         raise RunDirError("--out_dir is empty; give the folder the run writes to, e.g. --out_dir runs/my_run")
+    template = os.path.expanduser(template)
     if "{" not in template:
         return template
     try:

@@ -100,6 +100,11 @@ def check_mode(cfg: WandbConfig) -> None:
     if mode not in MODES:
         source = "--wandb.mode" if cfg.mode is not None else "WANDB_MODE"
         raise UserError(f"{source} must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "disabled" and "WANDB_MODE" in os.environ and not os.environ["WANDB_MODE"].strip():
+        raise UserError(
+            "WANDB_MODE is set but empty, which W&B refuses whatever --wandb.mode says; unset it or set it to "
+            f"one of {', '.join(MODES)}"
+        )
     for tag in (resolve(cfg).tags or []) if mode != "disabled" else []:  # no W&B run: its tags do not matter
         if not isinstance(tag, str) or not tag.strip() or len(tag) > MAX_TAG:
             source = "--wandb.tags" if cfg.tags is not None else "WANDB_TAGS"

@@ -205,6 +205,9 @@ def test_online_mode_from_the_environment_without_credentials_is_one_line(tmp_pa
     assert "W&B credentials" in err and not (tmp_path / "run").exists()
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     assert "WANDB_MODE must be one of" in _one_line_exit(capsys, [*TINY, "--out_dir", str(tmp_path / "run")])
+    monkeypatch.setenv("WANDB_MODE", "")  # W&B itself fails to start on it (a validation error deep inside)
+    assert "WANDB_MODE is set but empty" in _one_line_exit(capsys, [*TINY, "--out_dir", str(tmp_path / "run")])
+    check_mode(WandbConfig(mode="disabled"))  # no W&B run: nothing to refuse
 
 
 def test_tags_w_and_b_would_refuse_are_one_line_and_empty_env_entries_are_dropped(tmp_path, capsys, monkeypatch):

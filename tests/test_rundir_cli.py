@@ -426,3 +426,18 @@ def test_positive_ints_refuses(value):
 def test_positive_floats_refuses(value):
     with pytest.raises(UserError, match="^--lr "):
         positive_floats("lr", value)
+
+
+def test_a_tilde_in_out_dir_is_the_home_folder_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    from recipes import gaussian
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    argv = ["--out_dir=~/runs/g", "--dim", "2", "--n_samples", "8", "--generations", "2", "--num_seeds", "2",
+            "--workers", "1", "--wandb.mode", "disabled", "--report", "false"]  # fmt: skip
+    gaussian.run(gaussian.main, gaussian.GaussianConfig, argv)
+    assert (home / "runs" / "g" / "metrics.csv").is_file()
+    assert list(work.iterdir()) == []  # no folder literally named "~"
