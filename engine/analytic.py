@@ -583,6 +583,8 @@ def _launch(
     positive_ints("num_seeds", cfg.num_seeds)
     if cfg.workers < 0:
         raise UserError(f"--workers must be >= 0 (0 = one per CPU core), got {cfg.workers}")
+    if isinstance(cfg.log_every, bool) or not isinstance(cfg.log_every, int) or cfg.log_every < 1:
+        raise UserError(f"--log_every must be an integer >= 1 (1 = every generation), got {cfg.log_every!r}")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
     workflows = parse_workflows(cfg.workflow)

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from collapse.cli import positive_floats, positive_ints, run
+from collapse.errors import UserError
 from datamodules.workflows import TrainingSet
 from engine.analytic import AnalyticConfig, Cell, PrefixCache, gather, launch
 
@@ -206,6 +207,10 @@ def _cholesky(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return chol, failed
 
 
+SIGMA2_RANGE = (1e-100, 1e100)
+"""``--sigma2`` allowed: every metric is scale-free, and the float64 sums of squares stay finite and normal."""
+
+
 def make_problem(cell: Cell, rng: np.random.Generator, num_seeds: int, sigma2: float, n_test: int) -> GaussianProblem:
     """The problem of one grid cell (module level, so worker processes can unpickle it)."""
     return GaussianProblem(cell.params["dim"], num_seeds, sigma2, n_test, rng)
@@ -216,6 +221,11 @@ def main(cfg: GaussianConfig):
     dims = positive_ints("dim", cfg.dim)
     sizes = positive_ints("n_samples", cfg.n_samples)
     (sigma2,) = positive_floats("sigma2", cfg.sigma2)
+    if not SIGMA2_RANGE[0] <= sigma2 <= SIGMA2_RANGE[1]:
+        raise UserError(
+            f"--sigma2 must be between {SIGMA2_RANGE[0]:g} and {SIGMA2_RANGE[1]:g} (the results do not depend on the "
+            f"scale; beyond it the sums of squares overflow or underflow float64), got {sigma2!r}"
+        )
     positive_ints("n_test", cfg.n_test)
 
     make = partial(make_problem, num_seeds=cfg.num_seeds, sigma2=sigma2, n_test=cfg.n_test)

@@ -241,6 +241,9 @@ BAD = [
     (["--workflow", "mix(real=5)"], "needs both counts"),
     (["--dim", "[2, 2]"], "--dim lists 2 twice"),
     (["--wandb.mode", "bogus"], "--wandb.mode must be one of offline, online, disabled"),
+    (["--sigma2", "1e308"], "--sigma2 must be between 1e-100 and 1e+100"),
+    (["--log_every", "0"], "--log_every must be an integer >= 1"),
+    (["--log_every", "-1"], "--log_every must be an integer >= 1"),
 ]
 
 
