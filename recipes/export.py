@@ -18,8 +18,9 @@ it). Every export also writes ``export.json``: where it came from and the genera
 
 The generation is read only after its files match the sha256 sums of its manifest. Everything is
 written into a hidden folder beside ``--out`` and renamed to ``--out`` at the end, so ``--out`` holds a
-whole export or nothing new. A non-empty ``--out`` is refused; ``--overwrite`` replaces an earlier export
-(a folder with ``export.json``), never a folder of other files.
+whole export or nothing new. A non-empty ``--out`` is refused; ``--overwrite`` replaces an earlier export (a folder
+whose ``export.json`` is an export's record and that holds nothing but the files that export wrote), never a folder
+with other files: it is refused in one line naming them, and nothing in it is deleted.
 
     python -m recipes.export runs/lm_replace --generation 2 --out exports/lm_gen2   # or: collapse-export ...
 """
@@ -335,6 +336,22 @@ EXPORTERS: dict[str, Callable[[Source, Path], list[str]]] = {
 """The exporter of each recipe that keeps generations (the analytic recipes keep metrics only)."""
 SAVE_PRETRAINED = frozenset({"tinystories"})
 """Recipes whose exporter writes the model itself (the others get the generation's ``model.pt``)."""
+OUTPUTS: dict[str, dict[str, bool]] = {
+    "tinystories": {"stories": True, "stories.jsonl": False, "model": True},
+    "geom_diffusion": {"molecules.sdf": False},
+    "mnist_vae": {"digits": True, "digits.npz": False},
+    "toy_gaussian": {"samples.npy": False, "samples.csv": False},
+}
+"""What each exporter writes at the top of an export: name -> whether it is a folder. ``--overwrite`` deletes
+these (and ``model.pt``, ``config.yaml``, ``export.json``) and nothing else."""
+
+
+def export_names(recipe: str) -> dict[str, bool]:
+    """Every name at the top of an export of ``recipe`` (name -> whether it is a folder)."""
+    names = dict(OUTPUTS[recipe])
+    if recipe not in SAVE_PRETRAINED:
+        names[MODEL_FILE] = False
+    return {**names, CONFIG: False, EXPORT_FILE: False}
 
 
 # ---- the run and the output folder -------------------------------------------------------------------------------
@@ -375,11 +392,66 @@ def open_generation(run_dir: str | os.PathLike, generation: int | None = None) -
     return Source(run, recipe, config, store.load(generation))
 
 
+def _names(paths: Sequence[Path], limit: int = 4) -> str:
+    shown = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in paths[:limit]]
+    return ", ".join(shown) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _read_record(folder: Path) -> tuple[dict[str, bool], str]:
+    """The names an earlier export in ``folder`` wrote, by its ``export.json``; or no names and why there are none.
+
+    Only names that export's recipe writes count: a record cannot claim other files for ``--overwrite``.
+    """
+    path = folder / EXPORT_FILE
+    if not path.is_file() or path.is_symlink():
+        return {}, f"no {EXPORT_FILE}"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}, f"an {EXPORT_FILE} that is not JSON"
+    files = record.get("files") if isinstance(record, dict) else None
+    recipe = record.get("recipe") if isinstance(record, dict) else None
+    if recipe not in EXPORTERS or not isinstance(files, list) or EXPORT_FILE not in files:
+        return {}, f"an {EXPORT_FILE} that is no export's record"
+    known = export_names(recipe)
+    return {name: known[name] for name in files if isinstance(name, str) and name in known}, ""
+
+
+def _split(folder: Path) -> tuple[list[Path], list[Path], str]:
+    """The entries of ``folder``: an earlier export's own, everything else (hidden names last), and why the folder
+    is no export (empty when it is one, or is empty)."""
+    entries = sorted(folder.iterdir(), key=lambda p: (p.name.startswith("."), p.name))
+    if not entries:
+        return [], [], ""
+    names, why = _read_record(folder)
+    # A link is never an export's own (an export writes none), nor a file where the export wrote a folder.
+    own = [p for p in entries if p.name in names and not p.is_symlink() and p.is_dir() == names[p.name]]
+    return own, [p for p in entries if p not in own], why
+
+
+def _refusal(out: Path, own: list[Path], other: list[Path], why: str, overwrite: bool) -> str | None:
+    """Why ``out`` cannot take an export (``overwrite`` or not), or None when it can."""
+    if why:
+        return (
+            f"--out {out} holds files ({_names(other)}) and {why}, so it is no export and even --overwrite "
+            "deletes nothing there; choose another folder"
+        )
+    if other:
+        return (
+            f"--out {out} holds an earlier export and other files ({_names(other)}), so even --overwrite deletes "
+            "nothing there; move them away or choose another folder"
+        )
+    if own and not overwrite:
+        return f"--out {out} holds an earlier export; choose another folder, or pass --overwrite"
+    return None
+
+
 def _check_out(out: Path, run: Path, overwrite: bool) -> None:
     """Refuse an --out that is a file, is, contains or lies inside the run, or holds something other than an empty
     folder.
 
-    ``overwrite`` lets an earlier export (a folder with ``export.json``) be replaced, never any other folder.
+    ``overwrite`` lets an earlier export be replaced: a folder whose ``export.json`` is an export's record and that
+    holds nothing but the files that export wrote. Any other folder is refused, with or without it.
     """
     target, source = out.resolve(), run.resolve()
     if target == source or target in source.parents:
@@ -388,14 +460,15 @@ def _check_out(out: Path, run: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out} is inside the run folder {run}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir():
         return
-    if not (out / EXPORT_FILE).is_file():
-        raise ExportError(
-            f"--out {out} holds files and no {EXPORT_FILE}, so it is no export (even --overwrite keeps it)"
-        )
-    if not overwrite:
-        raise ExportError(f"--out {out} holds an earlier export; choose another folder, or pass --overwrite")
+    try:
+        parts = _split(out)
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot be read ({exc.strerror or exc})") from None
+    reason = _refusal(out, *parts, overwrite)
+    if reason:
+        raise ExportError(reason)
 
 
 def export(
@@ -452,16 +525,42 @@ def export(
 
 
 def _publish(stage: Path, out: Path) -> None:
-    """Rename the finished ``stage`` folder to ``out``, replacing what ``out`` held (checked by :func:`_check_out`)."""
-    old = None
+    """Rename the finished ``stage`` folder to ``out``, replacing the earlier export ``out`` held, if any.
+
+    ``out`` is checked again here (the export may have taken hours): a file that appeared in it since
+    :func:`_check_out` stops the export with ``out`` untouched. Of the replaced folder only the earlier export's own
+    files are deleted; anything else is left in a hidden folder beside ``out``, and named.
+    """
+    old = own = None
     if out.is_dir():
+        reason = _refusal(out, *_split(out), overwrite=True)
+        if reason:
+            raise ExportError(reason)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(stage, out)
+        os.replace(out, old)  # fails on a non-empty folder of that name: nothing of ours, so nothing is lost
+        own, other, why = _split(old)
+        reason = _refusal(out, own, other, why, overwrite=True)  # a file saved into it just before the rename
+        if reason:
+            os.replace(old, out)
+            raise ExportError(reason)
+    try:
+        os.replace(stage, out)
+    except OSError:
+        if old is not None and not out.exists():
+            os.replace(old, out)  # the earlier export back where it was
+        raise
     fsync_dir(out.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        for p in own:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        try:
+            old.rmdir()
+        except OSError:  # something saved into the earlier export while it was being replaced: kept
+            left = sorted(old.iterdir(), key=lambda p: p.name)
+            log.warning("--overwrite: kept what appeared in --out while it was replaced (%s) in %s", _names(left), old)
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
@@ -530,6 +629,7 @@ __all__ = [
     "Source",
     "cli",
     "export",
+    "export_names",
     "iter_story_texts",
     "open_generation",
     "story_texts",

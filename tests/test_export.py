@@ -109,6 +109,7 @@ def test_stories_load_as_a_dataset_and_as_jsonl_one_per_sample(lm_run, tmp_path)
     assert load_from_disk(str(out / "stories"))["text"] == expected
     lines = (out / "stories.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [{"text": t} for t in expected]
+    assert_own_names(out, "tinystories")
 
 
 def lightning_lm(run: Path):
@@ -204,6 +205,7 @@ def test_sdf_holds_each_samples_real_graph_at_its_generated_coordinates(geom_run
         np.testing.assert_allclose(mol.GetConformer().GetPositions(), a["pos"][start : start + n], atol=1e-4)
         assert mol.GetIntProp("mol_id") == int(a["mol_id"][i]) and mol.GetProp("smiles") == graph.smiles
     assert hydrogens > 0
+    assert_own_names(out, "geom_diffusion")
 
 
 # ---- digits and points ---------------------------------------------------------------------------------------------
@@ -224,6 +226,16 @@ def test_digits_are_one_png_each_and_one_npz(vae_run, tmp_path):
     with np.load(out / "digits.npz") as npz:
         np.testing.assert_array_equal(npz["images"], images)
     assert (out / "model.pt").read_bytes() == (vae_run / "gen_000" / "model.pt").read_bytes()
+    assert_own_names(out, "mnist_vae")
+
+
+def assert_own_names(out: Path, recipe: str) -> None:
+    """The export holds exactly the names --overwrite may delete (export_names), and its record lists them all."""
+    from recipes.export import export_names
+
+    names = export_names(recipe)
+    assert {p.name: p.is_dir() for p in out.iterdir()} == names
+    assert sorted(json.loads((out / "export.json").read_text())["files"]) == sorted(names)
 
 
 def test_points_as_npy_and_csv_with_the_run_recorded(toy_run, tmp_path):
@@ -238,6 +250,7 @@ def test_points_as_npy_and_csv_with_the_run_recorded(toy_run, tmp_path):
     assert (info["recipe"], info["generation"], info["num_samples"]) == ("toy_gaussian", 0, SAMPLES)
     assert info["run_dir"] == str(toy_run.resolve()) and info["sampling"]["num_samples"] == SAMPLES
     assert (out / "config.yaml").read_text() == (toy_run / "config.yaml").read_text()
+    assert_own_names(out, "toy_gaussian")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]  # no staging folder left beside it
 
 
@@ -308,12 +321,80 @@ def test_only_an_earlier_export_is_replaced_and_only_with_overwrite(toy_run, tmp
     out = tmp_path / "out"
     cli([str(toy_run), "--out", str(out)])  # the last finished generation: 0
     assert "toy_gaussian generation 0: 12 samples" in capsys.readouterr().out
-    (out / "stale.txt").write_text("from before")
     assert "--overwrite" in fail(capsys, [str(toy_run), "--out", str(out)])
+    (out / "samples.csv").write_text("edited")
     cli([str(toy_run), "--out", str(out), "--overwrite"])
     expected = ["config.yaml", "export.json", "model.pt", "samples.csv", "samples.npy"]
     assert sorted(p.name for p in out.iterdir()) == expected
+    assert (out / "samples.csv").read_text().startswith("x0,x1\n")  # the new export's, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]  # no staging or old folder left
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("record", ["junk\n", "{}", '{"recipe": "toy_gaussian", "files": ["export.json"]}'])
+def test_overwrite_never_deletes_a_folder_whose_export_json_is_no_export_record(toy_run, tmp_path, capsys, record):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "export.json").write_text(record)
+    before = tree(mine)
+    for flags in ([], ["--overwrite"]):
+        err = fail(capsys, [str(toy_run), "--out", str(mine), *flags])
+        assert "notes.txt" in err or "export.json" in err, err
+    assert tree(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging or old folder left
+
+
+def test_overwrite_keeps_an_earlier_export_that_the_user_added_files_to(toy_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    export(toy_run, out, 0)
+    (out / "analysis.ipynb").write_text("{}")
+    (out / "figs").mkdir()
+    (out / "figs" / "plot.png").write_bytes(b"png")
+    before = tree(out)
+    for flags in ([], ["--overwrite"]):
+        err = fail(capsys, [str(toy_run), "--out", str(out), *flags])
+        assert "analysis.ipynb" in err and "figs/" in err, err
+    assert tree(out) == before
+    (out / "analysis.ipynb").unlink()
+    shutil.rmtree(out / "figs")
+    cli([str(toy_run), "--out", str(out), "--overwrite"])  # the export's own files alone: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_forged_record_cannot_claim_the_users_files(toy_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    export(toy_run, out, 0)
+    record = json.loads((out / "export.json").read_text())
+    record["files"] += ["notes.txt", "figs"]  # names no toy_gaussian export writes
+    (out / "export.json").write_text(json.dumps(record))
+    (out / "notes.txt").write_text("mine")
+    (out / "figs").mkdir()
+    before = tree(out)
+    assert "notes.txt" in fail(capsys, [str(toy_run), "--out", str(out), "--overwrite"])
+    assert tree(out) == before
+
+
+def test_a_file_added_while_exporting_is_kept_and_the_old_export_stays_whole(toy_run, tmp_path, capsys, monkeypatch):
+    import recipes.export as export_module
+
+    out = tmp_path / "out"
+    export(toy_run, out, 0)
+    real = export_module.EXPORTERS["toy_gaussian"]
+
+    def slow_user(source, dest):  # the user saves a notebook into --out while the export is written
+        (out / "analysis.ipynb").write_text("{}")
+        return real(source, dest)
+
+    monkeypatch.setitem(export_module.EXPORTERS, "toy_gaussian", slow_user)
+    before = tree(out)
+    assert "analysis.ipynb" in fail(capsys, [str(toy_run), "--out", str(out), "--overwrite"])
+    assert tree(out) == {**before, "analysis.ipynb": b"{}"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the new export's staging folder is gone
 
 
 def test_python_m_and_the_console_script(toy_run, tmp_path):

@@ -480,6 +480,7 @@ def test_runs_without_pictures_get_no_samples_figure(tmp_path, capsys):
     assert "Samples" not in md
     assert not list((tmp_path / "out").glob("samples*"))
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        report.REPORT_RECORD,
         "report.md",
         "linear_regression_test_mse.png",
         "vae_mnist_val_loss.png",
@@ -614,3 +615,91 @@ def test_protocol_labels_and_real_only_workflows():
 
     assert ACCUMULATE_BOUND == pytest.approx(1.644934)
     assert risk_metric("linear_regression") == ("test_mse", 0.0) and risk_metric("mnist_vae") == ("test_loss", None)
+
+
+# ---- the output folder: the user's files are never overwritten ------------------------------------
+
+
+def tree(folder) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def fail(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err  # one line
+    return err
+
+
+def two_metric_run(tmp_path):
+    rows = lr_rows(lr_values())
+    rows += [(wf, *cell, s, g, "other", "1") for wf, *cell, s, g, _, _ in rows]
+    return write_run(tmp_path / "lr", "linear_regression", ["dim", "n_samples", "noise_var"], rows)
+
+
+def test_an_empty_out_is_refused_and_nothing_is_written_into_the_current_folder(tmp_path, capsys, monkeypatch):
+    run = two_metric_run(tmp_path)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in ("", " "):
+        assert "--out is empty" in fail(capsys, [str(run), "--out", out])
+    with pytest.raises(report.ReportError, match="--out is empty"):
+        make_report([run], "", warn=None)
+    assert list(here.iterdir()) == []
+
+
+def test_a_folder_of_the_users_own_files_is_refused_and_left_alone(tmp_path, capsys):
+    run = two_metric_run(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("# My notes\n")
+    (mine / "linear_regression_test_mse.png").write_bytes(b"my picture")
+    before = tree(mine)
+    err = fail(capsys, [str(run), "--out", str(mine)])
+    assert "linear_regression_test_mse.png" in err and "report.md" in err
+    assert tree(mine) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert "notes.txt" in fail(capsys, [str(run), "--out", str(other)])
+    assert tree(other) == {"notes.txt": b"mine"}
+
+
+def test_a_report_folder_is_rewritten_keeping_the_users_files_beside_it(tmp_path, capsys):
+    run = two_metric_run(tmp_path)
+    out = tmp_path / "out"
+    cli([str(run), "--out", str(out)])
+    assert (out / "linear_regression_other.png").is_file()
+    (out / "notes.txt").write_text("mine")
+    (out / "figs").mkdir()
+    (out / "figs" / "linear_regression_test_mse.png").write_bytes(b"my copy")
+    cli([str(run), "--out", str(out), "--metrics", "test_mse"])  # rerun into the same folder, as scripts/main.sh does
+    md = (out / "report.md").read_text()
+    assert "### test_mse" in md and "### other" not in md
+    assert not (out / "linear_regression_other.png").exists()  # the earlier report's picture that this one lacks
+    assert (out / "notes.txt").read_text() == "mine" and (out / "figs" / "linear_regression_test_mse.png").read_bytes()
+    assert not [p for p in out.iterdir() if p.name.startswith(".report.tmp")]  # no staging folder left
+
+    # A picture of the user's with a name the report writes (the earlier report did not): refused, left alone.
+    (out / "linear_regression_other.png").write_bytes(b"my picture")
+    before = tree(out)
+    assert "linear_regression_other.png" in fail(capsys, [str(run), "--out", str(out)])
+    assert tree(out) == before
+    (out / "linear_regression_other.png").unlink()
+    cli([str(run), "--out", str(out)])
+    assert is_png(out / "linear_regression_other.png") and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_report_folder_from_before_the_record_is_rewritten_too(tmp_path, capsys):
+    run = two_metric_run(tmp_path)
+    out = tmp_path / "out"
+    make_report([run], out, warn=None)
+    (out / report.REPORT_RECORD).unlink()  # as an earlier version wrote it: report.md and the PNGs it links
+    (out / "samples_linear_regression.png").write_bytes(b"my picture")  # linked by no report.md: the user's
+    make_report([run], out, metrics="test_mse", warn=None)
+    assert not (out / "linear_regression_other.png").exists()
+    assert (out / "samples_linear_regression.png").read_bytes() == b"my picture"
+    assert is_png(out / "linear_regression_test_mse.png")

@@ -41,6 +41,12 @@ out of the means and counted in the table.
 
 A run dir that cannot be read (missing, no metrics.csv yet, malformed CSV) is skipped with a one-line
 warning; with no usable run dir at all the command prints one ``error:`` line and exits with status 2.
+
+``--out`` is a new or empty folder, or one that holds an earlier report (rerunning into it is normal): the
+report lists its files in ``<out>/.report.json``, replaces those, deletes the ones it no longer writes and
+leaves every other file alone. A folder of other files, a file of the user's with a name the report writes,
+and an empty ``--out`` are refused in one line; the report is written into a hidden folder inside ``--out``
+first, so a refused report changes nothing.
 """
 
 from __future__ import annotations
@@ -48,8 +54,11 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import json
 import math
+import os
 import re
+import shutil
 import sys
 import textwrap
 import warnings
@@ -64,7 +73,7 @@ import numpy as np
 import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
-from collapse.atomic import atomic_write_text
+from collapse.atomic import atomic_write_json, atomic_write_text, pid_alive
 from collapse.errors import UserError
 from collapse.rundir import CONFIG, EXECUTION_KEYS, METRICS, TAIL_COLUMNS
 from datamodules.workflows import WORKFLOW_NAMES, Workflow, WorkflowError
@@ -84,6 +93,7 @@ __all__ = [
     "DEFAULT_MAX_PANELS",
     "HIDDEN_CONFIG_KEYS",
     "POOLED_CONFIG_KEYS",
+    "REPORT_RECORD",
     "REQUIRED_COLUMNS",
     "SAMPLES_PICTURE",
     "THEORY_CONFIG_KEYS",
@@ -140,6 +150,15 @@ PROTOCOL_COLUMN = "protocol"
 """The grid column that holds each run's protocol once any run of a recipe trained at fixed compute."""
 EPOCHS_PROTOCOL = "epochs per generation"
 FIXED_PROTOCOL = "fixed compute (steps of gen 0)"
+
+REPORT_FILE = "report.md"
+REPORT_RECORD = ".report.json"
+"""Written beside ``report.md``: the files of the report in that folder. A later report may replace those (and
+delete the ones it no longer writes); every other file in the folder is the user's and is never touched."""
+_REPORT_TITLE = "# Model-collapse report"
+_WRITER = "tooling.report"
+_STAGE = re.compile(r"^\.report\.tmp-(\d+)$")  # a report being written, inside its --out
+_LINKED_PNG = re.compile(r"\]\(([A-Za-z0-9_.=-]+\.png)\)")  # a picture report.md shows (names are _safe_name's)
 
 _CHUNK_ROWS = 200_000
 SAMPLES_PICTURE = "samples.png"
@@ -1860,6 +1879,8 @@ def make_report(
     filters = parse_cell_filters(cells)
     if max_panels < 1:
         raise ReportError(f"--max_panels must be >= 1, got {max_panels}")
+    if isinstance(out_dir, str) and not out_dir.strip():  # Path("") would be the current folder
+        raise ReportError("--out is empty; give the folder for report.md and the PNGs, e.g. --out runs/report")
     warn = warn or (lambda _msg: None)
     if not run_dirs:
         raise ReportError("no run dir given")
@@ -1894,14 +1915,13 @@ def make_report(
         raise ReportError(f"--cells matches no cell (cells look like {examples})")
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out} is a file, not a folder")
+    ours = _check_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"cannot create --out {out} ({exc.strerror or exc})") from None
 
-    md = ["# Model-collapse report", ""]
+    md = [_REPORT_TITLE, ""]
     md += [
         f"{len(runs)} run dir{'s' if len(runs) != 1 else ''}, {len(groups)} recipe{'s' if len(groups) != 1 else ''}. "
         f"Values are means over seeds ± the half-width of the {CONFIDENCE:.0%} confidence interval of the mean "
@@ -1913,15 +1933,109 @@ def make_report(
     if skipped:
         md += ["Skipped run dirs:", ""] + [f"- {md_escape(s)}" for s in skipped] + [""]
     used: set[str] = set()
-    report = out / "report.md"
+    # Written whole into a hidden folder inside --out first, so that no file is replaced before every name is
+    # known to be free or the earlier report's own.
+    stage = out / f".report.tmp-{os.getpid()}"
     try:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
         for data in groups:
-            samples = samples_section(data, out, used, warn)
-            md += _section(data, out, wanted, filters, mode, max_panels, used, samples)
-        atomic_write_text(report, "\n".join(md).rstrip() + "\n")
+            samples = samples_section(data, stage, used, warn)
+            md += _section(data, stage, wanted, filters, mode, max_panels, used, samples)
+        atomic_write_text(stage / REPORT_FILE, "\n".join(md).rstrip() + "\n")
+        _publish(stage, out, ours)
     except OSError as exc:
         raise ReportError(f"cannot write the report into {out} ({exc.strerror or exc})") from None
-    return report
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out / REPORT_FILE
+
+
+def _names(paths: Sequence[Path] | Sequence[str], limit: int = 4) -> str:
+    shown = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") if isinstance(p, Path) else p for p in paths]
+    return ", ".join(shown[:limit]) + (f" and {len(shown) - limit} more" if len(shown) > limit else "")
+
+
+def _report_files(out: Path) -> set[str] | None:
+    """The files of the report in the folder ``out`` (its record among them), or None when ``out`` holds none.
+
+    Read from :data:`REPORT_RECORD`; for a report written before there was one, ``report.md`` (with the report's
+    title) and the pictures it links.
+    """
+    record = out / REPORT_RECORD
+    if record.is_symlink() or record.exists():
+        try:
+            record = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not ours: a file of that name that is no record
+            return None
+        files = record.get("files") if isinstance(record, dict) and record.get("written_by") == _WRITER else None
+        if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f for f in files):
+            return None
+        return {REPORT_RECORD, *files}
+    try:
+        text = (out / REPORT_FILE).read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    if not text.startswith(_REPORT_TITLE + "\n"):
+        return None
+    return {REPORT_FILE, *_LINKED_PNG.findall(text)}
+
+
+def _check_out(out: Path) -> set[str]:
+    """Refuse an --out that is empty, a file, or a folder of other files; return the earlier report's files in it.
+
+    A report is written into a new or empty folder, or into one that holds a report (:func:`_report_files`),
+    beside whatever else the user keeps there.
+    """
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        return set()
+    try:
+        entries = sorted(out.iterdir(), key=lambda p: (p.name.startswith("."), p.name))
+        for stale in entries:  # left by a killed report
+            m = _STAGE.match(stale.name)
+            if m and not pid_alive(int(m.group(1))):
+                shutil.rmtree(stale, ignore_errors=True)
+        entries = [p for p in entries if not _STAGE.match(p.name)]
+        ours = _report_files(out) if entries else set()
+    except OSError as exc:
+        raise ReportError(f"--out {out} cannot be read ({exc.strerror or exc})") from None
+    if ours is None:
+        raise ReportError(
+            f"--out {out} holds files ({_names(entries)}) and no report of this tool, so nothing is written there "
+            "(its files are left alone); choose a new or empty folder"
+        )
+    return ours
+
+
+def _publish(stage: Path, out: Path, ours: set[str]) -> None:
+    """Move the report written in ``stage`` into ``out``, replacing the earlier report's files ``ours``.
+
+    A file of the user's with a name the report writes is refused (nothing moved); the earlier report's files that
+    this one no longer writes are deleted; the user's other files are left alone.
+    """
+    written = sorted(p.name for p in stage.iterdir() if p.name != REPORT_FILE) + [REPORT_FILE]  # report.md last
+    clash = [
+        n
+        for n in written
+        if os.path.lexists(out / n) and (n not in ours or (out / n).is_symlink() or not (out / n).is_file())
+    ]
+    if clash:
+        raise ReportError(
+            f"--out {out} holds files of the user's with names the report writes ({_names(clash)}), so nothing is "
+            "written there (they are left alone); move them away or choose another folder"
+        )
+    earlier = ours - {REPORT_RECORD}
+    # Recorded first: a report killed while it moves its files still owns them next time.
+    atomic_write_json(out / REPORT_RECORD, {"files": sorted(earlier | set(written)), "written_by": _WRITER})
+    for name in written:
+        os.replace(stage / name, out / name)
+    for name in sorted(earlier - set(written)):  # the earlier report's, that this one does not write
+        path = out / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    atomic_write_json(out / REPORT_RECORD, {"files": written, "written_by": _WRITER})
 
 
 # ---- command line ------------------------------------------------------------------------------
