@@ -1072,6 +1072,8 @@ def _sdf_records(path: Path) -> Iterator[tuple[str, Loader, float | None]]:
         supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False)
     except OSError as exc:  # RDKit's "File error: Invalid input file"
         raise UserError(f"--data.path: {path} cannot be read as an SDF file ({exc})") from None
+    if len(supplier) == 0:
+        raise UserError(f"--data.path: {path} holds no SDF record (a molecule block with its atom and bond lines)")
     for i in range(len(supplier)):
         mol = supplier[i]
         yield f"{path.name}#{i}", (lambda mol=mol: mol), None

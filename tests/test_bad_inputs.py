@@ -188,11 +188,12 @@ def test_an_unusable_cache_dir_is_one_line(recipe, where, tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "mine\n"
 
 
-def test_an_empty_sdf_file_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(("text", "message"), [("", "is empty"), ("hello\nnot a molecule\n", "holds no SDF record")])
+def test_an_empty_or_recordless_sdf_file_is_one_line(tmp_path, capsys, text, message):
     sdf = tmp_path / "empty.sdf"
-    sdf.write_text("")
+    sdf.write_text(text)
     err = refused("geom_diffusion", ["--data.source", "sdf", "--data.path", str(sdf)], tmp_path, capsys)
-    assert f"{sdf} is empty" in err
+    assert f"{sdf} {message}" in err
 
 
 TINY_STORIES = [
