@@ -108,6 +108,11 @@ class SamplingModel(Protocol):
     def sample(self, n: int, generator: torch.Generator) -> Mapping[str, Any]: ...
 
 
+EXACT_MEANS = "exact_means"
+"""The child module of a :class:`SamplingModule` holding its exact evaluation means
+(:meth:`~SamplingModule.log_mean`), made by the first evaluation: sums, no weights."""
+
+
 class _WeightedMean(Metric):
     """sum(value x weight) / sum(weight), summed across processes (:meth:`SamplingModule.log_mean`): in float64, or
     float32 on a device without float64 (Apple's MPS)."""
@@ -182,7 +187,7 @@ class SamplingModule(pl.LightningModule, abc.ABC):
         MPS), summed across processes when the epoch ends, and reset for the next one; a NaN value makes the
         mean NaN. The weight stays a host number: adding it waits for no device.
         """
-        means = self._modules.get("exact_means")
+        means = self._modules.get(EXACT_MEANS)
         if means is None:
             means = self.exact_means = torch.nn.ModuleDict()  # a child module: it follows the model's device
         if name not in means:
@@ -190,7 +195,7 @@ class SamplingModule(pl.LightningModule, abc.ABC):
             means[name] = _WeightedMean(dtype).to(value.device)
         metric = means[name]
         metric.update(value.detach(), weight)
-        self.log(name, metric, on_step=False, on_epoch=True, metric_attribute=f"exact_means.{name}")
+        self.log(name, metric, on_step=False, on_epoch=True, metric_attribute=f"{EXACT_MEANS}.{name}")
 
     def loader_batch_fn(self) -> Callable[[Any], Any] | None:
         """Optional: a function the generation loop's data loaders apply to each collated batch (training, validation
@@ -287,4 +292,4 @@ class Modality(abc.ABC):
         return {}
 
 
-__all__ = ["Modality", "RealDataModule", "SamplingModel", "SamplingModule"]
+__all__ = ["EXACT_MEANS", "Modality", "RealDataModule", "SamplingModel", "SamplingModule"]

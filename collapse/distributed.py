@@ -29,6 +29,7 @@ model. ``ddp`` (the default for several devices) is the strategy of a multi-devi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -168,6 +169,19 @@ def launch_strategy(strategy: Any) -> Any:
     return DDPStrategy(**settings)
 
 
+_CHILDREN: list[Any] = []
+"""The processes :func:`launch` started for the run's other ranks (``subprocess.Popen``), in the process that did."""
+
+
+def forward_signal(signum: int) -> None:
+    """Send ``signum`` to the processes this one started for the run's other ranks (none under torchrun or SLURM,
+    whose launchers signal every rank themselves)."""
+    for proc in _CHILDREN:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+
 def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
     """Start the run's processes and their process group now, if the Trainer settings ask for several.
 
@@ -199,9 +213,11 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
         strategy=launch_strategy(strategy),  # starts the processes and the group; the Trainer's strategy reuses them
     )
     fabric.launch()
+    launcher = getattr(fabric.strategy, "launcher", None)
+    _CHILDREN[:] = list(getattr(launcher, "procs", None) or [])  # the processes of the other ranks it started
     if torch.cuda.is_available() and fabric.device.type == "cuda":
         torch.cuda.set_device(fabric.device)
     return Dist()
 
 
-__all__ = ["Dist", "LAUNCH_KEYS", "WAIT_TIMEOUT", "launch", "launch_strategy", "wants_processes"]
+__all__ = ["Dist", "LAUNCH_KEYS", "WAIT_TIMEOUT", "forward_signal", "launch", "launch_strategy", "wants_processes"]

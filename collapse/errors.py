@@ -5,8 +5,12 @@ class UserError(Exception):
     """Input the user can fix (a flag, a file, a folder); the message says what to fix."""
 
 
-class Terminated(Exception):
-    """The run was asked to stop (SIGTERM); recipes say how to resume and exit with status 143 (128 + 15)."""
+class Terminated(BaseException):
+    """The run was asked to stop (SIGTERM); recipes say how to resume and exit with status 143 (128 + 15).
+
+    A BaseException, as KeyboardInterrupt is: raised from the signal handler wherever the run is, it must pass
+    through library code that catches Exception (and would turn it into an error of its own).
+    """
 
 
 class ConfigError(UserError, ValueError):

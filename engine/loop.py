@@ -43,9 +43,11 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
+import threading
 import time
 import warnings
 import zipfile
@@ -64,8 +66,8 @@ from callbacks.progress import LineProgress, progress_bar_wanted
 from callbacks.rng_state import RngStateCallback
 from callbacks.synthetic_data import SyntheticDataCallback, on_device
 from collapse.atomic import atomic_open, atomic_write_json
-from collapse.contract import Modality, RealDataModule
-from collapse.distributed import Dist, launch, wants_processes
+from collapse.contract import EXACT_MEANS, Modality, RealDataModule
+from collapse.distributed import Dist, forward_signal, launch, wants_processes
 from collapse.errors import ConfigError, Terminated, UserError
 from collapse.progress import DEFAULT_INTERVAL, check_interval, check_log_level, console
 from collapse.rundir import (
@@ -198,7 +200,7 @@ def run_generations(
     For the length of the run the project's log messages (``--log_level``) and progress lines
     (``--progress_every``) go to stderr as ``[recipe] message`` (see :func:`collapse.progress.console`).
     """
-    with console(cfg.log_level, recipe or modality.name, cfg.progress_every):
+    with console(cfg.log_level, recipe or modality.name, cfg.progress_every), _sigterm_stops_the_run():
         return _run_generations(modality, cfg, recipe, config, callbacks, verbose)
 
 
@@ -400,7 +402,7 @@ class _GenerationContext:
         # The step count first: model.pt marks the fit as done, and a run that resumes after it must find both.
         atomic_write_json(stage / FIT_FILE, {"train_steps": int(steps)})
         with atomic_open(stage / MODEL_FILE, "wb") as fh:
-            torch.save(model.state_dict(), fh)
+            torch.save(_weights(model), fh)
         shutil.rmtree(stage / CHECKPOINT_DIR, ignore_errors=True)
         _remove_hpc_checkpoints(stage)
 
@@ -501,6 +503,7 @@ class _GenerationContext:
             kwargs["enable_checkpointing"] = True
         trainer = trainer_cls(callbacks=callbacks, **kwargs)
         _without_slurm_requeue(trainer)
+        _without_lightning_s_sigterm(trainer)
         if isinstance(trainer, FixedStepsTrainer):
             trainer.fixed_steps = steps
         return trainer
@@ -560,6 +563,20 @@ def _load_metrics(path: Path) -> dict[str, float]:
     if not isinstance(data, dict):
         raise StoreError(f"{path}: not a JSON object of metric names and values")
     return upgrade_metric_names(data)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, Any]:
+    """``model.state_dict()`` as ``model.pt`` keeps it: the same bytes however the fit went. The exact-means module
+    (:data:`~collapse.contract.EXACT_MEANS`, made by the first evaluation, holding no weights) would otherwise
+    enter the state_dict's per-module metadata only if this process evaluated before saving (not when a fit
+    killed after its last epoch resumes from that epoch's checkpoint)."""
+    state = model.state_dict()
+    meta = getattr(state, "_metadata", None)
+    if meta is not None:
+        state._metadata = type(meta)(  # type: ignore[attr-defined]
+            (name, value) for name, value in meta.items() if name.split(".")[0] != EXACT_MEANS
+        )
+    return state
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -701,6 +718,56 @@ def _validate(cfg: LoopConfig) -> None:
 
 
 @contextlib.contextmanager
+def _sigterm_stops_the_run() -> Iterator[None]:
+    """For the length of a run, SIGTERM (a scheduler's time limit, ``kill``, ``docker stop``) stops it as Ctrl-C does:
+    :class:`Terminated` is raised wherever the run is (fit, test, sampling, scoring, commit), the processes this one
+    started for the other ranks get the signal too, and the recipe ends with its resume line and status 143.
+
+    Lightning's own handling is off in the loop's Trainers (:func:`_without_lightning_s_sigterm`): it stops only
+    between batches (not at all on a test's last one), ends with status 0, and in a multi-process run broadcasts
+    from inside the signal handler, which hangs when the other ranks are inside a collective of their own. A
+    second SIGTERM while the first stops the run is ignored; a process forked from this one (a data-loader worker)
+    meets the signal's default action.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+    stopping = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if stopping:
+            return
+        stopping = True
+        forward_signal(signum)
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _without_lightning_s_sigterm(trainer: pl.Trainer) -> None:
+    """Keep ``trainer`` from installing its SIGTERM handler for its fits and tests (:func:`_sigterm_stops_the_run`
+    handles the signal for the whole run)."""
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    class LoopSignals(_SignalConnector):
+        def register_signal_handlers(self) -> None:
+            self.received_sigterm = False
+            self._original_handlers = {}  # nothing replaced, nothing to put back
+
+    trainer._signal_connector = LoopSignals(trainer)
+
+
+@contextlib.contextmanager
 def _interrupt_passes_through() -> Iterator[None]:
     """Let a Ctrl-C inside ``trainer.fit`` or ``trainer.test`` reach the caller as a KeyboardInterrupt, and a
     SIGTERM as :class:`Terminated`.
@@ -709,9 +776,9 @@ def _interrupt_passes_through() -> Iterator[None]:
     ``sys.exit(1)``: the recipe would end with status 1, without the line on how to resume, and the
     rest of the loop would never know. That SystemExit is raised while the KeyboardInterrupt is being
     handled, which tells it apart from any other exit. SIGINT gets back the handler it had before.
-    A SIGTERM (a scheduler's time limit, ``kill``, ``docker stop``) Lightning turns into its
-    ``SIGTERMException`` at the next batch, a SystemExit without a status: the recipe would end with
-    status 0, as if it had finished, and a launcher that trusts the status would skip the rest.
+    A SIGTERM reaching a Trainer whose own handling is on (not the loop's: :func:`_sigterm_stops_the_run`)
+    Lightning turns into its ``SIGTERMException`` at the next batch, a SystemExit without a status: the
+    recipe would end with status 0, as if it had finished; it becomes :class:`Terminated` here too.
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from loop_script import GENERATIONS, MAX_EPOCHS, REAL_SIZE, TinyModality, gaussi
 
 import engine.loop as loop
 from callbacks.synthetic_data import SAMPLING_FILE, SyntheticDataCallback, chunk_ranges
-from collapse.errors import UserError
+from collapse.errors import Terminated, UserError
 from collapse.rundir import RunDirError
 from collapse.store import GenerationStore, StoreError, sha256_file
 from collapse.tracking import WandbConfig
@@ -287,6 +288,40 @@ def test_a_run_killed_before_dropping_its_checkpoints_or_chunks_publishes_neithe
     result = run(out, "accumulate")
     assert result.fitted == [2]
     assert [p for p in out.glob("gen_*/*") if not p.is_file()] == []
+    assert file_hashes(out) == file_hashes(unbroken)
+
+
+def _sigterm_at(hook: str, generation: int):
+    """A callback that sends this process SIGTERM in ``hook`` of ``generation``, as ``kill`` or a scheduler would."""
+    import lightning.pytorch as pl
+
+    class Term(pl.Callback):
+        def __init__(self):
+            self.generation = None
+
+        def setup(self, trainer, pl_module, stage):
+            self.generation = int(Path(trainer.default_root_dir).name[5:8])
+
+    def send(self, trainer, *args):
+        if self.generation == generation:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    setattr(Term, hook, send)
+    return Term()
+
+
+# A test's end (Lightning let a SIGTERM there pass: the run went on and exited 0), the end of a fit (where the
+# synthetic set is drawn), and mid-fit.
+@pytest.mark.parametrize("hook", ["on_test_epoch_end", "on_fit_end", "on_train_epoch_end"])
+def test_sigterm_anywhere_in_a_generation_stops_the_run_and_it_resumes_to_the_unbroken_result(tmp_path, unbroken, hook):
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        run_generations(TinyModality(), tiny_config(out, "accumulate"), recipe="toy", callbacks=[_sigterm_at(hook, 1)])
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone with it
+    assert (out / "gen_000").is_dir() and not (out / "gen_001").exists()
+    run(out, "accumulate")
+    assert (out / "metrics.csv").read_text() == (unbroken / "metrics.csv").read_text()
     assert file_hashes(out) == file_hashes(unbroken)
 
 

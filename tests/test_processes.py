@@ -292,6 +292,25 @@ def test_sigterm_during_a_lightning_fit_exits_143_not_0_and_the_same_command_res
     assert stopped < _checkpoint_epoch(ckpt) <= stopped + 2  # went on from the checkpoint
 
 
+@pytest.mark.slow
+def test_sigterm_to_rank_0_of_two_processes_stops_both_with_143_and_no_hang(tmp_path, start):
+    out = tmp_path / "toy"
+    ckpt = out / ".gen_000.partial" / "checkpoints" / "last.ckpt"
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = start([*TOY, *ddp, "--out_dir", str(out)], "ddp")
+    wait_for(ckpt.is_file, "a checkpoint of the fit", proc)
+    first = ckpt.stat().st_mtime_ns
+    wait_for(lambda: ckpt.stat().st_mtime_ns != first, "a second checkpoint", proc)
+    family = start.family(proc)
+    assert len(family) >= 1  # rank 1, started by rank 0
+    # Rank 0 alone (kill <pid>): Lightning's handler broadcast from inside it and hung both ranks in their collectives.
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.err_path.read_text()
+    err = proc.err_path.read_text()
+    assert err.count(TERMINATED) == 1, err
+    assert still_alive(family) == []
+
+
 def test_lightning_s_exits_on_ctrl_c_and_sigterm_reach_the_loop_as_interrupt_and_termination(tmp_path):
     import lightning.pytorch as pl
     import torch
