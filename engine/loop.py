@@ -755,8 +755,8 @@ def _sigterm_stops_the_run() -> Iterator[None]:
 
 
 def _without_lightning_s_sigterm(trainer: pl.Trainer) -> None:
-    """Keep ``trainer`` from installing its SIGTERM handler for its fits and tests (:func:`_sigterm_stops_the_run`
-    handles the signal for the whole run)."""
+    """Keep ``trainer`` from installing its SIGTERM handler for its fits and tests and from sharing its flag
+    between processes at every step (:func:`_sigterm_stops_the_run` handles the signal for the whole run)."""
     from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
     class LoopSignals(_SignalConnector):
@@ -765,6 +765,9 @@ def _without_lightning_s_sigterm(trainer: pl.Trainer) -> None:
             self._original_handlers = {}  # nothing replaced, nothing to put back
 
     trainer._signal_connector = LoopSignals(trainer)
+    # Nor broadcast its SIGTERM flag before every training batch of a multi-process fit: a collective and a read
+    # back to the host per step (on GPUs, a wait for the step's kernels before the next batch can be queued).
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
 
 @contextlib.contextmanager

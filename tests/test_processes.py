@@ -292,6 +292,54 @@ def test_sigterm_during_a_lightning_fit_exits_143_not_0_and_the_same_command_res
     assert stopped < _checkpoint_epoch(ckpt) <= stopped + 2  # went on from the checkpoint
 
 
+def test_the_loop_s_trainers_neither_handle_sigterm_nor_broadcast_its_flag_every_step(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+    import torch
+
+    from engine.loop import _without_lightning_s_sigterm
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(loop_s: bool) -> list[str]:
+        calls: list[str] = []
+        trainer = pl.Trainer(
+            max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path),
+        )  # fmt: skip
+        if loop_s:
+            _without_lightning_s_sigterm(trainer)
+        handler = signal.getsignal(signal.SIGTERM)
+        # As in a fit of two processes: Lightning broadcasts its SIGTERM flag before each of the 3 batches.
+        with monkeypatch.context() as m:
+            m.setattr(torch.distributed, "is_initialized", lambda: True)
+            m.setattr(torch.distributed, "get_world_size", lambda *a, **k: 1)  # asked by the data loader
+            m.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)
+            m.setattr(pl.Trainer, "world_size", property(lambda self: 2))
+            m.setattr(torch.distributed, "broadcast", lambda *a, **k: calls.append("broadcast"))
+
+            class Watch(pl.Callback):
+                def on_train_batch_start(self, *args):
+                    calls.append("own handler" if signal.getsignal(signal.SIGTERM) is not handler else "")
+
+            trainer.callbacks.append(Watch())
+            data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)), batch_size=2)
+            trainer.fit(Tiny(), train_dataloaders=data)
+        return [c for c in calls if c]
+
+    assert fit(loop_s=False).count("broadcast") == 3  # what the override is for: still so in this Lightning
+    assert fit(loop_s=False).count("own handler") == 3
+    assert fit(loop_s=True) == []
+
+
 @pytest.mark.slow
 def test_sigterm_to_rank_0_of_two_processes_stops_both_with_143_and_no_hang(tmp_path, start):
     out = tmp_path / "toy"
