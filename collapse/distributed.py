@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as torch_dist
 
-from collapse.errors import UserError
+from collapse.errors import Terminated, UserError
 
 T = TypeVar("T")
 
@@ -118,6 +118,10 @@ class Dist:
         return outcome[1]
 
 
+STOPS: dict[str, type[BaseException]] = {"KeyboardInterrupt": KeyboardInterrupt, "Terminated": Terminated}
+"""A run stopped on request, by name: raised as such on the ranks that learn of it from another."""
+
+
 def _run(fn: Callable[[], T]) -> tuple[tuple[str, Any], BaseException | None]:
     """``(("ok", result), None)``, or ``(("error", (type name, message, is a UserError)), the error)``: what the
     other ranks are told of ``fn``'s run on this one, and the error to re-raise here once they know."""
@@ -132,6 +136,8 @@ def _raise_failure(outcome: tuple[str, Any], rank: int) -> None:
     kind, value = outcome
     if kind == "error":
         name, message, user = value
+        if name in STOPS:  # rank 0 was stopped (Ctrl-C, SIGTERM): the others stop the same way, not with an error
+            raise STOPS[name](message)
         raise (UserError(message) if user else RuntimeError(f"rank {rank} failed: {name}: {message}"))
 
 
@@ -170,16 +176,20 @@ def launch_strategy(strategy: Any) -> Any:
 
 
 _CHILDREN: list[Any] = []
-"""The processes :func:`launch` started for the run's other ranks (``subprocess.Popen``), in the process that did."""
+"""The processes :func:`launch` started for the run's other ranks (``subprocess.Popen``), in the process that did:
+the launcher's own list, which Lightning's observer thread watches."""
 
 
 def forward_signal(signum: int) -> None:
     """Send ``signum`` to the processes this one started for the run's other ranks (none under torchrun or SLURM,
-    whose launchers signal every rank themselves)."""
+    whose launchers signal every rank themselves), and stop watching them: Lightning's observer thread SIGKILLs
+    this process within seconds of a child's exit with a non-zero status, which would cut its own clean-up short
+    (status 137, no resume line) once the children have stopped as asked."""
     for proc in _CHILDREN:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signum)
+    _CHILDREN.clear()
 
 
 def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
@@ -213,8 +223,10 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
         strategy=launch_strategy(strategy),  # starts the processes and the group; the Trainer's strategy reuses them
     )
     fabric.launch()
-    launcher = getattr(fabric.strategy, "launcher", None)
-    _CHILDREN[:] = list(getattr(launcher, "procs", None) or [])  # the processes of the other ranks it started
+    global _CHILDREN
+    procs = getattr(getattr(fabric.strategy, "launcher", None), "procs", None)
+    if isinstance(procs, list):  # the processes of the other ranks it started
+        _CHILDREN = procs
     if torch.cuda.is_available() and fabric.device.type == "cuda":
         torch.cuda.set_device(fabric.device)
     return Dist()

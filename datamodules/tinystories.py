@@ -116,6 +116,7 @@ import datamodules.tokenizer as tok
 from collapse.atomic import atomic_open, atomic_write_json, check_writable_folder, entry_lock, make_folder
 from collapse.errors import ConfigError, UserError
 from collapse.progress import Progress
+from collapse.store import sha256_file
 from datamodules.base import RealDataModuleBase, first_line
 from datamodules.story_corpus import EOT_SEPARATOR, STAND_IN_LABEL, iter_stories
 from datamodules.tokenizer import PAD_ID, TOKENIZER_FILE
@@ -376,8 +377,7 @@ def _content_digest(path: Path) -> tuple[int, str]:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if key not in _DIGESTS:
-        with open(path, "rb") as fh:
-            _DIGESTS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+        _DIGESTS[key] = sha256_file(path)
     return st.st_size, _DIGESTS[key]
 
 

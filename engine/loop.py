@@ -750,6 +750,13 @@ def _sigterm_stops_the_run() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except BaseException as exc:
+        # What the stopping run met on its way out is the stop's doing: data-loader workers signalled with the rest
+        # of the process group (a scheduler's time limit) die, and their loader raises about it as Terminated
+        # unwinds; a rank that rank 0 left inside a collective gets a lost connection.
+        if stopping and not isinstance(exc, Terminated):
+            raise Terminated("terminated (SIGTERM)") from exc
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 

@@ -208,7 +208,7 @@ def _cholesky(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 SIGMA2_RANGE = (1e-100, 1e100)
-"""``--sigma2`` allowed: every metric is scale-free, and the float64 sums of squares stay finite and normal."""
+"""``--sigma2`` allowed: within it the float64 sums of squares of the data stay finite and normal."""
 
 
 def make_problem(cell: Cell, rng: np.random.Generator, num_seeds: int, sigma2: float, n_test: int) -> GaussianProblem:
@@ -223,8 +223,8 @@ def main(cfg: GaussianConfig):
     (sigma2,) = positive_floats("sigma2", cfg.sigma2)
     if not SIGMA2_RANGE[0] <= sigma2 <= SIGMA2_RANGE[1]:
         raise UserError(
-            f"--sigma2 must be between {SIGMA2_RANGE[0]:g} and {SIGMA2_RANGE[1]:g} (the results do not depend on the "
-            f"scale; beyond it the sums of squares overflow or underflow float64), got {sigma2!r}"
+            f"--sigma2 must be between {SIGMA2_RANGE[0]:g} and {SIGMA2_RANGE[1]:g} (beyond it the data's sums of "
+            f"squares overflow or underflow float64), got {sigma2!r}"
         )
     positive_ints("n_test", cfg.n_test)
 

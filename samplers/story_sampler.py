@@ -81,9 +81,9 @@ STRATEGIES = ("bos_fixed_length", "first_token_inclusive")
 COMPILE_MODES = ("auto", "off", "on")
 """Accepted values of :attr:`SamplingConfig.compile`."""
 DTYPES = ("auto", "float32", "bfloat16")
+"""Accepted values of :attr:`SamplingConfig.dtype`."""
 MIN_TEMPERATURE = 1e-6
 """The smallest ``--sampling.temperature``: float32 logits of any size a model gives, divided by it, stay finite."""
-"""Accepted values of :attr:`SamplingConfig.dtype`."""
 BACKENDS = ("auto", "native", "hf")
 """Accepted values of :attr:`SamplingConfig.backend`."""
 ATTENTIONS = ("auto", "bucket", "flex")

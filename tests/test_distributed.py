@@ -145,3 +145,39 @@ def _launched(folder: Path) -> None:
 
 if __name__ == "__main__":  # the run of test_two_launched_processes_make_their_group_with_the_strategy_s_timeout
     _launched(Path(sys.argv[1]))
+
+
+def test_a_forwarded_signal_reaches_the_started_ranks_and_ends_lightning_s_watch_of_them(monkeypatch):
+    """SIGTERM to the process that started the other ranks reaches them too; then Lightning's observer thread, which
+    SIGKILLs that process within seconds of a child exiting non-zero (as they do, stopped), must stop watching."""
+    import signal
+    import subprocess
+    import sys
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    started = list(children)
+    try:
+        monkeypatch.setattr(distributed, "_CHILDREN", children)  # the launcher's own list, as launch() keeps it
+        killed: list[int] = []
+        observer = _ChildProcessObserver(main_pid=-1, child_processes=children)
+        monkeypatch.setattr(observer, "_terminate_all", lambda: killed.append(1))
+        distributed.forward_signal(signal.SIGTERM)
+        assert [child.wait(timeout=10) for child in started] == [-signal.SIGTERM] * 2
+        assert children == [] and observer._run() and killed == []  # nothing left to watch: this process spared
+    finally:
+        for child in started:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.parametrize("name", ["Terminated", "KeyboardInterrupt"])
+def test_a_rank_stopped_on_request_stops_the_others_the_same_way_not_with_an_error(name):
+    from collapse.errors import Terminated
+
+    outcome = ("error", (name, "terminated (SIGTERM)", False))  # what _run reports of rank 0's step
+    with pytest.raises({"Terminated": Terminated, "KeyboardInterrupt": KeyboardInterrupt}[name]):
+        distributed._raise_failure(outcome, 0)
+    with pytest.raises(RuntimeError, match="rank 0 failed: ValueError: bad"):
+        distributed._raise_failure(("error", ("ValueError", "bad", False)), 0)

@@ -391,6 +391,7 @@ def test_gpu_ids_are_indices_or_auto(monkeypatch):
     assert grid.gpu_ids(" 0, 01 ,3,3") == ["0", "1", "3", "3"]  # listed twice: two cells on GPU 3 at once
     uuid = "GPU-5f3e2a1b-8c9d-4e0f-a1b2-c3d4e5f60718"  # as nvidia-smi -L lists it; CUDA_VISIBLE_DEVICES takes it
     assert grid.gpu_ids(f"{uuid},MIG-5f3e2a1b-8c9d-4e0f-a1b2-c3d4e5f60718") == [uuid, "MIG" + uuid[3:]]
+    assert grid.gpu_ids(f"MIG-{uuid}/1/0") == [f"MIG-{uuid}/1/0"]  # the MIG form of drivers before CUDA 11.4
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")  # auto: the GPUs this process may see
     assert grid.gpu_ids("auto") == ["2", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")

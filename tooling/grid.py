@@ -727,6 +727,11 @@ def _slots(args: argparse.Namespace, cells: int) -> tuple[list[str | None], int 
     return slots, (max(1, cores // at_once) if at_once > 1 else None)
 
 
+_GPU_ID = re.compile(r"[0-9]+|(GPU-|MIG-|MIG-GPU-)[0-9a-fA-F]{8}[0-9A-Za-z/-]*")
+"""A GPU as CUDA_VISIBLE_DEVICES names it: an index, or a GPU or MIG UUID (``MIG-GPU-<uuid>/<gi>/<ci>`` before
+CUDA 11.4)."""
+
+
 def gpu_ids(text: str) -> list[str]:
     """The GPU ids of ``--gpus``: ``auto`` (:func:`detect_gpus`) or comma-separated indices such as ``0,1`` (or the
     ``GPU-``/``MIG-`` UUIDs that CUDA_VISIBLE_DEVICES also takes).
@@ -742,7 +747,7 @@ def gpu_ids(text: str) -> list[str]:
     ids = [g.strip() for g in text.split(",")]
     if not all(ids):
         raise GridError(f"--gpus {text}: empty id; give GPU indices such as 0,1 (or auto)")
-    bad = next((g for g in ids if not re.fullmatch(r"[0-9]+|(GPU|MIG)-[0-9a-fA-F]{8}[0-9A-Za-z/-]*", g)), None)
+    bad = next((g for g in ids if not _GPU_ID.fullmatch(g)), None)
     if bad is not None:
         raise GridError(
             f"--gpus {text}: {bad!r} is not a GPU index or UUID; give non-negative integers such as 0,1, "
