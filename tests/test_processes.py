@@ -244,7 +244,11 @@ def _checkpoint_epoch(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_a_lightning_fit_exits_130_once_and_the_same_command_resumes(tmp_path, start):
+@pytest.mark.parametrize(("stop", "status", "line"), [(signal.SIGINT, 130, RESUME), (signal.SIGTERM, 143, TERMINATED)])
+def test_ctrl_c_or_sigterm_during_a_lightning_fit_exits_once_and_the_same_command_resumes(
+    tmp_path, start, stop, status, line
+):
+    # SIGTERM: Lightning's own handling would have ended the run with status 0, as if it had finished.
     out = tmp_path / "toy"
     ckpt = out / ".gen_000.partial" / "checkpoints" / "last.ckpt"
     proc = start([*TOY, "--out_dir", str(out)], "toy")
@@ -252,51 +256,27 @@ def test_ctrl_c_during_a_lightning_fit_exits_130_once_and_the_same_command_resum
     first = ckpt.stat().st_mtime_ns
     # A second epoch done: a fresh start could not have got past the epoch the run stopped in.
     wait_for(lambda: ckpt.stat().st_mtime_ns != first, "a second checkpoint", proc)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130, proc.err_path.read_text()
+    proc.send_signal(stop)
+    assert proc.wait(timeout=60) == status, proc.err_path.read_text()
     err = proc.err_path.read_text()
-    assert err.count(RESUME) == 1 and "Traceback" not in err, err
-    stopped = _checkpoint_epoch(ckpt)
-    assert stopped >= 1
-
-    again = start([*TOY, "--out_dir", str(out)], "again")
-    before = ckpt.stat().st_mtime_ns
-    wait_for(lambda: ckpt.stat().st_mtime_ns != before, "a checkpoint of the resumed fit", again)
-    again.send_signal(signal.SIGINT)
-    assert again.wait(timeout=60) == 130, again.err_path.read_text()
-    assert again.err_path.read_text().count(RESUME) == 1
-    # The resumed fit went on from the checkpoint: its first new epoch follows the one the first run stopped after.
-    assert stopped < _checkpoint_epoch(ckpt) <= stopped + 2
-
-
-@pytest.mark.slow
-def test_sigterm_during_a_lightning_fit_exits_143_not_0_and_the_same_command_resumes(tmp_path, start):
-    out = tmp_path / "toy"
-    ckpt = out / ".gen_000.partial" / "checkpoints" / "last.ckpt"
-    proc = start([*TOY, "--out_dir", str(out)], "toy")
-    wait_for(ckpt.is_file, "a checkpoint of the fit", proc)
-    first = ckpt.stat().st_mtime_ns
-    wait_for(lambda: ckpt.stat().st_mtime_ns != first, "a second checkpoint", proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143, proc.err_path.read_text()
-    err = proc.err_path.read_text()
-    assert err.count(TERMINATED) == 1 and "Traceback" not in err, err
+    assert err.count(line) == 1 and "Traceback" not in err, err
     stopped = _checkpoint_epoch(ckpt)
     assert stopped >= 1 and not (out / "gen_000").exists()
 
     again = start([*TOY, "--out_dir", str(out)], "again")
     before = ckpt.stat().st_mtime_ns
     wait_for(lambda: ckpt.stat().st_mtime_ns != before, "a checkpoint of the resumed fit", again)
-    again.send_signal(signal.SIGTERM)
-    assert again.wait(timeout=60) == 143, again.err_path.read_text()
-    assert stopped < _checkpoint_epoch(ckpt) <= stopped + 2  # went on from the checkpoint
+    again.send_signal(stop)
+    assert again.wait(timeout=60) == status, again.err_path.read_text()
+    assert again.err_path.read_text().count(line) == 1
+    # The resumed fit went on from the checkpoint: its first new epoch follows the one the first run stopped after.
+    assert stopped < _checkpoint_epoch(ckpt) <= stopped + 2
 
 
-def test_the_loop_s_trainers_neither_handle_sigterm_nor_broadcast_its_flag_every_step(tmp_path, monkeypatch):
+def _tiny_module():
+    """A one-layer LightningModule that trains on batches of 2-vectors."""
     import lightning.pytorch as pl
     import torch
-
-    from engine.loop import _without_lightning_s_sigterm
 
     class Tiny(pl.LightningModule):
         def __init__(self):
@@ -308,6 +288,15 @@ def test_the_loop_s_trainers_neither_handle_sigterm_nor_broadcast_its_flag_every
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Tiny()
+
+
+def test_the_loop_s_trainers_neither_handle_sigterm_nor_broadcast_its_flag_every_step(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+    import torch
+
+    from engine.loop import _without_lightning_s_sigterm
 
     def fit(loop_s: bool) -> list[str]:
         calls: list[str] = []
@@ -332,7 +321,7 @@ def test_the_loop_s_trainers_neither_handle_sigterm_nor_broadcast_its_flag_every
 
             trainer.callbacks.append(Watch())
             data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(6, 2)), batch_size=2)
-            trainer.fit(Tiny(), train_dataloaders=data)
+            trainer.fit(_tiny_module(), train_dataloaders=data)
         return [c for c in calls if c]
 
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
@@ -402,17 +391,6 @@ def test_lightning_s_exits_on_ctrl_c_and_sigterm_reach_the_loop_as_interrupt_and
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             raise KeyboardInterrupt
 
-    class Tiny(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch[0]).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     class Term(pl.Callback):  # what Lightning's SIGTERM handler does: the flag, read at the batch's end
         def on_train_batch_end(self, trainer, *args):
             trainer._signal_connector.received_sigterm = True
@@ -428,14 +406,14 @@ def test_lightning_s_exits_on_ctrl_c_and_sigterm_reach_the_loop_as_interrupt_and
     stopped = trainer(Stop())
     with pytest.raises(KeyboardInterrupt):
         with _interrupt_passes_through():
-            stopped.fit(Tiny(), train_dataloaders=data)
+            stopped.fit(_tiny_module(), train_dataloaders=data)
     assert stopped.interrupted
     assert signal.getsignal(signal.SIGINT) is handler  # Lightning ignored further Ctrl-Cs; not any more
     # Lightning's SIGTERMException is a SystemExit without a status (exit 0, as if the run had finished).
     terminated = trainer(Term())
     with pytest.raises(Terminated):
         with _interrupt_passes_through():
-            terminated.fit(Tiny(), train_dataloaders=data)
+            terminated.fit(_tiny_module(), train_dataloaders=data)
     assert terminated.interrupted and terminated.global_step == 1
     with pytest.raises(SystemExit):  # any other exit is left alone
         with _interrupt_passes_through():
