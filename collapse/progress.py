@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 from collapse.errors import ConfigError
@@ -98,6 +99,10 @@ def number_text(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
+_BEATING: weakref.WeakSet[Progress] = weakref.WeakSet()
+"""The :class:`Progress` lines whose heartbeat runs (stopped by :func:`console` at the end of a run)."""
+
+
 class Progress:
     """Counts the work of one phase and writes a progress line at most every ``interval`` seconds.
 
@@ -148,6 +153,7 @@ class Progress:
         self._beat: threading.Thread | None = None
         if heartbeat and self.active and self.interval > 0:
             self._beat = threading.Thread(target=self._heartbeat, name=f"progress: {what}", daemon=True)
+            _BEATING.add(self)
             self._beat.start()
 
     def __enter__(self) -> Progress:
@@ -165,6 +171,7 @@ class Progress:
         if self._beat is not None and self._beat is not threading.current_thread():
             self._beat.join(timeout=5)
         self._beat = None
+        _BEATING.discard(self)
 
     def _heartbeat(self) -> None:
         while True:
@@ -323,9 +330,13 @@ def console(level: str = "INFO", name: str = "", interval: float = DEFAULT_INTER
     if handler is not None:
         root.addHandler(handler)
     _interval = interval
+    beating = set(_BEATING)
     try:
         yield
     finally:
+        # A phase whose close or stop an error skipped on its way out (a hook cut short) beats no longer than its run.
+        for progress in set(_BEATING) - beating:
+            progress.stop()
         _interval = saved_interval
         if handler is not None:
             root.removeHandler(handler)

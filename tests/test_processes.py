@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,6 +362,7 @@ def test_sigterm_to_the_loader_workers_and_the_run_alike_is_a_termination_not_a_
             TinyModality(), tiny_config(tmp_path / "run", "replace", num_workers=1), recipe="toy",
             callbacks=[GroupSigterm()],
         )  # fmt: skip
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("progress:")]  # no heartbeat left
 
 
 @pytest.mark.slow

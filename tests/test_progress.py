@@ -185,6 +185,18 @@ def test_no_heartbeat_on_other_ranks_with_interval_0_or_after_a_failure(lines):
     assert len(out) == n and not any("done" in line for line in out)
 
 
+def test_a_heartbeat_left_running_by_a_phase_cut_short_ends_with_its_run(lines):
+    logger, out = lines
+    names = lambda: {t.name for t in threading.enumerate()}  # noqa: E731
+    outer = Progress(3, "outer", interval=0.05, logger=logger, heartbeat=True)  # not the run's: left alone
+    with console("INFO", "toy"):
+        Progress(3, "orphan", interval=0.05, logger=logger, heartbeat=True)  # never closed (a hook skipped)
+        assert "progress: orphan" in names()
+    assert "progress: orphan" not in names() and "progress: outer" in names()
+    outer.stop()
+    assert "progress: outer" not in names()
+
+
 def test_durations_read_naturally():
     assert [format_duration(s) for s in (0, 42.4, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
 
