@@ -619,21 +619,61 @@ def story_mask(story_ids: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
+FLEX_TRAIN_BLOCK = 128
+"""Block of :func:`story_block_mask`: flex attention's default, positions per query and key block."""
+
+
 def story_block_mask(story_ids: torch.Tensor) -> Any:
     """The mask of :func:`story_mask` as a FlexAttention ``BlockMask`` of packed rows with ``story_ids`` (R, T).
 
     Block-sparse: flex attention visits only the blocks (128 x 128 positions) that hold a pair of one story's
-    tokens, so a row of many short stories costs about the sum of the stories' squares, not T squared. Built
-    on the stories' device by torch's ``create_block_mask``, once per batch and shared by every layer.
+    tokens, so a row of many short stories costs about the sum of the stories' squares, not T squared. Blocks
+    wholly inside one story and below the diagonal are marked full (no mask is evaluated in them).
+
+    The block lists come from where each story starts, in a few tensor operations of R x T / 128 elements on
+    the stories' device, once per batch: torch's ``create_block_mask`` would evaluate the mask at all R x T x T
+    positions instead (a few GB of temporaries at 64 rows of 2,048 positions, every step). This needs each
+    story's tokens in one run and padding (-1) after the stories, as :func:`pack_rows` and :func:`pad_rows` lay
+    them out; the mask inside each visited block is the exact one of :func:`story_mask`.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
+
+    size = FLEX_TRAIN_BLOCK
+    rows, width = story_ids.shape
+    blocks = -(-width // size)
+    device = story_ids.device
+    t = torch.arange(width, device=device)
+    opens = torch.ones_like(story_ids, dtype=torch.bool)
+    opens[:, 1:] = story_ids[:, 1:] != story_ids[:, :-1]
+    start = torch.cummax(torch.where(opens, t, 0), dim=1).values  # where the run of each token's story begins
+    block = torch.arange(blocks, device=device)
+    first_q = block * size  # the first and last query of each block
+    last_q = ((block + 1) * size).clamp(max=width) - 1
+    # Key blocks j < i hold a query's story only if that story runs through the first query of block i.
+    story_in = story_ids[:, first_q] >= 0
+    first = torch.where(story_in, torch.div(start[:, first_q], size, rounding_mode="floor"), block)
+    # Full: one story runs from the key block's first position to the query block's last, in whole blocks.
+    whole = (story_ids[:, last_q] >= 0) & ((block + 1) * size <= width)
+    full_from = torch.where(whole, torch.div(start[:, last_q] + size - 1, size, rounding_mode="floor"), block)
+    full_from = torch.minimum(torch.maximum(full_from, first), block)
+    # Partial blocks: first .. full_from - 1, then the diagonal; full blocks: full_from .. i - 1.
+    order = torch.arange(blocks, device=device)
+    partial = first[..., None] + order
+    partial = torch.where(partial < full_from[..., None], partial, partial - full_from[..., None] + block[:, None])
+    full = full_from[..., None] + order
 
     def same_story(b: Any, h: Any, q: Any, k: Any) -> Any:
         story = story_ids[b, q]
         return ((story == story_ids[b, k]) & (q >= k) & (story >= 0)) | (q == k)
 
-    rows, width = story_ids.shape
-    return create_block_mask(same_story, rows, None, width, width, device=story_ids.device)
+    def lists(index: torch.Tensor) -> torch.Tensor:
+        return index.clamp(max=blocks - 1).to(torch.int32)[:, None]  # (R, 1, blocks, blocks): one head
+
+    return BlockMask.from_kv_blocks(
+        (full_from - first + 1).to(torch.int32)[:, None], lists(partial),
+        (block - full_from).to(torch.int32)[:, None], lists(full),
+        BLOCK_SIZE=size, mask_mod=same_story, seq_lengths=(width, width),
+    )  # fmt: skip
 
 
 def pack_stories(

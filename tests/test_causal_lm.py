@@ -8,6 +8,7 @@ import shutil
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -487,6 +488,45 @@ def test_the_flex_block_mask_is_the_dense_story_mask_and_skips_the_blocks_betwee
     needed = [len({(q // 128, k // 128) for q in range(512) for k in range(q + 1) if dense[r, q, k]}) for r in range(2)]
     assert visited.sum(dim=-1).flatten().tolist() == needed
     assert max(needed) < 10
+
+
+def block_sets(num: torch.Tensor, index: torch.Tensor) -> list[set[int]]:
+    """The key blocks listed for each (row, head, query block) of a BlockMask's counts and indices."""
+    return [set(index[r, h, q, : int(num[r, h, q])].tolist()) for r, h, q in np.ndindex(*num.shape)]
+
+
+def test_the_flex_block_lists_are_those_torch_derives_from_the_whole_mask():
+    # story_block_mask lists its blocks from where the stories start; torch's create_block_mask evaluates the
+    # mask at every position. Both must list the same partial and full blocks, for queries and for keys
+    # (backward), at widths that are and are not multiples of the block, with all-padding rows.
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from lit_modules.causal_lm import pack_rows, pad_rows, story_block_mask
+
+    rng = np.random.default_rng(0)
+    full_blocks = 0
+    for width in (64, 192, 256, 384, 640):
+        for trial in range(6):
+            count = int(rng.integers(1, 12))
+            cap = width if trial % 2 else min(width, 150)  # long stories spanning blocks, or many short ones
+            lengths = rng.integers(1, cap + 1, size=count).tolist()
+            if trial == 0:  # a story filling its row: whole blocks, and a last block cut short by the width
+                lengths = [width, width // 2 + 1, 3]
+            batch = padded_stories([max(lengths)] + lengths)
+            batch = {k: F.pad(v, (0, width - v.shape[1]), value=1 if k == "input_ids" else 0) for k, v in batch.items()}
+            packed = pack_rows(batch["input_ids"], batch["attention_mask"], batch["labels"], pad_id=1)
+            if trial == 5:
+                packed = pad_rows(packed, packed["input_ids"].shape[0] + 2, pad_id=1)
+            story_ids = packed["story_ids"]
+            ours = story_block_mask(story_ids)
+            theirs = create_block_mask(ours.mask_mod, story_ids.shape[0], None, width, width, device="cpu")
+            assert ours.seq_lengths == theirs.seq_lengths and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+            for kind in ("kv", "full_kv", "q", "full_q"):
+                mine = block_sets(getattr(ours, f"{kind}_num_blocks"), getattr(ours, f"{kind}_indices"))
+                torch_s = block_sets(getattr(theirs, f"{kind}_num_blocks"), getattr(theirs, f"{kind}_indices"))
+                assert mine == torch_s, (width, lengths, kind)
+            full_blocks += int(ours.full_kv_num_blocks.sum())
+    assert full_blocks > 0  # the whole-block case was among those compared
 
 
 @pytest.mark.parametrize("pack", [False, True])
