@@ -212,14 +212,14 @@ def _make_room(
         return
     if foreign and not has_config:
         raise RunDirError(
-            f"--out_dir {out} holds run outputs ({_names(ours)}) but no {CONFIG} beside other files "
-            f"({_names(foreign)}), so it may be no run folder and even --overwrite deletes nothing there; "
+            f"--out_dir {out} holds run outputs ({listed_names(ours)}) but no {CONFIG} beside other files "
+            f"({listed_names(foreign)}), so it may be no run folder and even --overwrite deletes nothing there; "
             "choose another --out_dir"
         )
     if not overwrite:
         raise RunDirError(
             f"--out_dir {out} holds {reason}; choose another --out_dir, or pass --overwrite true to delete "
-            f"that run's outputs ({_names(ours)}; other files are kept)"
+            f"that run's outputs ({listed_names(ours)}; other files are kept)"
         )
     for p in ours:
         if p.is_dir() and not p.is_symlink():
@@ -227,7 +227,7 @@ def _make_room(
         else:
             p.unlink()  # a link is removed, never what it points to
     if foreign:
-        kept = _names(foreign)
+        kept = listed_names(foreign)
         print(f"--overwrite: deleted the old run's outputs in {out} and kept its other files: {kept}", flush=True)
 
 
@@ -261,10 +261,12 @@ def _difference(
     return None
 
 
-def _names(paths: Sequence[Path], limit: int = 4) -> str:
-    shown = [p.name + ("/" if p.is_dir() else "") for p in paths[:limit]]
-    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
-    return ", ".join(shown) + more
+def listed_names(paths: Sequence[Path] | Sequence[str], limit: int = 4) -> str:
+    """The first ``limit`` of ``paths`` for a message: names only, a folder (not a link to one) with a trailing
+    slash, strings as given, then how many more there are: ``"a.txt, notes/ and 3 more"``."""
+    shown = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") if isinstance(p, Path) else p for p in paths]
+    more = f" and {len(shown) - limit} more" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
 
 
 # ---- the run lock -------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import yaml
 from collapse.atomic import atomic_write_json, fsync_dir, pid_alive
 from collapse.errors import UserError
 from collapse.progress import Progress, console
-from collapse.rundir import CONFIG
+from collapse.rundir import CONFIG, listed_names
 from collapse.store import Generation, GenerationStore
 
 log = logging.getLogger(__name__)
@@ -392,11 +392,6 @@ def open_generation(run_dir: str | os.PathLike, generation: int | None = None) -
     return Source(run, recipe, config, store.load(generation))
 
 
-def _names(paths: Sequence[Path], limit: int = 4) -> str:
-    shown = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in paths[:limit]]
-    return ", ".join(shown) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
-
-
 def _read_record(folder: Path) -> tuple[dict[str, bool], str]:
     """The names an earlier export in ``folder`` wrote, by its ``export.json``; or no names and why there are none.
 
@@ -433,12 +428,12 @@ def _refusal(out: Path, own: list[Path], other: list[Path], why: str, overwrite:
     """Why ``out`` cannot take an export (``overwrite`` or not), or None when it can."""
     if why:
         return (
-            f"--out {out} holds files ({_names(other)}) and {why}, so it is no export and even --overwrite "
+            f"--out {out} holds files ({listed_names(other)}) and {why}, so it is no export and even --overwrite "
             "deletes nothing there; choose another folder"
         )
     if other:
         return (
-            f"--out {out} holds an earlier export and other files ({_names(other)}), so even --overwrite deletes "
+            f"--out {out} holds an earlier export and other files ({listed_names(other)}), so even --overwrite deletes "
             "nothing there; move them away or choose another folder"
         )
     if own and not overwrite:
@@ -560,7 +555,9 @@ def _publish(stage: Path, out: Path) -> None:
             old.rmdir()
         except OSError:  # something saved into the earlier export while it was being replaced: kept
             left = sorted(old.iterdir(), key=lambda p: p.name)
-            log.warning("--overwrite: kept what appeared in --out while it was replaced (%s) in %s", _names(left), old)
+            log.warning(
+                "--overwrite: kept what appeared in --out while it was replaced (%s) in %s", listed_names(left), old
+            )
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from collapse.atomic import atomic_write_json, atomic_write_text, pid_alive
 from collapse.errors import UserError
-from collapse.rundir import CONFIG, EXECUTION_KEYS, METRICS, TAIL_COLUMNS
+from collapse.rundir import CONFIG, EXECUTION_KEYS, METRICS, TAIL_COLUMNS, listed_names
 from datamodules.workflows import WORKFLOW_NAMES, Workflow, WorkflowError
 from tooling.theory import ACCUMULATE_BOUND, risk_metric, theory_curve
 
@@ -1951,11 +1951,6 @@ def make_report(
     return out / REPORT_FILE
 
 
-def _names(paths: Sequence[Path] | Sequence[str], limit: int = 4) -> str:
-    shown = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") if isinstance(p, Path) else p for p in paths]
-    return ", ".join(shown[:limit]) + (f" and {len(shown) - limit} more" if len(shown) > limit else "")
-
-
 def _report_files(out: Path) -> set[str] | None:
     """The files of the report in the folder ``out`` (its record among them), or None when ``out`` holds none.
 
@@ -2003,8 +1998,8 @@ def _check_out(out: Path) -> set[str]:
         raise ReportError(f"--out {out} cannot be read ({exc.strerror or exc})") from None
     if ours is None:
         raise ReportError(
-            f"--out {out} holds files ({_names(entries)}) and no report of this tool, so nothing is written there "
-            "(its files are left alone); choose a new or empty folder"
+            f"--out {out} holds files ({listed_names(entries)}) and no report of this tool, so nothing is written "
+            "there (its files are left alone); choose a new or empty folder"
         )
     return ours
 
@@ -2023,8 +2018,8 @@ def _publish(stage: Path, out: Path, ours: set[str]) -> None:
     ]
     if clash:
         raise ReportError(
-            f"--out {out} holds files of the user's with names the report writes ({_names(clash)}), so nothing is "
-            "written there (they are left alone); move them away or choose another folder"
+            f"--out {out} holds files of the user's with names the report writes ({listed_names(clash)}), so nothing "
+            "is written there (they are left alone); move them away or choose another folder"
         )
     earlier = ours - {REPORT_RECORD}
     # Recorded first: a report killed while it moves its files still owns them next time.
