@@ -232,19 +232,33 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
         tf32_matmuls()  # on a CUDA GPU: float32 matrix products on TF32 tensor cores
         return main(cfg)
     except UserError as exc:
-        if not _secondary_process():  # in a multi-process run every rank raises it; one line is enough
+        if not secondary_process():  # in a multi-process run every rank raises it; one line is enough
             sys.stderr.write(f"error: {_one_line(str(exc))}\n")
         sys.exit(2)
     except KeyboardInterrupt:
-        if not _secondary_process():  # a Ctrl-C reaches every rank of a multi-process run; one line is enough
+        if not secondary_process():  # a Ctrl-C reaches every rank of a multi-process run; one line is enough
             sys.stderr.write("interrupted: finished work is kept; run the same command again to resume\n")
+        _quiet_to_the_end()
         sys.exit(130)
     except Terminated:
-        if not _secondary_process():
+        if not secondary_process():
             sys.stderr.write("terminated: finished work is kept; run the same command again to resume\n")
+        _quiet_to_the_end()
         sys.exit(143)
     finally:
         _close_process_group()
+
+
+def _quiet_to_the_end() -> None:
+    """In a process of a run's other ranks that stopped, ignore further Ctrl-Cs and SIGTERMs while it exits.
+
+    A terminal's Ctrl-C reaches every rank and rank 0 passes its own on as well; the one that comes after the run's
+    handler is gone would interrupt the exit (``atexit`` callbacks) with a traceback. Rank 0 keeps them: a second
+    Ctrl-C there still cuts a slow exit short.
+    """
+    if secondary_process() and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _close_process_group() -> None:
@@ -265,8 +279,8 @@ def _close_process_group() -> None:
         pass
 
 
-def _secondary_process() -> bool:
-    """Whether the launcher (Lightning's ddp, torchrun, SLURM) says this is not the first process."""
+def secondary_process() -> bool:
+    """Whether the launcher (Lightning's ddp, torchrun, SLURM) says this is not the first process of a run."""
     return any(os.environ.get(key, "0") not in ("", "0") for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 

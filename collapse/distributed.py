@@ -30,7 +30,9 @@ model. ``ddp`` (the default for several devices) is the strategy of a multi-devi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -192,6 +194,47 @@ def forward_signal(signum: int) -> None:
     _CHILDREN.clear()
 
 
+@contextlib.contextmanager
+def _stops_held(starts_others: bool) -> Iterator[None]:
+    """Hold a Ctrl-C or SIGTERM back until the run's processes have made their group, here and in the processes
+    started here for the other ranks; then deliver it (to the run's handler, which stops every rank).
+
+    While the group forms, rank 0 waits inside torch for the others. A rank that the signal ended before it joined
+    (still importing, before the run's handler is set: a traceback, or nothing at all) would leave rank 0 waiting
+    until Lightning's observer of the ranks SIGKILLs it (status 137, no resume line); one that left while the others
+    still read the group's store from it would give them a C++ warning and stack trace. So here the signal only
+    marks itself, and the started processes inherit the signals blocked (pending, not lost) until this same point of
+    their own start.
+
+    Only where this process starts the others on its own node (``starts_others``), or is one of those and came with
+    the signals held: a group of several nodes, or one that torchrun or SLURM started (which signal every rank
+    themselves), may wait for a missing process until torch's time-out, and a Ctrl-C must still end it. (Where
+    signals cannot be held, not the main thread, they are let through.)
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    if not starts_others and not set(stops) & signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in stops}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        # Unblocked while the marks are still set: a pending signal is marked now. (A signal that reached another
+        # thread, where it is not blocked, is marked too, unless Python runs its handler only after the handlers
+        # are back: then it acts then, as if it had come just now.) Every handler is put back even so.
+        with contextlib.ExitStack() as restore:
+            for signum, handler in previous.items():
+                restore.callback(signal.signal, signum, handler if handler is not None else signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
 def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
     """Start the run's processes and their process group now, if the Trainer settings ask for several.
 
@@ -222,11 +265,20 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
         num_nodes=trainer_kwargs.get("num_nodes", 1),
         strategy=launch_strategy(strategy),  # starts the processes and the group; the Trainer's strategy reuses them
     )
-    fabric.launch()
     global _CHILDREN
+    # The launcher's list of the other ranks' processes, known before it fills it and makes the group: a stop while
+    # the group forms must reach them too, or they fail on the lost rank 0 with a traceback of their own.
     procs = getattr(getattr(fabric.strategy, "launcher", None), "procs", None)
-    if isinstance(procs, list):  # the processes of the other ranks it started
+    if isinstance(procs, list):
         _CHILDREN = procs
+    environment = getattr(fabric.strategy, "cluster_environment", None)
+    one_node = getattr(fabric.strategy, "num_nodes", 1) == 1
+    starts_others = one_node and not getattr(environment, "creates_processes_externally", True)
+    with _stops_held(starts_others):
+        fabric.launch()
+        # Every rank done making the group before a held stop ends any: one that left first would take the group's
+        # store with it while another still reads from it (a C++ warning and stack trace on that rank).
+        Dist().barrier()
     if torch.cuda.is_available() and fabric.device.type == "cuda":
         torch.cuda.set_device(fabric.device)
     return Dist()

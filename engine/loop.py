@@ -66,6 +66,7 @@ from callbacks.progress import LineProgress, progress_bar_wanted
 from callbacks.rng_state import RngStateCallback
 from callbacks.synthetic_data import SyntheticDataCallback, on_device
 from collapse.atomic import atomic_open, atomic_write_json
+from collapse.cli import secondary_process
 from collapse.contract import EXACT_MEANS, Modality, RealDataModule
 from collapse.distributed import Dist, forward_signal, launch, wants_processes
 from collapse.errors import ConfigError, Terminated, UserError
@@ -200,7 +201,7 @@ def run_generations(
     For the length of the run the project's log messages (``--log_level``) and progress lines
     (``--progress_every``) go to stderr as ``[recipe] message`` (see :func:`collapse.progress.console`).
     """
-    with console(cfg.log_level, recipe or modality.name, cfg.progress_every), _sigterm_stops_the_run():
+    with console(cfg.log_level, recipe or modality.name, cfg.progress_every), _signals_stop_the_run():
         return _run_generations(modality, cfg, recipe, config, callbacks, verbose)
 
 
@@ -718,52 +719,71 @@ def _validate(cfg: LoopConfig) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_stops_the_run() -> Iterator[None]:
+def _signals_stop_the_run() -> Iterator[None]:
     """For the length of a run, SIGTERM (a scheduler's time limit, ``kill``, ``docker stop``) stops it as Ctrl-C does:
     :class:`Terminated` is raised wherever the run is (fit, test, sampling, scoring, commit), the processes this one
     started for the other ranks get the signal too, and the recipe ends with its resume line and status 143.
 
-    Lightning's own handling is off in the loop's Trainers (:func:`_without_lightning_s_sigterm`): it stops only
-    between batches (not at all on a test's last one), ends with status 0, and in a multi-process run broadcasts
-    from inside the signal handler, which hangs when the other ranks are inside a collective of their own. A
-    second SIGTERM while the first stops the run is ignored; a process forked from this one (a data-loader worker)
-    meets the signal's default action.
+    Ctrl-C (SIGINT) raises KeyboardInterrupt, as Python's own handler does, and is passed on the same way: a Ctrl-C
+    to rank 0 alone would leave the others to fail on its lost connection, and once they have stopped, Lightning's
+    observer of them SIGKILLs this process within seconds, cutting its clean-up short (status 137, no resume line).
+
+    Lightning's own SIGTERM handling is off in the loop's Trainers (:func:`_without_lightning_s_sigterm`): it stops
+    only between batches (not at all on a test's last one), ends with status 0, and in a multi-process run broadcasts
+    from inside the signal handler, which hangs when the other ranks are inside a collective of their own. A second
+    signal while the first stops the run is ignored (Lightning ignores a second Ctrl-C during its shut-down too); a
+    process forked from this one (a data-loader worker) meets the signal's usual action.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     owner = os.getpid()
-    stopping = False
+    stop: type[BaseException] | None = None  # what the run is stopping with, once a signal came
 
     def handler(signum: int, frame: Any) -> None:
-        nonlocal stopping
+        nonlocal stop
         if os.getpid() != owner:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # what Python's own handler does there
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if stopping:
+        if stop is not None:
             return
-        stopping = True
+        stop = KeyboardInterrupt if signum == signal.SIGINT else Terminated
         forward_signal(signum)
-        raise Terminated("terminated (SIGTERM)")
+        raise _stopped(stop)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    # A Ctrl-C that the run was started to ignore (a background job of a shell script) stays ignored, as in Python.
+    signums = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     except BaseException as exc:
         # What the stopping run met on its way out is the stop's doing: data-loader workers signalled with the rest
-        # of the process group (a scheduler's time limit) die, and their loader raises about it as Terminated
-        # unwinds; a rank that rank 0 left inside a collective gets a lost connection.
-        if stopping and not isinstance(exc, Terminated):
-            raise Terminated("terminated (SIGTERM)") from exc
+        # of the process group (a scheduler's time limit) die, and their loader raises about it as the stop
+        # unwinds; a rank that rank 0 left inside a collective gets a lost connection. (A GeneratorExit is this
+        # generator's own close, when the stop reached the rank inside the ``with`` statement's exit.)
+        if stop is not None and not isinstance(exc, (stop, GeneratorExit)):
+            raise _stopped(stop) from exc
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for signum, handler_before in previous.items():
+            if stop is not None and secondary_process():
+                # Another rank's stop is the run's; the terminal's Ctrl-C and rank 0's passed-on one both come,
+                # and the later one would break into this rank's exit with a traceback.
+                handler_before = signal.SIG_IGN
+            signal.signal(signum, handler_before if handler_before is not None else signal.SIG_DFL)
+
+
+def _stopped(stop: type[BaseException]) -> BaseException:
+    """A fresh exception of the kind a run stopped by a signal raises."""
+    return Terminated("terminated (SIGTERM)") if stop is Terminated else KeyboardInterrupt()
 
 
 def _without_lightning_s_sigterm(trainer: pl.Trainer) -> None:
     """Keep ``trainer`` from installing its SIGTERM handler for its fits and tests and from sharing its flag
-    between processes at every step (:func:`_sigterm_stops_the_run` handles the signal for the whole run)."""
+    between processes at every step (:func:`_signals_stop_the_run` handles the signal for the whole run)."""
     from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
     class LoopSignals(_SignalConnector):
@@ -786,7 +806,7 @@ def _interrupt_passes_through() -> Iterator[None]:
     ``sys.exit(1)``: the recipe would end with status 1, without the line on how to resume, and the
     rest of the loop would never know. That SystemExit is raised while the KeyboardInterrupt is being
     handled, which tells it apart from any other exit. SIGINT gets back the handler it had before.
-    A SIGTERM reaching a Trainer whose own handling is on (not the loop's: :func:`_sigterm_stops_the_run`)
+    A SIGTERM reaching a Trainer whose own handling is on (not the loop's: :func:`_signals_stop_the_run`)
     Lightning turns into its ``SIGTERMException`` at the next batch, a SystemExit without a status: the
     recipe would end with status 0, as if it had finished; it becomes :class:`Terminated` here too.
     """

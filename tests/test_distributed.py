@@ -172,6 +172,44 @@ def test_a_forwarded_signal_reaches_the_started_ranks_and_ends_lightning_s_watch
             child.wait()
 
 
+def test_a_stop_while_the_group_forms_is_held_only_where_this_process_starts_the_others():
+    """Rank 0 starting the other ranks on its node holds a Ctrl-C until the group is made, then delivers it; the
+    ranks it starts inherit the hold and release it at the same point. A rank of several nodes, or of torchrun or
+    SLURM, holds nothing: its group may wait for a missing process until torch's time-out, and Ctrl-C must end it."""
+    import signal
+    import threading
+
+    stops = {signal.SIGINT, signal.SIGTERM}
+    main = threading.main_thread().ident  # a signal to this thread alone: no other thread takes it
+    handlers = [signal.getsignal(signum) for signum in stops]
+    went_on = []
+    with pytest.raises(KeyboardInterrupt):
+        with distributed._stops_held(starts_others=False):
+            signal.pthread_kill(main, signal.SIGINT)
+            went_on.append(True)
+    assert went_on == []  # stopped at once
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            with distributed._stops_held(starts_others=True):
+                signal.pthread_kill(main, signal.SIGINT)  # pending here, not lost
+                assert stops <= signal.pthread_sigmask(signal.SIG_BLOCK, [])  # what a started rank inherits
+                went_on.append(True)
+        assert not stops & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # released
+        assert [signal.getsignal(signum) for signum in stops] == handlers  # put back, though a signal came
+    assert went_on == [True] * 3
+    went_on.clear()
+    # A started rank: it came with the signals blocked, so it holds them until its group is made, then releases.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with distributed._stops_held(starts_others=False):
+                signal.pthread_kill(main, signal.SIGINT)
+                went_on.append(True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    assert went_on == [True] and [signal.getsignal(signum) for signum in stops] == handlers
+
+
 @pytest.mark.parametrize("name", ["Terminated", "KeyboardInterrupt"])
 def test_a_rank_stopped_on_request_stops_the_others_the_same_way_not_with_an_error(name):
     from collapse.errors import Terminated

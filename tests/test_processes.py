@@ -384,6 +384,76 @@ def test_sigterm_to_rank_0_of_two_processes_stops_both_with_143_and_no_hang(tmp_
     assert still_alive(family) == []
 
 
+# The toy recipe whose rank 0 takes 10 s to clean up after a stop (as a W&B upload may): longer than Lightning's
+# observer of the other ranks waits (5 s) before it SIGKILLs rank 0 once one of them has exited non-zero.
+SLOW_CLEAN_UP = """
+import sys, time
+sys.path[:0] = [{root!r}, {recipes!r}]
+import engine.loop
+from collapse.cli import run, secondary_process
+release = engine.loop.release_run_dir
+def slow_release(out):
+    if not secondary_process():
+        time.sleep(10)
+    release(out)
+engine.loop.release_run_dir = slow_release
+from toy_gaussian import ToyGaussianConfig, main
+run(main, ToyGaussianConfig)
+"""
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["process group", "rank 0"])
+def test_ctrl_c_of_two_processes_ends_both_with_130_after_rank_0_s_whole_clean_up(tmp_path, start, to):
+    # To the group (a terminal): rank 1 stopped at once and Lightning's observer SIGKILLed rank 0 mid-clean-up (137).
+    # To rank 0 alone: rank 1 was left in a collective and failed on the lost connection with a traceback.
+    script = tmp_path / "slow_toy.py"
+    script.write_text(SLOW_CLEAN_UP.format(root=str(ROOT), recipes=str(ROOT / "recipes")))
+    out = tmp_path / "toy"
+    args = [str(script), *TOY[1:], *DDP, "--generations", "20", "--trainer.max_epochs", "2", "--out_dir", str(out)]
+    proc = start(args, "ddp", new_session=True)
+    wait_for((out / "gen_000").is_dir, "a finished generation", proc)
+    family = start.family(proc)
+    assert len(family) >= 1  # rank 1, started by rank 0
+    if to == "rank 0":
+        proc.send_signal(signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=90) == 130, proc.err_path.read_text()
+    err = proc.err_path.read_text()
+    assert err.count(RESUME) == 1 and "Traceback" not in err and "Forcefully terminating" not in err, err
+    assert still_alive(family) == []
+    from collapse.store import GenerationStore
+
+    assert GenerationStore(out).verify(0)  # the finished generation is kept whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stop", "to", "status", "line"),
+    [(signal.SIGINT, "process group", 130, RESUME), (signal.SIGTERM, "process group", 143, TERMINATED),
+     (signal.SIGTERM, "rank 0", 143, TERMINATED)],
+)  # fmt: skip
+def test_a_stop_while_two_processes_start_ends_both_quietly(tmp_path, start, stop, to, status, line):
+    # Rank 1 just started (importing, then making the process group with rank 0, which waits for it inside torch).
+    # Before: a Ctrl-C gave rank 1 a KeyboardInterrupt traceback and a SIGTERM ended it silently, and rank 0, still
+    # waiting, was SIGKILLed by Lightning's observer (-9, no resume line); a SIGTERM to rank 0 alone did not reach
+    # rank 1, which failed on the lost rank 0 with a traceback (and a C++ stack trace).
+    proc = start([*TOY, *DDP, "--out_dir", str(tmp_path / "toy")], "ddp", new_session=True)
+    wait_for(lambda: start.family(proc), "rank 1", proc)
+    family = start.family(proc)
+    if to == "rank 0":
+        proc.send_signal(stop)
+    else:
+        os.killpg(proc.pid, stop)
+    assert proc.wait(timeout=90) == status, proc.err_path.read_text()
+    err = proc.err_path.read_text()
+    assert err.count(line) == 1, err
+    assert "Traceback" not in err and "Exception raised from" not in err and "Forcefully" not in err, err
+    assert still_alive(family) == []
+
+
 def test_lightning_s_exits_on_ctrl_c_and_sigterm_reach_the_loop_as_interrupt_and_termination(tmp_path):
     import lightning.pytorch as pl
     import torch
