@@ -250,15 +250,15 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
 
 
 def _quiet_to_the_end() -> None:
-    """In a process of a run's other ranks that stopped, ignore further Ctrl-Cs and SIGTERMs while it exits.
+    """In a process of a run's other ranks that stopped, ignore further Ctrl-Cs while it exits.
 
     A terminal's Ctrl-C reaches every rank and rank 0 passes its own on as well; the one that comes after the run's
-    handler is gone would interrupt the exit (``atexit`` callbacks) with a traceback. Rank 0 keeps them: a second
-    Ctrl-C there still cuts a slow exit short.
+    handler is gone would interrupt the exit (``atexit`` callbacks) with a traceback. Rank 0 keeps it: a second
+    Ctrl-C there still cuts a slow exit short. SIGTERM keeps its default action (no traceback), so a rank whose exit
+    hangs can still be ended.
     """
     if secondary_process() and threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _close_process_group() -> None:

@@ -214,8 +214,12 @@ def _stops_held(starts_others: bool) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    stops = (signal.SIGINT, signal.SIGTERM)
-    if not starts_others and not set(stops) & signal.pthread_sigmask(signal.SIG_BLOCK, []):
+    # A signal this process ignores (a shell script's background job ignores Ctrl-C) stays ignored, here and in the
+    # processes started here: they inherit that, not a handler that holds it.
+    stops = tuple(
+        signum for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not signal.SIG_IGN
+    )
+    if not stops or (not starts_others and not set(stops) & signal.pthread_sigmask(signal.SIG_BLOCK, [])):
         yield
         return
     held: list[int] = []
@@ -274,11 +278,19 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
     environment = getattr(fabric.strategy, "cluster_environment", None)
     one_node = getattr(fabric.strategy, "num_nodes", 1) == 1
     starts_others = one_node and not getattr(environment, "creates_processes_externally", True)
-    with _stops_held(starts_others):
-        fabric.launch()
-        # Every rank done making the group before a held stop ends any: one that left first would take the group's
-        # store with it while another still reads from it (a C++ warning and stack trace on that rank).
-        Dist().barrier()
+    try:
+        with _stops_held(starts_others):
+            fabric.launch()
+            # Every rank done making the group before a held stop ends any: one that left first would take the
+            # group's store with it while another still reads from it (a C++ warning and stack trace on that rank).
+            Dist().barrier()
+    except BaseException:
+        # Rank 0 failed to make the group (a port in use, a GPU that fails to start): the ranks it started still
+        # hold Ctrl-C and SIGTERM while they try to join, so they are ended here, not left behind.
+        for proc in procs if isinstance(procs, list) else []:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        raise
     if torch.cuda.is_available() and fabric.device.type == "cuda":
         torch.cuda.set_device(fabric.device)
     return Dist()

@@ -264,9 +264,11 @@ def _difference(
 def listed_names(paths: Sequence[Path] | Sequence[str], limit: int = 4) -> str:
     """The first ``limit`` of ``paths`` for a message: names only, a folder (not a link to one) with a trailing
     slash, strings as given, then how many more there are: ``"a.txt, notes/ and 3 more"``."""
-    shown = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") if isinstance(p, Path) else p for p in paths]
-    more = f" and {len(shown) - limit} more" if len(shown) > limit else ""
-    return ", ".join(shown[:limit]) + more
+    shown = [
+        p.name + ("/" if p.is_dir() and not p.is_symlink() else "") if isinstance(p, Path) else p for p in paths[:limit]
+    ]
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(shown) + more
 
 
 # ---- the run lock -------------------------------------------------------------------------------------

@@ -731,8 +731,8 @@ def _signals_stop_the_run() -> Iterator[None]:
     Lightning's own SIGTERM handling is off in the loop's Trainers (:func:`_without_lightning_s_sigterm`): it stops
     only between batches (not at all on a test's last one), ends with status 0, and in a multi-process run broadcasts
     from inside the signal handler, which hangs when the other ranks are inside a collective of their own. A second
-    signal while the first stops the run is ignored (Lightning ignores a second Ctrl-C during its shut-down too); a
-    process forked from this one (a data-loader worker) meets the signal's usual action.
+    signal while the first stops the run is ignored, except a second Ctrl-C on rank 0, which cuts its clean-up
+    short; a process forked from this one (a data-loader worker) meets the signal's usual action.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -749,7 +749,9 @@ def _signals_stop_the_run() -> Iterator[None]:
             os.kill(os.getpid(), signum)
             return
         if stop is not None:
-            return
+            if signum == signal.SIGINT and not secondary_process():
+                raise KeyboardInterrupt  # a second Ctrl-C on rank 0 cuts a slow clean-up (a W&B upload) short
+            return  # rank 0 passes its signal on to ranks that the terminal's or the scheduler's reached as well
         stop = KeyboardInterrupt if signum == signal.SIGINT else Terminated
         forward_signal(signum)
         raise _stopped(stop)
@@ -769,9 +771,10 @@ def _signals_stop_the_run() -> Iterator[None]:
         raise
     finally:
         for signum, handler_before in previous.items():
-            if stop is not None and secondary_process():
-                # Another rank's stop is the run's; the terminal's Ctrl-C and rank 0's passed-on one both come,
-                # and the later one would break into this rank's exit with a traceback.
+            if stop is not None and signum == signal.SIGINT and secondary_process():
+                # The terminal's Ctrl-C and rank 0's passed-on one both reach this rank; the later one would break
+                # into its exit with a traceback. (A second SIGTERM meets its default action: no traceback, and a
+                # rank whose exit hangs can still be ended.)
                 handler_before = signal.SIG_IGN
             signal.signal(signum, handler_before if handler_before is not None else signal.SIG_DFL)
 

@@ -210,6 +210,56 @@ def test_a_stop_while_the_group_forms_is_held_only_where_this_process_starts_the
     assert went_on == [True] and [signal.getsignal(signum) for signum in stops] == handlers
 
 
+def test_an_ignored_ctrl_c_stays_ignored_through_the_hold_and_in_the_ranks_started_in_it():
+    """A shell script's background job runs with Ctrl-C ignored; the ranks it starts must ignore it too, not obey
+    it through a handler that holds it (they inherit the handler's default) while rank 0 ignores it."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with distributed._stops_held(starts_others=True):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # still held
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_on_rank_0_cuts_the_clean_up_of_a_stopped_run_short_and_a_second_sigterm_does_not():
+    import signal
+    import threading
+    import time
+
+    from collapse.errors import Terminated
+    from engine.loop import _signals_stop_the_run
+
+    main = threading.main_thread().ident
+    cut = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_stop_the_run():
+            try:
+                signal.pthread_kill(main, signal.SIGINT)
+            except KeyboardInterrupt:
+                signal.pthread_kill(main, signal.SIGTERM)  # a second stop of the other kind: ignored
+                try:
+                    signal.pthread_kill(main, signal.SIGINT)
+                    time.sleep(1)
+                except KeyboardInterrupt:
+                    cut.append(True)  # the clean-up was cut short
+                raise
+    assert cut == [True]
+    with pytest.raises(Terminated):
+        with _signals_stop_the_run():
+            try:
+                signal.pthread_kill(main, signal.SIGTERM)
+            except Terminated:
+                signal.pthread_kill(main, signal.SIGTERM)  # ignored: the clean-up goes on
+                cut.append(True)
+                raise
+    assert cut == [True, True]
+
+
 @pytest.mark.parametrize("name", ["Terminated", "KeyboardInterrupt"])
 def test_a_rank_stopped_on_request_stops_the_others_the_same_way_not_with_an_error(name):
     from collapse.errors import Terminated
