@@ -633,8 +633,9 @@ def story_block_mask(story_ids: torch.Tensor) -> Any:
     The block lists come from where each story starts, in a few tensor operations of R x T / 128 elements on
     the stories' device, once per batch: torch's ``create_block_mask`` would evaluate the mask at all R x T x T
     positions instead (a few GB of temporaries at 64 rows of 2,048 positions, every step). This needs each
-    story's tokens in one run and padding (-1) after the stories, as :func:`pack_rows` and :func:`pad_rows` lay
-    them out; the mask inside each visited block is the exact one of :func:`story_mask`.
+    story's tokens in one unbroken run of its row, as :func:`pack_rows` and :func:`pad_rows` lay them out (a story
+    split in two would lose the blocks between its parts); the mask inside each visited block is the exact one of
+    :func:`story_mask`.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
