@@ -172,7 +172,18 @@ def test_a_forwarded_signal_reaches_the_started_ranks_and_ends_lightning_s_watch
             child.wait()
 
 
-def test_a_stop_while_the_group_forms_is_held_only_where_this_process_starts_the_others():
+@pytest.fixture
+def python_s_ctrl_c():
+    """Python's own Ctrl-C handler for the test, whatever an earlier test in this process left (Lightning ignores
+    Ctrl-C from its first one on), and the handler it found afterwards."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_stop_while_the_group_forms_is_held_only_where_this_process_starts_the_others(python_s_ctrl_c):
     """Rank 0 starting the other ranks on its node holds a Ctrl-C until the group is made, then delivers it; the
     ranks it starts inherit the hold and release it at the same point. A rank of several nodes, or of torchrun or
     SLURM, holds nothing: its group may wait for a missing process until torch's time-out, and Ctrl-C must end it."""
@@ -226,7 +237,9 @@ def test_an_ignored_ctrl_c_stays_ignored_through_the_hold_and_in_the_ranks_start
         signal.signal(signal.SIGINT, before)
 
 
-def test_a_second_ctrl_c_on_rank_0_cuts_the_clean_up_of_a_stopped_run_short_and_a_second_sigterm_does_not():
+def test_a_second_ctrl_c_on_rank_0_cuts_the_clean_up_of_a_stopped_run_short_and_a_second_sigterm_does_not(
+    python_s_ctrl_c,
+):
     import signal
     import threading
     import time
