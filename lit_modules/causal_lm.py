@@ -640,7 +640,7 @@ def story_block_mask(story_ids: torch.Tensor) -> Any:
     from torch.nn.attention.flex_attention import BlockMask
 
     size = FLEX_TRAIN_BLOCK
-    rows, width = story_ids.shape
+    width = story_ids.shape[1]
     blocks = -(-width // size)
     device = story_ids.device
     t = torch.arange(width, device=device)
@@ -658,10 +658,9 @@ def story_block_mask(story_ids: torch.Tensor) -> Any:
     full_from = torch.where(whole, torch.div(start[:, last_q] + size - 1, size, rounding_mode="floor"), block)
     full_from = torch.minimum(torch.maximum(full_from, first), block)
     # Partial blocks: first .. full_from - 1, then the diagonal; full blocks: full_from .. i - 1.
-    order = torch.arange(blocks, device=device)
-    partial = first[..., None] + order
+    partial = first[..., None] + block
     partial = torch.where(partial < full_from[..., None], partial, partial - full_from[..., None] + block[:, None])
-    full = full_from[..., None] + order
+    full = full_from[..., None] + block
 
     def same_story(b: Any, h: Any, q: Any, k: Any) -> Any:
         story = story_ids[b, q]
