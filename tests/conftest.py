@@ -2,7 +2,9 @@
 stand-in W&B (``fake_wandb``)."""
 
 import os
+import signal
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -66,3 +68,24 @@ def fake_wandb(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     return runs
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_put_back():
+    """Each test starts with the Ctrl-C and SIGTERM handlers (and, on POSIX, the blocked-signal set) that the test
+    process had before it: code under test that ignores Ctrl-C on its way out (a stopped secondary rank does, and so
+    does Lightning's handling of an interrupted fit) would otherwise change what every later test sees."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ()) if hasattr(signal, "pthread_sigmask") else None
+    yield
+    for signum, handler in handlers.items():
+        if handler is not None and signal.getsignal(signum) != handler:
+            signal.signal(signum, handler)
+    if blocked is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -174,8 +174,9 @@ def test_a_forwarded_signal_reaches_the_started_ranks_and_ends_lightning_s_watch
 
 @pytest.fixture
 def python_s_ctrl_c():
-    """Python's own Ctrl-C handler for the test, whatever an earlier test in this process left (Lightning ignores
-    Ctrl-C from its first one on), and the handler it found afterwards."""
+    """Python's own Ctrl-C handler for the test, whatever the test process started with (a background job of a
+    shell without job control starts with Ctrl-C ignored, as CI may run the suite), and the handler it found
+    afterwards."""
     import signal
 
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
