@@ -30,8 +30,13 @@ model. ``ddp`` (the default for several devices) is the strategy of a multi-devi
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -49,6 +54,11 @@ WAIT_TIMEOUT = timedelta(hours=24)
 """How long the ranks wait for each other in the loop's collectives (rank 0 preparing the data, scoring a
 synthetic set, ...). A rank that fails says so through the collective and a killed one closes its connection,
 so the others stop at once either way; the limit is for a rank that hangs."""
+
+HELD_STOP_PATIENCE = 60.0
+"""Seconds a Ctrl-C or SIGTERM held while the run's processes make their group (:func:`_stops_held`) waits for
+the group; a rank that never joins (hung while it starts) would otherwise keep it waiting until torch's time-out.
+Then, or at a second stop signal, the process that started the ranks ends them and itself."""
 
 _WAIT_GROUP: list[Any] = [None, None]  # [the default process group, the gloo group made beside it]
 
@@ -208,8 +218,10 @@ def _stops_held(starts_others: bool) -> Iterator[None]:
 
     Only where this process starts the others on its own node (``starts_others``), or is one of those and came with
     the signals held: a group of several nodes, or one that torchrun or SLURM started (which signal every rank
-    themselves), may wait for a missing process until torch's time-out, and a Ctrl-C must still end it. (Where
-    signals cannot be held, not the main thread, they are let through.)
+    themselves), may wait for a missing process until torch's time-out, and a Ctrl-C must still end it. Where this
+    process starts the others, a rank that never joins would do the same to a held stop: a second one, or
+    :data:`HELD_STOP_PATIENCE` seconds, ends every rank then (:func:`_watch_held_stops`). (Where signals cannot be
+    held, not the main thread, they are let through.)
     """
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
@@ -226,7 +238,8 @@ def _stops_held(starts_others: bool) -> Iterator[None]:
     previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in stops}
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
-        yield
+        with _watch_held_stops(stops, HELD_STOP_PATIENCE) if starts_others else contextlib.nullcontext():
+            yield
     finally:
         # Unblocked while the marks are still set: a pending signal is marked now. (A signal that reached another
         # thread, where it is not blocked, is marked too, unless Python runs its handler only after the handlers
@@ -237,6 +250,69 @@ def _stops_held(starts_others: bool) -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         for signum in dict.fromkeys(held):
             signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def _watch_held_stops(stops: tuple[int, ...], patience: float) -> Iterator[None]:
+    """While the main thread holds ``stops`` (blocked there), watch for them from a thread of its own: a second
+    one, or ``patience`` seconds after the first with the block still on, ends the ranks this process started and
+    this process (status 128 + the first signal's number), with a line that says so.
+
+    The main thread waits inside torch, where no Python handler runs; the signals reach this watching thread
+    instead (it alone does not block them), whose arrival Python reports through its wake-up file descriptor.
+    """
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    done = threading.Event()
+
+    def watch() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # the thread started with the main thread's block
+        first: tuple[int, float] | None = None
+        while not done.is_set():
+            wait = 0.1 if first is None else max(0.0, min(0.1, first[1] + patience - time.monotonic()))
+            if select.select([reader], [], [], wait)[0]:
+                for signum in reader.recv(64):
+                    if signum not in stops or done.is_set():
+                        continue
+                    if first is not None:
+                        name = signal.Signals(signum).name
+                        _give_up_the_start(first[0], f"a second stop ({name}) while the run's processes started")
+                        return
+                    first = (signum, time.monotonic())
+            elif first is not None and time.monotonic() >= first[1] + patience and not done.is_set():
+                name = signal.Signals(first[0]).name
+                _give_up_the_start(
+                    first[0],
+                    f"{name} while the run's processes started, and their group had not formed {patience:g} s later "
+                    "(a rank that never joined?)",
+                )
+                return
+
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="held-stop-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous_fd)
+        watcher.join()
+        reader.close()
+        writer.close()
+
+
+def _give_up_the_start(signum: int, what: str) -> None:
+    """End the ranks this process started and this process now (status 128 + ``signum``), saying ``what`` happened,
+    from the held-stop watch: the run's processes are still making their group (before the loop reads or writes the
+    run folder), and the main thread waits inside torch."""
+    started = list(_CHILDREN)
+    _CHILDREN.clear()  # Lightning's observer watches this list: it would SIGKILL this process on seeing them die
+    for proc in started:
+        with contextlib.suppress(OSError):
+            proc.kill()
+    sys.stderr.write(f"{what}: ended every rank; finished work is kept; run the same command again to resume\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:

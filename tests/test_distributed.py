@@ -222,6 +222,59 @@ def test_a_stop_while_the_group_forms_is_held_only_where_this_process_starts_the
     assert went_on == [True] and [signal.getsignal(signum) for signum in stops] == handlers
 
 
+def test_a_held_stop_gives_the_start_up_at_a_second_signal_or_when_the_group_takes_too_long(
+    monkeypatch, python_s_ctrl_c
+):
+    """A rank that hangs before it joins would keep a held Ctrl-C waiting until torch's time-out (30 minutes): a
+    second stop signal, or the patience after the first, ends the start instead. A group made in time delivers the
+    held signal as before and gives nothing up."""
+    import signal
+    import time
+
+    given_up = []
+    monkeypatch.setattr(distributed, "_give_up_the_start", lambda signum, why: given_up.append((signum, why)))
+
+    def until(condition, within=10.0):
+        deadline = time.monotonic() + within
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(distributed, "HELD_STOP_PATIENCE", 30.0)
+    with pytest.raises(KeyboardInterrupt):
+        with distributed._stops_held(starts_others=True):
+            os.kill(os.getpid(), signal.SIGINT)  # to the process: the watching thread takes it
+            time.sleep(0.3)
+    assert given_up == []  # the group formed within the patience: the stop was delivered as held
+    monkeypatch.setattr(distributed, "HELD_STOP_PATIENCE", 0.3)
+    with pytest.raises(KeyboardInterrupt):
+        with distributed._stops_held(starts_others=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            until(lambda: given_up)
+    late = "SIGINT while the run's processes started, and their group had not formed 0.3 s later"
+    assert given_up == [(signal.SIGINT, f"{late} (a rank that never joined?)")]
+    given_up.clear()
+    monkeypatch.setattr(distributed, "HELD_STOP_PATIENCE", 30.0)
+    with pytest.raises(KeyboardInterrupt):
+        with distributed._stops_held(starts_others=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+            until(lambda: given_up)
+    assert given_up == [(signal.SIGINT, "a second stop (SIGINT) while the run's processes started")]
+    given_up.clear()
+    with pytest.raises(KeyboardInterrupt):  # a started rank (not starts_others) has no watch: rank 0 ends it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            with distributed._stops_held(starts_others=False):
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.3)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    assert given_up == []
+    assert signal.set_wakeup_fd(-1) == -1  # the watch's wake-up descriptor is put back
+
+
 def test_an_ignored_ctrl_c_stays_ignored_through_the_hold_and_in_the_ranks_started_in_it():
     """A shell script's background job runs with Ctrl-C ignored; the ranks it starts must ignore it too, not obey
     it through a handler that holds it (they inherit the handler's default) while rank 0 ignores it."""

@@ -454,6 +454,30 @@ def test_a_stop_while_two_processes_start_ends_both_quietly(tmp_path, start, sto
     assert still_alive(family) == []
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_ends_a_start_whose_rank_1_never_joins(tmp_path, start, monkeypatch):
+    # Rank 1 hangs before it joins (here: in its interpreter's start-up), so rank 0 waits inside torch to make the
+    # group. Before: the held Ctrl-C waited there until torch's time-out (30 minutes), and so did a second one.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    hang = "import os, time\nif os.environ.get('LOCAL_RANK') == '1':\n    time.sleep(600)\n"
+    (hook / "sitecustomize.py").write_text(hang)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), str(ROOT)]))
+    proc = start([*TOY, *DDP, "--out_dir", str(tmp_path / "toy")], "ddp", new_session=True)
+    wait_for(lambda: start.family(proc), "rank 1", proc)
+    family = start.family(proc)
+    time.sleep(1.0)  # rank 0 on its way into the group
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # the first Ctrl-C is held: a rank that is only slow still joins
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) == 130, proc.err_path.read_text()
+    err = proc.err_path.read_text()
+    assert "a second stop (SIGINT) while the run's processes started: ended every rank" in err, err
+    assert "Traceback" not in err, err
+    assert still_alive(family) == []
+
+
 def test_lightning_s_exits_on_ctrl_c_and_sigterm_reach_the_loop_as_interrupt_and_termination(tmp_path):
     import lightning.pytorch as pl
     import torch
