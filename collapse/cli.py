@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from collapse.errors import Terminated, UserError
+from collapse.errors import Terminated, UserError, path_name_error
 from collapse.hardware import retain_freed_memory, tf32_matmuls
 
 C = TypeVar("C")
@@ -231,7 +231,9 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
         retain_freed_memory()  # large training buffers are reused instead of re-zeroed by the kernel
         tf32_matmuls()  # on a CUDA GPU: float32 matrix products on TF32 tensor cores
         return main(cfg)
-    except UserError as exc:
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError) and (exc := path_name_error(exc)) is None:
+            raise
         if not secondary_process():  # in a multi-process run every rank raises it; one line is enough
             sys.stderr.write(f"error: {_one_line(str(exc))}\n")
         sys.exit(2)

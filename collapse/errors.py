@@ -17,6 +17,17 @@ class ConfigError(UserError, ValueError):
     """A setting out of range, found while a config dataclass is built (a ``ValueError`` for library callers)."""
 
 
+def path_name_error(exc: OSError) -> UserError | None:
+    """A :class:`UserError` for an ``OSError`` caused by a path the file system cannot hold (a name over its limit);
+    None for any other error, which is no bad input and must keep its traceback."""
+    import errno
+
+    if exc.errno != errno.ENAMETOOLONG:
+        return None
+    limit = "a folder or file name over the file system's limit, usually 255 bytes"
+    return UserError(f"{exc.filename}: {exc.strerror} ({limit})")
+
+
 def first_line(exc: BaseException) -> str:
     """``<type>: <first line of the message>`` of ``exc``, for one-line :class:`UserError` messages."""
     text = str(exc).strip().splitlines()

@@ -70,6 +70,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _well_formed_files(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest's ``files`` maps names to ``{"bytes": int, "sha256": str}``, as :meth:`GenerationStore.commit`
+    writes it (an edited or foreign one would otherwise fail with a KeyError deep in a check)."""
+    files = manifest.get("files")
+    return isinstance(files, dict) and all(
+        isinstance(name, str)
+        and isinstance(info, dict)
+        and isinstance(info.get("bytes"), int)
+        and not isinstance(info.get("bytes"), bool)
+        and isinstance(info.get("sha256"), str)
+        for name, info in files.items()
+    )
+
+
 class GenerationStore:
     """Reads and writes the ``gen_XXX`` folders of one run directory."""
 
@@ -241,8 +255,12 @@ class GenerationStore:
             raise StoreError(f"{path}: missing; generation {generation} was never finished") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise StoreError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not _well_formed_files(manifest):
             raise StoreError(f"{path}: not a {FORMAT} manifest")
+        if isinstance(manifest.get("num_samples"), bool) or not isinstance(manifest.get("num_samples", 0), int):
+            raise StoreError(f"{path}: not a {FORMAT} manifest (num_samples {manifest.get('num_samples')!r})")
         return manifest
 
     def verify(self, generation: int, checksums: bool = True, hashed: Iterable[str] | None = None) -> dict[str, Any]:
@@ -260,7 +278,11 @@ class GenerationStore:
                 raise StoreError(f"{p}: {st.st_size} bytes, manifest says {info['bytes']} (truncated or rewritten)")
             key = (str(p), st.st_size, st.st_mtime_ns)
             if checksums and (only is None or name in only) and key not in self._verified:
-                if sha256_file(p) != info["sha256"]:
+                try:
+                    digest = sha256_file(p)
+                except OSError as exc:
+                    raise StoreError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+                if digest != info["sha256"]:
                     raise StoreError(f"{p}: sha256 mismatch; the file is corrupt")
                 self._verified.add(key)
         return manifest

@@ -745,7 +745,7 @@ def _geom_candidates(summary_path: Path, seed: int, counts: _Counts) -> Iterator
                 raise
             except Exception as exc:  # a damaged pickle can raise nearly anything
                 counts.records_read += 1
-                yield rel, _raise("missing_file", f"{rel}: cannot read it ({first_line(exc)})")
+                yield rel, _raise("unparsable", f"{rel}: cannot read it ({first_line(exc)})")
                 return
             if not conformers:
                 counts.records_read += 1

@@ -289,6 +289,12 @@ class Workflow:
         """Raise :class:`WorkflowError` when this workflow cannot run with these sizes."""
         _check_size("real_size", real_size)
         _check_size("generations", generations)
+        synthetic = self.synthetic_size(real_size)
+        if synthetic > MAX_COUNT:
+            raise WorkflowError(
+                f"workflow {self.label}: synthetic sets of {synthetic:.3g} examples ({real_size} real examples x "
+                f"multiplier) are too large (at most 2**63 - 1); lower the multiplier"
+            )
         if self._definition.subsample:
             size, pool = self._subsample_size(real_size), self._real_rows(0, real_size)
             if size > pool:
@@ -389,6 +395,11 @@ def _subsample(rng: np.random.Generator, pool: int, size: int, num_seeds: int | 
     return np.sort(out, axis=1)
 
 
+MAX_COUNT = 2**63 - 1
+"""The largest example count a workflow may name or imply: the largest 64-bit integer (beyond it counts overflow
+the arrays that hold them, and a count of hundreds of digits would name a cell file longer than a file name)."""
+
+
 def _number(name: str, key: str, raw: str) -> float | int:
     try:
         value = float(raw)
@@ -399,6 +410,8 @@ def _number(name: str, key: str, raw: str) -> float | int:
     if key in _INT_KEYS:
         if value != int(value):
             raise WorkflowError(f"workflow {name!r}: {key} must be an integer, got {raw}")
+        if value > MAX_COUNT:
+            raise WorkflowError(f"workflow {name!r}: {key}={raw} is too large (at most 2**63 - 1 examples)")
         return int(value)
     return value
 

@@ -556,6 +556,10 @@ class AnalyticConfig:
         self.progress_every = check_interval(self.progress_every)
 
 
+MAX_SEED = 2**63 - 1
+"""The largest seed label metrics.csv holds (the report reads seeds as 64-bit integers)."""
+
+
 def launch(
     recipe: str,
     cfg: AnalyticConfig,
@@ -587,6 +591,8 @@ def _launch(
         raise UserError(f"--log_every must be an integer >= 1 (1 = every generation), got {cfg.log_every!r}")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.seed + cfg.num_seeds - 1 > MAX_SEED:  # replicates are labelled seed .. seed + num_seeds - 1
+        raise UserError(f"--seed + --num_seeds - 1 must be at most {MAX_SEED} (2**63 - 1), got {cfg.seed}")
     workflows = parse_workflows(cfg.workflow)
     for axis, values in axes.items():
         repeated = sorted({str(v) for v in values if values.count(v) > 1})

@@ -697,7 +697,17 @@ def check_sizes(modality: Modality, cfg: LoopConfig, real: Any) -> tuple[int, in
     num_synthetic = needed if cfg.num_synthetic is None else cfg.num_synthetic
     if num_synthetic < needed:
         raise UserError(f"--num_synthetic {num_synthetic} is less than the {needed} samples {wf.label} trains on")
+    if num_synthetic > MAX_SYNTHETIC:  # checked before generation 0 trains, not when its set is drawn
+        flag = "--num_synthetic" if cfg.num_synthetic is not None else f"workflow {wf.label}"
+        raise UserError(
+            f"{flag} asks for synthetic sets of {num_synthetic} samples, more than the {MAX_SYNTHETIC} a run "
+            "can draw and store; lower it"
+        )
     return real_size, num_synthetic
+
+
+MAX_SYNTHETIC = 2**31 - 1
+"""The most samples one generation's synthetic set may hold (a bound far past the published sets, 2.12M stories)."""
 
 
 def _validate(cfg: LoopConfig) -> None:
@@ -716,6 +726,8 @@ def _validate(cfg: LoopConfig) -> None:
     for flag, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"--{flag} must be an integer >= {low}, got {value!r}")
+    if cfg.seed > 2**63 - 1:  # metrics.csv's seed column is read as a 64-bit integer
+        raise UserError(f"--seed must be at most {2**63 - 1} (2**63 - 1), got {cfg.seed}")
 
 
 @contextlib.contextmanager

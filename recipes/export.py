@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 
 from collapse.atomic import atomic_write_json, fsync_dir, pid_alive
-from collapse.errors import UserError
+from collapse.errors import UserError, path_name_error
 from collapse.progress import Progress, console
 from collapse.rundir import CONFIG, listed_names
 from collapse.store import Generation, GenerationStore
@@ -606,7 +606,9 @@ def cli(argv: Sequence[str] | None = None) -> None:
     try:
         with console(name="export"):  # a progress line every 30 s while a large set is written
             summary = export(args.run_dir, args.out, args.generation, overwrite=args.overwrite)
-    except UserError as exc:
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError) and (exc := path_name_error(exc)) is None:
+            raise
         sys.stderr.write("error: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) + "\n")
         sys.exit(2)
     except KeyboardInterrupt:

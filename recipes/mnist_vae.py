@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from collapse.atomic import check_writable_folder
 from collapse.cli import run
 from collapse.contract import Modality
 from datamodules.mnist import MNISTDataConfig, MNISTDataModule
 from engine.loop import LoopConfig, LoopResult, run_generations
 from engine.trainer import TrainerConfig, resolve_trainer
-from evaluation.digits import DigitQualityConfig, DigitSampleEvaluator
+from evaluation.digits import DigitQualityConfig, DigitSampleEvaluator, default_cache_dir
 from lit_modules.vae import VAEConfig, VAEModule
 
 GPU_EPOCHS = 30
@@ -104,6 +105,11 @@ def main(cfg: MNISTVAEConfig) -> LoopResult:
     records what ran.
     """
     cfg = dataclasses.replace(cfg, trainer=resolve_trainer(cfg.trainer, gpu_epochs=GPU_EPOCHS, cpu_epochs=CPU_EPOCHS))
+    if cfg.quality.enabled:  # the classifier is cached after generation 0 trained: refuse a bad folder before
+        if cfg.quality.cache_dir:
+            check_writable_folder(Path(cfg.quality.cache_dir).expanduser(), "--quality.cache_dir")
+        else:
+            check_writable_folder(default_cache_dir(), "the cache folder ($MODEL_COLLAPSE_CACHE or ~/.cache)")
     return run_generations(VAEModality(cfg), cfg, recipe="mnist_vae")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -307,9 +309,11 @@ def test_accumulate_subsample_per_seed_draws(case, t, num_seeds, seed):
     assert ts.subset.shape == (num_seeds, size)
     assert ts.size == size
     assert_valid_subset(ts, size)
-    assert len({tuple(row) for row in ts.subset}) == num_seeds, "each seed draws its own subset"
     np.testing.assert_array_equal(ts.subset, wf.training_set(t, n, seed=seed, num_seeds=num_seeds).subset)
-    assert not np.array_equal(ts.subset, wf.training_set(t, n, seed=seed + 1, num_seeds=num_seeds).subset)
+    # Independent draws differ unless the pool has few subsets of this size (30 of 31: two of 5 seeds may match).
+    if math.comb(ts.pool_size, size) >= 10**12:
+        assert len({tuple(row) for row in ts.subset}) == num_seeds, "each seed draws its own subset"
+        assert not np.array_equal(ts.subset, wf.training_set(t, n, seed=seed + 1, num_seeds=num_seeds).subset)
 
 
 @pytest.mark.parametrize("per_seed", [False, True])

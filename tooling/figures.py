@@ -1630,14 +1630,14 @@ def make_figure(
         raise FigureError(f"--max_rows must be >= 1, got {max_rows}")
     filters = rp.parse_cell_filters(cells)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FigureError(f"--out {out} is a file, not a folder")
+    title = f"# {figure.id}: {rp.md_escape(figure.title)}"  # report.md's first line (_intro_lines)
+    ours = rp.claim_out(out, title)  # a figure's earlier files there may be replaced, nothing else
 
     used, skipped, looked_at = _collect_runs(run_dirs, figure, out, warn)
-    ours = build_curves(used, figure) if used else Ours((), [], {}, [])
-    chosen = [c for c in ours.cells if rp.cell_matches_filters(ours.keys, c, filters)]
-    if filters and ours.cells and not chosen:
-        raise FigureError(f"--cells matches no setting (they look like {rp.cell_title(ours.keys, ours.cells[0])})")
+    curves = build_curves(used, figure) if used else Ours((), [], {}, [])
+    chosen = [c for c in curves.cells if rp.cell_matches_filters(curves.keys, c, filters)]
+    if filters and curves.cells and not chosen:
+        raise FigureError(f"--cells matches no setting (they look like {rp.cell_title(curves.keys, curves.cells[0])})")
     if not used:
         warn(
             f"warning: no usable {figure.recipe} run among the {looked_at} run dir(s); "
@@ -1648,27 +1648,30 @@ def make_figure(
     except OSError as exc:
         raise FigureError(f"cannot create --out {out} ({exc.strerror or exc})") from None
 
-    labels = {c.workflow for cs in ours.curves.values() for c in cs} | {w for p in figure.panels for w in p.workflows()}
+    labels = {c.workflow for cs in curves.curves.values() for c in cs}
+    labels |= {w for p in figure.panels for w in p.workflows()}
     colours = rp.workflow_colours(labels)
     shown_cells = chosen[:max_rows]
-    png = out / f"{figure.id}.png"
-    pub_png = out / f"{figure.id}_published.png"
-    rows = comparison_rows(figure, ours, chosen) or published_rows(figure)
-    md = _intro_lines(figure) + _runs_lines(figure, used, skipped, ours)
+    rows = comparison_rows(figure, curves, chosen) or published_rows(figure)
+    md = _intro_lines(figure) + _runs_lines(figure, used, skipped, curves)
     try:
-        plot_figure(png, figure, ours, shown_cells, colours)
-        has_pub_png = plot_published(pub_png, figure, colours)
-        md += _figure_lines(figure, png, len(shown_cells), len(chosen))
-        md += _comparison_lines(figure, ours, rows, _shown_keys(figure, ours, chosen))
-        md += ["## Published values", ""] + _published_table(figure) + [""]
-        if has_pub_png:
-            md += [f"![{figure.id} published]({pub_png.name})", ""]
-        md += _cardinality_lines(figure, ours)
-        if used:
-            md += _sample_lines(used, out, {png.stem, pub_png.stem}, warn)
-        text = "\n".join(md).rstrip() + "\n"
-        atomic_write_text(out / "report.md", text)
-        atomic_write_text(out / "report.html", markdown_to_html(text.splitlines(), f"{figure.id}: {figure.title}"))
+        with rp.staged_out(out, ours) as stage:
+            png = stage / f"{figure.id}.png"
+            pub_png = stage / f"{figure.id}_published.png"
+            plot_figure(png, figure, curves, shown_cells, colours)
+            has_pub_png = plot_published(pub_png, figure, colours)
+            md += _figure_lines(figure, png, len(shown_cells), len(chosen))
+            md += _comparison_lines(figure, curves, rows, _shown_keys(figure, curves, chosen))
+            md += ["## Published values", ""] + _published_table(figure) + [""]
+            if has_pub_png:
+                md += [f"![{figure.id} published]({pub_png.name})", ""]
+            md += _cardinality_lines(figure, curves)
+            if used:
+                md += _sample_lines(used, stage, {png.stem, pub_png.stem}, warn)
+            text = "\n".join(md).rstrip() + "\n"
+            html = markdown_to_html(text.splitlines(), f"{figure.id}: {figure.title}")
+            atomic_write_text(stage / "report.html", html)
+            atomic_write_text(stage / "report.md", text)
     except OSError as exc:
         raise FigureError(f"cannot write the figure into {out} ({exc.strerror or exc})") from None
     return out / "report.md"

@@ -52,6 +52,7 @@ first, so a refused report changes nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -62,7 +63,7 @@ import shutil
 import sys
 import textwrap
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from itertools import islice
@@ -74,7 +75,7 @@ import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
 from collapse.atomic import atomic_write_json, atomic_write_text, pid_alive
-from collapse.errors import UserError
+from collapse.errors import UserError, path_name_error
 from collapse.rundir import CONFIG, EXECUTION_KEYS, METRICS, TAIL_COLUMNS, listed_names
 from datamodules.workflows import WORKFLOW_NAMES, Workflow, WorkflowError
 from tooling.theory import ACCUMULATE_BOUND, risk_metric, theory_curve
@@ -82,6 +83,7 @@ from tooling.theory import ACCUMULATE_BOUND, risk_metric, theory_curve
 __all__ = [
     "axes_grid",
     "bound_verdict",
+    "claim_out",
     "CONFIDENCE",
     "EPOCHS_PROTOCOL",
     "FIXED_PROTOCOL",
@@ -127,6 +129,7 @@ __all__ = [
     "same_value",
     "samples_section",
     "single_value",
+    "staged_out",
     "summarize",
     "t_quantile",
     "workflow_colours",
@@ -365,6 +368,8 @@ def _numbers(texts: Sequence[str], kind: str, column: str, first_row: int) -> np
                 out[i] = np.nan  # an empty value is a missing one: counted as non-finite, not fatal
         except (ValueError, OverflowError):
             what = "an integer" if kind == "int" else "a number"
+            if kind == "int" and text.strip().lstrip("-").isdigit():
+                what = "an integer in the 64-bit range"
             shown = text if len(text) <= 40 else text[:37] + "..."
             raise ReportError(f"{METRICS} data row {first_row + i}: {column} {shown!r} is not {what}") from None
     return out
@@ -467,7 +472,9 @@ def _parse_numbers(buf: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype) -> np
     length = hi - lo
     if (length <= 0).any() or length.max() >= _MAX_FIELD:
         return None
-    if dtype == np.int64 and length.max() <= 18:
+    if dtype == np.int64 and length.max() > 18:
+        return None  # may not fit int64: np.fromstring would saturate it silently; the row reader names it
+    if dtype == np.int64:
         # Non-negative integers (seeds, generations): decimal digits summed column by column.
         digits = _field_matrix(buf, lo, length, int(length.max()), 48).astype(np.int64) - 48
         if digits.min() >= 0 and digits.max() <= 9:
@@ -1915,7 +1922,7 @@ def make_report(
         raise ReportError(f"--cells matches no cell (cells look like {examples})")
 
     out = Path(out_dir)
-    ours = _check_out(out)
+    ours = claim_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1933,29 +1940,22 @@ def make_report(
     if skipped:
         md += ["Skipped run dirs:", ""] + [f"- {md_escape(s)}" for s in skipped] + [""]
     used: set[str] = set()
-    # Written whole into a hidden folder inside --out first, so that no file is replaced before every name is
-    # known to be free or the earlier report's own.
-    stage = out / f".report.tmp-{os.getpid()}"
     try:
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir()
-        for data in groups:
-            samples = samples_section(data, stage, used, warn)
-            md += _section(data, stage, wanted, filters, mode, max_panels, used, samples)
-        atomic_write_text(stage / REPORT_FILE, "\n".join(md).rstrip() + "\n")
-        _publish(stage, out, ours)
+        with staged_out(out, ours) as stage:
+            for data in groups:
+                samples = samples_section(data, stage, used, warn)
+                md += _section(data, stage, wanted, filters, mode, max_panels, used, samples)
+            atomic_write_text(stage / REPORT_FILE, "\n".join(md).rstrip() + "\n")
     except OSError as exc:
         raise ReportError(f"cannot write the report into {out} ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return out / REPORT_FILE
 
 
-def _report_files(out: Path) -> set[str] | None:
+def _report_files(out: Path, title: str) -> set[str] | None:
     """The files of the report in the folder ``out`` (its record among them), or None when ``out`` holds none.
 
-    Read from :data:`REPORT_RECORD`; for a report written before there was one, ``report.md`` (with the report's
-    title) and the pictures it links.
+    Read from :data:`REPORT_RECORD`; for a report written before there was one, ``report.md`` (whose first line is
+    ``title``) and the pictures it links.
     """
     record = out / REPORT_RECORD
     if record.is_symlink() or record.exists():
@@ -1971,16 +1971,17 @@ def _report_files(out: Path) -> set[str] | None:
         text = (out / REPORT_FILE).read_text(encoding="utf-8")
     except (OSError, ValueError):
         return None
-    if not text.startswith(_REPORT_TITLE + "\n"):
+    if not text.startswith(title + "\n"):
         return None
     return {REPORT_FILE, *_LINKED_PNG.findall(text)}
 
 
-def _check_out(out: Path) -> set[str]:
-    """Refuse an --out that is empty, a file, or a folder of other files; return the earlier report's files in it.
+def claim_out(out: Path, title: str = _REPORT_TITLE) -> set[str]:
+    """Refuse an --out that is a file or a folder of other files; return the earlier report's files in it.
 
-    A report is written into a new or empty folder, or into one that holds a report (:func:`_report_files`),
-    beside whatever else the user keeps there.
+    A report (this module's, or a figure of :mod:`tooling.figures`) is written into a new or empty folder, or into
+    one that holds a report (:func:`_report_files`; ``title``: the first line of a report.md written before reports
+    kept a record of their files), beside whatever else the user keeps there. Write it with :func:`staged_out`.
     """
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file, not a folder")
@@ -1993,7 +1994,7 @@ def _check_out(out: Path) -> set[str]:
             if m and not pid_alive(int(m.group(1))):
                 shutil.rmtree(stale, ignore_errors=True)
         entries = [p for p in entries if not _STAGE.match(p.name)]
-        ours = _report_files(out) if entries else set()
+        ours = _report_files(out, title) if entries else set()
     except OSError as exc:
         raise ReportError(f"--out {out} cannot be read ({exc.strerror or exc})") from None
     if ours is None:
@@ -2002,6 +2003,21 @@ def _check_out(out: Path) -> set[str]:
             "there (its files are left alone); choose a new or empty folder"
         )
     return ours
+
+
+@contextlib.contextmanager
+def staged_out(out: Path, ours: set[str]) -> Iterator[Path]:
+    """A hidden folder inside the existing folder ``out`` to write a report into whole, then moved into ``out``
+    (:func:`_publish`), so that no file is replaced before every name is known to be free or the earlier report's
+    own (``ours``: :func:`claim_out`). Removed in the end, also after an error (OSError: the caller's to word)."""
+    stage = out / f".report.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        stage.mkdir()
+        yield stage
+        _publish(stage, out, ours)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _publish(stage: Path, out: Path, ours: set[str]) -> None:
@@ -2085,7 +2101,9 @@ def cli(argv: Sequence[str] | None = None) -> None:
             cells=args.cells,
             max_panels=args.max_panels,
         )
-    except UserError as exc:
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError) and (exc := path_name_error(exc)) is None:
+            raise
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
     except KeyboardInterrupt:
