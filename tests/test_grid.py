@@ -220,14 +220,14 @@ def test_tiny_grid_runs_in_parallel_and_a_rerun_skips_finished_cells(tmp_path):
 def test_a_failing_cell_makes_the_exit_status_nonzero_and_the_others_still_run(tmp_path):
     path = write_sweep(
         tmp_path / "bad.yaml",
-        {**TINY, "n_samples": {"value": 8}, "dim": {"values": ["two", 2]}, "workflow": {"value": "replace"}},
-    )
+        {**TINY, "n_samples": {"value": 8}, "dim": {"values": [-1, 2]}, "workflow": {"value": "replace"}},
+    )  # -1: a value the recipe's parser takes and the run refuses (a flag it cannot parse stops the whole grid)
     result = launch(path, "--out_root", tmp_path / "out")
     assert result.returncode == 1
     assert "1 done, 1 failed, 0 skipped" in result.stdout
     logs = tmp_path / "out" / "bad" / "logs"
-    (failed_log,) = [p for p in logs.glob("*.log") if "dim=two" in p.name]
-    assert f"failed: dim=two (exit 2): log {failed_log}" in result.stdout
+    (failed_log,) = [p for p in logs.glob("*.log") if "dim=-1" in p.name]
+    assert f"failed: dim=-1 (exit 2): log {failed_log}" in result.stdout
     assert "error: --dim" in failed_log.read_text()
     assert [p.name for p in logs.glob("*.done")] == [p.name.replace(".log", ".done") for p in logs.glob("*dim=2*.log")]
 
@@ -326,6 +326,26 @@ def test_a_dry_run_names_the_cells_whose_flags_the_recipe_refuses(tmp_path, caps
     assert grid.main([str(good), "--dry_run", "--out_root", str(tmp_path / "o")]) == 0
     assert "refused by" not in capsys.readouterr().out
 
+
+
+def test_a_real_run_refuses_such_cells_before_any_starts(tmp_path, capsys):
+    # Before: every cell started and failed on its own, one log each, and the grid exited 1.
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "program": "recipes/gaussian.py",
+                "method": "grid",
+                "parameters": {"num_seeds": {"values": [2, "many"]}, "generations": {"value": 2}},
+                "command": ["${env}", "python", "${program}", "--out_dir=runs/x/{hash}", "${args}"],
+            }
+        )
+    )
+    assert grid.main([str(path), "--out_root", str(tmp_path / "o")]) == 2
+    out, err = capsys.readouterr()
+    assert "error: 1 of 2 cells have flags that recipes/gaussian.py refuses" in err and "no cell was started" in err
+    assert out.count("refused ") == 1 and "--num_seeds: invalid value 'many'" in out and "start " not in out, out
+    assert not (tmp_path / "o").exists()  # neither a cell's run folder nor the logs'
 
 # ---- folders and GPU ids refused before anything starts -----------------------------------------------
 

@@ -633,18 +633,26 @@ def _main(args: argparse.Namespace) -> int:
     todo = [j for j in jobs if id(j) not in earlier]
     skipped = len(earlier)
     head = f"sweep {sweep.name}: {len(jobs)} of {len(cells)} cells, {skipped} finished earlier"
+    # Every cell's flags through the recipe's own parser first: a misspelt parameter or a value out of range is
+    # refused here, not once per cell after each has started.
+    refused = dict(refused_cells(sweep, jobs if args.dry_run else todo))
     if args.dry_run:
         _say(f"{head}; dry run, logs would go to {log_dir}")
-        refused = dict(refused_cells(sweep, jobs))
         for job in jobs:
             tag = " (finished earlier: skipped)" if id(job) in earlier else ""
             tag += f" (refused by {sweep.program}: {refused[id(job)]})" if id(job) in refused else ""
             print(f"# {job.label}{tag}\n{shlex.join(job.argv)}", flush=True)
-        if refused:
-            raise GridError(
-                f"{len(refused)} of {len(jobs)} cells have flags that {sweep.program} refuses (the # lines above "
-                f"say why), e.g. {next(iter(refused.values()))}"
-            )
+    elif refused:
+        for job in todo:
+            if id(job) in refused:
+                _say(f"refused {job.label}: {refused[id(job)]}")
+    if refused:
+        where = "the # lines above say why" if args.dry_run else "the lines above say why; no cell was started"
+        raise GridError(
+            f"{len(refused)} of {len(jobs)} cells have flags that {sweep.program} refuses ({where}), "
+            f"e.g. {next(iter(refused.values()))}"
+        )
+    if args.dry_run:
         return 0
     try:  # made now, before any cell starts, so a folder that cannot be made is one error, not one per cell
         log_dir.mkdir(parents=True, exist_ok=True)
