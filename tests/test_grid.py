@@ -327,7 +327,6 @@ def test_a_dry_run_names_the_cells_whose_flags_the_recipe_refuses(tmp_path, caps
     assert "refused by" not in capsys.readouterr().out
 
 
-
 def test_a_real_run_refuses_such_cells_before_any_starts(tmp_path, capsys):
     # Before: every cell started and failed on its own, one log each, and the grid exited 1.
     path = tmp_path / "typo.yaml"
@@ -346,6 +345,7 @@ def test_a_real_run_refuses_such_cells_before_any_starts(tmp_path, capsys):
     assert "error: 1 of 2 cells have flags that recipes/gaussian.py refuses" in err and "no cell was started" in err
     assert out.count("refused ") == 1 and "--num_seeds: invalid value 'many'" in out and "start " not in out, out
     assert not (tmp_path / "o").exists()  # neither a cell's run folder nor the logs'
+
 
 # ---- folders and GPU ids refused before anything starts -----------------------------------------------
 
