@@ -24,6 +24,11 @@ TRUE_COV = ((2.0, 0.6), (0.6, 0.5))
 """Covariance of the real distribution (positive definite)."""
 
 
+TOY_SCALE_LIMIT = 1e6
+"""The largest size of a mean entry and standard deviation of the real distribution (and the smallest standard
+deviation's inverse): the points and the model are float32."""
+
+
 @dataclass
 class GaussianPointsConfig:
     """The real points of the toy modality (``--data.*``)."""
@@ -55,8 +60,21 @@ class GaussianPointsConfig:
         cov = np.asarray(self.cov, dtype=np.float64)
         if dim < 1 or cov.shape != (dim, dim):
             raise ConfigError(f"--data.cov must be {dim} x {dim} for a mean of length {dim}, got shape {cov.shape}")
-        if not np.allclose(cov, cov.T) or np.linalg.eigvalsh(cov).min() <= 0:
+        if not np.isfinite(cov).all() or not np.allclose(cov, cov.T) or np.linalg.eigvalsh(cov).min() <= 0:
             raise ConfigError(f"--data.cov must be symmetric positive definite, got {self.cov!r}")
+        # The points and the model are float32, whose squares of distances overflow past about 1e19 and whose
+        # variances lose every digit below about 1e-38: a scale far from 1 would train to inf or nan and exit 0.
+        mean = np.asarray(self.mean, dtype=np.float64)
+        variances = np.linalg.eigvalsh(cov)
+        if not (np.isfinite(mean).all() and np.abs(mean).max() <= TOY_SCALE_LIMIT):
+            raise ConfigError(
+                f"--data.mean entries must be finite, at most {TOY_SCALE_LIMIT:g} in size, got {self.mean!r}"
+            )
+        if variances.min() < 1 / TOY_SCALE_LIMIT**2 or variances.max() > TOY_SCALE_LIMIT**2:
+            raise ConfigError(
+                f"--data.cov variances (eigenvalues) must lie within {1 / TOY_SCALE_LIMIT**2:g} .. "
+                f"{TOY_SCALE_LIMIT**2:g} (float32 points and model), got {variances.min():g} .. {variances.max():g}"
+            )
 
 
 class PointsDataset(Dataset):

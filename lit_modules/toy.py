@@ -42,8 +42,8 @@ class GaussianModelConfig:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--model.lr must be a finite number > 0, got {self.lr!r}")
-        if not (math.isfinite(self.init_scale) and self.init_scale >= 0):
-            raise ConfigError(f"--model.init_scale must be a finite number >= 0, got {self.init_scale!r}")
+        if not (math.isfinite(self.init_scale) and 0 <= self.init_scale <= 1e6):
+            raise ConfigError(f"--model.init_scale must be a number within 0 .. 1e6, got {self.init_scale!r}")
 
 
 class GaussianDensity(SamplingModule):

@@ -51,7 +51,11 @@ TOY_CASES = [
     (["--data.num_train", "99999999999"], "does not fit in memory"),
     (["--model.lr", "-1"], "--model.lr must be a finite number > 0"),
     (["--model.lr", "0"], "--model.lr must be a finite number > 0"),
-    (["--model.init_scale", "-1"], "--model.init_scale must be a finite number >= 0"),
+    (["--model.init_scale", "-1"], "--model.init_scale must be a number within 0 .. 1e6"),
+    (["--model.init_scale", "1e308"], "--model.init_scale must be a number within 0 .. 1e6"),
+    (["--data.mean", "[1e308, 1e308]"], "--data.mean entries must be finite, at most 1e+06 in size"),
+    (["--data.cov", "[[1e-320, 0], [0, 1e-320]]"], "--data.cov variances (eigenvalues) must lie within 1e-12 .. 1e+12"),
+    (["--data.cov", "[[1e13, 0], [0, 1]]"], "--data.cov variances (eigenvalues) must lie within"),
 ]
 
 
