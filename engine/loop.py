@@ -69,7 +69,7 @@ from collapse.atomic import atomic_open, atomic_write_json
 from collapse.cli import secondary_process
 from collapse.contract import EXACT_MEANS, Modality, RealDataModule
 from collapse.distributed import Dist, forward_signal, launch, wants_processes
-from collapse.errors import ConfigError, Terminated, UserError
+from collapse.errors import ConfigError, Terminated, UserError, first_line
 from collapse.progress import DEFAULT_INTERVAL, check_interval, check_log_level, console
 from collapse.rundir import (
     METRICS,
@@ -342,7 +342,7 @@ class _GenerationContext:
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
         )
-        model = self.modality.build_model(g)
+        model = _build_model(self.modality, g)
         if cfg.warm_start and g > 0:
             dist.on_zero(lambda: store.verify(g - 1) and None)
             _load_weights(model, store.path(g - 1) / MODEL_FILE)
@@ -662,6 +662,22 @@ def _optimizer_steps_per_epoch(batches: int, accumulate: Any, limit: Any) -> int
         batches = int(batches * limit)
     accumulate = accumulate if isinstance(accumulate, int) and accumulate >= 1 else 1
     return max(1, math.ceil(batches / accumulate))
+
+
+def _build_model(modality: Modality, g: int) -> Any:
+    """Generation ``g``'s model from ``modality``; a model too large for this machine's memory (size flags far past
+    what it holds) is a UserError, not an allocator's traceback."""
+    try:
+        return modality.build_model(g)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "can't allocate memory" not in str(exc):
+            raise
+        size = re.search(r"allocate (\d+) bytes", str(exc))
+        need = f"{int(size.group(1)) / 2**30:.3g} GiB for one of its tensors" if size else first_line(exc)
+        raise UserError(
+            f"generation {g}'s model does not fit in this machine's memory ({need}); lower its size (--model.*)"
+            + ("; config.yaml has these settings, so run again with --overwrite or another --out_dir" if g == 0 else "")
+        ) from None
 
 
 def check_settings(modality: Modality, cfg: LoopConfig) -> Workflow:

@@ -112,3 +112,17 @@ def test_a_figure_never_overwrites_the_users_files(tmp_path, capsys):
     for _ in range(2):  # a figure's own folder is written again
         cli(["kazdan_gaussian", str(tmp_path / "no_runs"), "--out", str(fresh)])
     assert (fresh / "report.md").is_file()
+
+
+def test_a_model_too_large_for_the_memory_is_one_line_naming_the_way_on(tmp_path, capsys):
+    from recipes import mnist_vae
+
+    out = tmp_path / "run"
+    argv = ["--model.hidden", "99999999999", "--out_dir", str(out), "--wandb.mode", "disabled"]
+    with pytest.raises(SystemExit) as exc:
+        run(mnist_vae.main, mnist_vae.MNISTVAEConfig, argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: generation 0's model does not fit in this machine's memory (") and "GiB" in err
+    assert "run again with --overwrite or another --out_dir" in err
+    assert not list(out.glob("gen_*"))
