@@ -480,6 +480,66 @@ def build_model(
     return model
 
 
+def check_checkpoint_weights(cfg: CausalLMConfig) -> None:
+    """Refuse an ``--model.init_from`` checkpoint whose weight files cannot be this model's, before anything is
+    trained or written: a safetensors file (or shard) whose header cannot be read, a tensor of another shape than
+    the architecture of its config.json has, or no tensor with a name of that architecture; a ``.bin`` file that
+    is neither a torch zip archive nor a pickle. Only headers are read (instant, whatever the model's size); the
+    weights themselves are read when the model is built. Raises :class:`UserError`."""
+    if cfg.init_from is None:
+        return
+    import json
+    import zipfile
+
+    folder = Path(cfg.init_from)
+    with torch.device("meta"):  # the architecture of the checkpoint's config.json, nothing allocated
+        model = AutoModelForCausalLM.from_config(model_config(cfg))
+    prefix = f"{model.base_model_prefix}."
+    ours = {name.removeprefix(prefix): tuple(t.shape) for name, t in model.state_dict().items()}
+    files = [folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                shards = json.loads((folder / index).read_text())["weight_map"].values()
+                files += [folder / shard for shard in sorted(set(shards))]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise UserError(f"{folder / index}: not a weight index ({first_line(exc)})") from None
+    theirs: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:  # reads the header only
+                    theirs |= {key.removeprefix(prefix): tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            except Exception as exc:  # safetensors raises its own error types for a damaged header
+                raise UserError(f"{path}: cannot be read as safetensors weights ({first_line(exc)})") from None
+        else:
+            try:
+                with open(path, "rb") as fh:
+                    pickled = fh.read(1) == b"\x80"  # a pickle's protocol opcode (the format before torch 1.6)
+                usable = pickled or zipfile.is_zipfile(path)
+            except OSError as exc:
+                raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+            if not usable:
+                raise UserError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
+    if not theirs:
+        return  # .bin weights: their names and shapes are known only once they are loaded
+    common = ours.keys() & theirs.keys()
+    if not common:
+        raise UserError(
+            f"--model.init_from {folder}: none of its {len(theirs)} weight tensors is named as a "
+            f"{model.config.model_type} model's parameters (e.g. {min(theirs)}), so none would be loaded"
+        )
+    wrong = sorted(name for name in common if ours[name] != theirs[name])
+    if wrong:
+        name = wrong[0]
+        raise UserError(
+            f"--model.init_from {folder}: its weights do not have the shapes its config.json describes ({name}: "
+            f"{list(theirs[name])} in the file, {list(ours[name])} in the model; {len(wrong)} tensors differ)"
+        )
+
+
 def _padding_without_mask_is_intended(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
     """Stands in for transformers' check for padding without a mask (see :func:`build_model`)."""
 
@@ -1107,6 +1167,7 @@ __all__ = [
     "PRESET_CONTEXT",
     "PUBLISHED_CONTEXT",
     "WEIGHT_FILES",
+    "check_checkpoint_weights",
     "CAUSAL_FLAGS",
     "NEVER_CAUSAL",
     "PADDED_POSITIONS",

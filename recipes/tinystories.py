@@ -58,6 +58,7 @@ from lit_modules.causal_lm import (
     CausalLMConfig,
     CausalLMModule,
     check_attention,
+    check_checkpoint_weights,
     default_context,
     describe,
     model_config,
@@ -144,6 +145,7 @@ class LMModality(Modality):
                 f"the real training set has {real_size} stories, fewer than one batch (--batch_size {cfg.batch_size}); "
                 "use more real stories or a smaller --batch_size"
             )
+        check_checkpoint_weights(self.cfg.model)  # a damaged or foreign checkpoint, before anything is written
         stats = getattr(real, "data_stats", {}) or {}
         numbers = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         counts = ", ".join(f"{k} {v}" for k, v in numbers.items())

@@ -456,3 +456,44 @@ def test_the_training_curves_on_wandb_carry_tokens_per_second(tmp_path, fake_wan
     steps = [row for row in run.rows if "train_loss" in row]
     assert len(steps) == REAL // 8 and len(rates) == len(steps) - 1  # 6 steps of 8 stories, one epoch
     assert all(rate > 0 for rate in rates)
+
+
+def test_a_checkpoint_whose_weights_cannot_be_its_model_s_is_refused_from_headers_before_anything_is_written(
+    tmp_path,
+):
+    # Before: a dry run passed such a checkpoint (it builds the model on the meta device, reading no weights), and
+    # the run refused it only once config.yaml, data.json and the tokenizer were written.
+    from collapse.errors import UserError
+    from lit_modules.causal_lm import CausalLMConfig, build_model, check_checkpoint_weights
+
+    def saved(name: str) -> Path:
+        folder = tmp_path / name
+        config = CausalLMConfig(preset="gpt2-tiny", vocab_size=VOCAB)
+        build_model(config, EOT_ID, EOT_ID, PAD_ID).save_pretrained(folder)
+        return folder
+
+    good = saved("good")
+    check_checkpoint_weights(CausalLMConfig(init_from=str(good), vocab_size=VOCAB))  # accepted
+    garbage = saved("garbage")
+    (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    with pytest.raises(UserError, match="model.safetensors: cannot be read as safetensors weights"):
+        check_checkpoint_weights(CausalLMConfig(init_from=str(garbage), vocab_size=VOCAB))
+    other = saved("other_shapes")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "n_inner": 64}))  # the file's MLPs are 128 wide
+    with pytest.raises(UserError, match=r"do not have the shapes its config.json describes \(h\.0\.mlp\.c_fc"):
+        check_checkpoint_weights(CausalLMConfig(init_from=str(other), vocab_size=VOCAB))
+    foreign = saved("foreign")
+    from safetensors.torch import save_file
+
+    save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, str(foreign / "model.safetensors"))
+    with pytest.raises(UserError, match="none of its 1 weight tensors is named as a gpt2 model's parameters"):
+        check_checkpoint_weights(CausalLMConfig(init_from=str(foreign), vocab_size=VOCAB))
+    for source in (garbage, other, foreign):
+        (source / TOKENIZER_FILE).unlink(missing_ok=True)
+        out = tmp_path / f"run_{source.name}"
+        with pytest.raises(UserError, match=f"{source.name}"):
+            main(tiny(out, "replace", "--model.init_from", str(source), "--dry_run", "true"))
+        with pytest.raises(UserError, match=f"{source.name}"):
+            main(tiny(out, "replace", "--model.init_from", str(source)))
+        assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
