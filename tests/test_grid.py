@@ -329,17 +329,9 @@ def test_a_dry_run_names_the_cells_whose_flags_the_recipe_refuses(tmp_path, caps
 
 def test_a_real_run_refuses_such_cells_before_any_starts(tmp_path, capsys):
     # Before: every cell started and failed on its own, one log each, and the grid exited 1.
-    path = tmp_path / "typo.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "program": "recipes/gaussian.py",
-                "method": "grid",
-                "parameters": {"num_seeds": {"values": [2, "many"]}, "generations": {"value": 2}},
-                "command": ["${env}", "python", "${program}", "--out_dir=runs/x/{hash}", "${args}"],
-            }
-        )
-    )
+    parameters = {"num_seeds": {"values": [2, "many"]}, "generations": {"value": 2}}
+    command = ["${env}", "python", "${program}", "--out_dir=runs/x/{hash}", "${args}"]
+    path = write_sweep(tmp_path / "typo.yaml", parameters, program="recipes/gaussian.py", command=command)
     assert grid.main([str(path), "--out_root", str(tmp_path / "o")]) == 2
     out, err = capsys.readouterr()
     assert "error: 1 of 2 cells have flags that recipes/gaussian.py refuses" in err and "no cell was started" in err
