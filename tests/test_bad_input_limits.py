@@ -111,7 +111,12 @@ def test_a_figure_never_overwrites_the_users_files(tmp_path, capsys):
     fresh = tmp_path / "fig"
     for _ in range(2):  # a figure's own folder is written again
         cli(["kazdan_gaussian", str(tmp_path / "no_runs"), "--out", str(fresh)])
-    assert (fresh / "report.md").is_file()
+    assert (fresh / "report.md").is_file() and (fresh / "report.html").is_file()
+    # A figure written before figures kept a record of their files: known by its report.md, replaced whole.
+    (fresh / ".report.json").unlink()
+    (fresh / "notes.txt").write_text("mine\n")
+    cli(["kazdan_gaussian", str(tmp_path / "no_runs"), "--out", str(fresh)])
+    assert (fresh / "notes.txt").read_text() == "mine\n" and (fresh / ".report.json").is_file()
 
 
 def test_a_model_too_large_for_the_memory_is_one_line_naming_the_way_on(tmp_path, capsys):

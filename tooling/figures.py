@@ -1631,7 +1631,7 @@ def make_figure(
     filters = rp.parse_cell_filters(cells)
     out = Path(out_dir)
     title = f"# {figure.id}: {rp.md_escape(figure.title)}"  # report.md's first line (_intro_lines)
-    ours = rp.claim_out(out, title)  # a figure's earlier files there may be replaced, nothing else
+    ours = rp.claim_out(out, title, also=("report.html",))  # a figure's earlier files may be replaced, no other
 
     used, skipped, looked_at = _collect_runs(run_dirs, figure, out, warn)
     curves = build_curves(used, figure) if used else Ours((), [], {}, [])

@@ -1951,11 +1951,11 @@ def make_report(
     return out / REPORT_FILE
 
 
-def _report_files(out: Path, title: str) -> set[str] | None:
+def _report_files(out: Path, title: str, also: Sequence[str] = ()) -> set[str] | None:
     """The files of the report in the folder ``out`` (its record among them), or None when ``out`` holds none.
 
     Read from :data:`REPORT_RECORD`; for a report written before there was one, ``report.md`` (whose first line is
-    ``title``) and the pictures it links.
+    ``title``), the pictures it links and the files ``also`` that such a report wrote beside it.
     """
     record = out / REPORT_RECORD
     if record.is_symlink() or record.exists():
@@ -1973,15 +1973,16 @@ def _report_files(out: Path, title: str) -> set[str] | None:
         return None
     if not text.startswith(title + "\n"):
         return None
-    return {REPORT_FILE, *_LINKED_PNG.findall(text)}
+    return {REPORT_FILE, *also, *_LINKED_PNG.findall(text)}
 
 
-def claim_out(out: Path, title: str = _REPORT_TITLE) -> set[str]:
+def claim_out(out: Path, title: str = _REPORT_TITLE, also: Sequence[str] = ()) -> set[str]:
     """Refuse an --out that is a file or a folder of other files; return the earlier report's files in it.
 
     A report (this module's, or a figure of :mod:`tooling.figures`) is written into a new or empty folder, or into
     one that holds a report (:func:`_report_files`; ``title``: the first line of a report.md written before reports
-    kept a record of their files), beside whatever else the user keeps there. Write it with :func:`staged_out`.
+    kept a record of their files, ``also``: the other files such a report wrote), beside whatever else the user
+    keeps there. Write it with :func:`staged_out`.
     """
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file, not a folder")
@@ -1994,7 +1995,7 @@ def claim_out(out: Path, title: str = _REPORT_TITLE) -> set[str]:
             if m and not pid_alive(int(m.group(1))):
                 shutil.rmtree(stale, ignore_errors=True)
         entries = [p for p in entries if not _STAGE.match(p.name)]
-        ours = _report_files(out, title) if entries else set()
+        ours = _report_files(out, title, also) if entries else set()
     except OSError as exc:
         raise ReportError(f"--out {out} cannot be read ({exc.strerror or exc})") from None
     if ours is None:
