@@ -125,9 +125,9 @@ PROFILE_KEYS='^(train|sample)_(wall_ms|device_busy|time_by_kind|library_share|ke
 RECIPE_KEYS='sampling gen 0 (on [a-z]+:?[0-9]*)?: done|^\[lm\] .*test_loss=|^error:'
 GENERATION_KEYS='^(train_warmup_seconds|train_tokens_per_s|train_mfu|test_tokens_per_s|sample_warmup_seconds|sample_tokens_per_s|train_mean_tokens|sample_mean_tokens|sample_finished_fraction|score_tokens_per_s|projected_minutes_per_generation_published):'
 
-step nvidia_smi 5 '^[^|+ ].*MiB' bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
+step nvidia_smi 10 '^[^|+ ].*MiB' bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
     --format=csv,noheader && nvidia-smi'
-step versions 25 '^(torch|lightning|device) ' "$PY" -c '
+step versions 20 '^(torch|lightning|device) ' "$PY" -c '
 import torch, lightning, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
 print("lightning", lightning.__version__, "transformers", transformers.__version__)
