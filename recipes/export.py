@@ -456,6 +456,9 @@ def _check_out(out: Path, run: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder")
     if not out.is_dir():
+        above = next((p for p in out.parents if p.exists()), None)  # the folder it would be made in
+        if above is not None and not above.is_dir():
+            raise ExportError(f"--out {out}: {above} is a file, not a folder")
         return
     try:
         parts = _split(out)

@@ -294,6 +294,11 @@ def test_missing_unfinished_corrupt_and_unknown_runs_are_one_line(toy_run, tmp_p
     inside = toy_run / "gen_000" / "export"
     assert "is inside the run folder" in fail(capsys, [str(toy_run), "--out", str(inside)])
     assert not inside.exists()
+    (tmp_path / "afile").write_text("mine\n")
+    under_a_file = tmp_path / "afile" / "sub"
+    assert f"--out {under_a_file}: {tmp_path / 'afile'} is a file, not a folder" in fail(
+        capsys, [str(toy_run), "--out", str(under_a_file)]
+    )
 
 
 def test_the_command_shows_progress_while_it_writes_samples(vae_run, tmp_path, caplog, monkeypatch):
