@@ -6,6 +6,9 @@ import zlib
 
 import numpy as np
 
+MAX_SEED = 2**63 - 1
+"""The largest run seed (and seed label): metrics.csv's seed column is read as a 64-bit integer."""
+
 
 def derive_seed(seed: int, generation: int, purpose: str) -> int:
     """A 32-bit seed that depends only on ``(seed, generation, purpose)``.
@@ -19,4 +22,4 @@ def derive_seed(seed: int, generation: int, purpose: str) -> int:
     return int(np.random.SeedSequence([seed, generation, tag]).generate_state(1)[0])
 
 
-__all__ = ["derive_seed"]
+__all__ = ["MAX_SEED", "derive_seed"]

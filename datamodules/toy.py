@@ -60,12 +60,12 @@ class GaussianPointsConfig:
         cov = np.asarray(self.cov, dtype=np.float64)
         if dim < 1 or cov.shape != (dim, dim):
             raise ConfigError(f"--data.cov must be {dim} x {dim} for a mean of length {dim}, got shape {cov.shape}")
-        if not np.isfinite(cov).all() or not np.allclose(cov, cov.T) or np.linalg.eigvalsh(cov).min() <= 0:
+        variances = np.linalg.eigvalsh(cov) if np.isfinite(cov).all() else np.array([np.nan])
+        if not np.allclose(cov, cov.T) or not variances.min() > 0:
             raise ConfigError(f"--data.cov must be symmetric positive definite, got {self.cov!r}")
         # The points and the model are float32, whose squares of distances overflow past about 1e19 and whose
         # variances lose every digit below about 1e-38: a scale far from 1 would train to inf or nan and exit 0.
         mean = np.asarray(self.mean, dtype=np.float64)
-        variances = np.linalg.eigvalsh(cov)
         if not (np.isfinite(mean).all() and np.abs(mean).max() <= TOY_SCALE_LIMIT):
             raise ConfigError(
                 f"--data.mean entries must be finite, at most {TOY_SCALE_LIMIT:g} in size, got {self.mean!r}"

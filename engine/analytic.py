@@ -52,6 +52,7 @@ from collapse.rundir import (
     release_run_dir,
     resolve_out_dir,
 )
+from collapse.seeding import MAX_SEED
 from collapse.tracking import Tracker, WandbConfig, check_mode, resolve
 from datamodules.workflows import REAL, TrainingSet, Workflow, parse_workflows
 
@@ -554,10 +555,6 @@ class AnalyticConfig:
     def __post_init__(self) -> None:
         self.log_level = check_log_level(self.log_level)
         self.progress_every = check_interval(self.progress_every)
-
-
-MAX_SEED = 2**63 - 1
-"""The largest seed label metrics.csv holds (the report reads seeds as 64-bit integers)."""
 
 
 def launch(

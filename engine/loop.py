@@ -81,7 +81,7 @@ from collapse.rundir import (
     upgrade_metric_names,
     write_metrics,
 )
-from collapse.seeding import derive_seed
+from collapse.seeding import MAX_SEED, derive_seed
 from collapse.store import GenerationStore, StoreError
 from collapse.tracking import Tracker, WandbConfig, check_mode
 from datamodules.synthetic import SyntheticAccumulatingDataModule
@@ -742,8 +742,8 @@ def _validate(cfg: LoopConfig) -> None:
     for flag, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"--{flag} must be an integer >= {low}, got {value!r}")
-    if cfg.seed > 2**63 - 1:  # metrics.csv's seed column is read as a 64-bit integer
-        raise UserError(f"--seed must be at most {2**63 - 1} (2**63 - 1), got {cfg.seed}")
+    if cfg.seed > MAX_SEED:
+        raise UserError(f"--seed must be at most {MAX_SEED} (2**63 - 1), got {cfg.seed}")
 
 
 @contextlib.contextmanager
