@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from collapse.errors import UserError
+from collapse.errors import DISK_FULL, UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,48 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL and exc.filename is None:
+            exc.filename = str(path)  # a write says only "No space left on device"; the file tells which disk
         raise
     fsync_dir(path.parent)
+
+
+class _WriteRecorder:
+    """A binary file's ``write``/``flush`` that remembers the OSError a write raised (see :func:`atomic_torch_save`)."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_open`).
+
+    A write that fails (a full disk, a quota) comes out as its ``OSError``, naming ``path``: torch itself reports it
+    as an unexplained ``RuntimeError`` ("unexpected pos ...").
+    """
+    import torch  # lazily: this module is imported by processes that never load torch
+
+    with atomic_open(path, "wb") as fh:
+        writer = _WriteRecorder(fh)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from collapse.errors import Terminated, UserError, path_name_error
+from collapse.errors import Terminated, UserError, disk_full_line, path_name_error
 from collapse.hardware import retain_freed_memory, tf32_matmuls
 
 C = TypeVar("C")
@@ -224,7 +224,8 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
     """Parse the command line, call ``main(cfg)``, and turn a :class:`UserError` into one ``error:`` line.
 
     A Ctrl-C (KeyboardInterrupt) ends with one line saying how to resume and exit status 130; a SIGTERM that
-    Lightning caught (:class:`Terminated`) likewise, with exit status 143.
+    Lightning caught (:class:`Terminated`) likewise, with exit status 143; a write that found the disk full (or the
+    quota used up) with one line naming the file, exit status 1.
     """
     try:
         cfg = parse_config(config_cls, argv, prog=prog)
@@ -232,6 +233,11 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
         tf32_matmuls()  # on a CUDA GPU: float32 matrix products on TF32 tensor cores
         return main(cfg)
     except (UserError, OSError) as exc:
+        full = disk_full_line(exc)
+        if full is not None:  # not bad input (exit 1), but nothing a traceback would help with
+            if not secondary_process():
+                sys.stderr.write(f"error: {full}\n")
+            sys.exit(1)
         if isinstance(exc, OSError) and (exc := path_name_error(exc)) is None:
             raise
         if not secondary_process():  # in a multi-process run every rank raises it; one line is enough

@@ -1,5 +1,10 @@
 """The error type for bad input: recipes print its message on one line and exit with status 2."""
 
+import errno
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""The ``errno`` values of a write refused for want of space: the device is full, or the user's quota is."""
+
 
 class UserError(Exception):
     """Input the user can fix (a flag, a file, a folder); the message says what to fix."""
@@ -20,12 +25,24 @@ class ConfigError(UserError, ValueError):
 def path_name_error(exc: OSError) -> UserError | None:
     """A :class:`UserError` for an ``OSError`` caused by a path the file system cannot hold (a name over its limit);
     None for any other error, which is no bad input and must keep its traceback."""
-    import errno
-
     if exc.errno != errno.ENAMETOOLONG:
         return None
     limit = "a folder or file name over the file system's limit, usually 255 bytes"
     return UserError(f"{exc.filename}: {exc.strerror} ({limit})")
+
+
+def disk_full_line(exc: BaseException) -> str | None:
+    """The one line that says a write found no space (:data:`DISK_FULL`) and how to go on; None for other errors.
+
+    No input of the user's is at fault and no traceback would help: what is needed is the file (which disk) and
+    that the run resumes once there is room.
+    """
+    if not isinstance(exc, OSError) or exc.errno not in DISK_FULL:
+        return None
+    what = "no space left on the device" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+    target = exc.filename2 or exc.filename  # a copy or a rename names its source first, then the file it writes
+    where = f" (writing {target})" if target else ""
+    return f"{what}{where}; finished work is kept: free some space and run the same command again to resume"
 
 
 def first_line(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ W&B's environment variables are honoured where the flag is not given: ``WANDB_MO
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from collapse.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "disabled")
 DEFAULT_MODE = "offline"
@@ -255,10 +258,27 @@ class Tracker:
             path = Path(path)
             self.run.save(str(path), base_path=str(path.parent), policy="now")
 
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+    def finish(self, failed: bool = False) -> None:
+        """End the W&B run; ``failed``: the recipe run is ending with an error, which W&B's own must not hide.
+
+        A failed run is marked so in W&B (exit code 1). Should W&B fail too (the disk that refused the run's
+        file refuses W&B's), its error is dropped and the logging module stops printing handler errors for the
+        rest of the process: with a full disk W&B's log handlers fail on every line, and each report of that,
+        written to the standard error that W&B still captures, would start another (thousands of tracebacks).
+        """
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        if not failed:
+            run.finish()
+            return
+        before, logging.raiseExceptions = logging.raiseExceptions, False
+        try:
+            run.finish(exit_code=1)
+        except Exception as exc:  # noqa: BLE001 - the run's own error is on its way up
+            log.debug("W&B could not finish the run: %s", first_line(exc))
+            return
+        logging.raiseExceptions = before
 
 
 def _run_id(out: Path, part: str | None = None) -> str:

@@ -497,24 +497,27 @@ class GridTracker:
         run = self.run
         if run is None:
             run = Tracker(self.cfg, self.recipe, self.out, cell_config(self.config, cell), part=cell.describe())
+        failed = True
         try:
             generations = len(next(iter(means.values()), []))
             for g in range(generations):
                 run.log({name: values[g] for name, values in means.items()}, generation=g)
             if own:
                 run.save_file(path)
+            failed = False
         finally:
             if own:
-                run.finish()
+                run.finish(failed)
 
     def save_file(self, path: Path) -> None:
         """Attach ``path`` (the run's metrics.csv) to the recipe run's W&B run, where it has one (a one-cell grid)."""
         if self.run is not None:
             self.run.save_file(path)
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """End the recipe run's W&B run, if it has one (``failed``: see :meth:`Tracker.finish`)."""
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(failed)
 
 
 @dataclass
@@ -613,6 +616,7 @@ def _launch(
     )
     try:
         tracker = GridTracker(cfg.wandb, recipe, out, config, cells)
+        failed = True
         try:
             metrics = run_grid(
                 recipe,
@@ -627,8 +631,9 @@ def _launch(
                 log_every=cfg.log_every,
                 workers=cfg.workers or available_cores(),
             )
+            failed = False
         finally:
-            tracker.finish()
+            tracker.finish(failed)
         if cfg.report:
             from tooling.report import make_report
 

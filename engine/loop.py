@@ -65,7 +65,7 @@ from callbacks.fixed_steps import StopAtStep
 from callbacks.progress import LineProgress, progress_bar_wanted
 from callbacks.rng_state import RngStateCallback
 from callbacks.synthetic_data import SyntheticDataCallback, on_device
-from collapse.atomic import atomic_open, atomic_write_json
+from collapse.atomic import atomic_torch_save, atomic_write_json
 from collapse.cli import secondary_process
 from collapse.contract import EXACT_MEANS, Modality, RealDataModule
 from collapse.distributed import Dist, forward_signal, launch, wants_processes
@@ -86,7 +86,7 @@ from collapse.store import GenerationStore, StoreError
 from collapse.tracking import Tracker, WandbConfig, check_mode
 from datamodules.synthetic import SyntheticAccumulatingDataModule
 from datamodules.workflows import Workflow, WorkflowError
-from engine.trainer import FixedStepsTrainer, check_loop_settings, tracker_logging
+from engine.trainer import FixedStepsTrainer, check_loop_settings, tracker_logging, use_atomic_checkpoints
 
 MODEL_FILE = "model.pt"
 """Fitted weights (``state_dict``) of a generation, in its folder."""
@@ -246,6 +246,7 @@ def _run_generations(
     ctx.tracker = tracker  # the fits' training curves go to the same W&B run
     fitted: list[int] = []
     committed: list[int] = []
+    failed = True
     try:
         with _quiet_lightning(enabled=not verbose):
             for g in range(cfg.generations):
@@ -265,8 +266,9 @@ def _run_generations(
         )
         if dist.is_zero:
             tracker.save_file(write_metrics_csv(store, wf.label, cfg.seed))
+        failed = False
     finally:
-        tracker.finish()
+        tracker.finish(failed)
         release_run_dir(out)
     return LoopResult(out, all_metrics, fitted, committed)
 
@@ -402,8 +404,7 @@ class _GenerationContext:
     def _save_fit(stage: Path, model: pl.LightningModule, steps: int) -> None:
         # The step count first: model.pt marks the fit as done, and a run that resumes after it must find both.
         atomic_write_json(stage / FIT_FILE, {"train_steps": int(steps)})
-        with atomic_open(stage / MODEL_FILE, "wb") as fh:
-            torch.save(_weights(model), fh)
+        atomic_torch_save(_weights(model), stage / MODEL_FILE)
         shutil.rmtree(stage / CHECKPOINT_DIR, ignore_errors=True)
         _remove_hpc_checkpoints(stage)
 
@@ -505,6 +506,7 @@ class _GenerationContext:
         trainer = trainer_cls(callbacks=callbacks, **kwargs)
         _without_slurm_requeue(trainer)
         _without_lightning_s_sigterm(trainer)
+        use_atomic_checkpoints(trainer)
         if isinstance(trainer, FixedStepsTrainer):
             trainer.fixed_steps = steps
         return trainer

@@ -37,11 +37,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import lightning.pytorch as pl
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import Strategy
 
 from callbacks.progress import throughput_reader
+from collapse.atomic import atomic_torch_save
 from collapse.errors import ConfigError, UserError
 
 T = TypeVar("T", bound="TrainerConfig")
@@ -445,6 +447,30 @@ def resolve_trainer(
     )
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with each checkpoint written beside its target and renamed over it.
+
+    Lightning (2.6) writes a checkpoint into the system's temporary folder and then moves it into place. Where that
+    folder is on another file system than the run (a node's local ``/tmp`` beside run directories on shared
+    storage), the move is a copy over the previous checkpoint: a kill during the copy leaves a torn file and no
+    whole one, and ``/tmp`` must hold a whole checkpoint. Here it goes through :func:`atomic_torch_save`: the
+    previous checkpoint stays whole until the new one is, nothing is written outside the run directory, and a full
+    disk comes out as the ``OSError`` it is, naming the file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
+        atomic_torch_save(checkpoint, path)
+
+
+def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
+    """Give ``trainer``'s strategy an :class:`AtomicCheckpointIO` where it would write with Lightning's own
+    :class:`TorchCheckpointIO`; a writer of the user's (``--trainer.plugins``) or of a strategy (XLA, ...) is kept."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
 class FixedStepsTrainer(pl.Trainer):
     """A Trainer whose ``estimated_stepping_batches`` is at most ``fixed_steps`` (where the fit is stopped).
 
@@ -481,6 +507,7 @@ def _check_fraction_or_count(flag: str, value: Any) -> None:
 
 __all__ = [
     "FIXED_STEPS_OWNED",
+    "AtomicCheckpointIO",
     "LOOP_OWNED",
     "FixedStepsTrainer",
     "LightningTrainerArgs",
@@ -489,5 +516,6 @@ __all__ = [
     "check_loop_settings",
     "resolve_trainer",
     "tracker_logging",
+    "use_atomic_checkpoints",
     "uses_gpu",
 ]

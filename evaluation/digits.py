@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from collapse.atomic import atomic_open, atomic_write_json
+from collapse.atomic import atomic_open, atomic_torch_save, atomic_write_json
 from collapse.errors import ConfigError
 from collapse.progress import Progress
 
@@ -183,8 +183,7 @@ def load_or_train_classifier(
         except Exception as err:  # a torn, truncated or foreign file: retrain and replace it
             warnings.warn(f"retraining the digit classifier: cannot load {path} ({err!r})", stacklevel=2)
     model = train_classifier(images, labels, seed=seed, epochs=epochs, batch_size=batch_size)
-    with atomic_open(path, "wb") as fh:
-        torch.save(model.state_dict(), fh)
+    atomic_torch_save(model.state_dict(), path)
     return model
 
 

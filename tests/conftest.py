@@ -46,8 +46,9 @@ class FakeRun:
     def save(self, path, base_path=None, policy=None):
         self.files.append(Path(path).name)
 
-    def finish(self):
+    def finish(self, exit_code=None):
         self.finished = True
+        self.exit_code = exit_code
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -481,14 +482,24 @@ def test_metrics_are_logged_to_the_tracker(tmp_path, monkeypatch):
         def save_file(self, path):
             logged.append(("file", Path(path).read_text()))
 
-        def finish(self):
-            logged.append("finished")
+        def finish(self, failed=False):
+            logged.append("failed" if failed else "finished")
 
     monkeypatch.setattr(loop, "Tracker", FakeTracker)
     run(tmp_path / "run", "accumulate", generations=2)
     assert [entry[0] for entry in logged[:-2]] == [0, 1] and logged[-1] == "finished"
     assert logged[-2] == ("file", (tmp_path / "run" / "metrics.csv").read_text())
     assert {"test_loss", "train_size", "train_real", "train_synthetic", "generation_seconds"} <= set(logged[1][1])
+
+    class Refusing(FakeTracker):  # a run that fails (here in W&B's own logging) is finished as failed
+        def log(self, metrics, generation):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    logged.clear()
+    monkeypatch.setattr(loop, "Tracker", Refusing)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path / "run", "accumulate", generations=3)
+    assert logged == ["failed"]
 
 
 def test_toy_model_fits_the_maximum_likelihood_gaussian(tmp_path):

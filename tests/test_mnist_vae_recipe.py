@@ -263,8 +263,8 @@ def test_wandb_gets_metrics_and_sample_grids_of_every_generation(tmp_path, monke
         def save_file(self, path):
             calls.append(("file", Path(path).name))
 
-        def finish(self):
-            calls.append(("finish",))
+        def finish(self, failed=False):
+            calls.append(("finish", failed) if failed else ("finish",))
 
     monkeypatch.setattr(loop, "Tracker", FakeTracker)
     main(tiny(tmp_path / "run", "replace", "--wandb.mode", "offline", "--quality.enabled", "false", "--seed", "3"))
@@ -291,5 +291,5 @@ class _NoRun:
     def define_metric(self, *args, **kwargs):
         pass
 
-    def finish(self):
+    def finish(self, exit_code=None):
         pass
