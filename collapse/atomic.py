@@ -57,8 +57,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL and exc.filename is None:
-            exc.filename = str(path)  # a write says only "No space left on device"; the file tells which disk
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL and exc.filename in (None, str(tmp)):
+            exc.filename = str(path)  # a write names no file, an open the temporary one: say which file it was
         raise
     fsync_dir(path.parent)
 

@@ -233,6 +233,7 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
         tf32_matmuls()  # on a CUDA GPU: float32 matrix products on TF32 tensor cores
         return main(cfg)
     except (UserError, OSError) as exc:
+        _end_other_ranks()
         full = disk_full_line(exc)
         if full is not None:  # not bad input (exit 1), but nothing a traceback would help with
             if not secondary_process():
@@ -253,8 +254,19 @@ def run(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | Non
             sys.stderr.write("terminated: finished work is kept; run the same command again to resume\n")
         _quiet_to_the_end()
         sys.exit(143)
+    except Exception:
+        _end_other_ranks()  # rank 0's traceback comes alone, not followed by theirs of a lost connection
+        raise
     finally:
         _close_process_group()
+
+
+def _end_other_ranks() -> None:
+    """In rank 0 of a run that started its other ranks itself, end them now: the run is ending with an error here
+    (:func:`collapse.distributed.end_started_ranks`). A no-op elsewhere, and in processes that never loaded torch."""
+    distributed = sys.modules.get("collapse.distributed")
+    if distributed is not None and not secondary_process():
+        distributed.end_started_ranks()
 
 
 def _quiet_to_the_end() -> None:

@@ -204,6 +204,24 @@ def forward_signal(signum: int) -> None:
     _CHILDREN.clear()
 
 
+def end_started_ranks() -> None:
+    """SIGKILL the processes this one started for the run's other ranks (none under torchrun or SLURM), at once.
+
+    For rank 0 ending the run with an error of its own, such as a full disk while it alone writes a checkpoint
+    that the others wait for at a barrier: they would learn of it only as a lost connection, and print that as a
+    traceback after rank 0's one line (or wait for torch's time-out). Nothing of theirs is lost: rank 0 writes
+    everything the run keeps, atomically, and the same command resumes.
+    """
+    started = list(_CHILDREN)
+    _CHILDREN.clear()  # Lightning's observer watches this list: it would SIGKILL this process on seeing them die
+    for proc in started:
+        with contextlib.suppress(OSError):
+            proc.kill()
+    for proc in started:
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=10)
+
+
 @contextlib.contextmanager
 def _stops_held(starts_others: bool) -> Iterator[None]:
     """Hold a Ctrl-C or SIGTERM back until the run's processes have made their group, here and in the processes
@@ -305,11 +323,7 @@ def _give_up_the_start(signum: int, what: str) -> None:
     """End the ranks this process started and this process now (status 128 + ``signum``), saying ``what`` happened,
     from the held-stop watch: the run's processes are still making their group (before the loop reads or writes the
     run folder), and the main thread waits inside torch."""
-    started = list(_CHILDREN)
-    _CHILDREN.clear()  # Lightning's observer watches this list: it would SIGKILL this process on seeing them die
-    for proc in started:
-        with contextlib.suppress(OSError):
-            proc.kill()
+    end_started_ranks()
     sys.stderr.write(f"{what}: ended every rank; finished work is kept; run the same command again to resume\n")
     sys.stderr.flush()
     os._exit(128 + signum)
@@ -372,4 +386,13 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> Dist:
     return Dist()
 
 
-__all__ = ["Dist", "LAUNCH_KEYS", "WAIT_TIMEOUT", "forward_signal", "launch", "launch_strategy", "wants_processes"]
+__all__ = [
+    "Dist",
+    "LAUNCH_KEYS",
+    "WAIT_TIMEOUT",
+    "end_started_ranks",
+    "forward_signal",
+    "launch",
+    "launch_strategy",
+    "wants_processes",
+]

@@ -77,6 +77,16 @@ def test_a_torch_file_that_finds_the_disk_full_raises_that_error_and_keeps_the_o
     assert str(path) in line and "run the same command again to resume" in line
 
 
+def test_a_file_that_cannot_even_be_created_is_named_as_the_target_not_its_temporary_name(tmp_path, monkeypatch):
+    def no_room(path, mode="r", *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))  # as open() says it: the temporary name
+
+    monkeypatch.setattr(collapse.atomic, "open", no_room, raising=False)
+    with pytest.raises(OSError) as caught:
+        collapse.atomic.atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert caught.value.filename == str(tmp_path / "metrics.json")
+
+
 def test_other_errors_have_no_disk_full_line():
     assert disk_full_line(OSError(errno.EACCES, "Permission denied", "x")) is None
     assert disk_full_line(RuntimeError("unexpected pos 704 vs 598")) is None

@@ -555,3 +555,50 @@ def test_sigkill_of_the_grid_launcher_ends_its_cells(tmp_path, start):
     proc.kill()
     proc.wait()
     assert still_alive(begun) == [], "cells outlived a grid launcher killed with SIGKILL"
+
+
+# The toy recipe on a disk that is full for generation 1's mid-fit checkpoint, which rank 0 alone writes while the
+# other ranks wait for it at a barrier (collapse.atomic opens every file the loop writes).
+FULL_DISK = """
+import builtins, errno, os, sys
+sys.path[:0] = [{root!r}, {recipes!r}]
+import collapse.atomic
+
+def full_open(path, mode="r", *args, **kwargs):
+    if os.environ.get("DISK_FULL") and ".gen_001.partial/checkpoints" in str(path) and "w" in mode:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return builtins.open(path, mode, *args, **kwargs)
+
+collapse.atomic.open = full_open
+from collapse.cli import run
+from toy_gaussian import ToyGaussianConfig, main
+run(main, ToyGaussianConfig)
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_rank_0_ends_both_processes_with_its_one_line_and_the_same_command_resumes(tmp_path):
+    # Rank 1 waited at the checkpoint's barrier, learnt of rank 0's end as a lost connection and printed that as a
+    # traceback (often seen through a pipe, as here, which it writes to after rank 0 has gone).
+    script = tmp_path / "full_disk_toy.py"
+    script.write_text(FULL_DISK.format(root=str(ROOT), recipes=str(ROOT / "recipes")))
+    out = tmp_path / "toy"
+    args = [sys.executable, str(script), *TOY[1:], *DDP, "--trainer.max_epochs", "2", "--out_dir", str(out)]
+    env = {**os.environ, "DISK_FULL": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        said, err = proc.communicate(timeout=120)  # until every process writing to the pipes has ended
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    assert err.count("\n") == 1 and err.startswith("error: no space left on the device (writing "), err
+    assert ".gen_001.partial/checkpoints/last.ckpt" in err and "run the same command again to resume" in err
+    assert "gen 0/2" in said and "gen 1/2" not in said
+    from collapse.store import GenerationStore
+
+    assert GenerationStore(out).verify(0)
+    again = subprocess.run(args, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert "finished earlier" in again.stdout and "gen 2/2" in again.stdout
