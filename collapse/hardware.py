@@ -77,4 +77,17 @@ def tf32_matmuls() -> bool:
     return True
 
 
-__all__ = ["retain_freed_memory", "tf32_matmuls"]
+def smallest_gpu_memory() -> int | None:
+    """Total memory, in bytes, of the smallest CUDA device this process sees; None without torch loaded, without
+    CUDA, or where it cannot be read."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        count = torch.cuda.device_count()
+        return min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) if count else None
+    except Exception:  # noqa: BLE001 - no driver, a stand-in for CUDA in the tests, ...: nothing to go by
+        return None
+
+
+__all__ = ["retain_freed_memory", "smallest_gpu_memory", "tf32_matmuls"]

@@ -42,9 +42,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from collapse.atomic import atomic_write_json, atomic_write_text
-from collapse.cli import run
+from collapse.cli import run, secondary_process
 from collapse.contract import Modality
 from collapse.errors import ConfigError, UserError
+from collapse.hardware import smallest_gpu_memory
 from collapse.progress import console
 from collapse.rundir import config_dict, resolve_out_dir
 from datamodules.tinystories import TinyStoriesDataConfig, TinyStoriesDataModule
@@ -65,7 +66,7 @@ from lit_modules.causal_lm import (
     packs_by_default,
     position_limit,
 )
-from samplers.story_sampler import SamplingConfig, auto_batch_size, choose_backend
+from samplers.story_sampler import SamplingConfig, auto_batch_size, check_kv_memory, choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +282,18 @@ def resolve(cfg: TinyStoriesConfig) -> TinyStoriesConfig:
     if cfg.sampling.max_len is not None and cfg.sampling.max_len > seq:
         raise ConfigError(f"--sampling.max_len must be at most --data.max_seq_len ({seq}), got {cfg.sampling.max_len}")
     # Concurrency and chunk size follow the device type (and the model's shape), never a particular GPU, and
-    # config.yaml records the numbers: a CPU run keeps 64 slots and chunks of 512, as before.
+    # config.yaml records the numbers: a CPU run keeps 64 slots and chunks of 512, as before. A GPU too small for
+    # the slots' KV caches is refused here, before anything is trained or written.
     on_gpu = trainer.accelerator == "gpu"
     sampling = cfg.sampling
+    dtype_bytes = 4 if backend == "hf" or sampling.dtype == "float32" else 2  # generate() samples in float32
     if sampling.batch_size == "auto":
-        dtype_bytes = 4 if backend == "hf" else 2  # generate() samples in float32
         slots = auto_batch_size(model_config(model), sampling.max_len or seq, on_gpu, dtype_bytes)
         sampling = dataclasses.replace(sampling, batch_size=slots)
+    if on_gpu and not secondary_process():  # the first process refuses for the run; the others stay off CUDA here
+        check_kv_memory(
+            model_config(model), sampling.max_len or seq, sampling.batch_size, smallest_gpu_memory(), dtype_bytes
+        )
     workers = cfg.num_workers
     if workers is None:
         workers = gpu_loader_workers(trainer.devices, *available_cores()) if on_gpu else 0

@@ -199,6 +199,9 @@ GPU_KV_BUDGET = 16 * 2**30
 A decoding step reads the weights once for all slots, so on a GPU more slots mean more tokens per step."""
 GPU_MAX_SLOTS = 1024
 """``--sampling.batch_size auto`` on CUDA: slots at most."""
+KV_MEMORY_SHARE = 0.75
+"""The most of a GPU's memory that the sampler's KV caches may reserve: the weights, each step's logits and the
+compiled step need the rest (:func:`check_kv_memory`)."""
 
 
 def kv_bytes_per_slot(config: Any, max_len: int, dtype_bytes: int = 2) -> int:
@@ -222,6 +225,34 @@ def auto_batch_size(config: Any, max_len: int, on_gpu: bool, dtype_bytes: int = 
     while slots > CPU_SLOTS and slots * per_slot > GPU_KV_BUDGET:
         slots //= 2
     return slots
+
+
+def check_kv_memory(config: Any, max_len: int, slots: int, memory: int | None, dtype_bytes: int = 2) -> None:
+    """Refuse, before anything is trained, ``slots`` whose KV caches would take more than :data:`KV_MEMORY_SHARE` of
+    ``memory`` (bytes of the smallest GPU the run uses; None: unknown, nothing checked).
+
+    ``--sampling.batch_size auto`` does not look at the GPU (a run's samples must not depend on which GPU drew
+    them), and the slots are part of the run's config: a GPU too small for them would run out of memory when the
+    first generation's training is done, and a smaller setting would then be another run. The message names the
+    most slots that fit.
+    """
+    if memory is None:
+        return
+    per_slot = kv_bytes_per_slot(config, max_len, dtype_bytes)
+    if slots * per_slot <= KV_MEMORY_SHARE * memory:
+        return
+    fits = 1 << max(0, int(KV_MEMORY_SHARE * memory // per_slot).bit_length() - 1)
+    fits = fits if fits * per_slot <= KV_MEMORY_SHARE * memory else 0
+    advice = (
+        f"pass --sampling.batch_size {fits} (the most slots, a power of two, that fit)"
+        if fits
+        else "not even one slot fits: use a shorter --sampling.max_len or --data.max_seq_len"
+    )
+    raise ConfigError(
+        f"sampling {slots} stories at once (--sampling.batch_size) reserves {slots * per_slot / 2**30:.1f} GiB of KV "
+        f"cache ({max_len} positions each, {dtype_bytes} bytes per value), more than "
+        f"{KV_MEMORY_SHARE:.0%} of this GPU's {memory / 2**30:.1f} GiB: {advice}"
+    )
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -1361,6 +1392,7 @@ __all__ = [
     "KVDecoder",
     "SamplingConfig",
     "auto_batch_size",
+    "check_kv_memory",
     "kv_bytes_per_slot",
     "StorySampler",
     "choose_backend",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,6 +164,49 @@ def test_sampling_concurrency_and_chunks_follow_the_device_type_and_are_recorded
     assert short.sampling.batch_size == 512  # a shorter context reserves less per slot
     cpu = config("--model.preset", "gpt2-9m", "--trainer.accelerator", "cpu")
     assert (cpu.sampling.batch_size, cpu.sample_batch_size) == (64, 512)
+
+
+def test_sampling_slots_whose_kv_caches_do_not_fit_the_gpu_are_refused_before_anything_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    from collapse.cli import run
+    from lit_modules.causal_lm import model_config
+    from recipes.tinystories import resolve
+    from samplers.story_sampler import KV_MEMORY_SHARE, kv_bytes_per_slot
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve() only asks; nothing runs on a GPU
+    gib = 2**30
+    gpu = {"memory": 80 * gib}
+    monkeypatch.setattr("recipes.tinystories.smallest_gpu_memory", lambda: gpu["memory"])
+
+    def config(*extra: str) -> TinyStoriesConfig:
+        return resolve(parse_config(TinyStoriesConfig, ["--out_dir", str(out), *extra]))
+
+    assert config("--model.preset", "llama2-126m").sampling.batch_size == 128  # auto: 9.0 GiB, fits 80
+    gpu["memory"] = 10 * gib  # auto's 9.0 GiB of KV cache would run out of memory once generation 0 is trained
+    with pytest.raises(ConfigError, match=r"reserves 9\.0 GiB of KV cache .* this GPU's 10\.0 GiB") as caught:
+        config("--model.preset", "llama2-126m")
+    fits = int(re.search(r"pass --sampling.batch_size (\d+) ", str(caught.value)).group(1))
+    smaller = config("--model.preset", "llama2-126m", "--sampling.batch_size", str(fits))
+    per_slot = kv_bytes_per_slot(model_config(smaller.model), 2048)
+    assert fits * per_slot <= KV_MEMORY_SHARE * 10 * gib < 2 * fits * per_slot  # the most slots that fit
+    with pytest.raises(ConfigError, match="--sampling.batch_size"):  # an explicit setting is checked too
+        config("--model.preset", "gpt2-9m", "--sampling.batch_size", "1024", "--sampling.dtype", "float32")
+    monkeypatch.setenv("RANK", "1")  # the run's other processes leave it to the first (and CUDA alone until then)
+    assert config("--model.preset", "gpt2-9m", "--sampling.batch_size", "1024").sampling.batch_size == 1024
+    monkeypatch.delenv("RANK")
+    gpu["memory"] = None  # unknown: nothing to go by, nothing refused
+    assert config("--model.preset", "llama2-126m").sampling.batch_size == 128
+    gpu["memory"] = gib // 1024
+    with pytest.raises(ConfigError, match="not even one slot fits"):
+        config("--model.preset", "llama2-126m")
+    gpu["memory"] = 8 * gib
+    with pytest.raises(SystemExit) as exited:  # the dry run and the real run alike: one line, nothing written
+        run(main, TinyStoriesConfig, ["--out_dir", str(out), "--model.preset", "gpt2-9m", "--dry_run", "true"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "pass --sampling.batch_size" in err
+    assert not out.exists()
 
 
 def test_loader_workers_follow_the_device_type_and_the_cores(tmp_path, monkeypatch):
