@@ -40,6 +40,7 @@ GENERATIONS = "generations"
 EXECUTION_KEYS = frozenset(
     {"overwrite", "wandb", "log_every", "report", "workers", "num_workers", "config", "print_config", "dry_run"}
     | {"log_level", "progress_every"}  # console output only
+    | {"checkpoint_minutes"}  # when mid-epoch checkpoints are written; a fit resumed from one goes on exactly
 )
 
 RUN_FILES: tuple[str, ...] = (

@@ -15,6 +15,7 @@ The real module implements :class:`collapse.contract.RealDataModule` (the modali
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -130,6 +131,14 @@ class ShuffledShardSampler(DistributedSampler):
     BLOCK = 1 << 16
     """Indices turned into Python ints at a time."""
 
+    _resume_at: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Make the next pass the rest of epoch ``epoch``: its order from index ``skip`` of this rank's share on (a
+        fit resumed from a mid-epoch checkpoint, see :class:`ResumableLoader`). Later passes are whole."""
+        self.set_epoch(epoch)
+        self._resume_at = (epoch, skip)
+
     def _shard(self) -> torch.Tensor:
         n = len(self.dataset)
         if self.shuffle:
@@ -149,8 +158,32 @@ class ShuffledShardSampler(DistributedSampler):
         shard = self._shard()
         if len(shard) != self.num_samples:
             raise AssertionError(f"{len(shard)} indices for rank {self.rank}, expected {self.num_samples}")
-        for start in range(0, len(shard), self.BLOCK):
+        resume, self._resume_at = self._resume_at, None
+        first = resume[1] if resume is not None and resume[0] == self.epoch else 0
+        for start in range(first, len(shard), self.BLOCK):
             yield from shard[start : start + self.BLOCK].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch through Lightning's stateful-loader protocol.
+
+    A mid-epoch checkpoint (the loop writes one every ``--checkpoint_minutes``) records, with
+    :meth:`state_dict`, the epoch and the batches the fit has trained on in it (``batches_done()``: Lightning's
+    count, not the loader's, which runs a batch ahead); the resumed fit's loader, given that state by Lightning,
+    starts at the next batch of the same order, so it trains on exactly the batches the interrupted fit had yet
+    to. Without it Lightning would start the epoch's batches from the first again, and count on from where it
+    stopped. The sampler must be a :class:`ShuffledShardSampler`.
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self.batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(int(state["epoch"]), int(state["batches"]) * int(self.batch_size))
 
 
 class SyntheticAccumulatingDataModule(pl.LightningDataModule):
@@ -298,13 +331,16 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
             drop_last=False,
         )
 
-    def _loader(self, dataset: Any, batch_size: int, sampler: Any = None) -> DataLoader:
+    def _loader(self, dataset: Any, batch_size: int, sampler: Any = None, resumable: bool = False) -> DataLoader:
         collate: Callable | None = getattr(self.real, "collate_fn", None)
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         after = module.loader_batch_fn() if hasattr(module, "loader_batch_fn") else None
         if after is not None:  # the module's host-side batch work, in the loader's workers when there are some
             collate = ThenApply(collate or default_collate, after)
-        return DataLoader(
+        kind: Callable[..., DataLoader] = DataLoader
+        if resumable:
+            kind = functools.partial(ResumableLoader, batches_done=self._batches_done)
+        return kind(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -323,7 +359,12 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset
-        return self._loader(dataset, self.batch_size, sampler=self._sampler(dataset))
+        return self._loader(dataset, self.batch_size, sampler=self._sampler(dataset), resumable=True)
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch the fit has trained on (Lightning's own count; 0 outside a fit)."""
+        loop = getattr(self.trainer, "fit_loop", None)
+        return int(loop.epoch_loop.batch_progress.current.processed) if loop is not None else 0
 
     def _eval_loader(self, split: str) -> Any:
         self._ensure_real()
@@ -346,4 +387,11 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
 
-__all__ = ["DisjointSampler", "ShuffledShardSampler", "SyntheticAccumulatingDataModule", "ThenApply", "WorkflowDataset"]
+__all__ = [
+    "DisjointSampler",
+    "ResumableLoader",
+    "ShuffledShardSampler",
+    "SyntheticAccumulatingDataModule",
+    "ThenApply",
+    "WorkflowDataset",
+]

@@ -65,6 +65,7 @@ from callbacks.fixed_steps import StopAtStep
 from callbacks.progress import LineProgress, progress_bar_wanted
 from callbacks.rng_state import RngStateCallback
 from callbacks.synthetic_data import SyntheticDataCallback, on_device
+from callbacks.timed_checkpoint import MidEpochResume, TimedCheckpoint
 from collapse.atomic import atomic_torch_save, atomic_write_json
 from collapse.cli import secondary_process
 from collapse.contract import EXACT_MEANS, Modality, RealDataModule
@@ -158,9 +159,20 @@ class LoopConfig:
     progress_every: float = DEFAULT_INTERVAL
     """Seconds between progress lines (training, test, sampling, scoring) when stdout is not a terminal (a log
     file, CI, a W&B agent); on a terminal Lightning's progress bar shows the fit. 0: a line for every step."""
+    checkpoint_minutes: float = 10.0
+    """Minutes of training between mid-epoch checkpoints, so that a killed fit whose epochs are long (a published
+    TinyStories generation is one epoch) loses at most about that much; the fit resumes from one exactly as it
+    would have gone on. 0: only at the end of each epoch. May differ on resume."""
 
     def __post_init__(self) -> None:
         _check_steps_per_generation(self.steps_per_generation)
+        if isinstance(self.checkpoint_minutes, bool) or not (
+            isinstance(self.checkpoint_minutes, (int, float)) and 0 <= self.checkpoint_minutes < math.inf
+        ):
+            raise ConfigError(
+                f"--checkpoint_minutes must be a number of minutes >= 0 (0: only at epoch ends), "
+                f"got {self.checkpoint_minutes!r}"
+            )
         self.log_level = check_log_level(self.log_level)
         self.progress_every = check_interval(self.progress_every)
 
@@ -502,6 +514,9 @@ class _GenerationContext:
                     **ckpt_kwargs,
                 )
             )
+            callbacks.append(MidEpochResume())  # also for a run resumed with --checkpoint_minutes 0
+            if self.cfg.checkpoint_minutes > 0:
+                callbacks.append(TimedCheckpoint(stage / CHECKPOINT_DIR / LAST_CKPT, self.cfg.checkpoint_minutes))
             kwargs["enable_checkpointing"] = True
         trainer = trainer_cls(callbacks=callbacks, **kwargs)
         _without_slurm_requeue(trainer)

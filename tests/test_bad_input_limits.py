@@ -131,3 +131,9 @@ def test_a_model_too_large_for_the_memory_is_one_line_naming_the_way_on(tmp_path
     assert err.startswith("error: generation 0's model does not fit in this machine's memory (") and "GiB" in err
     assert "run again with --overwrite or another --out_dir" in err
     assert not list(out.glob("gen_*"))
+
+
+@pytest.mark.parametrize("minutes", ["-1", "nan", "inf", "true"])
+def test_checkpoint_minutes_that_are_no_time_span_are_one_line(minutes, tmp_path, capsys):
+    err = refused("toy_gaussian", ["--data.num_train", "64", "--checkpoint_minutes", minutes], tmp_path, capsys)
+    assert "--checkpoint_minutes" in err
