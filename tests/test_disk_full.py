@@ -19,14 +19,10 @@ import torch
 
 import collapse.atomic
 from collapse.atomic import atomic_torch_save
-from collapse.cli import run
 from collapse.errors import disk_full_line
 from collapse.tracking import Tracker, WandbConfig
 from engine.trainer import AtomicCheckpointIO
-from recipes import toy_gaussian
-
-TINY = ["--data.num_train", "64", "--data.num_val", "16", "--data.num_test", "32",
-        "--trainer.max_epochs", "2", "--batch_size", "32", "--wandb.mode", "disabled"]  # fmt: skip
+from tests.test_rundir_safety import run_toy
 
 
 class _FullFile:
@@ -112,20 +108,10 @@ def test_checkpoints_are_written_beside_their_target_not_in_the_temporary_folder
         io.save_checkpoint({"step": 4}, path, storage_options={"anon": True})
 
 
-def _toy(capsys, out: Path) -> tuple[object, str, str]:
-    argv = ["--workflow", "accumulate", "--generations", "3", "--out_dir", str(out), *TINY]
-    try:
-        result = run(toy_gaussian.main, toy_gaussian.ToyGaussianConfig, argv)
-    except SystemExit as exc:
-        result = exc.code
-    captured = capsys.readouterr()
-    return result, captured.out, captured.err
-
-
 def test_a_full_disk_mid_fit_is_one_line_and_the_same_command_resumes_to_the_unbroken_result(
     tmp_path, monkeypatch, capsys
 ):
-    whole, _, _ = _toy(capsys, tmp_path / "whole")
+    whole, _, _ = run_toy(capsys, tmp_path / "whole", 3)
     out = tmp_path / "run"
     # The disk fills while generation 1 writes its mid-fit checkpoint (its first epoch's has been written).
     seen: list[Path] = []
@@ -135,7 +121,7 @@ def test_a_full_disk_mid_fit_is_one_line_and_the_same_command_resumes_to_the_unb
         return ".gen_001.partial" in str(path) and sum(".gen_001.partial" in str(p) for p in seen) > 1
 
     _fill_disk(monkeypatch, when=full)
-    code, said, err = _toy(capsys, out)
+    code, said, err = run_toy(capsys, out, 3)
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("error: no space left on the device (writing ")
     assert f"{out}/.gen_001.partial/checkpoints/last.ckpt)" in err and "run the same command again to resume" in err
@@ -146,7 +132,7 @@ def test_a_full_disk_mid_fit_is_one_line_and_the_same_command_resumes_to_the_unb
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
     monkeypatch.undo()  # space is freed
-    resumed, said, err = _toy(capsys, out)
+    resumed, said, err = run_toy(capsys, out, 3)
     assert err == "" and "finished earlier" in said
     assert resumed.fitted == [1, 2]
     assert resumed.metrics == whole.metrics

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kill_at_step import kill_at_step_script
+from kill_at_step import recipe_runner
 
 from callbacks.synthetic_data import SyntheticDataCallback
 from collapse.cli import parse_config
@@ -305,19 +305,12 @@ def test_a_fit_killed_mid_epoch_resumes_from_its_mid_epoch_checkpoint_to_the_unb
     # and its new loader's seed shifted the VAE's noise: every later number differed.
     # The mid-epoch checkpoints are due at every look at the clock (--checkpoint_minutes 1e-9), one every
     # TimedCheckpoint.CHECK_EVERY = 16 optimizer steps.
-    script = kill_at_step_script(tmp_path, "mnist_vae", "VAEModality", "MNISTVAEConfig")
     epochs = "6" if processes == 1 else "12"
     extra = ["--quality.enabled", "false", "--trainer.max_epochs", epochs, "--checkpoint_minutes", "1e-9"]
     if processes == 2:
         extra += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(script), "--workflow", "accumulate", "--generations", "3", *TINY, *extra]
-
-    def recipe(out: Path, **more: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*args, "--out_dir", str(out)], env={**env, **more}, capture_output=True, text=True, timeout=400
-        )
-
+    flags = ["--workflow", "accumulate", "--generations", "3", *TINY, *extra]
+    recipe = recipe_runner(tmp_path, "mnist_vae", "VAEModality", "MNISTVAEConfig", flags)
     unbroken = tmp_path / "unbroken"
     assert recipe(unbroken).returncode == 0
     out = tmp_path / "run"

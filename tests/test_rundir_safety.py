@@ -246,7 +246,8 @@ def test_without_flock_a_live_or_foreign_holder_is_refused(tmp_path, no_flock, h
 # ---- extending a run -----------------------------------------------------------------------------------
 
 
-def _toy(capsys, out: Path, generations: int) -> tuple[toy_gaussian.LoopResult | int, str, str]:
+def run_toy(capsys, out: Path, generations: int) -> tuple[toy_gaussian.LoopResult | int, str, str]:
+    """The toy recipe, replace, on tiny settings, in this process: (its result or exit status, stdout, stderr)."""
     argv = ["--workflow", "replace", "--generations", str(generations), "--out_dir", str(out), *TINY]
     try:
         result = run(toy_gaussian.main, toy_gaussian.ToyGaussianConfig, argv)
@@ -258,11 +259,11 @@ def _toy(capsys, out: Path, generations: int) -> tuple[toy_gaussian.LoopResult |
 
 def test_a_larger_generations_continues_a_finished_run(tmp_path, capsys):
     out = tmp_path / "run"
-    first, _, _ = _toy(capsys, out, 2)
+    first, _, _ = run_toy(capsys, out, 2)
     assert first.committed == [0, 1]
     manifest = (out / "gen_000" / "manifest.json").read_bytes()
 
-    more, said, _ = _toy(capsys, out, 3)
+    more, said, _ = run_toy(capsys, out, 3)
     assert more.committed == more.fitted == [2]
     finished = [line for line in said.splitlines() if "finished earlier" in line]
     assert len(finished) == 2 and "gen 0/2" in finished[0] and "gen 1/2" in finished[1]
@@ -272,7 +273,7 @@ def test_a_larger_generations_continues_a_finished_run(tmp_path, capsys):
     assert {line.split(",")[2] for line in (out / METRICS).read_text().splitlines()[1:]} == {"0", "1", "2"}
     assert all(is_run_file(p.name) for p in out.iterdir())  # RUN_FILES names all the loop writes
 
-    code, _, err = _toy(capsys, out, 2)  # fewer than are finished: refused, nothing lost
+    code, _, err = run_toy(capsys, out, 2)  # fewer than are finished: refused, nothing lost
     assert code == 2 and err.count("\n") == 1
     assert "3 finished generations (the last gen_002), more than --generations 2" in err and "cut short" in err
     assert yaml.safe_load((out / CONFIG).read_text())["generations"] == 3 and (out / "gen_002").is_dir()
@@ -289,8 +290,8 @@ def test_fewer_generations_are_accepted_while_none_past_them_is_finished(tmp_pat
 
 def test_a_one_generation_run_cannot_be_extended(tmp_path, capsys):
     out = tmp_path / "run"
-    _toy(capsys, out, 1)
-    code, _, err = _toy(capsys, out, 2)
+    run_toy(capsys, out, 1)
+    code, _, err = run_toy(capsys, out, 2)
     assert code == 2 and err.count("\n") == 1 and "drew no synthetic set" in err
     assert yaml.safe_load((out / CONFIG).read_text())["generations"] == 1
 

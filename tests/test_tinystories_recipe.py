@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kill_at_step import kill_at_step_script
+from kill_at_step import recipe_runner
 
 from collapse.cli import parse_config
 from collapse.errors import ConfigError
@@ -447,16 +447,9 @@ def test_a_fit_killed_mid_epoch_resumes_from_its_mid_epoch_checkpoint_to_the_unb
     # A published generation is one long epoch. Generation 1 here: 96 stories, 12 batches of 8 an epoch, 2 epochs;
     # the mid-epoch checkpoint of step 16 (--checkpoint_minutes 1e-9: due at every look at the clock, one every 16
     # optimizer steps) is the 5th batch of epoch 1, and the kill comes as step 17 starts.
-    script = kill_at_step_script(tmp_path, "tinystories", "LMModality", "TinyStoriesConfig")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(script), "--workflow", "accumulate", "--generations", "3", *TINY]
-    args += ["--trainer.max_epochs", "2", "--checkpoint_minutes", "1e-9"]
-
-    def recipe(out: Path, **more: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*args, "--out_dir", str(out)], env={**env, **more}, capture_output=True, text=True, timeout=400
-        )
-
+    flags = ["--workflow", "accumulate", "--generations", "3", *TINY, "--trainer.max_epochs", "2"]
+    flags += ["--checkpoint_minutes", "1e-9"]
+    recipe = recipe_runner(tmp_path, "tinystories", "LMModality", "TinyStoriesConfig", flags)
     unbroken = tmp_path / "unbroken"
     assert recipe(unbroken).returncode == 0
     out = tmp_path / "run"
