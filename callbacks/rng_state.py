@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from collapse.distributed import Dist
 from collapse.errors import UserError
+from datamodules.synthetic import batches_trained
 
 
 class RngStateCallback(Callback):
@@ -36,11 +37,7 @@ class RngStateCallback(Callback):
     def _mid_epoch(self) -> bool:
         """Whether a checkpoint written now is one of the middle of an epoch (Lightning's counts)."""
         trainer = self._trainer
-        loop = getattr(trainer, "fit_loop", None)
-        if loop is None:
-            return False
-        done = loop.epoch_loop.batch_progress.current.processed
-        return 0 < done < trainer.num_training_batches
+        return trainer is not None and 0 < batches_trained(trainer) < trainer.num_training_batches
 
     @staticmethod
     def _local_state() -> dict[str, Any]:

@@ -164,6 +164,13 @@ class ShuffledShardSampler(DistributedSampler):
             yield from shard[start : start + self.BLOCK].tolist()
 
 
+def batches_trained(trainer: Any) -> int:
+    """Batches of the current epoch that ``trainer``'s fit has trained on (Lightning's own count, which its loader
+    runs a batch ahead of; 0 outside a fit)."""
+    loop = getattr(trainer, "fit_loop", None)
+    return int(loop.epoch_loop.batch_progress.current.processed) if loop is not None else 0
+
+
 class ResumableLoader(DataLoader):
     """The training loader, resumable mid-epoch through Lightning's stateful-loader protocol.
 
@@ -362,9 +369,7 @@ class SyntheticAccumulatingDataModule(pl.LightningDataModule):
         return self._loader(dataset, self.batch_size, sampler=self._sampler(dataset), resumable=True)
 
     def _batches_done(self) -> int:
-        """Batches of the current epoch the fit has trained on (Lightning's own count; 0 outside a fit)."""
-        loop = getattr(self.trainer, "fit_loop", None)
-        return int(loop.epoch_loop.batch_progress.current.processed) if loop is not None else 0
+        return batches_trained(self.trainer)
 
     def _eval_loader(self, split: str) -> Any:
         self._ensure_real()
@@ -394,4 +399,5 @@ __all__ = [
     "SyntheticAccumulatingDataModule",
     "ThenApply",
     "WorkflowDataset",
+    "batches_trained",
 ]

@@ -241,8 +241,8 @@ def check_kv_memory(config: Any, max_len: int, slots: int, memory: int | None, d
     per_slot = kv_bytes_per_slot(config, max_len, dtype_bytes)
     if slots * per_slot <= KV_MEMORY_SHARE * memory:
         return
-    fits = 1 << max(0, int(KV_MEMORY_SHARE * memory // per_slot).bit_length() - 1)
-    fits = fits if fits * per_slot <= KV_MEMORY_SHARE * memory else 0
+    most = int(KV_MEMORY_SHARE * memory // per_slot)
+    fits = 1 << (most.bit_length() - 1) if most else 0
     advice = (
         f"pass --sampling.batch_size {fits} (the most slots, a power of two, that fit)"
         if fits
